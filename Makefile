@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make lab` (the main job) and `make test`.
+# Both create .venv if needed and install pinned dependencies: torch first (a CPU build that lies
+# on this machine's disk; a loose requirement would pull a multi-GB CUDA build), then the rest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lnorm-installed
+PYTEST_ARGS ?=
+
+.PHONY: lab test smoke bench lint clean
+
+$(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/torch.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/dev.in -c requirements/constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/lnorm bench ops
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks against PyTorch: ``lnorm bench ops`` and ``lnorm bench rnn``."""

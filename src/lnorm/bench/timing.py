@@ -1,0 +1,53 @@
+"""Interleaved timing: medians of several repeats, candidates measured in turn in one run.
+
+Machines here are shared and noisy, so every candidate is timed in each round (A, B, C, A, B, C,
+...) and the median over rounds is reported; a slow moment hits all candidates alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+
+def _calibrate(fn: Callable[[], object], target_s: float) -> int:
+    """Calls per sample so one sample lasts about ``target_s`` (at least 1)."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    if dt <= 0:
+        return 1000
+    return max(1, min(1000, int(target_s / dt)))
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 2,
+    target_s: float = 0.02,
+) -> dict[str, dict[str, float]]:
+    """Time each callable ``repeats`` times, interleaved; returns per name median/min/max seconds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    calls = {name: _calibrate(fn, target_s) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                n = calls[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / n)
+    finally:
+        if gc_was:
+            gc.enable()
+    return {
+        name: {"median": statistics.median(s), "min": min(s), "max": max(s), "repeats": len(s)}
+        for name, s in samples.items()
+    }

@@ -1,0 +1,112 @@
+"""Functional norm ops with torch's signatures and semantics.
+
+* :func:`layer_norm` ``(x, normalized_shape, weight=None, bias=None, eps=1e-5)`` as ``F.layer_norm``
+* :func:`rms_norm` ``(x, normalized_shape, weight=None, eps=None)`` as ``F.rms_norm``
+* :func:`add_layer_norm` / :func:`add_rms_norm`: the pre-norm transformer block's
+  ``new_residual = x + residual; out = norm(new_residual)``, fused, returning ``(out, new_residual)``;
+  ``residual=None`` means a plain norm (then ``new_residual`` is ``x``).
+
+Math (statistics over the trailing ``normalized_shape`` dims of each sample, biased variance,
+eps inside the square root)::
+
+    layer_norm(x) = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias
+    rms_norm(x)   = x / sqrt(mean(x^2) + eps) * weight
+
+Any number of leading dims; float32/float64/float16/bfloat16 (statistics in float32 for the half
+types); non-contiguous input is accepted (copied once). Gradients flow to input, residual,
+weight and bias. See :mod:`lnorm.reference` for the float64 specs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lnorm import _validate as V
+from lnorm.ops.norm import fused_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+
+
+def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_fp32, with_residual):
+    x = V.check_input(x)
+    shape = V.normalized_shape_tuple(normalized_shape)
+    V.check_matches_shape(x, shape)
+    weight = V.check_param(weight, x, shape, "weight")
+    bias = V.check_param(bias, x, shape, "bias")
+    eps = V.check_eps(eps)
+    residual = V.check_residual(residual, x)
+    if not isinstance(residual_in_fp32, bool):
+        raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
+
+    H = math.prod(shape)
+    x2 = x.reshape(-1, H)
+    r2 = residual.reshape(-1, H) if residual is not None else None
+    w = weight.reshape(H) if weight is not None else None
+    b = bias.reshape(H) if bias is not None else None
+    y, new_res, _, _ = fused_norm(x2, r2, w, b, eps, center, residual_in_fp32)
+    y = y.view(x.shape)
+    if not with_residual:
+        return y
+    if residual is None:
+        # Plain norm: the new residual is x itself (cast if residual_in_fp32 asks for float32).
+        new_res = x.to(torch.float32) if residual_in_fp32 and x.dtype != torch.float64 else x
+        return y, new_res
+    return y, new_res.view(x.shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer norm over the trailing ``normalized_shape`` dims; drop-in for ``F.layer_norm``."""
+    return _run(input, None, normalized_shape, weight, bias, eps, True, False, False)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """RMS norm over the trailing dims; drop-in for ``F.rms_norm`` (eps=None: ``finfo(dtype).eps``)."""
+    V.check_input(input)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return _run(input, None, normalized_shape, weight, None, eps, False, False, False)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``new_residual = x + residual``; returns ``(layer_norm(new_residual), new_residual)``.
+
+    ``residual_in_fp32=True`` keeps the residual stream in float32 when ``x`` is half precision.
+    """
+    return _run(x, residual, normalized_shape, weight, bias, eps, True, residual_in_fp32, True)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``new_residual = x + residual``; returns ``(rms_norm(new_residual), new_residual)``."""
+    V.check_input(x, "x")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return _run(x, residual, normalized_shape, weight, None, eps, False, residual_in_fp32, True)

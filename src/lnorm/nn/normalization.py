@@ -1,0 +1,129 @@
+"""Norm modules: drop-in for ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, plus fused add + norm.
+
+``LayerNorm`` and ``RMSNorm`` subclass the torch modules, so constructor arguments, parameter
+names, ``reset_parameters``, ``extra_repr`` and ``state_dict`` are the same in both directions;
+only ``forward`` runs lnorm's kernels. Every module takes an optional ``mask`` in forward and
+ignores it (per-sample statistics need none), so models built with :func:`lnorm.nn.make_norm`
+can pass a padding mask whatever the norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lnorm import _validate as V
+from lnorm import functional as LF
+
+__all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"]
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Layer normalization (Ba, Kiros & Hinton, 2016) over the trailing ``normalized_shape`` dims.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \odot g + b
+
+    with the mean and biased variance of each sample over the normalized dims, gain ``g``
+    (``weight``) initialised to 1 and bias ``b`` to 0.
+
+    Args:
+        normalized_shape: int or tuple, the trailing dims to normalize over.
+        eps: added to the variance inside the square root; must be > 0. Default 1e-5.
+        elementwise_affine: learn ``weight`` (and ``bias``). Default True.
+        bias: learn ``bias`` (with ``elementwise_affine``). Default True.
+        device, dtype: factory kwargs for the parameters.
+
+    Shape:
+        input ``(*, *normalized_shape)``, output the same.
+
+    Example::
+
+        >>> norm = lnorm.LayerNorm(768)
+        >>> y = norm(torch.randn(4, 10, 768))
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        shape = V.normalized_shape_tuple(normalized_shape)
+        eps = V.check_eps(eps)
+        super().__init__(shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        return LF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over the trailing dims.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \odot g
+
+    Args:
+        normalized_shape: int or tuple, the trailing dims to normalize over.
+        eps: added inside the square root; ``None`` (default) means ``torch.finfo(x.dtype).eps``.
+        elementwise_affine: learn ``weight`` (initialised to 1). Default True.
+        device, dtype: factory kwargs.
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 device=None, dtype=None) -> None:
+        shape = V.normalized_shape_tuple(normalized_shape)
+        if eps is not None:
+            eps = V.check_eps(eps)
+        super().__init__(shape, eps, elementwise_affine, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        return LF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class AddLayerNorm(LayerNorm):
+    r"""Fused residual add + layer norm, the pre-norm transformer block's step.
+
+    ``forward(x, residual=None)`` returns ``(out, new_residual)`` with ``new_residual = x + residual``
+    (``x`` when ``residual`` is None) and ``out = LayerNorm(new_residual)``. Same parameters and
+    ``state_dict`` as :class:`LayerNorm` / ``torch.nn.LayerNorm``.
+
+    Args:
+        residual_in_fp32: keep ``new_residual`` in float32 when ``x`` is float16/bfloat16.
+
+    Example::
+
+        >>> norm = lnorm.AddLayerNorm(64)
+        >>> h, residual = norm(torch.randn(2, 5, 64))          # first block: no residual yet
+        >>> h, residual = norm(torch.randn(2, 5, 64), residual)
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, residual_in_fp32: bool = False, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        if not isinstance(residual_in_fp32, bool):
+            raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return LF.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias,
+                                 self.eps, self.residual_in_fp32)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", residual_in_fp32={self.residual_in_fp32}"
+
+
+class AddRMSNorm(RMSNorm):
+    r"""Fused residual add + RMS norm: ``forward(x, residual=None) -> (out, new_residual)``."""
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 residual_in_fp32: bool = False, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        if not isinstance(residual_in_fp32, bool):
+            raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return LF.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
+                               self.residual_in_fp32)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", residual_in_fp32={self.residual_in_fp32}"
+
+

@@ -1,0 +1,1 @@
+"""Kernels and autograd for the norm ops. Users want :mod:`lnorm.functional` instead."""

@@ -1,0 +1,308 @@
+"""The one fused op behind ``layer_norm``, ``rms_norm``, ``add_layer_norm`` and ``add_rms_norm``.
+
+Reads top to bottom: backends (Numba kernels, pure torch) -> launchers -> ``torch.library`` custom
+ops with their fake (meta) implementations and autograd -> :func:`fused_norm`, the entry point.
+
+Notation: ``x`` is (R, H), R rows and H normalized features. ``center=True`` is layer norm,
+``center=False`` RMS norm. With ``residual`` given, the op first forms ``s = x + residual`` (in
+``residual_dtype``), returns it as the new residual and normalizes ``s``. Statistics (mean, rstd)
+are (R,) in float32 (float64 for float64 data) and are all that backward keeps besides the
+normalized op's input, never the normalized tensor.
+
+The custom ops make ``torch.compile`` treat the kernels as opaque ops with known output shapes;
+in eager mode :func:`fused_norm` calls the same launchers through an ``autograd.Function`` to
+skip the dispatcher's Python overhead, which is a large share of the time at small sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lnorm import _backend
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half types compute (and keep statistics) in float32; float64 stays float64 for gradcheck.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _residual_dtype(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    if residual_in_fp32:
+        return torch.float32 if x.dtype != torch.float64 else torch.float64
+    return residual.dtype if residual is not None else x.dtype
+
+
+def _use_numba(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() > 0 and _backend.get_backend() == "numba"
+
+
+# ------------------------------------------------------------------------------- numba launchers
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _fwd_numba(x, residual, weight, bias, eps, center, res_dtype):
+    from lnorm.ops import _numba_kernels as K
+
+    R, H = x.shape
+    cdt = _compute_dtype(x.dtype)
+    xc = x.to(cdt).contiguous()
+    rc = residual.to(cdt).contiguous() if residual is not None else torch.empty(0, H, dtype=cdt)
+    w = weight.to(cdt).contiguous() if weight is not None else torch.ones(H, dtype=cdt)
+    b = bias.to(cdt).contiguous() if bias is not None else torch.zeros(H, dtype=cdt)
+    y = torch.empty(R, H, dtype=cdt)
+    res_out = torch.empty(R, H, dtype=cdt) if residual is not None else torch.empty(0, H, dtype=cdt)
+    mean = torch.empty(R if center else 0, dtype=cdt)
+    rstd = torch.empty(R, dtype=cdt)
+    npdt = xc.numpy().dtype.type
+    K.norm_fwd(
+        _np(xc), _np(rc), _np(w), _np(b), npdt(eps), npdt(1.0 / H), center,
+        _np(y), _np(res_out), _np(mean), _np(rstd),
+    )
+    if residual is None:
+        res_out = torch.empty(0, dtype=res_dtype)
+    return y.to(x.dtype), res_out.to(res_dtype), mean, rstd
+
+
+def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
+    from lnorm.ops import _numba_kernels as K
+
+    R, H = src.shape
+    cdt = rstd.dtype
+    dyc = dy.to(cdt).contiguous()
+    srcc = src.to(cdt).contiguous()
+    w = weight.to(cdt).contiguous() if weight is not None else torch.ones(H, dtype=cdt)
+    dresc = dres.to(cdt).contiguous() if dres is not None else torch.empty(0, H, dtype=cdt)
+    dx = torch.empty(R, H, dtype=cdt)
+    chunks = max(1, min(R, 4 * K.num_threads()))
+    dw_part = torch.zeros(chunks, H if need_dw else 0, dtype=cdt)
+    db_part = torch.zeros(chunks, H if need_db else 0, dtype=cdt)
+    npdt = dyc.numpy().dtype.type
+    K.norm_bwd(
+        _np(dyc), _np(srcc), _np(w), _np(mean), _np(rstd), npdt(1.0 / H), center,
+        _np(dresc), _np(dx), _np(dw_part), _np(db_part),
+    )
+    dw = dw_part.sum(0) if need_dw else None
+    db = db_part.sum(0) if need_db else None
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------- torch launchers
+
+
+def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
+    R, H = x.shape
+    cdt = _compute_dtype(x.dtype)
+    if residual is not None:
+        src = x.to(res_dtype) + residual.to(res_dtype)
+        res_out = src
+    else:
+        src = x
+        res_out = torch.empty(0, dtype=res_dtype, device=x.device)
+    if center:
+        w = weight.to(src.dtype) if weight is not None and src.dtype == torch.float64 else weight
+        b = bias.to(src.dtype) if bias is not None and src.dtype == torch.float64 else bias
+        y, mean, rstd = torch.native_layer_norm(src, [H], w, b, eps)
+        y = y.to(x.dtype)
+        mean, rstd = mean.reshape(R).to(cdt), rstd.reshape(R).to(cdt)
+    else:
+        s = src.to(cdt)
+        rstd = torch.rsqrt(s.square().mean(-1) + eps)
+        y = s * rstd[:, None]
+        if weight is not None:
+            y = y * weight.to(cdt)
+        if bias is not None:
+            y = y + bias.to(cdt)
+        y = y.to(x.dtype)
+        mean = torch.empty(0, dtype=cdt, device=x.device)
+    return y, res_out, mean, rstd
+
+
+def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
+    cdt = rstd.dtype
+    H = src.shape[-1]
+    s = src.to(cdt)
+    g = dy.to(cdt)
+    xhat = (s - mean[:, None]) * rstd[:, None] if center else s * rstd[:, None]
+    dw = (g * xhat).sum(0) if need_dw else None
+    db = g.sum(0) if need_db else None
+    if weight is not None:
+        g = g * weight.to(cdt)
+    c1 = (g * xhat).sum(-1, keepdim=True) / H
+    dx = g - xhat * c1
+    if center:
+        dx = dx - g.sum(-1, keepdim=True) / H
+    dx = dx * rstd[:, None]
+    if dres is not None:
+        dx = dx + dres.to(cdt)
+    return dx, dw, db
+
+
+def _fwd(x, residual, weight, bias, eps, center, res_dtype):
+    impl = _fwd_numba if _use_numba(x) else _fwd_torch
+    return impl(x, residual, weight, bias, eps, center, res_dtype)
+
+
+def _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
+    impl = _bwd_numba if _use_numba(src) else _bwd_torch
+    return impl(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
+
+
+# ------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("lnorm::norm_fwd", mutates_args=())
+def norm_fwd_op(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool,
+    residual_in_fp32: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+    y, res_out, mean, rstd = _fwd(x, residual, weight, bias, eps, center, res_dtype)
+    return y, res_out, mean, rstd
+
+
+@norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, center, residual_in_fp32):
+    R, H = x.shape
+    cdt = _compute_dtype(x.dtype)
+    res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+    res_out = x.new_empty((R, H) if residual is not None else (0,), dtype=res_dtype)
+    mean = x.new_empty((R,) if center else (0,), dtype=cdt)
+    return x.new_empty((R, H)), res_out, mean, x.new_empty((R,), dtype=cdt)
+
+
+@torch.library.custom_op("lnorm::norm_bwd", mutates_args=())
+def norm_bwd_op(
+    dy: Tensor,
+    src: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    center: bool,
+    need_dw: bool,
+    need_db: bool,
+    dres: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
+    H = src.shape[-1]
+    cdt = rstd.dtype
+    dw = dw if dw is not None else torch.zeros(0, dtype=cdt, device=src.device)
+    db = db if db is not None else torch.zeros(0, dtype=cdt, device=src.device)
+    return dx, dw, db
+
+
+@norm_bwd_op.register_fake
+def _(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
+    R, H = src.shape
+    cdt = rstd.dtype
+    return (
+        src.new_empty((R, H), dtype=cdt),
+        src.new_empty((H if need_dw else 0,), dtype=cdt),
+        src.new_empty((H if need_db else 0,), dtype=cdt),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, center, residual_in_fp32 = inputs
+    y, res_out, mean, rstd = output
+    src = res_out if residual is not None else x
+    ctx.save_for_backward(src, weight, mean, rstd)
+    ctx.center = center
+    ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.has_bias = bias is not None
+    ctx.w_dtype = weight.dtype if weight is not None else None
+    ctx.b_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, dres_out, dmean, drstd):
+    src, weight, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need_db = ctx.has_bias and ctx.needs_input_grad[3]
+    dres = dres_out if ctx.has_residual and dres_out is not None and dres_out.numel() else None
+    dx, dw, db = norm_bwd_op(dy.contiguous(), src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
+    dresidual = dx.to(ctx.res_dtype) if ctx.has_residual else None
+    return (
+        dx.to(ctx.x_dtype),
+        dresidual,
+        dw.to(ctx.w_dtype) if need_dw else None,
+        db.to(ctx.b_dtype) if need_db else None,
+        None,
+        None,
+        None,
+    )
+
+
+norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- eager autograd.Function
+
+
+class _FusedNorm(torch.autograd.Function):
+    """Eager path: the same launchers as the custom ops, without the dispatcher round trip."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, center, residual_in_fp32):
+        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        y, res_out, mean, rstd = _fwd(x, residual, weight, bias, eps, center, res_dtype)
+        src = res_out if residual is not None else x
+        ctx.save_for_backward(src, weight, mean, rstd)
+        ctx.center = center
+        ctx.has_residual = residual is not None
+        ctx.x_dtype = x.dtype
+        ctx.res_dtype = residual.dtype if residual is not None else None
+        ctx.has_bias = bias is not None
+        ctx.w_dtype = weight.dtype if weight is not None else None
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, res_out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, dres_out, dmean, drstd):
+        src, weight, mean, rstd = ctx.saved_tensors
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        need_db = ctx.has_bias and ctx.needs_input_grad[3]
+        dres = dres_out if ctx.has_residual and dres_out is not None else None
+        dx, dw, db = _bwd(dy, src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
+        return (
+            dx.to(ctx.x_dtype),
+            dx.to(ctx.res_dtype) if ctx.has_residual else None,
+            dw.to(ctx.w_dtype) if need_dw else None,
+            db.to(ctx.b_dtype) if need_db else None,
+            None,
+            None,
+            None,
+        )
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def fused_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize the rows of 2-D ``x`` (after adding ``residual``). Inputs are validated by the caller.
+
+    Returns ``(y, new_residual, mean, rstd)``; ``new_residual`` is empty when ``residual`` is None.
+    """
+    if torch.compiler.is_compiling():
+        return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+    return _FusedNorm.apply(x, residual, weight, bias, eps, center, residual_in_fp32)
