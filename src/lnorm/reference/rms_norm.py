@@ -1,0 +1,26 @@
+"""RMS norm, the spec: y = x / sqrt(mean(x^2) + eps) * weight over the trailing dims."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rms_norm_ref(
+    x: Tensor,  # (*, *normalized_shape)
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None = None,  # normalized_shape
+    eps: float | None = None,  # None: torch.finfo(x.dtype).eps, as F.rms_norm
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(y, rstd)``; y in x's dtype, rstd (R,) in the compute dtype."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    dtype = torch.float64 if upcast else x.dtype
+    dims = tuple(range(-len(normalized_shape), 0))
+    xc = x.to(dtype)
+    rstd = torch.rsqrt(xc.square().mean(dim=dims, keepdim=True) + eps)  # (*, 1...)
+    y = xc * rstd
+    if weight is not None:
+        y = y * weight.to(dtype)
+    return y.to(x.dtype), rstd.reshape(-1)
