@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name == module:  # that part is not installed in this build
+            if exc.name and (module + ".").startswith(exc.name + "."):  # part not in this build
                 continue
             raise
         mod.register(sub)

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name == module:
+            if exc.name and (module + ".").startswith(exc.name + "."):
                 continue
             raise
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
