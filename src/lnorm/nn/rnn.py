@@ -1,0 +1,764 @@
+"""Layer-normalized recurrent layers with the ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` API.
+
+Notation: T time steps, B batch, I input features, H hidden features, L layers, D directions
+(2 if bidirectional), N = sum of batch sizes over time (T*B for a padded batch). LN(z; g, b) is
+layer norm over the trailing dim of each sample (biased variance, eps inside the sqrt).
+
+Equations (Ba, Kiros & Hinton 2016; defaults; gate order and weight names as torch):
+
+* LSTM (eq. 20-22), over the fused 4H vector with gates (i, f, g, o)::
+
+      gates = LN(W_hh h; ln_hh) + LN(W_ih x; ln_ih) + b_ih + b_hh
+      c'    = sig(f) * c + sig(i) * tanh(g)
+      h'    = sig(o) * tanh(LN(c'; ln_cell))
+
+  The un-normalized c' is carried; ``cell_state="normalized"`` carries LN(c') instead (the variant
+  of TF-Addons' LayerNormLSTMCell and PyTorch's ``benchmarks/fastrnns/custom_lstms.py``).
+* GRU (eq. 26-28), gates (r, z, n). Four LNs: over the 2H (r, z) block and over the H (n) block,
+  separately for the input and the recurrent projections (so ``ln_ih_weight`` has 3H entries,
+  normalized in two groups [2H | H])::
+
+      r, z = sig(LN(W_ih x)_rz + LN(W_hh h)_rz + b_ih_rz + b_hh_rz)
+      n    = tanh(LN(W_ih x)_n + b_ih_n + r * (LN(W_hh h)_n + b_hh_n))
+      h'   = (1 - z) * n + z * h
+
+  The reset gate multiplies the normalized recurrent candidate. The update follows torch's
+  convention (z keeps the old state); the paper writes it with z and 1 - z swapped, which is the
+  same model with the sign of z's pre-activation flipped.
+* RNN (eq. 4): ``h' = act(LN(W_ih x + W_hh h; ln) + b_ih + b_hh)``, act tanh or relu.
+
+With ``layer_norm=False`` there are no LN parameters and each layer computes exactly what torch's
+layer computes, so a torch ``state_dict`` loads strictly. With ``layer_norm=True`` the torch
+parameter names are unchanged and ``load_state_dict(torch_layer.state_dict(), strict=False)``
+loads the torch weights, leaving the LN parameters at their identity initialisation.
+
+Zoneout (Krueger et al. 2017): with probability ``zoneout`` each unit of h (``zoneout_cell``: of
+c) keeps its previous value during training; in eval mode the update is the expectation
+``p * old + (1 - p) * new``.
+
+Reads top to bottom: option checks -> pure-torch steps -> one direction of one layer over a packed
+batch -> the cells -> the layers. The fused CPU path (Numba kernels and hand-written backward
+through time) lives in :mod:`lnorm.ops.rnn_fused`; the pure-torch path here runs anywhere
+(CUDA, no Numba, ``torch.compile``) and is the spec the fused path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from lnorm import _backend
+
+# ------------------------------------------------------------------------------------ checks
+
+_MODES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELL_STATES = ("raw", "normalized")
+
+
+def _check_size(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_prob(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return value
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < math.inf):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# ----------------------------------------------------------------------------- pure-torch steps
+
+
+def _ln(z: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    return F.layer_norm(z, (z.shape[-1],), w, b, eps)
+
+
+def _ln_groups(z: Tensor, w: Tensor, b: Tensor, eps: float, split: int) -> Tensor:
+    # GRU: LN over [:split] (r, z) and over [split:] (n) separately
+    return torch.cat(
+        [_ln(z[..., :split], w[:split], b[:split], eps), _ln(z[..., split:], w[split:], b[split:], eps)],
+        dim=-1,
+    )
+
+
+class _Params:
+    """The tensors of one direction of one layer (or of a cell); None where absent."""
+
+    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b")
+
+    def __init__(self, module: nn.Module, sfx: str, layer_norm: bool, mode: str):
+        g = lambda n: getattr(module, n + sfx, None)  # noqa: E731
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh")
+        if layer_norm and mode in ("LSTM", "GRU"):
+            self.ln_ih_w, self.ln_ih_b = g("ln_ih_weight"), g("ln_ih_bias")
+            self.ln_hh_w, self.ln_hh_b = g("ln_hh_weight"), g("ln_hh_bias")
+        elif layer_norm:  # RNN: one LN over the sum
+            self.ln_ih_w, self.ln_ih_b = g("ln_weight"), g("ln_bias")
+            self.ln_hh_w = self.ln_hh_b = None
+        else:
+            self.ln_ih_w = self.ln_ih_b = self.ln_hh_w = self.ln_hh_b = None
+        if layer_norm and mode == "LSTM":
+            self.ln_c_w, self.ln_c_b = g("ln_cell_weight"), g("ln_cell_bias")
+        else:
+            self.ln_c_w = self.ln_c_b = None
+
+
+class _Options:
+    __slots__ = ("mode", "layer_norm", "eps", "normalized_cell", "zoneout", "zoneout_cell", "training")
+
+    def __init__(self, mode, layer_norm, eps, cell_state, zoneout, zoneout_cell, training):
+        self.mode = mode
+        self.layer_norm = layer_norm
+        self.eps = eps
+        self.normalized_cell = cell_state == "normalized"
+        self.zoneout = zoneout
+        self.zoneout_cell = zoneout_cell
+        self.training = training
+
+
+def _input_projection(x: Tensor, p: _Params, opt: _Options) -> Tensor:
+    """Everything of the gates that does not depend on h, for all rows at once: (N, G*H)."""
+    gx = F.linear(x, p.w_ih)
+    H = p.w_hh.shape[1]
+    if opt.mode == "LSTM":
+        if opt.layer_norm:
+            gx = _ln(gx, p.ln_ih_w, p.ln_ih_b, opt.eps)
+        if p.b_ih is not None:
+            gx = gx + (p.b_ih + p.b_hh)
+    elif opt.mode == "GRU":
+        if opt.layer_norm:
+            gx = _ln_groups(gx, p.ln_ih_w, p.ln_ih_b, opt.eps, 2 * H)
+        if p.b_ih is not None:
+            gx = gx + torch.cat([p.b_ih[: 2 * H] + p.b_hh[: 2 * H], p.b_ih[2 * H :]])
+    return gx  # RNN: the LN is over W_ih x + W_hh h, so only the matmul is hoisted
+
+
+def _zoneout(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
+    if p == 0.0:
+        return new
+    if training:
+        keep = torch.rand_like(new) < p
+        return torch.where(keep, old, new)
+    return torch.lerp(new, old, p)  # expectation: p * old + (1 - p) * new
+
+
+def _step(gx: Tensor, h: Tensor, c: Tensor | None, p: _Params, opt: _Options):
+    """One time step from the hoisted input part ``gx`` (B, G*H) and the state (B, H)."""
+    H = h.shape[-1]
+    gh = F.linear(h, p.w_hh)
+    if opt.mode == "LSTM":
+        if opt.layer_norm:
+            gh = _ln(gh, p.ln_hh_w, p.ln_hh_b, opt.eps)
+        i, f, g, o = (gx + gh).chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = _ln(c_new, p.ln_c_w, p.ln_c_b, opt.eps) if opt.layer_norm else c_new
+        h_new = torch.sigmoid(o) * torch.tanh(c_out)
+        if opt.normalized_cell:
+            c_new = c_out
+        c_new = _zoneout(c_new, c, opt.zoneout_cell, opt.training)
+    elif opt.mode == "GRU":
+        if opt.layer_norm:
+            gh = _ln_groups(gh, p.ln_hh_w, p.ln_hh_b, opt.eps, 2 * H)
+        ghn = gh[..., 2 * H :]
+        if p.b_hh is not None:
+            ghn = ghn + p.b_hh[2 * H :]
+        rz = torch.sigmoid(gx[..., : 2 * H] + gh[..., : 2 * H])
+        r, z = rz[..., :H], rz[..., H:]
+        n = torch.tanh(gx[..., 2 * H :] + r * ghn)
+        h_new = (1 - z) * n + z * h
+        c_new = None
+    else:
+        pre = gx + gh
+        if opt.layer_norm:
+            pre = _ln(pre, p.ln_ih_w, p.ln_ih_b, opt.eps)
+        if p.b_ih is not None:
+            pre = pre + (p.b_ih + p.b_hh)
+        h_new = torch.tanh(pre) if opt.mode == "RNN_TANH" else torch.relu(pre)
+        c_new = None
+    h_new = _zoneout(h_new, h, opt.zoneout, opt.training)
+    return h_new, c_new
+
+
+def _direction_torch(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
+    """One direction of one layer over a packed batch, in pure torch.
+
+    x: (N, I) time-major packed rows (batch_sizes[t] rows for step t, sorted by length, longest
+    first); h0, c0: (B, H). Returns the packed output (N, H) and the final h, c (B, H): at step t
+    only the first batch_sizes[t] rows of the state advance, so each sequence stops at its own
+    length (forward) or starts at its own length from h0 (reverse).
+    """
+    gx = _input_projection(x, p, opt)
+    offsets = [0]
+    for bs in batch_sizes:
+        offsets.append(offsets[-1] + bs)
+    T = len(batch_sizes)
+    B = h0.shape[0]
+    h, c = h0, c0
+    outs = [None] * T
+    for t in reversed(range(T)) if reverse else range(T):
+        bs = batch_sizes[t]
+        g_t = gx[offsets[t] : offsets[t + 1]]
+        if bs == B:
+            h, c = _step(g_t, h, c, p, opt)
+            outs[t] = h
+        else:
+            h_new, c_new = _step(g_t, h[:bs], c[:bs] if c is not None else None, p, opt)
+            outs[t] = h_new
+            h = torch.cat([h_new, h[bs:]])
+            c = torch.cat([c_new, c[bs:]]) if c is not None else None
+    out = torch.cat(outs) if T > 0 else x.new_zeros(0, h0.shape[1])
+    return out, h, c
+
+
+def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
+    """Dispatch one direction of one layer to the fused CPU path where it applies."""
+    fused = _fused_module()
+    if fused is not None and fused.applies(x, p, opt):
+        return fused.direction(x, batch_sizes, h0, c0, p, opt, reverse)
+    return _direction_torch(x, batch_sizes, h0, c0, p, opt, reverse)
+
+
+_FUSED = None
+
+
+def _fused_module():
+    """``lnorm.ops.rnn_fused`` when the Numba backend is on and we are not tracing, else None."""
+    global _FUSED
+    if torch.compiler.is_compiling() or _backend.get_backend() != "numba":
+        return None
+    if _FUSED is None:
+        try:
+            from lnorm.ops import rnn_fused
+        except ImportError:  # not written yet or broken numba: the torch path is always correct
+            _FUSED = False
+        else:
+            _FUSED = rnn_fused
+    return _FUSED or None
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _register(module: nn.Module, mode: str, input_size: int, hidden_size: int, bias: bool,
+              layer_norm: bool, sfx: str, factory_kwargs: dict) -> None:
+    G = _MODES[mode]
+    H = hidden_size
+    e = lambda *shape: nn.Parameter(torch.empty(*shape, **factory_kwargs))  # noqa: E731
+    module.register_parameter("weight_ih" + sfx, e(G * H, input_size))
+    module.register_parameter("weight_hh" + sfx, e(G * H, H))
+    module.register_parameter("bias_ih" + sfx, e(G * H) if bias else None)
+    module.register_parameter("bias_hh" + sfx, e(G * H) if bias else None)
+    if not layer_norm:
+        return
+    if mode in ("LSTM", "GRU"):
+        for part in ("ih", "hh"):
+            module.register_parameter(f"ln_{part}_weight{sfx}", e(G * H))
+            module.register_parameter(f"ln_{part}_bias{sfx}", e(G * H))
+        if mode == "LSTM":
+            module.register_parameter("ln_cell_weight" + sfx, e(H))
+            module.register_parameter("ln_cell_bias" + sfx, e(H))
+    else:
+        module.register_parameter("ln_weight" + sfx, e(H))
+        module.register_parameter("ln_bias" + sfx, e(H))
+
+
+def _reset(module: nn.Module, hidden_size: int) -> None:
+    # torch's init for the torch parameters; LN gain 1 and bias 0 (the paper's default)
+    stdv = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0
+    with torch.no_grad():
+        for name, w in module.named_parameters(recurse=False):
+            if name.startswith("ln_"):
+                (w.fill_(1.0) if "_weight" in name else w.zero_())
+            else:
+                w.uniform_(-stdv, stdv)
+
+
+def _common_options(mode, layer_norm, eps, cell_state, zoneout, zoneout_cell):
+    _check_bool(layer_norm, "layer_norm")
+    eps = _check_eps(eps)
+    if cell_state not in _CELL_STATES:
+        raise ValueError(f"cell_state must be one of {_CELL_STATES}, got {cell_state!r}")
+    if mode != "LSTM" and cell_state != "raw":
+        raise ValueError(f"cell_state={cell_state!r} applies to LSTM only")
+    zoneout = _check_prob(zoneout, "zoneout")
+    zoneout_cell = _check_prob(zoneout_cell, "zoneout_cell")
+    if mode != "LSTM" and zoneout_cell != 0.0:
+        raise ValueError(f"zoneout_cell={zoneout_cell!r} applies to LSTM only (it has no cell state)")
+    return eps, zoneout, zoneout_cell
+
+
+def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[-1] != input_size:
+        raise ValueError(
+            f"{name}: input.size(-1) must be equal to input_size. Expected {input_size}, got "
+            f"{x.shape[-1]} (input of shape {list(x.shape)})"
+        )
+    if x.dtype != dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the parameters' dtype {dtype}")
+
+
+# ----------------------------------------------------------------------------------- cells
+
+
+class _LayerNormCellBase(nn.Module):
+    _mode = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, layer_norm: bool = True,
+                 eps: float = 1e-5, cell_state: str = "raw", zoneout: float = 0.0,
+                 zoneout_cell: float = 0.0, device=None, dtype=None, _mode: str | None = None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        mode = _mode or self._mode
+        self.mode = mode
+        self.input_size = _check_size(input_size, "input_size")
+        self.hidden_size = _check_size(hidden_size, "hidden_size")
+        self.bias = _check_bool(bias, "bias")
+        self.eps, self.zoneout, self.zoneout_cell = _common_options(
+            mode, layer_norm, eps, cell_state, zoneout, zoneout_cell
+        )
+        self.layer_norm = layer_norm
+        self.cell_state = cell_state
+        _register(self, mode, self.input_size, self.hidden_size, bias, layer_norm, "", factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset(self, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.mode in ("RNN_TANH", "RNN_RELU"):
+            s += f", nonlinearity={'tanh' if self.mode == 'RNN_TANH' else 'relu'!r}"
+        if not self.layer_norm:
+            s += ", layer_norm=False"
+        if self.cell_state != "raw":
+            s += f", cell_state={self.cell_state!r}"
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
+        if self.zoneout_cell:
+            s += f", zoneout_cell={self.zoneout_cell}"
+        return s
+
+    def _options(self) -> _Options:
+        return _Options(self.mode, self.layer_norm, self.eps, self.cell_state, self.zoneout,
+                        self.zoneout_cell, self.training)
+
+    def forward(self, input: Tensor, hx=None):
+        name = type(self).__name__
+        is_lstm = self.mode == "LSTM"
+        _check_input_tensor(name, input, self.input_size, self.weight_ih.dtype)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        B, H = x.shape[0], self.hidden_size
+        if hx is None:
+            z = x.new_zeros(B, H)
+            h, c = (z, z) if is_lstm else (z, None)
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+                h, c = hx
+            else:
+                if not isinstance(hx, Tensor):
+                    raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+                h, c = hx, None
+            want = (B, H) if batched else (H,)
+            for nm, t in (("h_0", h), ("c_0", c)) if is_lstm else (("hx", h),):
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{name}: Expected {nm} of shape {list(want)}, got {list(t.shape)}")
+            if not batched:
+                h = h.unsqueeze(0)
+                c = c.unsqueeze(0) if c is not None else None
+        p = _Params(self, "", self.layer_norm, self.mode)
+        opt = self._options()
+        gx = _input_projection(x, p, opt)
+        h_new, c_new = _step(gx, h, c, p, opt)
+        if not batched:
+            h_new = h_new.squeeze(0)
+            c_new = c_new.squeeze(0) if c_new is not None else None
+        return (h_new, c_new) if is_lstm else h_new
+
+
+class LayerNormLSTMCell(_LayerNormCellBase):
+    r"""A layer-normalized LSTM cell with the API of :class:`torch.nn.LSTMCell`.
+
+    .. math::
+        (i, f, g, o) = LN(W_{hh} h; \gamma_1, \beta_1) + LN(W_{ih} x; \gamma_2, \beta_2) + b_{ih} + b_{hh} \\
+        c' = \sigma(f) \odot c + \sigma(i) \odot \tanh(g), \quad
+        h' = \sigma(o) \odot \tanh(LN(c'; \gamma_3, \beta_3))
+
+    Args:
+        input_size, hidden_size, bias: as :class:`torch.nn.LSTMCell`.
+        layer_norm: False gives exactly :class:`torch.nn.LSTMCell` (and no LN parameters).
+        eps: added to the variance inside the square root of each LN.
+        cell_state: ``"raw"`` carries the un-normalized c' (the paper); ``"normalized"`` carries
+            LN(c') (TF-Addons, PyTorch's custom_lstms).
+        zoneout, zoneout_cell: zoneout probabilities for h and c (expectation in eval mode).
+
+    Parameters: ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``, ``bias_hh`` (4H) as
+    torch; ``ln_ih_weight``, ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias`` (4H) and
+    ``ln_cell_weight``, ``ln_cell_bias`` (H).
+
+    Shape: input (B, I) or (I,); hx a tuple (h, c) of (B, H) or (H,), zeros if None; returns (h', c').
+
+    Example::
+
+        >>> cell = LayerNormLSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+    """
+
+    _mode = "LSTM"
+
+
+class LayerNormGRUCell(_LayerNormCellBase):
+    r"""A layer-normalized GRU cell with the API of :class:`torch.nn.GRUCell` (module docstring has
+    the equations). LN parameters ``ln_ih_weight``, ``ln_ih_bias``, ``ln_hh_weight``,
+    ``ln_hh_bias`` (3H, normalized in groups [2H | H]). Returns h'."""
+
+    _mode = "GRU"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, layer_norm: bool = True,
+                 eps: float = 1e-5, zoneout: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, layer_norm=layer_norm, eps=eps, zoneout=zoneout,
+                         device=device, dtype=dtype)
+
+
+class LayerNormRNNCell(_LayerNormCellBase):
+    r"""A layer-normalized Elman cell with the API of :class:`torch.nn.RNNCell`:
+    ``h' = act(LN(W_ih x + W_hh h; ln_weight, ln_bias) + b_ih + b_hh)``, act ``tanh`` or ``relu``."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 *, layer_norm: bool = True, eps: float = 1e-5, zoneout: float = 0.0, device=None,
+                 dtype=None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, layer_norm=layer_norm, eps=eps, zoneout=zoneout,
+                         device=device, dtype=dtype, _mode="RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU")
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class _LayerNormRNNBase(nn.Module):
+    _mode = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 layer_norm: bool = True, eps: float = 1e-5, cell_state: str = "raw",
+                 zoneout: float = 0.0, zoneout_cell: float = 0.0, device=None, dtype=None,
+                 _mode: str | None = None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        mode = _mode or self._mode
+        self.mode = mode
+        self.input_size = _check_size(input_size, "input_size")
+        self.hidden_size = _check_size(hidden_size, "hidden_size")
+        self.num_layers = _check_size(num_layers, "num_layers")
+        self.bias = _check_bool(bias, "bias")
+        self.batch_first = _check_bool(batch_first, "batch_first")
+        self.bidirectional = _check_bool(bidirectional, "bidirectional")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(
+                f"dropout should be a number in range [0, 1) representing the probability of an "
+                f"element being zeroed, got {dropout!r}"
+            )
+        self.dropout = float(dropout)
+        self.eps, self.zoneout, self.zoneout_cell = _common_options(
+            mode, layer_norm, eps, cell_state, zoneout, zoneout_cell
+        )
+        self.layer_norm = layer_norm
+        self.cell_state = cell_state
+        self.proj_size = 0  # torch's attribute, for code that reads it
+        D = 2 if bidirectional else 1
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else self.hidden_size * D
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                _register(self, mode, layer_input, self.hidden_size, bias, layer_norm, sfx, factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset(self, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.mode in ("RNN_TANH", "RNN_RELU"):
+            s += f", nonlinearity={'tanh' if self.mode == 'RNN_TANH' else 'relu'!r}"
+        if not self.layer_norm:
+            s += ", layer_norm=False"
+        if self.cell_state != "raw":
+            s += f", cell_state={self.cell_state!r}"
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
+        if self.zoneout_cell:
+            s += f", zoneout_cell={self.zoneout_cell}"
+        return s
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        names = []
+        for layer in range(self.num_layers):
+            for d in range(2 if self.bidirectional else 1):
+                sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                names += ["weight_ih" + sfx, "weight_hh" + sfx]
+                if self.bias:
+                    names += ["bias_ih" + sfx, "bias_hh" + sfx]
+        return names
+
+    def _torch_equivalent(self) -> bool:
+        # layer_norm=False without zoneout is exactly torch's layer: run torch's own kernel
+        return not self.layer_norm and self.zoneout == 0.0 and self.zoneout_cell == 0.0
+
+    def _check_hidden(self, name: str, t, want: tuple, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {what} must be a Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: Expected {what} size {want}, got {tuple(t.shape)}")
+        if t.dtype != self.weight_ih_l0.dtype:
+            raise TypeError(f"{name}: {what} dtype {t.dtype} does not match the parameters' dtype {self.weight_ih_l0.dtype}")
+
+    def forward(self, input, hx=None):
+        name = type(self).__name__
+        is_lstm = self.mode == "LSTM"
+        D = 2 if self.bidirectional else 1
+        L, H = self.num_layers, self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes_t, sorted_indices, unsorted_indices = input
+            _check_input_tensor(name, data, self.input_size, self.weight_ih_l0.dtype)
+            batch_sizes = [int(b) for b in batch_sizes_t.tolist()]
+            if any(b1 < b2 for b1, b2 in zip(batch_sizes, batch_sizes[1:], strict=False)) or (batch_sizes and batch_sizes[-1] <= 0):
+                raise ValueError(f"{name}: PackedSequence batch_sizes must be positive and non-increasing, got {batch_sizes}")
+            B = batch_sizes[0] if batch_sizes else 0
+            batched = True
+            x = data
+        else:
+            _check_input_tensor(name, input, self.input_size, self.weight_ih_l0.dtype)
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            x = input if batched else input.unsqueeze(batch_dim)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+            T, B = x.shape[0], x.shape[1]
+            batch_sizes = [B] * T
+            sorted_indices = unsorted_indices = None
+            x = x.reshape(T * B, self.input_size)
+
+        # initial state, as (L*D, B, H)
+        if hx is None:
+            z = x.new_zeros(L * D, B, H)
+            h0, c0 = (z, z) if is_lstm else (z, None)
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, None
+            if not batched:
+                for what, t in (("h_0", h0), ("c_0", c0)) if is_lstm else (("hx", h0),):
+                    if isinstance(t, Tensor) and t.dim() != 2:
+                        raise ValueError(f"{name}: For unbatched 2-D input, {what} should also be 2-D but got a {t.dim()}-D tensor")
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+            for what, t in (("h_0", h0), ("c_0", c0)) if is_lstm else (("hx", h0),):
+                self._check_hidden(name, t, (L * D, B, H), what)
+            if sorted_indices is not None:
+                h0 = h0.index_select(1, sorted_indices)
+                c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+
+        # layer_norm=False is torch's layer: the fast backend runs torch's own kernel, the torch
+        # backend runs the same loop as the LN layers (which the parity tests check against it)
+        if self._torch_equivalent() and _backend.get_backend() == "numba":
+            out, h_n, c_n = self._run_torch_kernel(x, batch_sizes, batch_sizes_t if packed else None, h0, c0)
+        else:
+            out, h_n, c_n = self._run_layers(x, batch_sizes, h0, c0)
+
+        if packed:
+            output = PackedSequence(out, batch_sizes_t, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+        else:
+            output = out.reshape(len(batch_sizes), B, D * H)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not batched:
+                output = output.squeeze(0 if self.batch_first else 1)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if c_n is not None else None
+        return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+    def _run_layers(self, x, batch_sizes, h0, c0):
+        D = 2 if self.bidirectional else 1
+        opt = _Options(self.mode, self.layer_norm, self.eps, self.cell_state, self.zoneout,
+                       self.zoneout_cell, self.training)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                k = layer * D + d
+                p = _Params(self, f"_l{layer}" + ("_reverse" if d else ""), self.layer_norm, self.mode)
+                out, h, c = _direction(x, batch_sizes, h0[k], c0[k] if c0 is not None else None, p, opt, d == 1)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        return x, torch.stack(h_n), (torch.stack(c_n) if self.mode == "LSTM" else None)
+
+    def _run_torch_kernel(self, x, batch_sizes, batch_sizes_t, h0, c0):
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        T, B = len(batch_sizes), h0.shape[1]
+        fn = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+              "RNN_RELU": torch._VF.rnn_relu}[self.mode]
+        hx = (h0, c0) if self.mode == "LSTM" else h0
+        if batch_sizes_t is not None:
+            res = fn(x, batch_sizes_t, hx, weights, self.bias, self.num_layers, self.dropout,
+                     self.training, self.bidirectional)
+        else:
+            xs = x.reshape(T, B, -1)
+            res = fn(xs, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
+                     self.bidirectional, False)
+        out = res[0].reshape(-1, res[0].shape[-1])
+        if self.mode == "LSTM":
+            return out, res[1], res[2]
+        return out, res[1], None
+
+
+class LayerNormLSTM(_LayerNormRNNBase):
+    r"""A multi-layer layer-normalized LSTM with the API of :class:`torch.nn.LSTM`.
+
+    Each layer computes (paper eq. 20-22; gate order i, f, g, o as torch)
+
+    .. math::
+        (i, f, g, o) = LN(W_{hh} h_{t-1}; \gamma_1, \beta_1) + LN(W_{ih} x_t; \gamma_2, \beta_2) + b_{ih} + b_{hh} \\
+        c_t = \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g), \quad
+        h_t = \sigma(o) \odot \tanh(LN(c_t; \gamma_3, \beta_3))
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device,
+            dtype: as :class:`torch.nn.LSTM` (no ``proj_size``).
+        layer_norm: False computes exactly :class:`torch.nn.LSTM` and has no LN parameters.
+        eps: added to the variance inside the square root of each LN (default 1e-5).
+        cell_state: ``"raw"`` (default) carries the un-normalized c_t, ``"normalized"`` carries
+            LN(c_t) (TF-Addons, PyTorch's custom_lstms).
+        zoneout, zoneout_cell: probability that a unit of h (of c) keeps its previous value at each
+            step in training; in eval the expectation ``p * old + (1 - p) * new``.
+
+    Parameters: torch's ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+    ``bias_hh_l{k}`` (``_reverse`` for the backward direction) unchanged, plus
+    ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` (4H)
+    and ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` (H), gains initialised to 1, biases to 0.
+
+    Shape: input (T, B, I), (B, T, I) with ``batch_first``, (T, I) unbatched, or a
+    PackedSequence; ``hx = (h_0, c_0)`` each (L*D, B, H) or (L*D, H), zeros if None. Returns
+    ``output, (h_n, c_n)`` with output (T, B, D*H) (or packed) like torch.
+
+    Example::
+
+        >>> lstm = LayerNormLSTM(10, 20, num_layers=2, batch_first=True)
+        >>> out, (h, c) = lstm(torch.randn(3, 5, 10))
+    """
+
+    _mode = "LSTM"
+
+
+class LayerNormGRU(_LayerNormRNNBase):
+    r"""A multi-layer layer-normalized GRU with the API of :class:`torch.nn.GRU` (paper eq. 26-28;
+    equations in the module docstring). LN parameters ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``,
+    ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` (3H each, normalized in the groups [r, z | n]).
+    Returns ``output, h_n``.
+
+    Example::
+
+        >>> gru = LayerNormGRU(10, 20)
+        >>> out, h = gru(torch.randn(5, 3, 10))
+    """
+
+    _mode = "GRU"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 layer_norm: bool = True, eps: float = 1e-5, zoneout: float = 0.0, device=None,
+                 dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         layer_norm=layer_norm, eps=eps, zoneout=zoneout, device=device, dtype=dtype)
+
+
+class LayerNormRNN(_LayerNormRNNBase):
+    r"""A multi-layer layer-normalized Elman RNN with the API of :class:`torch.nn.RNN` (paper eq.
+    4): ``h_t = act(LN(W_ih x_t + W_hh h_{t-1}; ln_weight, ln_bias) + b_ih + b_hh)`` with
+    ``nonlinearity`` ``"tanh"`` or ``"relu"``. LN parameters ``ln_weight_l{k}``,
+    ``ln_bias_l{k}`` (H). Returns ``output, h_n``.
+
+    Example::
+
+        >>> rnn = LayerNormRNN(10, 20, nonlinearity="relu")
+        >>> out, h = rnn(torch.randn(5, 3, 10))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, *, layer_norm: bool = True, eps: float = 1e-5,
+                 zoneout: float = 0.0, device=None, dtype=None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         layer_norm=layer_norm, eps=eps, zoneout=zoneout, device=device, dtype=dtype,
+                         _mode="RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU")
+
+
+__all__ = [
+    "LayerNormGRU",
+    "LayerNormGRUCell",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
+    "LayerNormRNN",
+    "LayerNormRNNCell",
+]
