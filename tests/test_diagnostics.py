@@ -1,0 +1,247 @@
+"""Diagnostics on models whose answers are known: batch norm (batch dependent in train mode,
+train/eval gap), layer norm, group norm and no norm (neither)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lnorm
+from lnorm.diagnostics import ActivationStats, check_batch_independence, train_eval_gap
+
+
+def mlp(norm: str) -> nn.Module:
+    norms = {"batch": lambda: nn.BatchNorm1d(16), "layer": lambda: nn.LayerNorm(16),
+             "lnorm": lambda: lnorm.LayerNorm(16), "none": nn.Identity}
+    return nn.Sequential(nn.Linear(8, 16), norms[norm](), nn.ReLU(), nn.Linear(16, 4))
+
+
+def cnn(norm: str) -> nn.Module:
+    norms = {"batch": lambda: nn.BatchNorm2d(8), "group": lambda: nn.GroupNorm(4, 8),
+             "layer": lambda: nn.GroupNorm(1, 8), "none": nn.Identity}
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norms[norm](), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+def state_of(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()])
+
+
+def assert_unchanged(model, before):
+    sd, modes = before
+    after = model.state_dict()
+    assert sd.keys() == after.keys()
+    for k in sd:
+        assert torch.equal(sd[k], after[k]), f"{k} changed"
+    assert modes == [m.training for m in model.modules()]
+
+
+# ---------------------------------------------------------------------------------------------
+# check_batch_independence
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,norm,x_shape", [
+    (mlp, "layer", (12, 8)), (mlp, "lnorm", (12, 8)), (mlp, "none", (12, 8)),
+    (cnn, "group", (6, 3, 7, 7)), (cnn, "layer", (6, 3, 7, 7)), (cnn, "none", (7, 3, 7, 7)),
+], ids=lambda v: v.__name__ if callable(v) else str(v))
+def test_per_sample_norms_are_batch_independent(build, norm, x_shape):
+    model = build(norm)
+    before = state_of(model)
+    r = check_batch_independence(model, torch.randn(x_shape))
+    assert r.independent, r
+    assert r.sources == [] and r.errors == {}
+    assert set(r.probes) == {"permute", "split", "replace"}
+    assert r.max_relative_change <= 1e-5
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("build,x_shape,bn_name", [(mlp, (12, 8), "1"), (cnn, (6, 3, 7, 7), "1")],
+                         ids=["mlp", "cnn"])
+def test_batch_norm_is_batch_dependent_in_train_mode_and_named(build, x_shape, bn_name):
+    model = build("batch").eval()  # the check switches to train itself and restores eval
+    before = state_of(model)
+    r = check_batch_independence(model, torch.randn(x_shape))
+    assert not r.independent and r.mode == "train"
+    assert r.probes["split"] > 1e-2 and r.probes["replace"] > 1e-2
+    # batch statistics do not depend on the order of the samples: permuting passes
+    assert r.probes["permute"] < 1e-5
+    assert [s.name for s in r.sources] == [bn_name]
+    assert r.sources[0].type.startswith("BatchNorm") and r.sources[0].input_relative == 0.0
+    assert_unchanged(model, before)
+
+
+def test_batch_norm_in_eval_mode_is_independent():
+    model = mlp("batch")
+    r = check_batch_independence(model, torch.randn(10, 8), mode="eval")
+    assert r.independent and r.mode == "eval"
+    assert model.training  # restored
+
+
+def test_mixing_module_found_inside_container():
+    class MixBatch(nn.Module):  # subtracts the batch mean: batch dependent in any mode
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    model = nn.Sequential(nn.Linear(5, 6), nn.Sequential(nn.Tanh(), MixBatch()), nn.Linear(6, 2))
+    r = check_batch_independence(model, torch.randn(8, 5), mode="eval")
+    assert not r.independent
+    assert [s.name for s in r.sources] == ["1.1"]
+
+
+def test_sequence_model_with_batch_dim_1():
+    lstm = nn.LSTM(4, 8, num_layers=2)  # (T, B, C)
+    r = check_batch_independence(lstm, torch.randn(5, 6, 4), batch_dim=1)
+    assert r.independent, r
+
+
+def test_forward_failing_on_part_of_the_batch_is_reported():
+    class FixedBatch(nn.Module):  # e.g. a hard-coded reshape: breaks on any other batch size
+        def forward(self, x):
+            if x.shape[0] != 8:
+                raise RuntimeError(f"expected 8 samples, got {x.shape[0]}")
+            return x
+
+    r = check_batch_independence(nn.Sequential(mlp("layer"), FixedBatch()), torch.randn(8, 8))
+    assert not r.independent
+    assert r.errors["split"] == "RuntimeError: expected 8 samples, got 4"
+    assert r.probes["permute"] < 1e-6  # the other probes still ran
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        check_batch_independence("model", torch.randn(4, 2))
+    with pytest.raises(TypeError, match="x must"):
+        check_batch_independence(nn.Linear(2, 2), [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="at least 4"):
+        check_batch_independence(nn.Linear(2, 2), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="mode"):
+        check_batch_independence(nn.Linear(2, 2), torch.randn(4, 2), mode="test")
+    with pytest.raises(ValueError, match="batch_dim"):
+        check_batch_independence(nn.Linear(2, 2), torch.randn(4, 2), batch_dim=2)
+
+
+def test_integer_inputs_token_ids():
+    model = nn.Sequential(nn.Embedding(20, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    r = check_batch_independence(model, torch.randint(0, 20, (6, 5)))
+    assert r.independent
+
+
+# ---------------------------------------------------------------------------------------------
+# train_eval_gap
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_eval_gap_batch_norm_restores_everything():
+    model = cnn("batch")
+    with torch.no_grad():  # make the running stats something other than their defaults
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].num_batches_tracked.fill_(7)
+    model.eval()
+    before = state_of(model)
+    r = train_eval_gap(model, torch.randn(6, 3, 7, 7) * 2 + 1)
+    assert not r.consistent and r.relative_gap > 1e-2
+    assert [(layer.name, layer.type) for layer in r.layers] == [("1", "BatchNorm2d")]
+    gap = r.layers[0]
+    assert gap.input_gap == 0.0 and gap.output_gap > 1e-2  # the gap starts at the batch norm
+    assert_unchanged(model, before)
+    # no gradients were created
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("build,norm,x_shape", [
+    (mlp, "layer", (5, 8)), (mlp, "none", (5, 8)), (cnn, "group", (3, 3, 7, 7)), (cnn, "layer", (1, 3, 7, 7)),
+], ids=lambda v: v.__name__ if callable(v) else str(v))
+def test_train_eval_gap_zero_for_per_sample_norms(build, norm, x_shape):
+    model = build(norm)
+    r = train_eval_gap(model, torch.randn(x_shape))
+    assert r.consistent and r.max_gap == 0.0
+    assert all(layer.output_gap == 0.0 for layer in r.layers)
+
+
+def test_train_eval_gap_dropout_excluded_by_default():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.LayerNorm(8))
+    assert train_eval_gap(model, torch.randn(4, 8)).consistent
+    assert not train_eval_gap(model, torch.randn(4, 8), include_dropout=True).consistent
+
+
+# ---------------------------------------------------------------------------------------------
+# ActivationStats
+# ---------------------------------------------------------------------------------------------
+
+
+def test_activation_stats_values_match_direct_computation():
+    model = mlp("layer")
+    x = torch.randn(7, 8)
+    with ActivationStats(model) as stats:
+        out = model(x)
+        out.sum().backward()
+    s = stats.summary()
+    assert set(s) == {"0", "1", "2", "3"}  # the leaves
+    h = model[0](x)
+    assert s["0"]["mean"] == pytest.approx(h.mean().item(), rel=1e-5, abs=1e-7)
+    assert s["0"]["std"] == pytest.approx(h.std(unbiased=False).item(), rel=1e-5)
+    assert s["0"]["max_abs"] == pytest.approx(h.abs().max().item(), rel=1e-6)
+    # d(sum out)/d out is all ones: norm sqrt(numel), rms 1
+    assert s["3"]["grad_norm"] == pytest.approx(math.sqrt(7 * 4))
+    assert s["3"]["grad_rms"] == pytest.approx(1.0)
+    assert s["1"]["type"] == "LayerNorm" and s["1"]["calls"] == 1
+
+
+def test_activation_stats_costs_nothing_outside_the_block():
+    model = mlp("batch")
+    with ActivationStats(model, grads=True):
+        assert any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+    stats = ActivationStats(model)
+    model(torch.randn(4, 8))  # not entered: nothing recorded
+    assert stats.summary() == {}
+
+
+def test_activation_stats_selection_by_type_and_name():
+    model = mlp("layer")
+    with ActivationStats(model, modules=nn.LayerNorm, grads=False) as s1:
+        model(torch.randn(3, 8))
+    assert list(s1.summary()) == ["1"] and "grad_norm" not in s1.summary()["1"]
+    with ActivationStats(model, modules=["0", ""]) as s2:
+        model(torch.randn(3, 8))
+    assert set(s2.summary()) == {"0", ""}
+    with pytest.raises(ValueError, match="not found"):
+        ActivationStats(model, modules=["nope"])
+    with pytest.raises(TypeError, match="modules"):
+        ActivationStats(model, modules=3)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+def test_activation_stats_per_time_step_for_lstm(batch_first):
+    lstm = nn.LSTM(3, 6, batch_first=batch_first)
+    x = torch.randn(4, 5, 3) if batch_first else torch.randn(5, 4, 3)
+    with ActivationStats(lstm) as stats:
+        out, _ = lstm(x)
+        out.square().sum().backward()
+    s = stats.summary()[""]
+    time_dim = 1 if batch_first else 0
+    assert len(s["time"]["mean"]) == 5
+    for t in range(5):
+        step = out.detach().select(time_dim, t)
+        assert s["time"]["std"][t] == pytest.approx(step.std(unbiased=False).item(), rel=1e-5)
+        # the gradient of sum(out^2) is 2 out
+        assert s["time"]["grad_rms"][t] == pytest.approx(2 * step.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_activation_stats_jsonl_and_reset(tmp_path):
+    model = mlp("none")
+    path = tmp_path / "stats.jsonl"
+    with ActivationStats(model) as stats:
+        model(torch.randn(2, 8)).sum().backward()
+        assert stats.to_jsonl(path, extra={"step": 1}) == 4
+        stats.reset()
+        assert stats.summary() == {}
+        model(torch.randn(2, 8))
+        stats.to_jsonl(path, extra={"step": 2})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["step"] == 1 and rows[-1]["step"] == 2
+    assert {"module", "mean", "std", "max_abs", "type"} <= set(rows[0])
