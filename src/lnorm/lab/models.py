@@ -1,0 +1,71 @@
+"""Small models whose normalization is a constructor argument (``lnorm.nn.make_norm`` kinds)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lnorm.nn import make_norm
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of Linear -> norm -> ReLU (the norm sees the summed inputs, as in the
+    paper), then a Linear head. Input ``(B, in_features)``, output ``(B, classes)``."""
+
+    def __init__(self, in_features: int, hidden: int, depth: int, classes: int, norm: str = "none",
+                 act: str = "relu"):
+        super().__init__()
+        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        if act not in acts:
+            raise ValueError(f"act must be one of {sorted(acts)}, got {act!r}")
+        layers = []
+        d = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), make_norm(norm, hidden), acts[act]()]
+            d = hidden
+        self.hidden = nn.ModuleList(layers)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.hidden:
+            x = m(x)
+        return self.head(x)
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.hidden if isinstance(m, nn.Linear)] + [self.head]
+
+
+class CNN2d(nn.Module):
+    """Two 3x3 conv blocks (conv -> norm -> ReLU -> 2x2 max-pool) and a linear head, for 28x28 digits."""
+
+    def __init__(self, norm: str = "none", channels: int = 16, classes: int = 10):
+        super().__init__()
+        c1, c2 = channels, 2 * channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), make_norm(norm, c1, layout="channels"), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), make_norm(norm, c2, layout="channels"), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(c2 * 7 * 7, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 28, 28)
+        return self.head(self.net(x).flatten(1))
+
+
+class CNN1d(nn.Module):
+    """MNIST-1D's reference CNN shape (three conv layers of 25 channels, kernel 5, stride 2), with a
+    norm after each conv. Input ``(B, 40)``."""
+
+    def __init__(self, norm: str = "none", channels: int = 25, classes: int = 10, length: int = 40):
+        super().__init__()
+        layers, c_in, L = [], 1, length
+        for _ in range(3):
+            layers += [nn.Conv1d(c_in, channels, 5, stride=2, padding=1), make_norm(norm, channels, layout="channels"),
+                       nn.ReLU()]
+            c_in = channels
+            L = (L + 2 - 5) // 2 + 1
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * L, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x.unsqueeze(1)).flatten(1))

@@ -1,0 +1,104 @@
+"""Shared pieces of a training run: seeding, outcomes, and a plain classifier loop."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite: the run is recorded as diverged, not as a crash."""
+
+    def __init__(self, step: int, loss: float, partial: dict | None = None):
+        super().__init__(f"loss {loss} at step {step}")
+        self.step, self.loss, self.partial = step, loss, partial or {}
+
+
+class CannotTrain(Exception):
+    """The configuration cannot train at all (e.g. batch norm on one sample); the reason is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_finite(loss: float, step: int, partial: dict | None = None) -> float:
+    if not math.isfinite(loss):
+        raise Diverged(step, loss, partial)
+    return loss
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(X), batch_size):
+        correct += (model(X[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+    model.train(was)
+    return correct / len(X)
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int, lr: float,
+                     optimizer: str = "adam", eval_every: int = 0, device: str = "cpu",
+                     on_step=None) -> dict:
+    """Minibatch training with cross-entropy; returns final test accuracy, losses and step time.
+
+    ``data`` is ``(X_train, y_train, X_test, y_test)``. Batches are drawn by reshuffling each epoch
+    (the last partial batch is dropped, so every step sees ``batch_size`` samples). ``on_step(step)``
+    runs after each optimizer step (for extra statistics). Raises :class:`Diverged` on a NaN/inf
+    loss and :class:`CannotTrain` when the model rejects the batch (batch norm on one sample).
+    """
+    Xtr, ytr, Xte, yte = (t.to(device) for t in data)
+    model.to(device).train()
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(Xtr)
+    per_epoch = max(1, n // batch_size)
+    perm = torch.randperm(n, device=device)
+    losses, step_times = [], []
+    last_loss = math.nan
+    for step in ctx.steps(steps):
+        j = step % per_epoch
+        if j == 0 and step:
+            perm = torch.randperm(n, device=device)
+        idx = perm[j * batch_size:(j + 1) * batch_size]
+        t0 = time.perf_counter()
+        try:
+            loss = loss_fn(model(Xtr[idx]), ytr[idx])
+        except ValueError as exc:
+            if "Expected more than 1" in str(exc) or "more than 1 valid value" in str(exc):
+                raise CannotTrain(str(exc)) from None
+            raise
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step_times.append(time.perf_counter() - t0)
+        last_loss = check_finite(loss.item(), step, {"test_acc": 0.1})
+        losses.append(last_loss)
+        if on_step is not None:
+            on_step(step)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            ctx.log(step=step + 1, loss=float(np.mean(losses[-eval_every:])), test_acc=accuracy(model, Xte, yte))
+    acc = accuracy(model, Xte, yte)
+    ctx.log(step=steps, loss=float(np.mean(losses[-max(1, eval_every or 50):])), test_acc=acc)
+    return {
+        "test_acc": acc,
+        "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
+        "ms_per_step": 1000 * float(np.median(step_times)),
+    }
