@@ -202,15 +202,14 @@ def _step(gx: Tensor, h: Tensor, c: Tensor | None, p: _Params, opt: _Options):
     return h_new, c_new
 
 
-def _direction_torch(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
+def _direction_torch(gx, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
     """One direction of one layer over a packed batch, in pure torch.
 
-    x: (N, I) time-major packed rows (batch_sizes[t] rows for step t, sorted by length, longest
+    gx: (N, G*H) the hoisted input part of N time-major packed rows (batch_sizes[t] rows for step t, sorted by length, longest
     first); h0, c0: (B, H). Returns the packed output (N, H) and the final h, c (B, H): at step t
     only the first batch_sizes[t] rows of the state advance, so each sequence stops at its own
     length (forward) or starts at its own length from h0 (reverse).
     """
-    gx = _input_projection(x, p, opt)
     offsets = [0]
     for bs in batch_sizes:
         offsets.append(offsets[-1] + bs)
@@ -229,16 +228,18 @@ def _direction_torch(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse:
             outs[t] = h_new
             h = torch.cat([h_new, h[bs:]])
             c = torch.cat([c_new, c[bs:]]) if c is not None else None
-    out = torch.cat(outs) if T > 0 else x.new_zeros(0, h0.shape[1])
+    out = torch.cat(outs) if T > 0 else gx.new_zeros(0, h0.shape[1])
     return out, h, c
 
 
 def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
-    """Dispatch one direction of one layer to the fused CPU path where it applies."""
+    """One direction of one layer over packed rows x (N, I): the input part for all steps at once,
+    then the recurrence on the fused CPU path where it applies, else in pure torch."""
+    gx = _input_projection(x, p, opt)
     fused = _fused_module()
     if fused is not None and fused.applies(x, p, opt):
-        return fused.direction(x, batch_sizes, h0, c0, p, opt, reverse)
-    return _direction_torch(x, batch_sizes, h0, c0, p, opt, reverse)
+        return fused.recurrence(gx, batch_sizes, h0, c0, p, opt, reverse)
+    return _direction_torch(gx, batch_sizes, h0, c0, p, opt, reverse)
 
 
 _FUSED = None
@@ -252,7 +253,7 @@ def _fused_module():
     if _FUSED is None:
         try:
             from lnorm.ops import rnn_fused
-        except ImportError:  # not written yet or broken numba: the torch path is always correct
+        except Exception:  # broken numba / llvmlite: the torch path is always correct
             _FUSED = False
         else:
             _FUSED = rnn_fused

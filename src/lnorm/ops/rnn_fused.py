@@ -1,0 +1,245 @@
+"""The fused CPU path of LayerNormLSTM / LayerNormGRU: one direction of one layer.
+
+What runs where (chosen by measurement, see ``lnorm bench rnn``):
+
+* The input part of the gates, LN(W_ih x) + biases, does not depend on h: the caller computes it
+  for all time steps at once (one matmul, one layer norm) with ordinary autograd ops.
+* Per time step: one MKL matmul ``h W_hh^T`` (``torch.mm`` into a preallocated buffer), then ONE
+  Numba kernel for all the elementwise work (LN of the recurrent part, gates, state update, LN of
+  the cell), which saves the normalized recurrent part, the gate activations and per-row
+  statistics for backward.
+* Backward through time is written by hand: per step one Numba kernel (the step's elementwise
+  backward, both LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
+  previous h; the weight gradient is ONE big matmul over all steps at the end, and the LN
+  parameter gradients are column sums over all steps.
+
+Variable lengths: rows are in packed layout (time-major, each step's batch sorted longest first);
+at step t only the first ``batch_sizes[t]`` rows advance, the others keep their state, so every
+sequence gets exactly what it gets alone. ``_Schedule`` holds the order of steps and, for every
+row, where its previous state lives (``prev``: a row of the packed buffers or ``-1 - b`` for the
+initial state of batch row b).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lnorm.ops import _rnn_kernels as K
+
+# ----------------------------------------------------------------------------------- schedule
+
+
+class _Schedule:
+    __slots__ = ("steps", "prev", "prev_t", "B", "N")
+
+    def __init__(self, batch_sizes: list[int], reverse: bool):
+        offsets = np.zeros(len(batch_sizes) + 1, dtype=np.int64)
+        np.cumsum(batch_sizes, out=offsets[1:])
+        order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+        self.B = batch_sizes[0] if batch_sizes else 0
+        self.N = int(offsets[-1])
+        self.steps = []
+        prev = np.empty(self.N, dtype=np.int64)
+        last_off, last_bs = 0, 0
+        for t in order:
+            off, bs = int(offsets[t]), batch_sizes[t]
+            self.steps.append((off, bs))
+            b = np.arange(bs)
+            prev[off : off + bs] = np.where(b < last_bs, last_off + b, -1 - b)
+            last_off, last_bs = off, bs
+        self.prev = prev
+        self.prev_t = torch.from_numpy(prev)
+
+    def gather_prev(self, init: Tensor, rows: Tensor) -> Tensor:
+        """(N, H): for every row the state it started its step from (a row of ``rows`` or ``init``)."""
+        idx = torch.where(self.prev_t >= 0, self.prev_t + init.shape[0], -1 - self.prev_t)
+        return torch.cat([init, rows]).index_select(0, idx)
+
+
+def applies(x: Tensor, p, opt) -> bool:
+    """Whether the fused path computes this direction (else the caller's pure-torch path does)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and opt.mode in ("LSTM", "GRU")
+        and opt.layer_norm
+        and not opt.normalized_cell
+        and opt.zoneout == 0.0
+        and opt.zoneout_cell == 0.0
+        and x.shape[0] > 0
+        and p.w_hh.dtype == x.dtype
+    )
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+# ---------------------------------------------------------------------------------------- LSTM
+
+
+def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
+    N, G = gx.shape
+    H = G // 4
+    B = h0.shape[0]
+    dt = gx.dtype
+    w_t = w_hh.detach().t().contiguous()  # (H, 4H)
+    hs = h0.detach().clone().contiguous()
+    cs = c0.detach().clone().contiguous()
+    out = torch.empty(N, H, dtype=dt)
+    rows = N if save else B
+    ghat = torch.empty(rows, G, dtype=dt)
+    act = torch.empty(rows, G, dtype=dt)
+    c_all = torch.empty(rows, H, dtype=dt)
+    stat = torch.empty(rows, 3, dtype=dt)
+    gh = torch.empty(B, G, dtype=dt)
+    a = [_np(t) for t in (gx.contiguous(), g1.contiguous(), b1.contiguous(), g3.contiguous(), b3.contiguous())]
+    gx_n, g1_n, b1_n, g3_n, b3_n = a
+    hs_n, cs_n, out_n, gh_n = _np(hs), _np(cs), _np(out), _np(gh)
+    ghat_n, act_n, c_n, stat_n = _np(ghat), _np(act), _np(c_all), _np(stat)
+    eps_n = gx_n.dtype.type(eps)
+    for off, bs in sched.steps:
+        torch.mm(hs[:bs], w_t, out=gh[:bs])
+        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, g3_n, b3_n, eps_n,
+                        hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
+    return out, hs, cs, (ghat, act, c_all, stat)
+
+
+class _LSTMRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx, h0, c0, w_hh, g1, b1, g3, b3, sched, eps):
+        out, hn, cn, saved = _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched, eps, True)
+        ctx.save_for_backward(h0, c0, w_hh, g1, g3, b3, out, *saved)
+        ctx.sched = sched
+        return out, hn, cn
+
+    @staticmethod
+    def backward(ctx, dout, dhn, dcn):
+        h0, c0, w_hh, g1, g3, b3, out, ghat, act, c_all, stat = ctx.saved_tensors
+        sched = ctx.sched
+        N, G = ghat.shape
+        H = G // 4
+        dt = ghat.dtype
+        B = h0.shape[0]
+        dout = dout.contiguous() if dout is not None else torch.zeros(N, H, dtype=dt)
+        dhs = dhn.clone().contiguous() if dhn is not None else torch.zeros(B, H, dtype=dt)
+        dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
+        dgx = torch.empty(N, G, dtype=dt)
+        dgh = torch.empty(N, G, dtype=dt)
+        dcn_s = torch.empty(N, H, dtype=dt)
+        dcnc_s = torch.empty(N, H, dtype=dt)
+        w = w_hh.detach().contiguous()
+        args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
+        c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
+        dgx_n, dgh_n, dcn_n, dcnc_n = _np(dgx), _np(dgh), _np(dcn_s), _np(dcnc_s)
+        for off, bs in reversed(sched.steps):
+            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, dgx_n, dgh_n, dcn_n, dcnc_n)
+            torch.mm(dgh[off : off + bs], w, out=dhs[:bs])
+        dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[3] else None
+        dg1 = torch.empty(G, dtype=dt)
+        K.colsum_prod(dgx_n, _np(ghat), _np(dg1))
+        return (dgx, dhs, dcs, dw, dg1, dgx.sum(0), dcnc_s.sum(0), dcn_s.sum(0), None, None)
+
+
+def lstm_recurrence(gx, h0, c0, p, eps, sched):
+    g1, b1, g3, b3 = p.ln_hh_w, p.ln_hh_b, p.ln_c_w, p.ln_c_b
+    tensors = (gx, h0, c0, p.w_hh, g1, b1, g3, b3)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _LSTMRecurrence.apply(gx, h0, c0, p.w_hh, g1, b1, g3, b3, sched, eps)
+    with torch.no_grad():
+        out, hn, cn, _ = _lstm_forward(gx, h0, c0, p.w_hh, g1, b1, g3, b3, sched, eps, False)
+    return out, hn, cn
+
+
+# ----------------------------------------------------------------------------------------- GRU
+
+
+def _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched: _Schedule, eps: float, save: bool):
+    N, G = gx.shape
+    H = G // 3
+    B = h0.shape[0]
+    dt = gx.dtype
+    w_t = w_hh.detach().t().contiguous()  # (H, 3H)
+    hs = h0.detach().clone().contiguous()
+    out = torch.empty(N, H, dtype=dt)
+    rows = N if save else B
+    ghat = torch.empty(rows, G, dtype=dt)
+    act = torch.empty(rows, 4 * H, dtype=dt)
+    stat = torch.empty(rows, 2, dtype=dt)
+    gh = torch.empty(B, G, dtype=dt)
+    gx_n, g1_n, b1_n, bhn_n = (_np(t.contiguous()) for t in (gx, g1, b1, bhn))
+    hs_n, out_n, gh_n = _np(hs), _np(out), _np(gh)
+    ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
+    eps_n = gx_n.dtype.type(eps)
+    for off, bs in sched.steps:
+        torch.mm(hs[:bs], w_t, out=gh[:bs])
+        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, bhn_n, eps_n, hs_n,
+                       out_n, ghat_n, act_n, stat_n)
+    return out, hs, (ghat, act, stat)
+
+
+class _GRURecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx, h0, w_hh, g1, b1, bhn, sched, eps):
+        out, hn, saved = _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched, eps, True)
+        ctx.save_for_backward(h0, w_hh, g1, out, *saved)
+        ctx.sched = sched
+        return out, hn
+
+    @staticmethod
+    def backward(ctx, dout, dhn):
+        h0, w_hh, g1, out, ghat, act, stat = ctx.saved_tensors
+        sched = ctx.sched
+        N, G = ghat.shape
+        H = G // 3
+        dt = ghat.dtype
+        B = h0.shape[0]
+        dout = dout.contiguous() if dout is not None else torch.zeros(N, H, dtype=dt)
+        dhs = dhn.clone().contiguous() if dhn is not None else torch.zeros(B, H, dtype=dt)
+        dgx = torch.empty(N, G, dtype=dt)
+        dgh = torch.empty(N, G, dtype=dt)
+        dyn = torch.empty(N, H, dtype=dt)
+        direct = torch.empty(B, H, dtype=dt)
+        w = w_hh.detach().contiguous()
+        dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
+        h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
+        dgx_n, dgh_n, dyn_n, direct_n = _np(dgx), _np(dgh), _np(dyn), _np(direct)
+        for off, bs in reversed(sched.steps):
+            K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
+                           g1_n, dgx_n, dgh_n, dyn_n, direct_n)
+            torch.addmm(direct[:bs], dgh[off : off + bs], w, out=dhs[:bs])
+        dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[2] else None
+        dg1 = torch.empty(G, dtype=dt)
+        K.colsum_prod(dgx_n[:, : 2 * H], ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
+        K.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])
+        dyn_sum = dyn.sum(0)
+        db1 = torch.cat([dgx[:, : 2 * H].sum(0), dyn_sum])
+        return (dgx, dhs, dw, dg1, db1, dyn_sum, None, None)
+
+
+def gru_recurrence(gx, h0, p, eps, sched):
+    H = h0.shape[1]
+    bhn = p.b_hh[2 * H :] if p.b_hh is not None else torch.zeros(H, dtype=gx.dtype)
+    tensors = (gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _GRURecurrence.apply(gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn, sched, eps)
+    with torch.no_grad():
+        out, hn, _ = _gru_forward(gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn, sched, eps, False)
+    return out, hn
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+def recurrence(gx, batch_sizes, h0, c0, p, opt, reverse: bool):
+    """One direction of one layer from the hoisted input part ``gx`` (N, G*H); see ``lnorm.nn.rnn``.
+
+    Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
+    """
+    sched = _Schedule(batch_sizes, reverse)
+    if opt.mode == "LSTM":
+        return lstm_recurrence(gx, h0, c0, p, opt.eps, sched)
+    out, hn = gru_recurrence(gx, h0, p, opt.eps, sched)
+    return out, hn, None
