@@ -57,6 +57,13 @@ def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_f
     return y, new_res.view(x.shape)
 
 
+def _default_rms_eps(dtype: torch.dtype) -> float:
+    # What F.rms_norm does with eps=None (its docs say finfo(input.dtype).eps, its kernels and
+    # decomposition use the eps of the compute dtype): float32's for float16/bfloat16 input.
+    # finfo(bfloat16).eps = 2**-7 would differ from torch on every row with an RMS below ~1.
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape,
@@ -74,10 +81,14 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
 ) -> Tensor:
-    """RMS norm over the trailing dims; drop-in for ``F.rms_norm`` (eps=None: ``finfo(dtype).eps``)."""
+    """RMS norm over the trailing dims; drop-in for ``F.rms_norm``.
+
+    ``eps=None`` means what it means in torch: ``torch.finfo`` of the compute dtype, so float32's
+    eps for float16/bfloat16 input (not ``finfo(input.dtype).eps``).
+    """
     V.check_input(input)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = _default_rms_eps(input.dtype)
     return _run(input, None, normalized_shape, weight, None, eps, False, False, False)
 
 
@@ -108,5 +119,5 @@ def add_rms_norm(
     """``new_residual = x + residual``; returns ``(rms_norm(new_residual), new_residual)``."""
     V.check_input(x, "x")
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = _default_rms_eps(x.dtype)
     return _run(x, residual, normalized_shape, weight, None, eps, False, residual_in_fp32, True)

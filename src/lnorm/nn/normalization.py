@@ -61,7 +61,8 @@ class RMSNorm(nn.RMSNorm):
 
     Args:
         normalized_shape: int or tuple, the trailing dims to normalize over.
-        eps: added inside the square root; ``None`` (default) means ``torch.finfo(x.dtype).eps``.
+        eps: added inside the square root; ``None`` (default) means what it means in torch:
+            ``torch.finfo`` of the compute dtype (float32's eps for float16/bfloat16 input).
         elementwise_affine: learn ``weight`` (initialised to 1). Default True.
         device, dtype: factory kwargs.
     """
