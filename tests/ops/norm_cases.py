@@ -86,7 +86,10 @@ def make_inputs(
 
 
 def default_eps(op: str, dtype: torch.dtype) -> float:
-    return 1e-5 if has_bias(op) else torch.finfo(dtype).eps
+    """torch's defaults: 1e-5 for layer norm, finfo of the compute dtype for RMS norm."""
+    if has_bias(op):
+        return 1e-5
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
 def run(
