@@ -1,0 +1,614 @@
+"""``lnorm audit TARGET``: what normalization a model uses, and what the article says about it.
+
+TARGET is ``path/to/file.py:factory`` or ``package.module:factory``; ``factory()`` (a function or
+a module class, called with no arguments) returns the ``nn.Module`` to audit. The input is random
+(``--input-shape``, the shape of one sample) or a saved tensor (``--input FILE.pt``).
+
+Findings, each with the evidence behind it and the advice that applies (claims C1-C13 of the
+product map):
+
+* normalization and recurrent layers found, with the input shape each one sees;
+* batch dependence at inference (flagged: a sample's prediction depends on its batch) and in
+  training (reported: batch norm's nature; flagged only when something else mixes samples);
+* the train/eval gap of the output, per normalization layer (flagged above ``--gap-tol``);
+* batch norm layers that will see small batches (flagged below ``--small-batch`` samples);
+* recurrent layers without normalization (flagged); batch norm next to attention (flagged);
+* the per-layer gradient scale, flagged when it spans more than ``--grad-ratio``;
+* norm gains that are not 1 or biases that are not 0 (reported).
+
+Exit status: 0 nothing flagged, 1 something flagged, 2 usage or loading error (bad TARGET, a
+file that fails to import, a factory that is missing or returns something else, an input the
+model rejects). Errors are one paragraph; ``--debug`` shows the traceback.
+
+``audit_model(model, x)`` is the same audit as a function returning plain data;
+``format_report`` turns that into the text the CLI prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lnorm.diagnostics import (
+    ActivationStats,
+    _first_tensor,
+    _ModelState,
+    _set_mode,
+    check_batch_independence,
+    is_norm_layer,
+    is_recurrent_layer,
+    train_eval_gap,
+)
+
+__all__ = ["AuditError", "audit_model", "format_report", "load_target", "register", "run"]
+
+
+class AuditError(Exception):
+    """A usage or loading problem: printed as one paragraph, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_target(target: str) -> nn.Module:
+    """``path/to/file.py:factory`` or ``package.module:factory`` -> the module ``factory()`` returns."""
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr:
+        raise AuditError(f"TARGET must be path/to/file.py:factory or package.module:factory, got {target!r}")
+    is_file = where.endswith(".py") or os.sep in where or "/" in where
+    if is_file:
+        path = Path(where)
+        if not path.is_file():
+            raise AuditError(f"no such file: {where!r} (from TARGET {target!r})")
+        name = f"_lnorm_audit_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look modules up by name
+        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise AuditError(f"importing {where} failed: {_describe(exc)}") from exc
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise AuditError(f"importing module {where!r} failed: {_describe(exc)}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        candidates = sorted(n for n, v in vars(module).items()
+                            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        raise AuditError(f"{where} has no {attr!r}; callables defined there: {', '.join(candidates) or 'none'}")
+    if isinstance(factory, nn.Module):
+        model = factory
+    elif callable(factory):
+        try:
+            model = factory()
+        except Exception as exc:
+            raise AuditError(f"calling {attr}() from {where} failed: {_describe(exc)}") from exc
+    else:
+        raise AuditError(f"{where}:{attr} is a {type(factory).__name__}, not a callable returning an nn.Module")
+    if not isinstance(model, nn.Module):
+        raise AuditError(f"{attr}() from {where} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return " ".join(text.split())  # one paragraph
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise AuditError(f"--input-shape must be comma-separated positive ints, the shape of one sample "
+                         f"without the batch dim (e.g. 3,32,32), got {text!r}")
+    return shape
+
+
+def make_input(args) -> Tensor:
+    g = torch.Generator().manual_seed(args.seed)
+    if args.input is not None:
+        try:
+            x = torch.load(args.input, weights_only=True)
+        except Exception as exc:
+            raise AuditError(f"could not load --input {args.input!r}: {_describe(exc)}") from exc
+        if not isinstance(x, Tensor):
+            raise AuditError(f"--input {args.input!r} must hold a single tensor (a batch), got {type(x).__name__}")
+        if x.dim() == 0:
+            raise AuditError(f"--input {args.input!r} holds a scalar; it must be a batch with the batch dim "
+                             f"at --batch-dim {args.batch_dim}")
+        if args.batch_size is not None:
+            if x.shape[args.batch_dim] < args.batch_size:
+                raise AuditError(f"--input holds {x.shape[args.batch_dim]} samples, fewer than "
+                                 f"--batch-size {args.batch_size}")
+            x = x.narrow(args.batch_dim, 0, args.batch_size)
+        return x
+    if args.input_shape is None:
+        raise AuditError("give the input: --input-shape (the shape of one sample, e.g. 3,32,32) or "
+                         "--input FILE.pt (a saved batch)")
+    shape = list(parse_shape(args.input_shape))
+    B = args.batch_size if args.batch_size is not None else 32
+    shape.insert(args.batch_dim if args.batch_dim >= 0 else len(shape) + 1 + args.batch_dim, B)
+    if args.int_high is not None:
+        return torch.randint(0, args.int_high, shape, generator=g)
+    return torch.randn(shape, generator=g)
+
+
+# --------------------------------------------------------------------------------------------
+# the audit
+# --------------------------------------------------------------------------------------------
+
+_ADVICE = {
+    "C2": "Batch norm normalizes with the batch's statistics in training and with running averages "
+          "in evaluation, so the two modes compute different functions; layer norm computes the "
+          "same thing in both. Keep batch norm and evaluate only after the running statistics have "
+          "settled on real data, or convert: lnorm.convert.convert_norms(model, target='layer') "
+          "(or 'group' in CNNs).",
+    "C1": "An output that depends on the other samples of the batch makes inference results depend "
+          "on how requests are batched. Find the module named in the evidence: per-sample "
+          "normalization (layer, group, RMS norm) never does this.",
+    "C3": "Batch norm's statistics are noisy with small batches and it cannot train at batch size "
+          "1; layer norm works at any batch size. Train with larger batches or convert: "
+          "convert_norms(model, target='layer') (MLPs, sequences) or target='group' (CNNs).",
+    "C4": "Recurrent nets benefit from layer normalization: it stabilizes the hidden-state "
+          "dynamics and speeds up convergence (Ba et al. 2016). Convert with "
+          "lnorm.convert.lstm_to_layernorm(model) (weights kept; LN starts at gain 1, bias 0).",
+    "C5": "Transformers want layer norm: batch norm is rarely used there and works poorly with "
+          "attention over variable-length, padded batches. convert_norms(model, target='layer').",
+    "C6": "In feed-forward nets batch norm is often as good as or better than layer norm at normal "
+          "batch sizes; prefer layer norm when batches are small or vary.",
+    "C7": "In CNNs batch norm usually beats layer norm at normal batch sizes; layer norm still beats "
+          "no normalization. With small batches use group norm: convert_norms(model, target='group').",
+    "C9": "Layer normalization speeds up convergence and helps generalization compared with no "
+          "normalization, in recurrent nets and transformers most of all.",
+    "C10": "The article's default is gain 1 and bias 0 at initialisation. If this is a freshly built "
+           "model, a gain that is not 1 (or a bias that is not 0) is a deliberate choice; check it.",
+    "C11": "Layer-normalized nets may want a higher learning rate than the unnormalized net.",
+    "C13": "Normalization keeps gradients well scaled in deep nets. Gradient scales that span orders "
+           "of magnitude across layers mean vanishing or exploding gradients: add layer norm "
+           "between the layers, or check the initialisation.",
+}
+
+
+def _norm_kind(m: nn.Module) -> str:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "batch"
+    if isinstance(m, nn.GroupNorm):
+        return "layer" if m.num_groups == 1 else "group"
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return "instance"
+    if isinstance(m, nn.LayerNorm):
+        return "layer"
+    if is_norm_layer(m) and "RMS" in type(m).__name__:
+        return "rms"
+    return "other"
+
+
+def _rnn_normalized(m: nn.Module) -> bool:
+    return not isinstance(m, nn.RNNBase) and bool(getattr(m, "layer_norm", False))
+
+
+def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = {}
+
+    def hook(mod, args):
+        t = _first_tensor(args)
+        if t is not None and modules[mod] not in seen:
+            seen[modules[mod]] = list(t.shape)
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    state = _ModelState(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        state.restore()
+        for h in handles:
+            h.remove()
+    seen["<output>"] = list(_first_tensor(out).shape) if _first_tensor(out) is not None else []
+    return seen
+
+
+def _finding(fid: str, level: str, title: str, summary: str, evidence: dict, claims=()) -> dict:
+    return {"id": fid, "level": level, "title": title, "summary": summary, "evidence": evidence,
+            "claims": list(claims), "advice": [f"({c}) {_ADVICE[c]}" for c in claims]}
+
+
+def _gradient_scale(model: nn.Module, x: Tensor, seed: int) -> dict[str, dict]:
+    """Per layer: ||dL/dW|| / ||W|| over its weights (a scale comparable across layer sizes) and
+    the RMS of dL/d(output), for a loss whose gradient at the model output is N(0, 1)."""
+    # embeddings are lookup tables: their relative gradient follows token counts, not depth
+    layers = [(n or "<model>", m) for n, m in model.named_modules()
+              if not is_norm_layer(m) and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    params = [p for _, m in layers for p in m.parameters(recurse=False) if p.requires_grad]
+    if not params:
+        return {}
+    state = _ModelState(model)
+    try:
+        _set_mode(model, "train")
+        with ActivationStats(model, modules=[n if n != "<model>" else "" for n, _ in layers]) as stats:
+            out = _first_tensor(model(x))
+            if out is None or not out.requires_grad:
+                return {}
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+            # autograd.grad, not backward(): the model's .grad fields stay untouched
+            grads = torch.autograd.grad(out, params, grad_outputs=g, allow_unused=True)
+    finally:
+        state.restore()
+    by_param = dict(zip(map(id, params), grads, strict=True))
+    act = stats.summary()
+    rows = {}
+    for name, m in layers:
+        ps = [p for pn, p in m.named_parameters(recurse=False) if p.requires_grad and not pn.startswith(("bias", "ln_"))]
+        gs = [by_param[id(p)] for p in ps]
+        w_norm = math.sqrt(sum(p.detach().double().square().sum().item() for p in ps))
+        g_norm = math.sqrt(sum(0.0 if gr is None else gr.double().square().sum().item() for gr in gs))
+        row = {"type": type(m).__name__, "weight_norm": w_norm, "grad_norm": g_norm,
+               "relative_grad": g_norm / w_norm if w_norm > 0 else math.nan}
+        s = act.get(name if name != "<model>" else "", {})
+        if "grad_rms" in s:
+            row["output_grad_rms"] = s["grad_rms"]
+        if "time" in s and s["time"].get("grad_rms"):
+            steps = s["time"]["grad_rms"]
+            row["output_grad_rms_first_step"], row["output_grad_rms_last_step"] = steps[0], steps[-1]
+        rows[name] = row
+    return rows
+
+
+def audit_model(model: nn.Module, x: Tensor, *, batch_dim: int = 0, small_batch: int = 16,
+                gap_tol: float = 0.01, grad_ratio: float = 100.0, seed: int = 0) -> dict:
+    """Audit ``model`` on the batch ``x``; returns plain data (the CLI's ``--json`` output).
+
+    ``x``'s batch size stands for the batch size you train with (it decides the small-batch
+    finding). The model is left as it was: modes, buffers and ``.grad`` are untouched.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2))
+        >>> result = audit_model(model, torch.randn(32, 8))
+        >>> result["flagged"], [f["id"] for f in result["findings"] if f["level"] == "flag"]
+        (False, [])
+    """
+    named = list(model.named_modules())
+    norms = [(n or "<model>", m) for n, m in named if is_norm_layer(m)]
+    rnns = [(n or "<model>", m) for n, m in named if is_recurrent_layer(m)]
+    watch = {m: n for n, m in norms + rnns}
+    shapes = _watch_shapes(model, x, watch)
+    B = x.shape[batch_dim]
+    findings: list[dict] = []
+    n_params = sum(p.numel() for p in model.parameters())
+
+    norm_rows = []
+    for n, m in norms:
+        row = {"name": n, "type": type(m).__name__, "kind": _norm_kind(m), "input_shape": shapes.get(n)}
+        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+        row["gain_is_1"] = None if w is None else bool(torch.all(w == 1))
+        row["bias_is_0"] = None if b is None else bool(torch.all(b == 0))
+        norm_rows.append(row)
+    rnn_rows = [{"name": n, "type": type(m).__name__, "normalized": _rnn_normalized(m),
+                 "input_shape": shapes.get(n)} for n, m in rnns]
+    kinds = {r["kind"] for r in norm_rows}
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for _, m in named)
+    has_attention = any(isinstance(m, nn.MultiheadAttention) for _, m in named)
+    bns = [r for r in norm_rows if r["kind"] == "batch"]
+
+    # --- batch dependence -----------------------------------------------------------------
+    probe_x = x
+    if B < 4:  # the probes need two halves of two samples
+        reps = [x] * math.ceil(4 / B)
+        probe_x = torch.cat(reps, batch_dim).narrow(batch_dim, 0, 4)
+    for mode in ("eval", "train"):
+        r = check_batch_independence(model, probe_x, batch_dim=batch_dim, mode=mode, seed=seed)
+        evidence = {"mode": mode, "batch_size": r.batch_size, "max_relative_change": r.max_relative_change,
+                    "max_change": r.max_change, "probes": r.probes,
+                    "sources": [{"name": s.name, "type": s.type, "relative_change": s.output_relative}
+                                for s in r.sources], "errors": r.errors}
+        names = ", ".join(f"{s.name} ({s.type})" for s in r.sources) or "no single module"
+        if r.independent:
+            findings.append(_finding(f"batch-independence-{mode}", "ok",
+                                     f"batch independence ({mode} mode)",
+                                     f"no sample's output moved when the rest of the batch changed "
+                                     f"(largest relative change {r.max_relative_change:.1e})", evidence))
+            continue
+        only_bn = r.sources and all(s.type.startswith(("BatchNorm", "ChannelBatchNorm", "MaskedBatchNorm",
+                                                       "SyncBatchNorm")) for s in r.sources)
+        if mode == "eval":
+            level, claims = "flag", ("C1",)
+            summary = (f"at inference a sample's output depends on the rest of its batch: largest "
+                       f"relative change {r.max_relative_change:.3g}, caused by {names}")
+        elif only_bn:
+            level, claims = "info", ()
+            summary = (f"in training, outputs depend on the batch through batch norm ({names}): "
+                       f"largest relative change {r.max_relative_change:.3g}; expected of batch norm")
+        else:
+            level, claims = "flag", ("C1",)
+            summary = (f"in training a sample's output depends on the rest of its batch through "
+                       f"{names}: largest relative change {r.max_relative_change:.3g}")
+        if r.errors:
+            summary += "; the model failed on part of the batch: " + "; ".join(
+                f"{k}: {v}" for k, v in r.errors.items())
+        findings.append(_finding(f"batch-dependence-{mode}", level, f"batch dependence ({mode} mode)",
+                                 summary, evidence, claims))
+
+    # --- train / eval gap -----------------------------------------------------------------
+    gap = train_eval_gap(model, x)
+    evidence = {"relative_gap": gap.relative_gap, "max_gap": gap.max_gap, "tolerance": gap_tol,
+                "layers": [{"name": g.name, "type": g.type, "input_gap": g.input_gap,
+                            "output_gap": g.output_gap, "output_relative": g.output_relative}
+                           for g in gap.layers]}
+    if gap.relative_gap > gap_tol:
+        starts = [g.name for g in gap.layers if g.output_relative > gap_tol and g.input_relative <= gap_tol]
+        summary = (f"train and eval mode outputs differ by {gap.relative_gap:.1%} of the output's "
+                   f"largest value (max abs {gap.max_gap:.3g})"
+                   + (f"; the gap starts at {', '.join(starts)}" if starts else ""))
+        findings.append(_finding("train-eval-gap", "flag", "train/eval gap", summary, evidence, ("C2",)))
+    else:
+        findings.append(_finding("train-eval-gap", "ok", "train/eval gap",
+                                 f"train and eval mode agree (relative gap {gap.relative_gap:.1e})", evidence))
+
+    # --- small batches --------------------------------------------------------------------
+    if bns:
+        rows = []
+        for r in bns:
+            shape = r["input_shape"] or []
+            per_channel = B * (math.prod(shape[2:]) if len(shape) > 2 and r["type"] != "MaskedBatchNorm"
+                               else math.prod(shape[1:-1]) if r["type"] == "MaskedBatchNorm" and len(shape) > 2 else 1)
+            rows.append({"name": r["name"], "type": r["type"], "input_shape": shape,
+                         "values_per_channel": per_channel})
+        evidence = {"batch_size": B, "threshold": small_batch, "layers": rows}
+        if B < small_batch:
+            worst = min(rows, key=lambda x: x["values_per_channel"])
+            summary = (f"{len(rows)} batch norm layer(s) will see batches of {B} samples (below "
+                       f"{small_batch}); the fewest values per channel: {worst['values_per_channel']} at "
+                       f"{worst['name']}")
+            if any(x["values_per_channel"] <= 1 for x in rows):
+                summary += "; with one value per channel batch norm cannot train at all"
+            findings.append(_finding("small-batch", "flag", "batch norm with small batches", summary,
+                                     evidence, ("C3",)))
+        else:
+            findings.append(_finding("small-batch", "ok", "batch norm with small batches",
+                                     f"batch size {B} >= {small_batch} for {len(rows)} batch norm layer(s)",
+                                     evidence))
+
+    # --- recurrent layers -------------------------------------------------------------------
+    plain = [r for r in rnn_rows if not r["normalized"]]
+    if plain:
+        findings.append(_finding("rnn-without-norm", "flag", "recurrent layers without normalization",
+                                 f"{len(plain)} recurrent layer(s) without layer norm: "
+                                 + ", ".join(f"{r['name']} ({r['type']})" for r in plain),
+                                 {"layers": plain}, ("C4",)))
+    elif rnn_rows:
+        findings.append(_finding("rnn-without-norm", "ok", "recurrent layers without normalization",
+                                 f"all {len(rnn_rows)} recurrent layer(s) are layer-normalized", {"layers": rnn_rows}))
+
+    # --- batch norm next to attention -------------------------------------------------------
+    if has_attention and bns:
+        findings.append(_finding("bn-in-transformer", "flag", "batch norm in an attention model",
+                                 f"{len(bns)} batch norm layer(s) in a model with attention: "
+                                 + ", ".join(r["name"] for r in bns),
+                                 {"layers": [r["name"] for r in bns]}, ("C5",)))
+
+    # --- gradient scale ---------------------------------------------------------------------
+    grads = _gradient_scale(model, x, seed)
+    positive = {n: r["relative_grad"] for n, r in grads.items()
+                if r["relative_grad"] > 0 and math.isfinite(r["relative_grad"])}
+    if positive:
+        hi, lo = max(positive, key=positive.get), min(positive, key=positive.get)
+        ratio = positive[hi] / positive[lo]
+        evidence = {"ratio": ratio, "threshold": grad_ratio, "largest": hi, "smallest": lo, "layers": grads,
+                    "zero_gradient": sorted(set(grads) - set(positive))}
+        summary = (f"the weight gradient relative to the weight, ||dL/dW|| / ||W||, spans {ratio:.3g}x "
+                   f"across layers, from {positive[lo]:.3g} at {lo} to {positive[hi]:.3g} at {hi} "
+                   "(loss whose gradient at the output is N(0, 1))")
+        level = "flag" if ratio > grad_ratio else "ok"
+        findings.append(_finding("gradient-scale", level, "per-layer gradient scale", summary, evidence,
+                                 ("C13",) if level == "flag" else ()))
+
+    # --- initialisation -------------------------------------------------------------------
+    off = [r["name"] for r in norm_rows if r["gain_is_1"] is False or r["bias_is_0"] is False]
+    if off:
+        findings.append(_finding("norm-init", "info", "norm gains and biases",
+                                 f"{len(off)} of {len(norm_rows)} norm layer(s) have a gain that is not 1 or a "
+                                 f"bias that is not 0: {', '.join(off[:8])}" + (" ..." if len(off) > 8 else ""),
+                                 {"layers": off}, ("C10",)))
+
+    # --- architecture advice -----------------------------------------------------------------
+    advice_claims = []
+    if has_conv and not rnn_rows and not has_attention:
+        advice_claims.append("C7")
+    elif not has_conv and not rnn_rows and not has_attention and "batch" in kinds:
+        advice_claims.append("C6")
+    if not norm_rows and not any(r["normalized"] for r in rnn_rows):
+        advice_claims.append("C9")
+    if "layer" in kinds or any(r["normalized"] for r in rnn_rows):
+        advice_claims.append("C11")
+    if advice_claims:
+        arch = ("CNN" if has_conv else "transformer" if has_attention else "recurrent" if rnn_rows else "feed-forward")
+        findings.append(_finding("architecture", "info", "advice for this architecture",
+                                 f"a {arch} model with normalization: {', '.join(sorted(kinds)) or 'none'}",
+                                 {"architecture": arch, "norm_kinds": sorted(kinds)}, advice_claims))
+
+    flagged = [f["id"] for f in findings if f["level"] == "flag"]
+    return {
+        "model": type(model).__name__, "parameters": n_params, "input_shape": list(x.shape),
+        "input_dtype": str(x.dtype).replace("torch.", ""), "output_shape": shapes.get("<output>"),
+        "batch_size": B, "norm_layers": norm_rows, "recurrent_layers": rnn_rows,
+        "findings": findings, "flagged": bool(flagged), "flagged_ids": flagged,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def format_report(result: dict, target: str = "") -> str:
+    """The human-readable report of :func:`audit_model`'s result."""
+    out = []
+    out.append(f"lnorm audit {target}".rstrip())
+    out.append(f"model {result['model']} ({result['parameters']:,} parameters), input "
+               f"{result['input_shape']} {result['input_dtype']} -> output {result['output_shape']}")
+    out.append("")
+    out.append(f"normalization layers ({len(result['norm_layers'])})")
+    for r in result["norm_layers"]:
+        out.append(f"  {r['name']:<24} {r['type']:<18} {r['kind']:<9} input {r['input_shape']}")
+    if not result["norm_layers"]:
+        out.append("  none")
+    out.append(f"recurrent layers ({len(result['recurrent_layers'])})")
+    for r in result["recurrent_layers"]:
+        out.append(f"  {r['name']:<24} {r['type']:<18} {'layer-normalized' if r['normalized'] else 'no normalization'}"
+                   f"  input {r['input_shape']}")
+    if not result["recurrent_layers"]:
+        out.append("  none")
+    out.append("")
+    tags = {"flag": "FLAG", "info": "info", "ok": "ok  "}
+    for f in result["findings"]:
+        out.append(f"{tags[f['level']]}  {f['title']}" + (f"  [{', '.join(f['claims'])}]" if f["claims"] else ""))
+        out.append(f"      {f['summary']}")
+        ev = f["evidence"]
+        if f["id"] == "train-eval-gap" and f["level"] == "flag":
+            out.append(f"      {'layer':<24} {'type':<18} {'input gap':>10} {'output gap':>11}")
+            for g in ev["layers"]:
+                out.append(f"      {g['name']:<24} {g['type']:<18} {g['input_gap']:>10.3g} {g['output_gap']:>11.3g}")
+        if f["id"].startswith("batch-dependence") and ev["probes"]:
+            out.append("      relative change per probe: " + ", ".join(f"{k} {v:.2g}" for k, v in ev["probes"].items()))
+        if f["id"] == "small-batch" and f["level"] == "flag":
+            for r in ev["layers"]:
+                out.append(f"      {r['name']:<24} input {r['input_shape']}, {r['values_per_channel']} values per channel")
+        if f["id"] == "gradient-scale":
+            out.append(f"      {'layer':<24} {'type':<18} {'|dW|/|W|':>10} {'|dW|':>9} {'dL/dy RMS':>10}")
+            for name, r in ev["layers"].items():
+                out.append(f"      {name:<24} {r['type'][:18]:<18} {r['relative_grad']:>10.3g} {r['grad_norm']:>9.3g} "
+                           f"{r.get('output_grad_rms', math.nan):>10.3g}")
+        for a in f["advice"]:
+            out.append(f"      advice {a}")
+    out.append("")
+    if result["flagged"]:
+        out.append(f"{len(result['flagged_ids'])} finding(s) flagged: {', '.join(result['flagged_ids'])} (exit status 1)")
+    else:
+        out.append("nothing flagged (exit status 0)")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit", help="audit a model's normalization: batch dependence, train/eval gap, gradients, advice",
+        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
+        epilog="exit status: 0 nothing flagged, 1 something flagged, 2 usage or loading error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="TARGET", help="path/to/file.py:factory or package.module:factory; "
+                   "factory() returns the nn.Module")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input-shape", metavar="SHAPE",
+                     help="shape of ONE sample without the batch dim, comma-separated (e.g. 3,32,32); "
+                          "inputs are drawn from N(0, 1)")
+    src.add_argument("--input", metavar="FILE.pt", help="a saved tensor holding a batch of inputs (torch.save)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the batch size you train with, in samples (default 32; with --input, the file's "
+                        "first samples)")
+    p.add_argument("--batch-dim", type=int, default=0,
+                   help="the input's batch dim (1 for nn.LSTM without batch_first); default 0")
+    p.add_argument("--int-high", type=int, default=None, metavar="N",
+                   help="draw integer inputs in [0, N) (token ids for an embedding) instead of floats")
+    p.add_argument("--small-batch", type=int, default=16,
+                   help="flag batch norm when the batch size is below this many samples (default 16)")
+    p.add_argument("--gap-tol", type=float, default=0.01,
+                   help="flag a train/eval output gap above this fraction of the output's max abs value "
+                        "(default 0.01)")
+    p.add_argument("--grad-ratio", type=float, default=100.0,
+                   help="flag when per-layer gradient RMS spans more than this factor (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random input and probes")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise AuditError(f"--batch-size must be a positive number of samples, got {args.batch_size}")
+    if args.int_high is not None and args.int_high < 1:
+        raise AuditError(f"--int-high must be a positive int, got {args.int_high}")
+    if args.small_batch < 1:
+        raise AuditError(f"--small-batch must be a positive number of samples, got {args.small_batch}")
+    if not args.gap_tol >= 0:
+        raise AuditError(f"--gap-tol must be >= 0, got {args.gap_tol}")
+    if not args.grad_ratio >= 1:
+        raise AuditError(f"--grad-ratio must be >= 1, got {args.grad_ratio}")
+
+
+def run(args) -> int:
+    try:
+        _check_args(args)
+        model = load_target(args.target)
+        x = make_input(args)
+        if not -x.dim() <= args.batch_dim < x.dim():
+            raise AuditError(f"--batch-dim {args.batch_dim} is out of range for an input of shape {list(x.shape)}")
+        args.batch_dim %= x.dim()
+        state = _ModelState(model)
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        except Exception as exc:
+            raise AuditError(
+                f"the model rejected an input of shape {list(x.shape)} ({str(x.dtype).replace('torch.', '')}): "
+                f"{_describe(exc)}. --input-shape is the shape of one sample without the batch dim; "
+                "use --int-high for token ids, --batch-dim for time-first sequences") from exc
+        finally:
+            state.restore()
+        result = audit_model(model, x, batch_dim=args.batch_dim, small_batch=args.small_batch,
+                             gap_tol=args.gap_tol, grad_ratio=args.grad_ratio, seed=args.seed)
+    except AuditError as exc:
+        if args.debug:
+            traceback.print_exception(exc.__cause__ or exc)
+        print(f"lnorm audit: error: {exc}" + ("" if args.debug else " (run with --debug for the traceback)"),
+              file=sys.stderr)
+        return 2
+    result["target"] = args.target
+    if args.json:
+        print(json.dumps(_finite(result), indent=2, allow_nan=False))
+    else:
+        print(format_report(result, args.target))
+    return 1 if result["flagged"] else 0
+
+
+def _finite(v):
+    """Strict JSON: an infinite or NaN float (a probe that could not run) becomes a string."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
