@@ -31,9 +31,10 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 
 def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_fp32, with_residual):
-    x = V.check_input(x)
+    x_name = "x" if with_residual else "input"  # the argument's name in the public signature
+    x = V.check_input(x, x_name)
     shape = V.normalized_shape_tuple(normalized_shape)
-    V.check_matches_shape(x, shape)
+    V.check_matches_shape(x, shape, x_name)
     weight = V.check_param(weight, x, shape, "weight")
     bias = V.check_param(bias, x, shape, "bias")
     eps = V.check_eps(eps)
