@@ -2,7 +2,8 @@
 
 Notation: R rows, H normalized features per row (the trailing dims flattened). ``center=True`` is
 layer norm (subtract the row mean), ``center=False`` is RMS norm. Statistics are two-pass (mean,
-then the variance of ``x - mean``), so large offsets such as ``1e4 + noise`` stay accurate.
+shifted by the row's first value, then the variance of ``x - mean``), so constant rows and large
+offsets such as ``1e4 + noise`` stay accurate.
 Accumulators take the array's dtype: float32 for float32 data, float64 for float64 data.
 
 These kernels know nothing of autograd or torch; ``lnorm.ops.norm`` launches them.
@@ -35,9 +36,13 @@ def norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragm
             src = x[i]
         mu = src[0] * 0
         if center:
+            # Shifted by the row's first value: a constant row sums to exactly 0 and gets
+            # mean == its value (so the output is exactly the bias), and offsets such as
+            # 1e4 + noise lose no digits to the sum.
+            shift = src[0]
             for j in range(H):
-                mu += src[j]
-            mean[i] = mu * inv_h
+                mu += src[j] - shift
+            mean[i] = shift + mu * inv_h
             mu = mean[i]
         var = src[0] * 0
         for j in range(H):

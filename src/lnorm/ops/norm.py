@@ -51,6 +51,13 @@ def _fwd_numba(x, residual, weight, bias, eps, center, res_dtype):
 
     R, H = x.shape
     cdt = _compute_dtype(x.dtype)
+    if residual is not None and res_dtype != cdt:
+        # A half-precision residual stream: the sum is rounded to res_dtype before it is
+        # normalized (as torch's `x + r` then the norm), so statistics and the saved new residual
+        # agree. Only the float32/float64 streams take the fused add.
+        res_out = (x.to(res_dtype) + residual.to(res_dtype)).contiguous()
+        y, _, mean, rstd = _fwd_numba(res_out, None, weight, bias, eps, center, res_dtype)
+        return y.to(x.dtype), res_out, mean, rstd
     xc = x.to(cdt).contiguous()
     rc = residual.to(cdt).contiguous() if residual is not None else torch.empty(0, H, dtype=cdt)
     w = weight.to(cdt).contiguous() if weight is not None else torch.ones(H, dtype=cdt)
@@ -105,9 +112,12 @@ def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
         src = x
         res_out = torch.empty(0, dtype=res_dtype, device=x.device)
     if center:
-        w = weight.to(src.dtype) if weight is not None and src.dtype == torch.float64 else weight
-        b = bias.to(src.dtype) if bias is not None and src.dtype == torch.float64 else bias
-        y, mean, rstd = torch.native_layer_norm(src, [H], w, b, eps)
+        # torch's kernel is inexact on half-precision constant rows of large magnitude: normalize
+        # half types in float32, and give the kernel parameters of the data's dtype.
+        s = src.to(cdt) if src.dtype in (torch.float16, torch.bfloat16) else src
+        w = weight.to(s.dtype) if weight is not None else None
+        b = bias.to(s.dtype) if bias is not None else None
+        y, mean, rstd = torch.native_layer_norm(s, [H], w, b, eps)
         y = y.to(x.dtype)
         mean, rstd = mean.reshape(R).to(cdt), rstd.reshape(R).to(cdt)
     else:
