@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--suite", default="quick", help="smoke (seconds, CI), quick (~10 min), full (hours); default quick")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: smoke 1, quick 3, full 5)")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes for independent runs (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1: the lab's models are small, and on a shared 2-core "
+                        "machine two threads per step were measured 7x slower than one; use --jobs for parallelism)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/lab-SUITE)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device (default cpu)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -81,7 +84,7 @@ def cmd_run(args) -> int:
         t0 = time.perf_counter()
         out, counts = runner.run(names, suite=args.suite, seeds=args.seeds, jobs=args.jobs, out=out,
                                  device=args.device, sets=args.sets, progress=not args.no_progress,
-                                 backend=args.backend)
+                                 backend=args.backend, threads=args.threads)
     except ValueError as exc:
         print(f"lnorm lab run: error: {exc}", file=sys.stderr)
         return 2

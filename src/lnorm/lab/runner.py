@@ -256,7 +256,7 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
 # the whole run
 
 def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
-        sets: list[str] | None, progress: bool = True, backend: str = "torch", log=print) -> tuple[Path, dict]:
+        sets: list[str] | None, progress: bool = True, backend: str = "torch", threads: int = 1, log=print) -> tuple[Path, dict]:
     """Run the selected experiments into ``out``, skipping finished units. Returns (out, counts)."""
     C.check_suite(suite)
     if jobs < 1:
@@ -270,8 +270,8 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
     names = with_requirements(names)
     cfgs = resolve_all(names, suite, sets)
     seeds = seeds or C.DEFAULT_SEEDS[suite]
-    cpu = os.cpu_count() or 1
-    threads = max(1, cpu // jobs)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     conf = {"suite": suite, "seeds": seeds, "experiments": names, "device": device, "jobs": jobs, "backend": backend,

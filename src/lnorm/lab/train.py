@@ -54,6 +54,13 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
+def _point(ctx, curve, step, loss, acc):
+    ctx.log(step=step, loss=loss, test_acc=acc)
+    curve["curve_step"].append(step)
+    curve["curve_loss"].append(loss)
+    curve["curve_acc"].append(acc)
+
+
 def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int, lr: float,
                      optimizer: str = "adam", eval_every: int = 0, device: str = "cpu",
                      on_step=None) -> dict:
@@ -72,6 +79,7 @@ def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int
     per_epoch = max(1, n // batch_size)
     perm = torch.randperm(n, device=device)
     losses, step_times = [], []
+    curve = {"curve_step": [], "curve_acc": [], "curve_loss": []}
     last_loss = math.nan
     for step in ctx.steps(steps):
         j = step % per_epoch
@@ -94,10 +102,10 @@ def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int
         if on_step is not None:
             on_step(step)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            ctx.log(step=step + 1, loss=float(np.mean(losses[-eval_every:])), test_acc=accuracy(model, Xte, yte))
+            _point(ctx, curve, step + 1, float(np.mean(losses[-eval_every:])), accuracy(model, Xte, yte))
     acc = accuracy(model, Xte, yte)
-    ctx.log(step=steps, loss=float(np.mean(losses[-max(1, eval_every or 50):])), test_acc=acc)
-    return {
+    _point(ctx, curve, steps, float(np.mean(losses[-max(1, eval_every or 50):])), acc)
+    return {**curve,
         "test_acc": acc,
         "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
         "ms_per_step": 1000 * float(np.median(step_times)),

@@ -35,6 +35,14 @@ from types import ModuleType
 # name -> module; the order is the report's order. New experiments join with one line.
 EXPERIMENTS: dict[str, str] = {
     "e1": "lnorm.lab.experiments.e1_batch_size",
+    "e2": "lnorm.lab.experiments.e2_train_eval",
+    "e3": "lnorm.lab.experiments.e3_rnn",
+    "e4": "lnorm.lab.experiments.e4_transformer",
+    "e5": "lnorm.lab.experiments.e5_cnn",
+    "e6": "lnorm.lab.experiments.e6_overhead",
+    "e7": "lnorm.lab.experiments.e7_practice",
+    "e8": "lnorm.lab.experiments.e8_gradient_scale",
+    "sanity": "lnorm.lab.experiments.sanity",
 }
 
 
