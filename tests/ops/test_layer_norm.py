@@ -64,8 +64,7 @@ def test_non_contiguous_input(backend, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_constant_rows_give_bias(backend, dtype):
-    # large constants are test_constant_rows_of_large_magnitude_give_bias (known failures)
-    for H in (1, 5, 256):
+    for H in (1, 5, 7, 256):
         for value in (0.0, -0.1, 1 / 3, 3.7):
             x = torch.full((3, 2, H), value, dtype=dtype, requires_grad=True)
             w = torch.randn(H, dtype=dtype).requires_grad_()
@@ -79,26 +78,13 @@ def test_constant_rows_give_bias(backend, dtype):
                 assert torch.isfinite(t.grad).all(), f"H={H} row of {value}: grad of {name}: {t.grad}"
 
 
-# Known failures (lnorm/ops, the lead's files): a constant row c gives bias + (c - mean) / sqrt(eps),
-# so a mean off by one ulp of c shows up 316x larger. The Numba kernel's mean, sum * (1/H), is
-# not c for many (H, c) (float32: H=7, c=3.7 gives |y - b| = 1.6e-4, c=12345.678 gives 0.295);
-# the torch backend's half path (torch.native_layer_norm on bf16/f16) is off even at H=1.
-_NUMBA_MEAN = "numba kernel: the mean sum*(1/H) of a constant row is not the constant"
-_TORCH_HALF = "torch backend: native_layer_norm on bf16/f16 input is off for constant |c| ~ 1e3"
-_CONST_BUG = {
-    ("numba", torch.float64): _NUMBA_MEAN,  # off by ~3e-10, where torch is exact
-    ("numba", torch.float32): _NUMBA_MEAN,
-    ("numba", torch.bfloat16): _NUMBA_MEAN,
-    ("numba", torch.float16): _NUMBA_MEAN,
-    ("torch", torch.bfloat16): _TORCH_HALF,
-    ("torch", torch.float16): _TORCH_HALF,
-}
-
-
+# Regression: a constant row c gives bias + (c - mean) * rstd with rstd = 1/sqrt(eps) = 316, so a
+# mean off by one ulp of c shows up 316x larger. The Numba kernel's mean sum * (1/H) was not c
+# for many (H, c) (float32: H=7, c=3.7 gave |y - b| = 1.6e-4, c=12345.678 gave 0.295; 12% of
+# constants ~1e4 off by > 1e-2), and the torch backend's half path (native_layer_norm on
+# bf16/f16) was off by ~0.07 even at H=1; torch's float32 kernel is exact here.
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_constant_rows_of_large_magnitude_give_bias(request, backend, dtype):
-    if (backend, dtype) in _CONST_BUG:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_CONST_BUG[(backend, dtype)]))
+def test_constant_rows_of_large_magnitude_give_bias(backend, dtype):
     g = torch.Generator().manual_seed(1)
     for H in (1, 2, 3, 5, 7, 12, 17, 33, 64):
         # 40 rows per H, each a constant drawn from N(0, 3000^2) (float16 keeps them finite)
