@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -103,3 +107,52 @@ def test_results_are_deterministic_per_seed(tmp_path):
         recs.append(json.loads(p.read_text())["result"])
     for k in ("test_acc", "final_loss", "batch_dependence"):
         assert recs[0][k] == recs[1][k], k
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_losing_finished_runs(tmp_path, monkeypatch, capsys):
+    """Kill a real `lnorm lab run` in the middle of a suite, then run the same command again."""
+    out = tmp_path / "run"
+    argv = ["run", "e1", "e2", "--suite", "smoke", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "lnorm", "lab", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(_results(out)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = _results(out)
+    assert before, "the run was killed before finishing any unit"
+    total = 6 + 2  # e1 smoke: 3 norms x 2 batch sizes; e2 smoke: 2 norms
+    assert len(before) < total, "the run finished before it could be interrupted"
+    for d in out.glob("runs/*/*"):  # a killed unit leaves no result.json, at most a temporary metrics file
+        assert (d / "result.json").exists() or not (d / "metrics.jsonl").exists()
+    mtimes = {p: os.path.getmtime(out / p) for p in before}
+    ran = []
+    real = runner.execute
+    monkeypatch.setattr(runner, "execute", lambda unit, *a, **k: (ran.append(unit.uid), real(unit, *a, **k))[1])
+    assert run_cli(*argv) == 0
+    assert len(_results(out)) == total
+    assert len(ran) == total - len(before)
+    assert all(os.path.getmtime(out / p) == t for p, t in mtimes.items())
+
+
+def test_full_smoke_suite_through_the_cli(tmp_path, capsys):
+    """Every registered experiment end to end (what CI runs), with the report and claims table."""
+    out = tmp_path / "smoke"
+    assert run_cli("run", "--suite", "smoke", "--out", str(out), "--no-progress") == 0
+    text = capsys.readouterr().out
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["experiments"] == experiments.names()
+    for name in experiments.names():
+        mod = experiments.get(name)
+        units = runner.plan(name, runner.resolve_all([name], "smoke", [])[name], 1)
+        recs = [json.loads((u.dir(out) / "result.json").read_text()) for u in units]
+        assert all(r["status"] in ("ok", "cannot_train", "diverged") for r in recs), name
+        for claim in mod.CLAIMS:
+            assert f"\n{claim} " in "\n" + text, (name, claim)
+    md = (out / "report.md").read_text()
+    assert md.index("## Claims") < md.index("## e1")
+    assert "MNIST-1D" in md and "91%" in md

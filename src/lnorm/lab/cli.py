@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "numba", "auto"),
                    help="lnorm CPU kernel backend inside the runs (default torch: the lab compares "
                         "normalizations, all on torch's kernels, not lnorm's kernels against torch's)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="processes per data-parallel run (torch.distributed, e.g. ddp); same as --set nproc=N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -83,7 +85,8 @@ def cmd_run(args) -> int:
         out = args.out or Path("runs") / f"lab-{args.suite}"
         t0 = time.perf_counter()
         out, counts = runner.run(names, suite=args.suite, seeds=args.seeds, jobs=args.jobs, out=out,
-                                 device=args.device, sets=args.sets, progress=not args.no_progress,
+                                 device=args.device, sets=args.sets + ([f"nproc={args.nproc}"] if args.nproc is not None else []),
+                                 progress=not args.no_progress,
                                  backend=args.backend, threads=args.threads)
     except ValueError as exc:
         print(f"lnorm lab run: error: {exc}", file=sys.stderr)

@@ -43,6 +43,7 @@ EXPERIMENTS: dict[str, str] = {
     "e7": "lnorm.lab.experiments.e7_practice",
     "e8": "lnorm.lab.experiments.e8_gradient_scale",
     "sanity": "lnorm.lab.experiments.sanity",
+    "ddp": "lnorm.lab.experiments.ddp",
 }
 
 

@@ -111,7 +111,7 @@ def analyze(cfg: Config, results: dict) -> dict:
     if {"batch", "layer"} <= set(cfg.norms):
         v, ev = verdict_c2(A.values(recs, "relative_gap", norm="layer"), A.values(recs, "relative_gap", norm="batch"))
         acc_gap = [a - b for a, b in zip(A.values(recs, "acc_train_mode", norm="batch"),
-                                         A.values(recs, "acc_eval_mode", norm="batch"))]
+                                         A.values(recs, "acc_eval_mode", norm="batch"), strict=True)]
         claims.append({"claim": "C2", "verdict": v, "evidence": ev + f"; BN accuracy train-eval mode {S.fmt_ci(acc_gap)}",
                        "criterion": "LN's relative train/eval output gap < 1e-4 in every seed, BN's > 1e-2."})
         v, ev = verdict_c1(A.values(recs, "batch_max_relative_change", norm="layer"),

@@ -198,8 +198,8 @@ def train_lm(cfg: Config, kind: str, seed: int, ctx) -> dict:
             for k, val_ in (("curve_step", step + 1), ("curve_wall", wall), ("curve_bpc", v)):
                 curve[k].append(val_)
             ctx.log(step=step + 1, wall_s=wall, val_bpc=v, train_bpc=train_bpc)
-    reach = [s for s, b in zip(curve["curve_step"], curve["curve_bpc"]) if b <= cfg.target_bpc]
-    reach_wall = [w for w, b in zip(curve["curve_wall"], curve["curve_bpc"]) if b <= cfg.target_bpc]
+    reach = [s for s, b in zip(curve["curve_step"], curve["curve_bpc"], strict=True) if b <= cfg.target_bpc]
+    reach_wall = [w for w, b in zip(curve["curve_wall"], curve["curve_bpc"], strict=True) if b <= cfg.target_bpc]
     x, _ = val[0]
     return {**curve, **hidden_stats(model, x.to(ctx.device)), "final_bpc": curve["curve_bpc"][-1],
             "mean_bpc": float(sum(curve["curve_bpc"][1:]) / max(1, len(curve["curve_bpc"]) - 1)),

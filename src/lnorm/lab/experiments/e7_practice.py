@@ -123,7 +123,7 @@ def analyze(cfg: Config, results: dict) -> dict:
                 [r["result"].get("test_acc", 0.0) for r in recs if r["params"].get("norm") == n and r["params"].get("lr") == lr
                  and r["status"] in ("ok", "diverged")],
                 [r["status"] for r in recs if r["params"].get("norm") == n and r["params"].get("lr") == lr
-                 and r["status"] in ("ok", "diverged")])]
+                 and r["status"] in ("ok", "diverged")], strict=True)]
             v, ev = verdict_higher_lr({lr: acc("layer", lr) for lr in cfg.lrs}, {lr: acc("none", lr) for lr in cfg.lrs})
             claims.append({"claim": "C11", "verdict": v, "evidence": f"MLP/SGD, test acc (diverged = 0): {ev}", "criterion":
                            "the SGD learning rate with the best mean test accuracy is higher with LN than without, and LN "

@@ -1,0 +1,303 @@
+"""DDP (C1, C3, multi-process face): data-parallel training on real MNIST with torch.distributed.
+
+A global batch of B digits is split over ``nproc`` processes (``lnorm lab run ddp --nproc N``;
+gloo on CPU, nccl with ``--device cuda``), each training a ``DistributedDataParallel`` replica on
+B/N digits. Norms: ``batch`` (each process normalizes with the statistics of its own slice, the
+default in DDP), ``sync`` (:class:`lnorm.distributed.SyncBatchNorm`: statistics of the whole
+global batch, one all_gather per layer per forward and one all_reduce per backward), ``layer`` and
+``none``. Every DDP run is paired with single-process training on the same global batches from
+the same initial weights (``sync`` on one process is ``batch``), so the table reads:
+
+* the gradient gap at the first step: max |g_DDP - g_1proc| over the largest |g_1proc|. Per-sample
+  norms (layer, none) and SyncBatchNorm give float rounding; per-process batch norm does not;
+* test accuracy single vs DDP after the same steps;
+* median time per step, and the share of it SyncBatchNorm spends in its collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lnorm.lab import analysis as A
+from lnorm.lab import stats as S
+from lnorm.lab.data import mnist
+from lnorm.lab.models import MLP, CNN2d
+
+TITLE = "Data-parallel training (DDP): per-process batch norm, SyncBatchNorm, layer norm"
+CLAIMS = ("C1", "C3")
+
+MODELS = ("mlp", "cnn")
+NORMS = ("batch", "sync", "layer", "none")
+
+
+@dataclass
+class Config:
+    models: tuple[str, ...] = ("mlp", "cnn")  # mlp: 784-hidden^depth-10; cnn: two conv blocks (lab CNN2d)
+    norms: tuple[str, ...] = ("batch", "sync", "layer", "none")  # sync = SyncBatchNorm (DDP runs only)
+    batch_sizes: tuple[int, ...] = (8, 32)  # global batch sizes, each split over nproc processes
+    nproc: int = 2  # processes per DDP run (`lnorm lab run --nproc N`)
+    steps: int = 150  # optimizer steps per run, equal for every configuration
+    hidden: int = 128  # MLP units per hidden layer
+    depth: int = 2  # MLP hidden layers
+    channels: int = 8  # CNN channels of the first block (the second has twice as many)
+    lr: float = 1e-3  # Adam learning rate
+    grad_tol: float = 1e-4  # C1: largest relative gradient gap that counts as "the same gradient"
+
+
+SUITES = {
+    "smoke": dict(models=("mlp",), norms=("batch", "sync", "layer"), batch_sizes=(8,), steps=4, hidden=32),
+    "quick": {},
+    "full": dict(batch_sizes=(8, 16, 32), steps=1000, hidden=256, channels=16),
+}
+EST_SECONDS = {"smoke": 8, "quick": 90, "full": 2400}
+
+
+def _check(cfg: Config) -> None:
+    if cfg.nproc < 2:
+        raise ValueError(f"ddp.nproc must be >= 2 (processes per DDP run), got {cfg.nproc}")
+    for name, values, valid in (("models", cfg.models, MODELS), ("norms", cfg.norms, NORMS)):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise ValueError(f"ddp.{name}: unknown {bad}; valid: {', '.join(valid)}")
+    bad = [b for b in cfg.batch_sizes if b % cfg.nproc or b < 2 * cfg.nproc]
+    if bad:
+        raise ValueError(f"ddp.batch_sizes must be multiples of nproc={cfg.nproc} with at least 2 samples "
+                         f"per process (batch norm needs 2), got {bad}")
+
+
+def units(cfg: Config) -> list[dict]:
+    _check(cfg)
+    out = []
+    for m in cfg.models:
+        for b in cfg.batch_sizes:
+            for n in cfg.norms:
+                if n != "sync":  # SyncBatchNorm in one process is batch norm: its baseline is batch's
+                    out.append({"model": m, "norm": n, "batch": b, "procs": 1})
+                out.append({"model": m, "norm": n, "batch": b, "procs": cfg.nproc})
+    return out
+
+
+# model, batches, one training loop for one process or a DDP replica
+
+
+def build(cfg: Config, model: str, norm: str) -> nn.Module:
+    from lnorm.distributed import convert_sync_batchnorm
+
+    kind = "batch" if norm == "sync" else norm
+    net = MLP(784, cfg.hidden, cfg.depth, 10, kind) if model == "mlp" else CNN2d(kind, cfg.channels)
+    return convert_sync_batchnorm(net) if norm == "sync" else net
+
+
+def batches(n: int, batch: int, steps: int, seed: int):
+    """The global batches' indices, the same for one process and for every DDP rank."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = n // batch
+    perm = None
+    for step in range(steps):
+        j = step % per_epoch
+        if j == 0:
+            perm = torch.randperm(n, generator=g)
+        yield perm[j * batch:(j + 1) * batch]
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@torch.no_grad()
+def _accuracy(model, X, y) -> float:
+    model.eval()
+    correct = sum((model(X[i:i + 500]).argmax(-1) == y[i:i + 500]).sum().item() for i in range(0, len(X), 500))
+    model.train()
+    return correct / len(X)
+
+
+def train(rank: int, model: nn.Module, data, batch: int, steps: int, lr: float, seed: int,
+          backend: str = "torch", device: str = "cpu") -> dict:
+    """Train ``model`` on its share of each global batch: all of it in one process, slice ``rank``
+    under DDP (called in every worker by :func:`lnorm.distributed.launch`). Returns per-step
+    losses and times, SyncBatchNorm's collective time, the first step's gradients, and (rank 0)
+    the test accuracy."""
+    import lnorm
+    from lnorm.distributed import collective_clock, world
+    from lnorm.distributed import device as worker_device
+
+    lnorm.set_backend(backend)
+    _, nproc = world()
+    dev = torch.device(device) if nproc == 1 else worker_device()
+    Xtr, ytr, Xte, yte = (t.to(dev) for t in data)
+    model = model.to(dev).train()
+    net = model
+    if nproc > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    losses, step_s, comm_s = [], [], []
+    first = {}
+    for step, idx in enumerate(batches(len(Xtr), batch, steps, seed)):
+        local = idx.chunk(nproc)[rank].to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with collective_clock() as clock:
+            loss = loss_fn(net(Xtr[local]), ytr[local])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: returns once the gradients are averaged over ranks
+            if step == 0:
+                first = _grads(model)
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        step_s.append(time.perf_counter() - t0)
+        comm_s.append(clock.seconds)
+        losses.append(float(loss.detach()))
+    out = {"losses": losses, "step_s": step_s, "comm_s": comm_s, "first_grads": first if rank == 0 else {}}
+    if rank == 0:
+        out["test_acc"] = _accuracy(model, Xte, yte)
+    return out
+
+
+def grad_gap(got: dict, ref: dict) -> float:
+    """max |got - ref| over every parameter entry, relative to the largest |ref| entry."""
+    diff = max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref)
+    scale = max(float(g.abs().max()) for g in ref.values())
+    return diff / scale if scale > 0 else diff
+
+
+def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
+    import lnorm
+    from lnorm.distributed import default_backend, launch
+
+    data = mnist()
+    model = build(cfg, params["model"], params["norm"])  # the runner seeded torch: same init for 1 and N procs
+    B, procs = params["batch"], params["procs"]
+    args = (data, B, cfg.steps, cfg.lr, seed, lnorm.get_backend())
+    if procs == 1:
+        out = [train(0, model, *args, device=ctx.device)]
+        ref = out[0]["first_grads"]
+    else:
+        # the single-process gradient of the same first global batch from the same initial weights
+        m = copy.deepcopy(model).to(ctx.device).train()
+        idx = next(batches(len(data[0]), B, 1, seed)).to(ctx.device)
+        nn.CrossEntropyLoss()(m(data[0].to(ctx.device)[idx]), data[1].to(ctx.device)[idx]).backward()
+        ref = _grads(m)
+        out = launch(train, procs, (model, *args), backend=default_backend(ctx.device), timeout=3600)
+    losses = np.mean([o["losses"] for o in out], axis=0)  # each rank's loss is the mean over its slice
+    step_ms = 1000 * float(np.mean([np.median(o["step_s"]) for o in out]))
+    comm_ms = 1000 * float(np.mean([np.median(o["comm_s"]) for o in out]))
+    every = max(1, cfg.steps // 20)
+    for s in range(0, cfg.steps, every):
+        ctx.log(step=s + 1, loss=float(losses[s:s + every].mean()))
+    tail = losses[-max(1, min(50, len(losses))):]
+    return {
+        "test_acc": out[0]["test_acc"],
+        "final_loss": float(tail.mean()),
+        "ms_per_step": step_ms,
+        "comm_ms_per_step": comm_ms,
+        "comm_share": comm_ms / step_ms if step_ms > 0 else 0.0,
+        "grad_gap": grad_gap(out[0]["first_grads"], ref),
+        "steps": cfg.steps,
+    }
+
+
+# criteria (pure functions of numbers)
+
+
+def verdict_c1(ln_gaps: list[float], bn_gaps: list[float], tol: float) -> tuple[str, str]:
+    """C1 across processes: every layer-norm DDP run's first gradient equals the single-process
+    gradient of the whole batch (relative gap < tol), and the same check sees per-process batch
+    norm's gap (> 100 tol), so it could have failed."""
+    if not ln_gaps:
+        return S.INCONCLUSIVE, "no layer-norm DDP runs"
+    ev = f"LN relative gradient gap 2-proc vs 1-proc up to {max(ln_gaps):.2g} over {len(ln_gaps)} runs"
+    if max(ln_gaps) >= tol:
+        return S.NOT_SUPPORTED, ev + f" (tolerance {tol:g})"
+    if not bn_gaps or min(bn_gaps) <= 100 * tol:
+        return S.INCONCLUSIVE, ev + "; the check did not see BN's per-process statistics, so it may be blind"
+    return S.SUPPORTED, ev + f"; BN (per-process stats): {min(bn_gaps):.2g} or more"
+
+
+def verdict_c3(bn_loss: list[float], ln_loss: list[float], margin: float = 0.005) -> tuple[str, str]:
+    """C3 across processes: splitting the batch costs per-process batch norm more test accuracy
+    than it costs layer norm (paired single-minus-DDP drops, Welch 95% interval of BN - LN > 0)."""
+    v, d = S.greater(bn_loss, ln_loss, margin)
+    return v, f"accuracy drop 1-proc -> DDP, BN minus LN {S.fmt_diff(d)}"
+
+
+def analyze(cfg: Config, results: dict) -> dict:
+    recs = results["ddp"]
+    N = cfg.nproc
+    rows = []
+    acc_series, ms_series = [], []
+    for m in cfg.models:
+        for n in cfg.norms:
+            base = "batch" if n == "sync" else n
+            for b in cfg.batch_sizes:
+                one = dict(model=m, norm=base, batch=b, procs=1)
+                many = dict(model=m, norm=n, batch=b, procs=N)
+                a1, aN = A.paired(recs, "test_acc", one, many)
+                rows.append([m, n, b, A.cell(recs, "test_acc", **one), A.cell(recs, "test_acc", **many),
+                             S.fmt_diff(S.diff_ci(aN, a1)) if a1 else "-",
+                             A.cell(recs, "grad_gap", 2, **many), A.cell(recs, "ms_per_step", **one),
+                             A.cell(recs, "ms_per_step", **many),
+                             A.cell(recs, "comm_share", 2, **many) if n == "sync" else "-"])
+            acc_series.append(A.series(recs, "test_acc", f"{m} {n} {N}-proc", cfg.batch_sizes, "batch",
+                                       model=m, norm=n, procs=N))
+            ms_series.append(A.series(recs, "ms_per_step", f"{m} {n} {N}-proc", cfg.batch_sizes, "batch",
+                                      model=m, norm=n, procs=N))
+        for n in cfg.norms:
+            if n != "sync":
+                acc_series.append(A.series(recs, "test_acc", f"{m} {n} 1-proc", cfg.batch_sizes, "batch",
+                                           model=m, norm=n, procs=1))
+
+    claims = []
+    gaps = {n: A.values(recs, "grad_gap", norm=n, procs=N) for n in ("layer", "batch")}
+    if "layer" in cfg.norms:
+        v, ev = verdict_c1(gaps["layer"], gaps["batch"], cfg.grad_tol)
+        claims.append({"claim": "C1", "verdict": v, "evidence": ev, "criterion":
+                       f"with {N} processes on slices of the batch, every LN model's first DDP gradient equals the "
+                       f"single-process gradient of the whole batch (relative gap < {cfg.grad_tol:g}) and the "
+                       f"check detects per-process BN (> {100 * cfg.grad_tol:g})."})
+    if {"batch", "layer"} <= set(cfg.norms):
+        drops = {}
+        for n in ("batch", "layer"):
+            drops[n] = []
+            for m in cfg.models:
+                for b in cfg.batch_sizes:
+                    a1, aN = A.paired(recs, "test_acc", dict(model=m, norm=n, batch=b, procs=1),
+                                      dict(model=m, norm=n, batch=b, procs=N))
+                    drops[n] += [x - y for x, y in zip(a1, aN, strict=True)]
+        v, ev = verdict_c3(drops["batch"], drops["layer"])
+        claims.append({"claim": "C3", "verdict": v, "evidence": ev, "criterion":
+                       f"over every model, global batch and seed, the test-accuracy drop from 1 process to {N} "
+                       "(per-process batches of B/N) is larger for BN than for LN (Welch 95% CI > 0; not "
+                       "supported if it rules out half a point)."})
+    return {
+        "tables": [{"title": f"1 process vs {N} processes (DDP) on the same global batches from the same weights; "
+                             "mean ± 95% CI over seeds. grad gap: first-step max|g_DDP - g_1proc| / max|g_1proc|; "
+                             "sync comm: share of the DDP step in SyncBatchNorm's collectives",
+                    "columns": ["model", "norm", "global batch", "acc 1-proc", f"acc {N}-proc", "Δacc (DDP-1)",
+                                "grad gap", "ms/step 1-proc", f"ms/step {N}-proc", "sync comm share"],
+                    "rows": rows}],
+        "figures": [
+            {"name": "ddp_accuracy", "title": f"DDP: MNIST test accuracy, 1 vs {N} processes",
+             "xlabel": "global batch", "ylabel": "test accuracy", "logx": True, "series": acc_series},
+            {"name": "ddp_step_time", "title": f"DDP: time per step with {N} processes",
+             "xlabel": "global batch", "ylabel": "ms per step", "logx": True, "series": ms_series},
+        ],
+        "claims": claims,
+        "notes": [f"{N} processes share this machine's cores with 1 thread each; the single-process runs use 1 "
+                  "thread. Step times include DDP's gradient all-reduce (gloo over loopback on CPU), so they "
+                  "measure communication overhead, not a speed-up.",
+                  "sync on one process is plain batch norm, so its 1-process column repeats batch's.",
+                  "DDP broadcasts rank 0's buffers every step: per-process BN evaluates with rank 0's running "
+                  "statistics (from its slices only), SyncBatchNorm with the global ones."],
+    }
