@@ -155,8 +155,10 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input (B, {self.num_channels}, ...), got {list(input.shape)}")
-        flat = input.reshape(input.shape[0], -1)
-        y = flat * torch.rsqrt(flat.float().square().mean(-1, keepdim=True) + self.eps).to(flat.dtype)
+        # statistics in float32 for half types, but never below the input's precision (float64)
+        cdt = torch.float64 if input.dtype == torch.float64 else torch.float32
+        flat = input.reshape(input.shape[0], -1).to(cdt)
+        y = (flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)).to(input.dtype)
         y = y.view(input.shape)
         if self.weight is not None:
             y = y * self.weight.view(1, -1, *([1] * (input.dim() - 2)))
