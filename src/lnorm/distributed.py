@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import math
@@ -60,6 +61,8 @@ __all__ = [
     "world",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "CollectiveClock",
+    "collective_clock",
     "GradientGap",
     "ddp_gradients",
     "gradient_gaps",
@@ -251,6 +254,57 @@ def _kill(processes) -> None:
 # ------------------------------------------------------------------------------------ sync batch norm
 
 
+class CollectiveClock:
+    """Wall seconds and calls spent in :class:`SyncBatchNorm`'s collectives (see :func:`collective_clock`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return f"CollectiveClock(seconds={self.seconds:.6f}, calls={self.calls})"
+
+
+_CLOCK: CollectiveClock | None = None
+
+
+@contextlib.contextmanager
+def collective_clock():
+    """Time SyncBatchNorm's collectives (forward all_gather, backward all_reduce) in this block.
+
+    Opt-in diagnostics: off, the collectives pay one ``is None`` test. The time includes waiting
+    for slower ranks, which is part of what synchronising costs. On CUDA the clock synchronises
+    the device around each collective so the wall time is the collective's.
+
+    Example::
+
+        >>> with collective_clock() as clock:
+        ...     loss = ddp_model(x).sum(); loss.backward()
+        >>> clock.seconds, clock.calls
+    """
+    global _CLOCK
+    outer, _CLOCK = _CLOCK, CollectiveClock()
+    try:
+        yield _CLOCK
+    finally:
+        _CLOCK = outer
+
+
+def _timed_collective(op, tensor: Tensor) -> None:
+    clock = _CLOCK
+    if clock is None:
+        op()
+        return
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    t0 = time.perf_counter()
+    op()
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    clock.seconds += time.perf_counter() - t0
+    clock.calls += 1
+
+
 class _GatherRows(torch.autograd.Function):
     """``(k,)`` per rank -> ``(W, k)`` on every rank; backward sums the gradients of every rank.
 
@@ -263,13 +317,13 @@ class _GatherRows(torch.autograd.Function):
         ctx.group = group
         ctx.rank = dist.get_rank(group)
         rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(rows, local.contiguous(), group=group)
+        _timed_collective(lambda: dist.all_gather(rows, local.contiguous(), group=group), local)
         return torch.stack(rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        _timed_collective(lambda: dist.all_reduce(grad, group=ctx.group), grad)
         return grad[ctx.rank], None
 
 

@@ -40,7 +40,7 @@ NORMS = ("batch", "sync", "layer", "none")
 class Config:
     models: tuple[str, ...] = ("mlp", "cnn")  # mlp: 784-hidden^depth-10; cnn: two conv blocks (lab CNN2d)
     norms: tuple[str, ...] = ("batch", "sync", "layer", "none")  # sync = SyncBatchNorm (DDP runs only)
-    batch_sizes: tuple[int, ...] = (8, 32)  # global batch sizes, each split over nproc processes
+    batch_sizes: tuple[int, ...] = (8,)  # global batch sizes, each split over nproc processes
     nproc: int = 2  # processes per DDP run (`lnorm lab run --nproc N`)
     steps: int = 150  # optimizer steps per run, equal for every configuration
     hidden: int = 128  # MLP units per hidden layer
