@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/lnorm bench ops
+	$(VENV)/bin/lnorm lab run --suite quick
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

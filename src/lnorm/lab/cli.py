@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="names from `lnorm lab list` (default: all)")
     p.add_argument("--suite", default="quick", help="smoke (seconds, CI), quick (~10 min), full (hours); default quick")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: smoke 1, quick 3, full 5)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes for independent runs (default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel worker processes for independent runs (default: cores, at most 2)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: the lab's models are small, and on a shared 2-core "
                         "machine two threads per step were measured 7x slower than one; use --jobs for parallelism)")
@@ -84,7 +85,8 @@ def cmd_run(args) -> int:
                 raise ValueError("--device cuda: CUDA is not available in this torch build/machine")
         out = args.out or Path("runs") / f"lab-{args.suite}"
         t0 = time.perf_counter()
-        out, counts = runner.run(names, suite=args.suite, seeds=args.seeds, jobs=args.jobs, out=out,
+        jobs = runner.default_jobs() if args.jobs is None else args.jobs
+        out, counts = runner.run(names, suite=args.suite, seeds=args.seeds, jobs=jobs, out=out,
                                  device=args.device, sets=args.sets + ([f"nproc={args.nproc}"] if args.nproc is not None else []),
                                  progress=not args.no_progress,
                                  backend=args.backend, threads=args.threads)

@@ -255,6 +255,11 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
 
 # the whole run
 
+def default_jobs() -> int:
+    """Parallel runs by default: one per core, at most 2 (each run uses one torch thread)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
         sets: list[str] | None, progress: bool = True, backend: str = "torch", threads: int = 1, log=print) -> tuple[Path, dict]:
     """Run the selected experiments into ``out``, skipping finished units. Returns (out, counts)."""
@@ -295,28 +300,39 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
         if rec["status"] == "error":
             log(f"\nerror in {unit.exp}/{unit.uid}: {rec['reason']}")
 
-    pool = ProcessPoolExecutor(jobs, mp_context=__import__("multiprocessing").get_context("spawn")) if jobs > 1 else None
-    try:
+    if jobs == 1:
         for n in names:
             if not units[n]:
                 continue
             bar = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=0, unit="run",
                           desc=f"{n:>10}", dynamic_ncols=True) if bar_mod else None
-            if pool is None:
-                for u in todo[n]:
-                    note(execute(u, cfg_dicts[n], str(out), device, threads, progress, backend), u)
-                    if bar:
-                        bar.update(1)
-            else:
-                futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, False, backend): u for u in todo[n]}
-                for f in as_completed(futs):
-                    note(f.result(), futs[f])
-                    if bar:
-                        bar.update(1)
+            for u in todo[n]:
+                note(execute(u, cfg_dicts[n], str(out), device, threads, progress, backend), u)
+                if bar:
+                    bar.update(1)
             if bar:
                 bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    else:  # every pending unit of every experiment goes to the pool at once; one bar per experiment
+        import multiprocessing
+
+        bars = {}
+        if bar_mod:
+            for i, n in enumerate(x for x in names if units[x]):
+                bars[n] = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i, unit="run",
+                                  desc=f"{n:>10}", dynamic_ncols=True)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, False, backend): u
+                    for n in names for u in todo[n]}
+            try:
+                for f in as_completed(futs):
+                    u = futs[f]
+                    note(f.result(), u)
+                    if u.exp in bars:
+                        bars[u.exp].update(1)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        for b in bars.values():
+            b.close()
     sys.stdout.flush()
     return out, counts
