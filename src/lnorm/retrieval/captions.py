@@ -119,14 +119,24 @@ def _meanings() -> list[frozenset[str]]:
 MEANINGS: tuple[frozenset[str], ...] = tuple(_meanings())
 
 
-def meanings_covering(digit: int, max_extension: int | None = None) -> list[frozenset[str]]:
+def meanings_covering(digit: int, max_extension: int | None = None) -> tuple[frozenset[str], ...]:
     """The meanings whose extension contains ``digit`` (and has at most ``max_extension`` digits)."""
-    if digit not in DIGITS:
+    if isinstance(digit, bool) or digit not in DIGITS:
         raise ValueError(f"digit must be an int in 0..9, got {digit!r}")
-    if max_extension is not None and not (isinstance(max_extension, int) and max_extension >= 1):
+    if max_extension is not None and not (
+        isinstance(max_extension, int) and not isinstance(max_extension, bool) and max_extension >= 1
+    ):
         raise ValueError(f"max_extension must be None or an int >= 1, got {max_extension!r}")
-    return [m for m in MEANINGS if digit in extension(m)
-            and (max_extension is None or len(extension(m)) <= max_extension)]
+    return _covering(int(digit), max_extension)
+
+
+@cache
+def _covering(digit: int, max_extension: int | None) -> tuple[frozenset[str], ...]:
+    return tuple(
+        m
+        for m in MEANINGS
+        if digit in extension(m) and (max_extension is None or len(extension(m)) <= max_extension)
+    )
 
 
 # ---------------------------------------------------------------------------- surface forms

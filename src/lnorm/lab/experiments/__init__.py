@@ -44,6 +44,7 @@ EXPERIMENTS: dict[str, str] = {
     "e8": "lnorm.lab.experiments.e8_gradient_scale",
     "sanity": "lnorm.lab.experiments.sanity",
     "ddp": "lnorm.lab.experiments.ddp",
+    "retrieval": "lnorm.lab.experiments.retrieval",
 }
 
 
