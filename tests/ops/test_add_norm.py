@@ -28,9 +28,10 @@ def test_half_residual_backward_at_small_hidden_sizes(backend, H):
     # Regression: with a half residual stream the Numba path took mean/rstd from the float32 sum
     # x + residual but saved the sum rounded to bf16 for backward, so backward's
     # xhat = (rounded - mean) * rstd was not the forward's: at H=1 (true dx = dres, as out is
-    # the bias whatever the sum) dx came out ~1e3 in 24 of these 30 cases, at H=2 up to 30x
-    # torch's error in 6 of 30; from H=3 on the error stayed within torch's own.
-    for seed in range(30):
+    # the bias whatever the sum) dx came out ~1e3 in 24 of 30 random rows, at H=2 up to 30x
+    # torch's error in 6 of 30; from H=3 on the error stayed within torch's own. Two rows per
+    # case: the three-way check compares maxima, and many rows would raise torch's max error.
+    for seed in range(12):  # seeds 3, 8 and 10 failed at H=2 before the fix
         inputs = make_inputs("add_layer", (2,), (H,), torch.bfloat16, seed=seed)
         check_against_torch_and_ref("add_layer", inputs, (H,), label=f"seed {seed} ")
 
@@ -134,8 +135,8 @@ def test_gradient_through_new_residual_only(backend, op):
 @pytest.mark.parametrize("op", ADD_OPS)
 def test_gradcheck_float64(backend, op, use_residual):
     shape = (3, 2)
-    x = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(shape, dtype=torch.float64) + 1).requires_grad_()
     b = torch.randn(shape, dtype=torch.float64, requires_grad=True)
 
