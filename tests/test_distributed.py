@@ -21,6 +21,7 @@ from lnorm.distributed import (
     SyncBatchNorm,
     WorkerError,
     _GatherRows,
+    collective_clock,
     convert_sync_batchnorm,
     gradient_gaps,
     launch,
@@ -159,6 +160,18 @@ def _report(rank, scale):
             "master": os.environ["MASTER_ADDR"], "backend": dist.get_backend()}
 
 
+def _clocked_sync_bn(rank):
+    torch.manual_seed(rank)
+    net = convert_sync_batchnorm(nn.Sequential(MaskedBatchNorm(3), nn.Linear(3, 3), ChannelBatchNorm(3)))
+    x = torch.randn(4, 3)
+    net(x).sum().backward()  # unclocked
+    with collective_clock() as clock:
+        net(x).sum().backward()
+        net.eval()
+        net(x)  # eval: running statistics, no collective
+    return clock.calls, clock.seconds
+
+
 def _fail_on_rank1(rank):
     if rank == 1:
         raise ValueError("rank one fails on purpose")
@@ -179,12 +192,68 @@ def _exit_on_rank0(rank):
     time.sleep(600)
 
 
+def _add_in_place(rank, t, model):
+    t += rank + 1
+    with torch.no_grad():
+        model.weight += rank + 1
+    return t, model.weight.detach().clone()
+
+
+def test_launch_gives_every_worker_its_own_copy_of_the_arguments():
+    t, model = torch.zeros(3), nn.Linear(2, 2)
+    w = model.weight.detach().clone()
+    res = launch(_add_in_place, NPROC, (t, model), timeout=240)
+    for rank, (t_r, w_r) in enumerate(res):
+        assert torch.equal(t_r, torch.full((3,), rank + 1.0))
+        assert torch.equal(w_r, w + rank + 1)
+    assert torch.equal(t, torch.zeros(3)) and torch.equal(model.weight, w)
+    assert not t.is_shared() and not model.weight.is_shared()
+
+
+def _sgd_steps(rank, model, x, y, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    net = DDP(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["layer", "sync"])
+def test_ddp_training_follows_single_process_training(kind):
+    """Several optimizer steps, not just one gradient: 2 processes end where 1 process ends."""
+    x, _, _, _, y = _data()
+    model = convert_sync_batchnorm(mlp("batch")) if kind == "sync" else mlp(kind)
+    one = _sgd_steps(0, copy.deepcopy(model), x, y, 5)
+    for rank, two in enumerate(launch(_sgd_steps, NPROC, (model, x, y, 5), timeout=240)):
+        for k in one:
+            if k.endswith("num_batches_tracked"):
+                continue
+            torch.testing.assert_close(two[k], one[k], rtol=1e-9, atol=1e-11, msg=lambda m, k=k, r=rank: f"rank {r} {k}: {m}")
+
+
 def test_launch_returns_results_in_rank_order():
     res = launch(_report, NPROC, (10.0,), timeout=240)
     assert [r["rank"] for r in res] == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 30.0 and r["threads"] == 1 for r in res)
     assert [r["env_rank"] for r in res] == ["0", "1"]
     assert {r["master"] for r in res} == {"127.0.0.1"} and {r["backend"] for r in res} == {"gloo"}
+
+
+def test_collective_clock_counts_sync_batch_norm_collectives():
+    for calls, seconds in launch(_clocked_sync_bn, NPROC, timeout=240):
+        # two forward all_gathers and one backward all_reduce: the first norm's input needs no
+        # gradient, so autograd skips its collective (on every rank alike); eval adds none
+        assert calls == 3
+        assert seconds > 0
+    with collective_clock() as clock:  # one process: plain batch norm, nothing to time
+        SyncBatchNorm(3)(torch.randn(4, 3)).sum().backward()
+    assert clock.calls == 0 and clock.seconds == 0
 
 
 def test_failing_worker_ends_job_with_its_error():

@@ -112,8 +112,8 @@ def _check_positive(name: str, value, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def _worker(rank: int, fn, args, nproc: int, backend: str, port: int, pg_timeout: float,
-            threads: int, result_dir: str) -> None:
+def _worker(rank: int, nproc: int, backend: str, port: int, pg_timeout: float, threads: int,
+            result_dir: str) -> None:
     torch.set_num_threads(threads)
     # the torchrun environment, so code written for torchrun finds its rank and world here too
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
@@ -124,6 +124,7 @@ def _worker(rank: int, fn, args, nproc: int, backend: str, port: int, pg_timeout
     try:
         store = dist.TCPStore(HOST, port, nproc, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
+        fn, args = torch.load(os.path.join(result_dir, "call.pt"), weights_only=False)
         result = fn(rank, *args)
     except BaseException:
         # when one rank fails its peers fail next (connection reset): the parent reports the
@@ -171,10 +172,14 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
            start_method: str | None = None) -> list:
     """Run ``fn(rank, *args)`` in ``nproc`` processes with the default process group initialised.
 
+    Workers import ``fn`` and the script that called ``launch`` by name, so in a script call it
+    under ``if __name__ == "__main__":``, as with any ``multiprocessing`` start method but fork.
+
     Args:
         fn: a module-level function (workers import it by name; no lambdas).
         nproc: number of processes (the world size).
-        args: extra arguments for ``fn``; pickled to every worker.
+        args: extra arguments for ``fn``; every worker gets its own copy (tensors are not
+            shared with the caller or between workers).
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (one CUDA device per rank); default gloo.
         timeout: seconds the whole job may take before every worker is killed.
         pg_timeout: seconds a collective or the rendezvous may wait for the other ranks.
@@ -216,8 +221,12 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
     store = dist.TCPStore(HOST, 0, nproc, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=pg_timeout))
     with tempfile.TemporaryDirectory(prefix="lnorm-ddp-") as result_dir:
-        ctx = mp.start_processes(_worker, args=(fn, tuple(args), int(nproc), backend, store.port,
-                                                float(pg_timeout), int(threads), result_dir),
+        # Each worker loads its own copy of the call from a file. Passed through
+        # torch.multiprocessing instead, CPU tensors would be moved to shared memory: every worker
+        # (and the caller) would train one and the same parameters.
+        torch.save((fn, tuple(args)), os.path.join(result_dir, "call.pt"))
+        ctx = mp.start_processes(_worker, args=(int(nproc), backend, store.port, float(pg_timeout),
+                                                int(threads), result_dir),
                                  nprocs=int(nproc), join=False, start_method=start_method)
         deadline = time.monotonic() + timeout
         try:
@@ -309,7 +318,9 @@ class _GatherRows(torch.autograd.Function):
     """``(k,)`` per rank -> ``(W, k)`` on every rank; backward sums the gradients of every rank.
 
     One all_gather forward, one all_reduce backward, on any backend (gloo has no reduce_scatter,
-    which ``torch.distributed.nn.all_gather``'s backward replaces by W scatters on gloo).
+    which ``torch.distributed.nn.all_gather``'s backward replaces by W scatters on gloo). The
+    backward runs only when the statistics need a gradient, i.e. when the norm's input does; every
+    rank of a DDP model agrees on that, so the collectives stay matched.
     """
 
     @staticmethod
