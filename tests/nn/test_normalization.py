@@ -71,6 +71,11 @@ def test_same_constructor_parameters_and_repr_as_torch(case):
     else:
         assert ours.extra_repr() == theirs.extra_repr()
         assert repr(ours) == repr(theirs)
+    # and with these options both compute the same thing
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, *ours.normalized_shape)
+    assert_close(_out(ours(x)), theirs(x), name=f"{name} output")
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
