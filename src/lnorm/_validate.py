@@ -18,6 +18,12 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def normalized_shape_tuple(normalized_shape, name: str = "normalized_shape") -> tuple[int, ...]:
     """``int`` or sequence of ints -> tuple of positive ints."""
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1:  # the modules' common case
+        d = normalized_shape[0]
+        if type(d) is int and d > 0:
+            return normalized_shape
+    elif type(normalized_shape) is int and normalized_shape > 0:
+        return (normalized_shape,)
     if isinstance(normalized_shape, bool):
         raise TypeError(f"{name} must be an int or a tuple of ints, got {normalized_shape!r}")
     if isinstance(normalized_shape, numbers.Integral):

@@ -13,6 +13,8 @@ kernel has one compiled signature per dtype and no branch inside the inner loops
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -21,8 +23,7 @@ from numba import njit, prange
 _FASTMATH = {"reassoc", "contract", "arcp"}
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragma: no cover
+def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragma: no cover
     # x, res, res_out, y: (R, H); w, b: (H,); mean, rstd: (R,) (mean is (0,) for RMS norm)
     # eps and inv_h = 1/H come in the data's dtype, so float32 data stays in float32 arithmetic.
     R, H = x.shape
@@ -55,8 +56,7 @@ def norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragm
             y[i, j] = (src[j] - mu) * r * w[j] + b[j]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):  # pragma: no cover
+def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):  # pragma: no cover
     # dy, src, dres, dx: (R, H); w: (H,); mean, rstd: (R,); dw_part, db_part: (chunks, H) or (chunks, 0)
     R, H = dy.shape
     chunks = dw_part.shape[0]
@@ -93,5 +93,33 @@ def norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):
                     db_part[c, j] += dy[i, j]
 
 
+# Each kernel in two builds: threaded (prange splits rows across Numba's threads) and serial
+# (prange is a plain range). Waking a thread pool costs more than a small problem's whole
+# work, so launchers pick the serial build below PARALLEL_MIN_ELEMENTS.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+_JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True}
+norm_fwd = njit(parallel=True, **_JIT)(_norm_fwd)
+norm_bwd = njit(parallel=True, **_JIT)(_norm_bwd)
+
+
+def _twin(fn, name: str):
+    """A copy of ``fn`` under another name: Numba's disk cache is keyed by the function's name,
+    not by its compile flags, so the serial build needs a name of its own."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
+norm_fwd_serial = njit(**_JIT)(_twin(_norm_fwd, "_norm_fwd_serial"))
+norm_bwd_serial = njit(**_JIT)(_twin(_norm_bwd, "_norm_bwd_serial"))
+
+
 def num_threads() -> int:
     return numba.get_num_threads()
+
+
+def pick(parallel_kernel, serial_kernel, elements: int):
+    """The threaded build for big problems on several threads, else the serial one."""
+    if elements >= PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1:
+        return parallel_kernel
+    return serial_kernel

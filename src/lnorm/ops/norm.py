@@ -16,6 +16,9 @@ skip the dispatcher's Python overhead, which is a large share of the time at sma
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,8 +45,31 @@ def _use_numba(x: Tensor) -> bool:
 # ------------------------------------------------------------------------------- numba launchers
 
 
-def _np(t: Tensor):
+# Launch overhead matters at small sizes (a 256x768 layer norm takes tens of microseconds), so the
+# launchers make as few torch calls as they can: scratch and output arrays come from numpy and
+# are wrapped with torch.from_numpy, absent arguments are cached constants.
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _arr(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous numpy view of ``t`` in ``dtype`` (a copy only when needed)."""
+    if t.dtype is not dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t.detach().numpy()
+
+
+@functools.lru_cache(maxsize=256)
+def _const(value: float, n: int, dtype) -> np.ndarray:
+    a = np.full(n, value, dtype=dtype)
+    return a
+
+
+@functools.lru_cache(maxsize=8)
+def _none2d(dtype) -> np.ndarray:
+    return np.empty((0, 1), dtype=dtype)
 
 
 def _fwd_numba(x, residual, weight, bias, eps, center, res_dtype):
@@ -58,22 +84,26 @@ def _fwd_numba(x, residual, weight, bias, eps, center, res_dtype):
         res_out = (x.to(res_dtype) + residual.to(res_dtype)).contiguous()
         y, _, mean, rstd = _fwd_numba(res_out, None, weight, bias, eps, center, res_dtype)
         return y.to(x.dtype), res_out, mean, rstd
-    xc = x.to(cdt).contiguous()
-    rc = residual.to(cdt).contiguous() if residual is not None else torch.empty(0, H, dtype=cdt)
-    w = weight.to(cdt).contiguous() if weight is not None else torch.ones(H, dtype=cdt)
-    b = bias.to(cdt).contiguous() if bias is not None else torch.zeros(H, dtype=cdt)
-    y = torch.empty(R, H, dtype=cdt)
-    res_out = torch.empty(R, H, dtype=cdt) if residual is not None else torch.empty(0, H, dtype=cdt)
-    mean = torch.empty(R if center else 0, dtype=cdt)
-    rstd = torch.empty(R, dtype=cdt)
-    npdt = xc.numpy().dtype.type
-    K.norm_fwd(
-        _np(xc), _np(rc), _np(w), _np(b), npdt(eps), npdt(1.0 / H), center,
-        _np(y), _np(res_out), _np(mean), _np(rstd),
+    npdt = _NP[cdt]
+    xa = _arr(x, cdt)
+    ra = _arr(residual, cdt) if residual is not None else _none2d(npdt)
+    wa = _arr(weight, cdt) if weight is not None else _const(1.0, H, npdt)
+    ba = _arr(bias, cdt) if bias is not None else _const(0.0, H, npdt)
+    y = np.empty((R, H), dtype=npdt)
+    res_out = np.empty((R, H), dtype=npdt) if residual is not None else _none2d(npdt)
+    mean = np.empty(R if center else 0, dtype=npdt)
+    rstd = np.empty(R, dtype=npdt)
+    K.pick(K.norm_fwd, K.norm_fwd_serial, R * H)(
+        xa, ra, wa, ba, npdt(eps), npdt(1.0 / H), center, y, res_out, mean, rstd
     )
+    yt = torch.from_numpy(y)
+    if x.dtype is not cdt:
+        yt = yt.to(x.dtype)
     if residual is None:
-        res_out = torch.empty(0, dtype=res_dtype)
-    return y.to(x.dtype), res_out.to(res_dtype), mean, rstd
+        res_t = torch.empty(0, dtype=res_dtype)
+    else:
+        res_t = torch.from_numpy(res_out)
+    return yt, res_t, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
 def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
@@ -81,22 +111,22 @@ def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
 
     R, H = src.shape
     cdt = rstd.dtype
-    dyc = dy.to(cdt).contiguous()
-    srcc = src.to(cdt).contiguous()
-    w = weight.to(cdt).contiguous() if weight is not None else torch.ones(H, dtype=cdt)
-    dresc = dres.to(cdt).contiguous() if dres is not None else torch.empty(0, H, dtype=cdt)
-    dx = torch.empty(R, H, dtype=cdt)
-    chunks = max(1, min(R, 4 * K.num_threads()))
-    dw_part = torch.zeros(chunks, H if need_dw else 0, dtype=cdt)
-    db_part = torch.zeros(chunks, H if need_db else 0, dtype=cdt)
-    npdt = dyc.numpy().dtype.type
-    K.norm_bwd(
-        _np(dyc), _np(srcc), _np(w), _np(mean), _np(rstd), npdt(1.0 / H), center,
-        _np(dresc), _np(dx), _np(dw_part), _np(db_part),
+    npdt = _NP[cdt]
+    kernel = K.pick(K.norm_bwd, K.norm_bwd_serial, R * H)
+    chunks = max(1, min(R, 4 * K.num_threads())) if kernel is K.norm_bwd else 1
+    dx = np.empty((R, H), dtype=npdt)
+    dw_part = np.zeros((chunks, H if need_dw else 0), dtype=npdt)
+    db_part = np.zeros((chunks, H if need_db else 0), dtype=npdt)
+    kernel(
+        _arr(dy, cdt), _arr(src, cdt),
+        _arr(weight, cdt) if weight is not None else _const(1.0, H, npdt),
+        _arr(mean, cdt) if center else mean.detach().numpy(), _arr(rstd, cdt), npdt(1.0 / H), center,
+        _arr(dres, cdt) if dres is not None else _none2d(npdt),
+        dx, dw_part, db_part,
     )
-    dw = dw_part.sum(0) if need_dw else None
-    db = db_part.sum(0) if need_db else None
-    return dx, dw, db
+    dw = torch.from_numpy(dw_part[0] if chunks == 1 else dw_part.sum(0)) if need_dw else None
+    db = torch.from_numpy(db_part[0] if chunks == 1 else db_part.sum(0)) if need_db else None
+    return torch.from_numpy(dx), dw, db
 
 
 # ------------------------------------------------------------------------------- torch launchers
@@ -315,4 +345,13 @@ def fused_norm(
     """
     if torch.compiler.is_compiling():
         return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        # Nothing to differentiate: skip autograd.Function's bookkeeping (inference).
+        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        return _fwd(x, residual, weight, bias, eps, center, res_dtype)
     return _FusedNorm.apply(x, residual, weight, bias, eps, center, residual_in_fp32)
