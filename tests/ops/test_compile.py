@@ -14,6 +14,9 @@ import lnorm
 import lnorm.ops.norm  # noqa: F401  (registers torch.ops.lnorm)
 from tolerances import assert_close
 
+# opcheck and torch.compile go through torch internals that still call torch.jit.script_method
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+
 
 def _fwd_args(case, R=5, H=8, requires_grad=True):
     dtype = torch.bfloat16 if case.startswith("bf16") else torch.float64

@@ -16,7 +16,7 @@ def norm_cases(draw):
     return {
         "op": op,
         "backend": draw(st.sampled_from(BACKENDS)),
-        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
         "lead": lead,
         "shape": shape,
         "weight": draw(st.booleans()),
