@@ -347,7 +347,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     Each rank computes its count, mean and sum of squared deviations per feature; one all_gather
     shares them and every rank combines them (Chan et al.'s parallel variance), so the result is
     the single-process batch norm of the concatenated batch, masks included. Outside a process
-    group, in a group of one, or in eval mode it is plain batch norm.
+    group, in a group of one, or in eval mode it is plain batch norm (in eval mode without running
+    statistics it normalizes with the local batch's, as torch's ``nn.SyncBatchNorm`` does).
 
     Args:
         num_features: C.
@@ -411,7 +412,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = valid.new_full((1,), valid.shape[0])
         mean = valid.sum(0) / n.clamp(min=1)  # (C,)
         m2 = (valid - mean).square().sum(0)  # (C,) sum of squared deviations
-        if self._world() > 1:
+        if self.training and self._world() > 1:  # like torch: never a collective in eval mode
             group = self.process_group or dist.group.WORLD
             rows = _GatherRows.apply(torch.cat([n, mean, m2]), group)  # (W, 1 + 2C)
             ns, means, m2s = rows[:, :1], rows[:, 1:1 + C], rows[:, 1 + C:]

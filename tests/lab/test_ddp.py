@@ -29,7 +29,8 @@ def _fail_on_rank1(rank, *args, **kwargs):
 
 def test_ddp_smoke_through_cli_with_failing_worker_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    argv = ["run", "ddp", "--suite", "smoke", "--nproc", "2", "--out", str(out), "--no-progress"]
+    # --jobs 1: the units run in this process, where the monkeypatch below applies
+    argv = ["run", "ddp", "--suite", "smoke", "--nproc", "2", "--jobs", "1", "--out", str(out), "--no-progress"]
 
     # a worker that fails ends its unit with the worker's error (no hang); the command exits 1
     monkeypatch.setattr(ddp, "train", _fail_on_rank1)
@@ -57,7 +58,7 @@ def test_ddp_smoke_through_cli_with_failing_worker_and_resume(tmp_path, capsys, 
     assert recs[("layer", 2)]["result"]["comm_ms_per_step"] == 0  # no SyncBatchNorm, no collectives of its own
     assert "\nC1 " in "\n" + text and "\nC3 " in "\n" + text
     md = (out / "report.md").read_text()
-    assert "## ddp" in md and "sync comm share" in md and (out / "plots/ddp_accuracy.png").exists()
+    assert "## ddp" in md and "sync comm share" in md and (out / "plots/ddp_mlp_loss.png").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [

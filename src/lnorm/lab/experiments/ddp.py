@@ -10,6 +10,9 @@ the same initial weights (``sync`` on one process is ``batch``), so the table re
 
 * the gradient gap at the first step: max |g_DDP - g_1proc| over the largest |g_1proc|. Per-sample
   norms (layer, none) and SyncBatchNorm give float rounding; per-process batch norm does not;
+* the loss drift: how far the DDP training-loss curve strays from the single-process one. With
+  per-sample norms and with SyncBatchNorm only float rounding separates the two runs (training can
+  amplify it); per-process batch norm trains a different model;
 * test accuracy single vs DDP after the same steps;
 * median time per step, and the share of it SyncBatchNorm spends in its collectives.
 """
@@ -42,7 +45,7 @@ class Config:
     norms: tuple[str, ...] = ("batch", "sync", "layer", "none")  # sync = SyncBatchNorm (DDP runs only)
     batch_sizes: tuple[int, ...] = (8,)  # global batch sizes, each split over nproc processes
     nproc: int = 2  # processes per DDP run (`lnorm lab run --nproc N`)
-    steps: int = 150  # optimizer steps per run, equal for every configuration
+    steps: int = 100  # optimizer steps per run, equal for every configuration
     hidden: int = 128  # MLP units per hidden layer
     depth: int = 2  # MLP hidden layers
     channels: int = 8  # CNN channels of the first block (the second has twice as many)
@@ -55,7 +58,7 @@ SUITES = {
     "quick": {},
     "full": dict(batch_sizes=(8, 16, 32), steps=1000, hidden=256, channels=16),
 }
-EST_SECONDS = {"smoke": 8, "quick": 90, "full": 2400}
+EST_SECONDS = {"smoke": 8, "quick": 100, "full": 2400}
 
 
 def _check(cfg: Config) -> None:
@@ -194,10 +197,15 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     step_ms = 1000 * float(np.mean([np.median(o["step_s"]) for o in out]))
     comm_ms = 1000 * float(np.mean([np.median(o["comm_s"]) for o in out]))
     every = max(1, cfg.steps // 20)
+    curve_step, curve_loss = [], []
     for s in range(0, cfg.steps, every):
-        ctx.log(step=s + 1, loss=float(losses[s:s + every].mean()))
+        curve_step.append(min(s + every, cfg.steps))
+        curve_loss.append(float(losses[s:s + every].mean()))
+        ctx.log(step=curve_step[-1], loss=curve_loss[-1])
     tail = losses[-max(1, min(50, len(losses))):]
     return {
+        "curve_step": curve_step,
+        "curve_loss": curve_loss,
         "test_acc": out[0]["test_acc"],
         "final_loss": float(tail.mean()),
         "ms_per_step": step_ms,
@@ -209,6 +217,11 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
 
 
 # criteria (pure functions of numbers)
+
+
+def curve_gap(a: list[float], b: list[float]) -> float:
+    """Largest pointwise |a - b| of two loss curves of the same steps."""
+    return max((abs(x - y) for x, y in zip(a, b, strict=False)), default=0.0)
 
 
 def verdict_c1(ln_gaps: list[float], bn_gaps: list[float], tol: float) -> tuple[str, str]:
@@ -235,18 +248,32 @@ def verdict_c3(bn_loss: list[float], ln_loss: list[float], margin: float = 0.005
 def analyze(cfg: Config, results: dict) -> dict:
     recs = results["ddp"]
     N = cfg.nproc
-    rows = []
+    rows, figures = [], []
     acc_series, ms_series = [], []
+    b0 = min(cfg.batch_sizes)
     for m in cfg.models:
+        curves = []
+        for n in cfg.norms:
+            if n != "sync":
+                curves.append(A.curve_series(recs, "curve_loss", f"{n} 1-proc", step_key="curve_step",
+                                             model=m, norm=n, batch=b0, procs=1))
+            curves.append(A.curve_series(recs, "curve_loss", f"{n} {N}-proc", step_key="curve_step",
+                                         model=m, norm=n, batch=b0, procs=N))
+        figures.append({"name": f"ddp_{m}_loss", "title": f"DDP: {m} training loss, global batch {b0}, 1 vs {N} "
+                        "processes (same batches, same initial weights)", "xlabel": "step",
+                        "ylabel": "training loss (mean over the steps since the last point)", "series": curves})
         for n in cfg.norms:
             base = "batch" if n == "sync" else n
             for b in cfg.batch_sizes:
                 one = dict(model=m, norm=base, batch=b, procs=1)
                 many = dict(model=m, norm=n, batch=b, procs=N)
                 a1, aN = A.paired(recs, "test_acc", one, many)
+                c1, cN = A.paired(recs, "curve_loss", one, many)
+                drift = [curve_gap(x, y) for x, y in zip(c1, cN, strict=True)]
                 rows.append([m, n, b, A.cell(recs, "test_acc", **one), A.cell(recs, "test_acc", **many),
                              S.fmt_diff(S.diff_ci(aN, a1)) if a1 else "-",
-                             A.cell(recs, "grad_gap", 2, **many), A.cell(recs, "ms_per_step", **one),
+                             A.cell(recs, "grad_gap", 2, **many), f"{max(drift):.2g}" if drift else "-",
+                             A.cell(recs, "ms_per_step", **one),
                              A.cell(recs, "ms_per_step", **many),
                              A.cell(recs, "comm_share", 2, **many) if n == "sync" else "-"])
             acc_series.append(A.series(recs, "test_acc", f"{m} {n} {N}-proc", cfg.batch_sizes, "batch",
@@ -283,20 +310,23 @@ def analyze(cfg: Config, results: dict) -> dict:
     return {
         "tables": [{"title": f"1 process vs {N} processes (DDP) on the same global batches from the same weights; "
                              "mean ± 95% CI over seeds. grad gap: first-step max|g_DDP - g_1proc| / max|g_1proc|; "
-                             "sync comm: share of the DDP step in SyncBatchNorm's collectives",
+                             "loss drift: max over seeds and the loss curve's points of |loss_DDP - loss_1proc|; "
+                             "sync comm share: share of the DDP step in SyncBatchNorm's collectives",
                     "columns": ["model", "norm", "global batch", "acc 1-proc", f"acc {N}-proc", "Δacc (DDP-1)",
-                                "grad gap", "ms/step 1-proc", f"ms/step {N}-proc", "sync comm share"],
+                                "grad gap", "loss drift", "ms/step 1-proc", f"ms/step {N}-proc",
+                                "sync comm share"],
                     "rows": rows}],
-        "figures": [
+        "figures": figures + ([
             {"name": "ddp_accuracy", "title": f"DDP: MNIST test accuracy, 1 vs {N} processes",
              "xlabel": "global batch", "ylabel": "test accuracy", "logx": True, "series": acc_series},
             {"name": "ddp_step_time", "title": f"DDP: time per step with {N} processes",
              "xlabel": "global batch", "ylabel": "ms per step", "logx": True, "series": ms_series},
-        ],
+        ] if len(cfg.batch_sizes) > 1 else []),
         "claims": claims,
         "notes": [f"{N} processes share this machine's cores with 1 thread each; the single-process runs use 1 "
                   "thread. Step times include DDP's gradient all-reduce (gloo over loopback on CPU), so they "
-                  "measure communication overhead, not a speed-up.",
+                  "measure communication overhead, not a speed-up. They mean something only from a run with "
+                  "`--jobs 1` on an otherwise idle machine: parallel runs put several DDP jobs on the same cores.",
                   "sync on one process is plain batch norm, so its 1-process column repeats batch's.",
                   "DDP broadcasts rank 0's buffers every step: per-process BN evaluates with rank 0's running "
                   "statistics (from its slices only), SyncBatchNorm with the global ones."],
