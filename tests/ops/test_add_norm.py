@@ -147,3 +147,22 @@ def test_gradcheck_float64(backend, op, use_residual):
 
     inputs = (x, r, w, b)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_any_subset_of_inputs_requiring_grad(backend, op):
+    # backward computes what is asked (None for the rest) and the asked gradients are right
+    names = ["x", "residual", "weight"] + (["bias"] if op == "add_layer" else [])
+    base = {n: torch.randn((3, 6) if n in ("x", "residual") else (6,), dtype=torch.float64) for n in names}
+    ref = run("ref64", op, base["x"], base["residual"], base["weight"], base.get("bias"), (6,),
+              dy=torch.ones(3, 6, dtype=torch.float64), dres=torch.ones(3, 6, dtype=torch.float64))
+    for mask in range(1, 2 ** len(names)):
+        wanted = [n for i, n in enumerate(names) if mask >> i & 1]
+        leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in base.items()}
+        out, new_res = _call(op, leaves["x"], leaves["residual"], 6, leaves["weight"], leaves.get("bias"))
+        (out.sum() + new_res.sum()).backward()  # sum: stride-0 upstream gradients
+        for n, t in leaves.items():
+            if n in wanted:
+                assert_close(t.grad, ref["d" + n], name=f"requires_grad={wanted}: d{n}")
+            else:
+                assert t.grad is None, f"requires_grad={wanted}: {n} got a gradient"
