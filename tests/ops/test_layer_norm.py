@@ -138,18 +138,12 @@ def test_gradcheck_float64(backend, lead, shape, with_affine):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
-# Known failure (lnorm/ops/norm.py, the lead's file): double backward is not claimed, so it must
-# fail loudly. The Numba backend's backward returns tensors without a graph (the second grad
-# raises "does not require grad"); the torch backend's backward is built from differentiable
-# ops but treats mean and rstd as constants, so second derivatives w.r.t. x come out silently
-# wrong (gradgradcheck: Jacobian mismatch). Marking backward @once_differentiable would make
-# both raise.
-_DOUBLE_BACKWARD = "torch backend: silently wrong second derivative w.r.t. x (mean/rstd constant)"
+# Double backward is not claimed, so it must be right or fail loudly: the fused backward is
+# @once_differentiable, so a second derivative raises on both backends. (Before that, the torch
+# backend's backward treated mean and rstd as constants and gave silently wrong second derivatives.)
 
 
 def test_double_backward_is_right_or_an_error(request, backend):
-    if backend == "torch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_DOUBLE_BACKWARD))
     x = torch.randn(3, 5, dtype=torch.float64)
     w = torch.randn(5, dtype=torch.float64)
 

@@ -21,6 +21,7 @@ import functools
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lnorm import _backend
 
@@ -310,6 +311,7 @@ class _FusedNorm(torch.autograd.Function):
         return y, res_out, mean, rstd
 
     @staticmethod
+    @once_differentiable  # double backward is not supported: it raises rather than mislead
     def backward(ctx, dy, dres_out, dmean, drstd):
         src, weight, mean, rstd = ctx.saved_tensors
         need_dw = weight is not None and ctx.needs_input_grad[2]
