@@ -155,14 +155,14 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input (B, {self.num_channels}, ...), got {list(input.shape)}")
-        # statistics in float32 for half types, but never below the input's precision (float64)
+        # statistics in float32 for half types, but never below the input's precision (float64);
+        # the output has the input's dtype whatever the weight's (mixed precision, as nn.RMSNorm)
         cdt = torch.float64 if input.dtype == torch.float64 else torch.float32
         flat = input.reshape(input.shape[0], -1).to(cdt)
-        y = (flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)).to(input.dtype)
-        y = y.view(input.shape)
+        y = (flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)).view(input.shape)
         if self.weight is not None:
-            y = y * self.weight.view(1, -1, *([1] * (input.dim() - 2)))
-        return y
+            y = y * self.weight.to(cdt).view(1, -1, *([1] * (input.dim() - 2)))
+        return y.to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
