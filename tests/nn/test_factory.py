@@ -85,6 +85,15 @@ def test_channels_norms_in_bfloat16(kind):
     assert_close(y, m64(x.double()), dtype=torch.bfloat16, name=f"{kind}/channels bf16")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["last", "channels"])
+def test_float32_params_with_bfloat16_input_give_bfloat16(kind, layout):
+    # mixed precision: float32 norm parameters, bf16 activations, bf16 out (as torch's norms).
+    # Regression: rms/channels returned float32.
+    x = torch.randn(4, 5, 8).bfloat16() if layout == "last" else torch.randn(4, 8, 5).bfloat16()
+    assert make_norm(kind, 8, layout=layout)(x).dtype == torch.bfloat16
+
+
 def test_group_norm_in_both_layouts():
     g_last = _randomize(make_norm("group", 8, num_groups=2))
     ref = nn.GroupNorm(2, 8)
