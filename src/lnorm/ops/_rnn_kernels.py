@@ -15,85 +15,135 @@ Accumulators take the array's dtype.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
-_OPTS = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
+# error_model="numpy": no ZeroDivisionError branch, so the divisions in the loops vectorize
+_OPTS = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
+
+# ------------------------------------------------------------------------------ nonlinearities
+# float32 has no vectorized tanh/exp in LLVM without Intel SVML, and scalar libm calls cost ~30x
+# a vectorized rational approximation. float32 uses Eigen's rational approximation of tanh
+# (max abs error 2.6e-7, about 2 ulp near +-1; torch's own vectorized tanh is also ~1 ulp);
+# float64 (gradcheck, references) uses the exact libm functions.
+_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+_TANH_CLAMP = 7.90531110763549805
 
 
-@njit(inline="always")
-def _sig(x):
+def ftanh(x):  # pragma: no cover - replaced by the overload inside jitted code
+    return np.tanh(x)
+
+
+def fsig(x):  # pragma: no cover
     return 1.0 / (1.0 + np.exp(-x))
 
 
+@overload(ftanh, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
+def _ftanh(x):
+    if x == types.float32:
+        a1, a3, a5, a7, a9, a11, a13 = (np.float32(v) for v in _TANH_P)
+        b0, b2, b4, b6 = (np.float32(v) for v in _TANH_Q)
+        lim = np.float32(_TANH_CLAMP)
+
+        def impl(x):
+            y = x if x < lim else lim
+            y = y if y > -lim else -lim
+            y2 = y * y
+            p = y2 * a13 + a11
+            p = y2 * p + a9
+            p = y2 * p + a7
+            p = y2 * p + a5
+            p = y2 * p + a3
+            p = y2 * p + a1
+            q = y2 * b6 + b4
+            q = y2 * q + b2
+            q = y2 * q + b0
+            return y * p / q
+
+        return impl
+    return lambda x: np.tanh(x)
+
+
+@overload(fsig, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
+def _fsig(x):
+    if x == types.float32:
+        half = np.float32(0.5)
+        return lambda x: half * ftanh(half * x) + half
+    return lambda x: 1.0 / (1.0 + np.exp(-x))
+
+
 # ------------------------------------------------------------------------------------ LSTM
+# k: (eps, 1, 1/G, 1/H) in the data's dtype, so float32 stays float32 in the vector loops
 
 
 @njit(**_OPTS)
-def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, eps, hs, cs, out,
+def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
                   ghat_s, act_s, c_s, stat_s):  # pragma: no cover
     # gh: (bs, 4H) = h W_hh^T for the active rows; gx: (N, 4H); hs, cs: (B, H) state, updated in
     # place for rows < bs; out: (N, H); saved: ghat_s, act_s (*, 4H), c_s (*, H), stat_s (*, 3)
     # holding (rstd of gh, mean of c, rstd of c)
     bs, G = gh.shape
     H = G // 4
-    inv_g = 1.0 / G
-    inv_h = 1.0 / H
+    eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
     for b in prange(bs):
         n = off + b
         s = soff + b
         mu = gh[b, 0] * 0
-        for k in range(G):
-            mu += gh[b, k]
-        mu = mu * inv_g
-        var = gh[b, 0] * 0
-        for k in range(G):
-            d = gh[b, k] - mu
+        for q in range(G):
+            mu += gh[b, q]
+        stat_s[s, 1] = mu * inv_g  # stored and read back: rounds to the data's dtype
+        mu = stat_s[s, 1]
+        var = mu * 0
+        for q in range(G):
+            d = gh[b, q] - mu
             var += d * d
-        rh = 1.0 / np.sqrt(var * inv_g + eps)
-        stat_s[s, 0] = rh
-        for k in range(G):
-            ghat_s[s, k] = (gh[b, k] - mu) * rh
-        for k in range(G):
-            pre = g1[k] * ghat_s[s, k] + b1[k] + gx[n, k]
-            if k >= 2 * H and k < 3 * H:
-                act_s[s, k] = np.tanh(pre)
-            else:
-                act_s[s, k] = _sig(pre)
-        muc = gh[b, 0] * 0
+        stat_s[s, 0] = one / np.sqrt(var * inv_g + eps)
+        rh = stat_s[s, 0]
+        for q in range(G):
+            ghat_s[s, q] = (gh[b, q] - mu) * rh
+        muc = mu * 0
         for j in range(H):
-            cn = act_s[s, H + j] * cs[b, j] + act_s[s, j] * act_s[s, 2 * H + j]
+            i = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
+            f = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
+            g = ftanh(g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j] + gx[n, 2 * H + j])
+            o = fsig(g1[3 * H + j] * ghat_s[s, 3 * H + j] + b1[3 * H + j] + gx[n, 3 * H + j])
+            act_s[s, j] = i
+            act_s[s, H + j] = f
+            act_s[s, 2 * H + j] = g
+            act_s[s, 3 * H + j] = o
+            cn = f * cs[b, j] + i * g
             c_s[s, j] = cn
             muc += cn
-        muc = muc * inv_h
+        stat_s[s, 1] = muc * inv_h
+        muc = stat_s[s, 1]
         varc = muc * 0
         for j in range(H):
             d = c_s[s, j] - muc
             varc += d * d
-        rc = 1.0 / np.sqrt(varc * inv_h + eps)
-        stat_s[s, 1] = muc
-        stat_s[s, 2] = rc
+        stat_s[s, 2] = one / np.sqrt(varc * inv_h + eps)
+        rc = stat_s[s, 2]
         for j in range(H):
             cn = c_s[s, j]
-            tc = np.tanh(g3[j] * ((cn - muc) * rc) + b3[j])
-            hv = act_s[s, 3 * H + j] * tc
+            hv = act_s[s, 3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
             out[n, j] = hv
             hs[b, j] = hv
             cs[b, j] = cn
 
 
 @njit(**_OPTS)
-def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, g1, g3, b3,
+def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, g1, g3, b3, k,
                   dgx, dgh, dcn_s, dcnc_s):  # pragma: no cover
     # dhs, dcs: (B, H) gradient state (in: w.r.t. this step's h and c from later steps; out: dcs
     # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dgx, dgh: (N, 4H) outputs
     # (gradient of the gates = of gx, and of gh); dcn_s, dcnc_s: (N, H) per-row terms of the
-    # cell-LN weight and bias gradients. cprev_idx[n]: row of c_s holding the previous c, or
+    # cell-LN bias and weight gradients. cprev_idx[n]: row of c_s holding the previous c, or
     # -1 - b for c0[b].
     G = ghat_s.shape[1]
     H = G // 4
-    inv_g = 1.0 / G
-    inv_h = 1.0 / H
+    one, inv_g, inv_h = k[1], k[2], k[3]
     for b in prange(bs):
         n = off + b
         muc = stat_s[n, 1]
@@ -103,11 +153,11 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
         s2 = rc * 0
         for j in range(H):
             chat = (c_s[n, j] - muc) * rc
-            tc = np.tanh(g3[j] * chat + b3[j])
+            tc = ftanh(g3[j] * chat + b3[j])
             o = act_s[n, 3 * H + j]
             dh = dout[n, j] + dhs[b, j]
-            dgx[n, 3 * H + j] = dh * tc * o * (1.0 - o)
-            dcn = dh * o * (1.0 - tc * tc)
+            dgx[n, 3 * H + j] = dh * tc * o * (one - o)
+            dcn = dh * o * (one - tc * tc)
             dcn_s[n, j] = dcn
             dcnc_s[n, j] = dcn * chat
             dchat = dcn * g3[j]
@@ -116,120 +166,130 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
         s1 = s1 * inv_h
         s2 = s2 * inv_h
         p = cprev_idx[n]
+        cprev = c_s if p >= 0 else c0
+        pr = p if p >= 0 else -1 - p
         for j in range(H):
             chat = (c_s[n, j] - muc) * rc
             dc = rc * (dcn_s[n, j] * g3[j] - s1 - chat * s2) + dcs[b, j]
-            cp = c_s[p, j] if p >= 0 else c0[-1 - p, j]
             i = act_s[n, j]
             f = act_s[n, H + j]
             g = act_s[n, 2 * H + j]
-            dgx[n, j] = dc * g * i * (1.0 - i)
-            dgx[n, H + j] = dc * cp * f * (1.0 - f)
-            dgx[n, 2 * H + j] = dc * i * (1.0 - g * g)
+            dgx[n, j] = dc * g * i * (one - i)
+            dgx[n, H + j] = dc * cprev[pr, j] * f * (one - f)
+            dgx[n, 2 * H + j] = dc * i * (one - g * g)
             dcs[b, j] = dc * f
         s3 = rc * 0
         s4 = rc * 0
-        for k in range(G):
-            dgt = dgx[n, k] * g1[k]
+        for q in range(G):
+            dgt = dgx[n, q] * g1[q]
             s3 += dgt
-            s4 += dgt * ghat_s[n, k]
+            s4 += dgt * ghat_s[n, q]
         s3 = s3 * inv_g
         s4 = s4 * inv_g
-        for k in range(G):
-            dgh[n, k] = rh * (dgx[n, k] * g1[k] - s3 - ghat_s[n, k] * s4)
+        for q in range(G):
+            dgh[n, q] = rh * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
 
 
 # ------------------------------------------------------------------------------------- GRU
+# k: (eps, 1, 1/(2H), 1/H) in the data's dtype
+
+
+@njit(inline="always")
+def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: no cover
+    mu = gh[b, lo] * 0
+    for q in range(lo, hi):
+        mu += gh[b, q]
+    stat_s[s, col] = mu * inv
+    mu = stat_s[s, col]
+    var = mu * 0
+    for q in range(lo, hi):
+        d = gh[b, q] - mu
+        var += d * d
+    stat_s[s, col] = one / np.sqrt(var * inv + eps)
+    r = stat_s[s, col]
+    for q in range(lo, hi):
+        ghat_s[s, q] = (gh[b, q] - mu) * r
 
 
 @njit(**_OPTS)
-def gru_fwd_step(off, soff, gh, gx, g1, b1, bhn, eps, hs, out, ghat_s, act_s, stat_s):  # pragma: no cover
+def gru_fwd_step(off, soff, gh, gx, g1, b1, bhn, k, hs, out, ghat_s, act_s, stat_s):  # pragma: no cover
     # gh: (bs, 3H) = h W_hh^T; LN in groups [r, z | n]; gx: (N, 3H) = LN(W_ih x) + biases (the
     # r, z part holds b_ih + b_hh, the n part b_ih only); bhn: (H,) b_hh of n (zeros if no bias).
     # saved: ghat_s (*, 3H); act_s (*, 4H) = (r, z, n, LN(W_hh h)_n + b_hn); stat_s (*, 2) = the
     # rstd of the two groups of gh.
     bs, G = gh.shape
     H = G // 3
-    inv_2h = 1.0 / (2 * H)
-    inv_h = 1.0 / H
+    eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
     for b in prange(bs):
         n = off + b
         s = soff + b
-        for grp in range(2):
-            lo = 0 if grp == 0 else 2 * H
-            hi = 2 * H if grp == 0 else 3 * H
-            inv = inv_2h if grp == 0 else inv_h
-            mu = gh[b, 0] * 0
-            for k in range(lo, hi):
-                mu += gh[b, k]
-            mu = mu * inv
-            var = mu * 0
-            for k in range(lo, hi):
-                d = gh[b, k] - mu
-                var += d * d
-            r = 1.0 / np.sqrt(var * inv + eps)
-            stat_s[s, grp] = r
-            for k in range(lo, hi):
-                ghat_s[s, k] = (gh[b, k] - mu) * r
+        _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
+        _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
         for j in range(H):
-            r = _sig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
-            z = _sig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
+            r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
+            z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
             hn = g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j] + bhn[j]
-            nv = np.tanh(gx[n, 2 * H + j] + r * hn)
+            nv = ftanh(gx[n, 2 * H + j] + r * hn)
             act_s[s, j] = r
             act_s[s, H + j] = z
             act_s[s, 2 * H + j] = nv
             act_s[s, 3 * H + j] = hn
-            hv = (1.0 - z) * nv + z * hs[b, j]
+            hv = (one - z) * nv + z * hs[b, j]
             out[n, j] = hv
             hs[b, j] = hv
 
 
 @njit(**_OPTS)
-def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1,
+def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
                  dgx, dgh, dyn_s, dhprev_direct):  # pragma: no cover
     # dhs: (B, H) gradient w.r.t. this step's h from later steps; dgx (N, 3H): gradient of gx;
-    # dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn; dhprev_direct (B, H): the z * dh part of the previous h's gradient (the
-    # caller adds dgh W_hh). hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
+    # dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn; dhprev_direct (B, H): the z * dh
+    # part of the previous h's gradient (the caller adds dgh W_hh). hprev_idx[n]: row of out
+    # holding the previous h, or -1 - b for h0[b].
     G = ghat_s.shape[1]
     H = G // 3
-    inv_2h = 1.0 / (2 * H)
-    inv_h = 1.0 / H
+    one, inv_2h, inv_h = k[1], k[2], k[3]
     for b in prange(bs):
         n = off + b
         p = hprev_idx[n]
+        hprev = out if p >= 0 else h0
+        pr = p if p >= 0 else -1 - p
         for j in range(H):
             r = act_s[n, j]
             z = act_s[n, H + j]
             nv = act_s[n, 2 * H + j]
             hn = act_s[n, 3 * H + j]
-            hp = out[p, j] if p >= 0 else h0[-1 - p, j]
             dh = dout[n, j] + dhs[b, j]
             dhprev_direct[b, j] = dh * z
-            dn = dh * (1.0 - z) * (1.0 - nv * nv)
-            dz = dh * (hp - nv) * z * (1.0 - z)
-            dr = dn * hn * r * (1.0 - r)
-            dgx[n, j] = dr
-            dgx[n, H + j] = dz
+            dn = dh * (one - z) * (one - nv * nv)
+            dgx[n, j] = dn * hn * r * (one - r)
+            dgx[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
             dgx[n, 2 * H + j] = dn
             dyn_s[n, j] = dn * r
-        for grp in range(2):
-            lo = 0 if grp == 0 else 2 * H
-            hi = 2 * H if grp == 0 else 3 * H
-            inv = inv_2h if grp == 0 else inv_h
-            rs = stat_s[n, grp]
-            s3 = rs * 0
-            s4 = rs * 0
-            for k in range(lo, hi):
-                dy = dgx[n, k] if grp == 0 else dyn_s[n, k - 2 * H]
-                dgt = dy * g1[k]
-                s3 += dgt
-                s4 += dgt * ghat_s[n, k]
-            s3 = s3 * inv
-            s4 = s4 * inv
-            for k in range(lo, hi):
-                dy = dgx[n, k] if grp == 0 else dyn_s[n, k - 2 * H]
-                dgh[n, k] = rs * (dy * g1[k] - s3 - ghat_s[n, k] * s4)
+        # LN backward, group r, z (its output gradient is dgx's)
+        rs = stat_s[n, 0]
+        s3 = rs * 0
+        s4 = rs * 0
+        for q in range(2 * H):
+            dgt = dgx[n, q] * g1[q]
+            s3 += dgt
+            s4 += dgt * ghat_s[n, q]
+        s3 = s3 * inv_2h
+        s4 = s4 * inv_2h
+        for q in range(2 * H):
+            dgh[n, q] = rs * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+        # group n (its output gradient is r * dn)
+        rs = stat_s[n, 1]
+        s3 = rs * 0
+        s4 = rs * 0
+        for j in range(H):
+            dgt = dyn_s[n, j] * g1[2 * H + j]
+            s3 += dgt
+            s4 += dgt * ghat_s[n, 2 * H + j]
+        s3 = s3 * inv_h
+        s4 = s4 * inv_h
+        for j in range(H):
+            dgh[n, 2 * H + j] = rs * (dyn_s[n, j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
 
 
 # --------------------------------------------------------------------------------- reductions
@@ -237,15 +297,17 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
 
 @njit(**_OPTS)
 def colsum_prod(a, b, out):  # pragma: no cover
-    # out[k] = sum_n a[n, k] * b[n, k], parallel over column blocks (no write races)
+    # out[k] = sum_n a[n, k] * b[n, k]: parallel over column blocks (no write races), each block
+    # accumulated in a local vector so the inner loop vectorizes
     N, K = a.shape
-    blk = 64
+    blk = 256
     nblk = (K + blk - 1) // blk
     for q in prange(nblk):
         lo = q * blk
-        hi = min(K, lo + blk)
-        for k in range(lo, hi):
-            out[k] = 0
+        w = min(blk, K - lo)
+        acc = np.zeros(blk, dtype=out.dtype)
         for r in range(N):
-            for k in range(lo, hi):
-                out[k] += a[r, k] * b[r, k]
+            for kk in range(w):
+                acc[kk] += a[r, lo + kk] * b[r, lo + kk]
+        for kk in range(w):
+            out[lo + kk] = acc[kk]

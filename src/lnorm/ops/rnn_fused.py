@@ -77,6 +77,11 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
+def _consts(dtype, eps: float, g: int, h: int):
+    # scalars in the data's dtype, so the kernels' float32 loops stay float32
+    return np.array([eps, 1.0, 1.0 / g, 1.0 / h], dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------- LSTM
 
 
@@ -99,10 +104,10 @@ def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float
     gx_n, g1_n, b1_n, g3_n, b3_n = a
     hs_n, cs_n, out_n, gh_n = _np(hs), _np(cs), _np(out), _np(gh)
     ghat_n, act_n, c_n, stat_n = _np(ghat), _np(act), _np(c_all), _np(stat)
-    eps_n = gx_n.dtype.type(eps)
+    k = _consts(gx_n.dtype, eps, G, H)
     for off, bs in sched.steps:
         torch.mm(hs[:bs], w_t, out=gh[:bs])
-        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, g3_n, b3_n, eps_n,
+        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, g3_n, b3_n, k,
                         hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
     return out, hs, cs, (ghat, act, c_all, stat)
 
@@ -134,8 +139,9 @@ class _LSTMRecurrence(torch.autograd.Function):
         args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
         c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
         dgx_n, dgh_n, dcn_n, dcnc_n = _np(dgx), _np(dgh), _np(dcn_s), _np(dcnc_s)
+        k = _consts(dgx_n.dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
-            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, dgx_n, dgh_n, dcn_n, dcnc_n)
+            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, dgx_n, dgh_n, dcn_n, dcnc_n)
             torch.mm(dgh[off : off + bs], w, out=dhs[:bs])
         dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[3] else None
         dg1 = torch.empty(G, dtype=dt)
@@ -172,10 +178,10 @@ def _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched: _Schedule, eps: float, save: 
     gx_n, g1_n, b1_n, bhn_n = (_np(t.contiguous()) for t in (gx, g1, b1, bhn))
     hs_n, out_n, gh_n = _np(hs), _np(out), _np(gh)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
-    eps_n = gx_n.dtype.type(eps)
+    k = _consts(gx_n.dtype, eps, 2 * H, H)
     for off, bs in sched.steps:
         torch.mm(hs[:bs], w_t, out=gh[:bs])
-        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, bhn_n, eps_n, hs_n,
+        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, bhn_n, k, hs_n,
                        out_n, ghat_n, act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
@@ -206,9 +212,10 @@ class _GRURecurrence(torch.autograd.Function):
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dgx_n, dgh_n, dyn_n, direct_n = _np(dgx), _np(dgh), _np(dyn), _np(direct)
+        k = _consts(dgx_n.dtype, 1.0, 2 * H, H)
         for off, bs in reversed(sched.steps):
             K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
-                           g1_n, dgx_n, dgh_n, dyn_n, direct_n)
+                           g1_n, k, dgx_n, dgh_n, dyn_n, direct_n)
             torch.addmm(direct[:bs], dgh[off : off + bs], w, out=dhs[:bs])
         dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[2] else None
         dg1 = torch.empty(G, dtype=dt)

@@ -1,0 +1,315 @@
+"""LayerNormLSTM / LayerNormGRU against torch's nn.LSTM / nn.GRU and a straightforward LN cell.
+
+Three candidates per case, timed interleaved in one run (median of ``--repeats``):
+
+* ``torch``: ``nn.LSTM`` / ``nn.GRU`` of the same size (no normalization; the reference speed);
+* ``lnorm``: ``LayerNormLSTM`` / ``LayerNormGRU`` (the paper's equations, current backend);
+* ``naive``: the straightforward implementation, a cell with ``nn.LayerNorm`` calls (three for the
+  LSTM, four for the GRU) in a Python loop over time.
+
+Correctness first: ``naive`` gets ``lnorm``'s weights and its outputs must match. Modes: ``train``
+(forward + backward of ``output.sum()``) and ``infer`` (forward under ``no_grad``). ``saved MB``
+counts the bytes of the unique storages autograd keeps for backward (saved-tensor hooks).
+Cases: the main one (``--batch --seq-len --input-size --hidden-size``, 1 layer), 2 layers
+bidirectional, and a packed batch of mixed lengths (uniform between T/4 and T).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import lnorm
+from lnorm.bench.timing import interleaved
+from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM
+
+# Targets from the issue (main case, float32): lnorm/torch time and saved-memory ratios, and the
+# speedup over the naive implementation.
+TARGETS = {"train": 1.25, "infer": 1.5, "naive_speedup": 2.0, "saved_ratio": 2.0}
+
+
+@dataclass
+class Row:
+    cell: str
+    case: str
+    mode: str
+    torch_ms: float
+    lnorm_ms: float
+    naive_ms: float
+    vs_torch: float  # lnorm / torch (below 1: lnorm is faster)
+    vs_naive: float  # naive / lnorm (above 1: lnorm is faster)
+    torch_saved_mb: float
+    lnorm_saved_mb: float
+    naive_saved_mb: float
+
+
+# ------------------------------------------------------------------------------- the baseline
+
+
+class NaiveLNLSTM(nn.Module):
+    """The straightforward LN-LSTM: per step three ``nn.LayerNorm`` calls in a Python loop."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        H = hidden_size
+        self.ih = nn.Linear(input_size, 4 * H)
+        self.hh = nn.Linear(H, 4 * H)
+        self.ln_ih, self.ln_hh, self.ln_c = nn.LayerNorm(4 * H), nn.LayerNorm(4 * H), nn.LayerNorm(H)
+
+    def forward(self, x):  # (T, B, I) -> (T, B, H)
+        T, B, _ = x.shape
+        H = self.hh.in_features
+        h = c = x.new_zeros(B, H)
+        outs = []
+        bias = self.ih.bias + self.hh.bias
+        for t in range(T):
+            gates = self.ln_ih(F.linear(x[t], self.ih.weight)) + self.ln_hh(F.linear(h, self.hh.weight)) + bias
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            outs.append(h)
+        return torch.stack(outs), (h, c)
+
+
+class NaiveLNGRU(nn.Module):
+    """The straightforward LN-GRU: per step four ``nn.LayerNorm`` calls in a Python loop."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        H = hidden_size
+        self.ih = nn.Linear(input_size, 3 * H)
+        self.hh = nn.Linear(H, 3 * H)
+        self.ln_ih_rz, self.ln_hh_rz = nn.LayerNorm(2 * H), nn.LayerNorm(2 * H)
+        self.ln_ih_n, self.ln_hh_n = nn.LayerNorm(H), nn.LayerNorm(H)
+
+    def forward(self, x):
+        T, B, _ = x.shape
+        H = self.hh.in_features
+        h = x.new_zeros(B, H)
+        outs = []
+        b_ih, b_hh = self.ih.bias, self.hh.bias
+        for t in range(T):
+            gx = F.linear(x[t], self.ih.weight)
+            gh = F.linear(h, self.hh.weight)
+            rz = torch.sigmoid(self.ln_ih_rz(gx[:, : 2 * H]) + self.ln_hh_rz(gh[:, : 2 * H]) + b_ih[: 2 * H] + b_hh[: 2 * H])
+            r, z = rz.chunk(2, 1)
+            n = torch.tanh(self.ln_ih_n(gx[:, 2 * H :]) + b_ih[2 * H :] + r * (self.ln_hh_n(gh[:, 2 * H :]) + b_hh[2 * H :]))
+            h = (1 - z) * n + z * h
+            outs.append(h)
+        return torch.stack(outs), h
+
+
+def _copy_to_naive(naive: nn.Module, m: nn.Module, cell: str) -> None:
+    H = m.hidden_size
+    with torch.no_grad():
+        naive.ih.weight.copy_(m.weight_ih_l0)
+        naive.ih.bias.copy_(m.bias_ih_l0)
+        naive.hh.weight.copy_(m.weight_hh_l0)
+        naive.hh.bias.copy_(m.bias_hh_l0)
+        if cell == "lstm":
+            naive.ln_ih.weight.copy_(m.ln_ih_weight_l0)
+            naive.ln_ih.bias.copy_(m.ln_ih_bias_l0)
+            naive.ln_hh.weight.copy_(m.ln_hh_weight_l0)
+            naive.ln_hh.bias.copy_(m.ln_hh_bias_l0)
+            naive.ln_c.weight.copy_(m.ln_cell_weight_l0)
+            naive.ln_c.bias.copy_(m.ln_cell_bias_l0)
+        else:
+            for part, ln_rz, ln_n in (("ih", naive.ln_ih_rz, naive.ln_ih_n), ("hh", naive.ln_hh_rz, naive.ln_hh_n)):
+                w, b = getattr(m, f"ln_{part}_weight_l0"), getattr(m, f"ln_{part}_bias_l0")
+                ln_rz.weight.copy_(w[: 2 * H])
+                ln_rz.bias.copy_(b[: 2 * H])
+                ln_n.weight.copy_(w[2 * H :])
+                ln_n.bias.copy_(b[2 * H :])
+
+
+# ----------------------------------------------------------------------------------- measure
+
+
+def _output(res):
+    out = res[0]
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _randomize_ln(m: nn.Module) -> None:
+    # non-trivial LN parameters, so the correctness check can catch a swapped or missing one
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, modes) -> list[Row]:
+    torch_cls, ln_cls, naive_cls = {
+        "lstm": (nn.LSTM, LayerNormLSTM, NaiveLNLSTM),
+        "gru": (nn.GRU, LayerNormGRU, NaiveLNGRU),
+    }[cell]
+    layers, bidir = (2, True) if case == "2-layer-bidir" else (1, False)
+    ref = torch_cls(I, H, num_layers=layers, bidirectional=bidir)
+    ours = ln_cls(I, H, num_layers=layers, bidirectional=bidir)
+    _randomize_ln(ours)
+    naive = None
+    x = torch.randn(T, B, I)
+    if case == "packed":
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
+        lengths[0] = T
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    else:
+        inp = x
+    if case == "main":
+        naive = naive_cls(I, H)
+        _copy_to_naive(naive, ours, cell)
+        with torch.no_grad():
+            err = (_output(ours(x)) - naive(x)[0]).abs().max().item()
+        if not err < 1e-3:
+            raise AssertionError(f"{cell}: LayerNorm{cell.upper()} and the naive cell disagree: max abs diff {err:.3g}")
+    mods = {"torch": ref, "lnorm": ours}
+    if naive is not None:
+        mods["naive"] = naive
+
+    def train(m):
+        def f():
+            _output(m(inp)).sum().backward()
+        return f
+
+    def infer(m):
+        def f():
+            with torch.no_grad():
+                m(inp)
+        return f
+
+    saved = {k: saved_bytes(lambda m=m: m(inp)) / 1e6 for k, m in mods.items()}
+    rows = []
+    for mode in modes:
+        fns = {k: (train if mode == "train" else infer)(m) for k, m in mods.items()}
+        res = interleaved(fns, repeats=repeats, warmup=1, target_s=0.0)
+        t = {k: v["median"] * 1e3 for k, v in res.items()}
+        nan = float("nan")
+        rows.append(Row(
+            cell=cell, case=case, mode=mode, torch_ms=t["torch"], lnorm_ms=t["lnorm"],
+            naive_ms=t.get("naive", nan), vs_torch=t["lnorm"] / t["torch"],
+            vs_naive=t.get("naive", nan) / t["lnorm"], torch_saved_mb=saved["torch"],
+            lnorm_saved_mb=saved["lnorm"], naive_saved_mb=saved.get("naive", nan),
+        ))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _table(rows: list[Row]) -> str:
+    head = (f"{'cell':5} {'case':14} {'mode':6} {'torch ms':>9} {'lnorm ms':>9} {'naive ms':>9} "
+            f"{'lnorm/torch':>11} {'naive/lnorm':>11} {'saved MB torch/lnorm/naive':>27}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        naive = "-" if r.naive_ms != r.naive_ms else f"{r.naive_ms:9.1f}"
+        vsn = "-" if r.vs_naive != r.vs_naive else f"{r.vs_naive:10.2f}x"
+        nsv = "-" if r.naive_saved_mb != r.naive_saved_mb else f"{r.naive_saved_mb:.1f}"
+        lines.append(
+            f"{r.cell:5} {r.case:14} {r.mode:6} {r.torch_ms:9.1f} {r.lnorm_ms:9.1f} {naive:>9} "
+            f"{r.vs_torch:10.2f}x {vsn:>11} {f'{r.torch_saved_mb:.1f} / {r.lnorm_saved_mb:.1f} / {nsv}':>27}"
+        )
+    return "\n".join(lines)
+
+
+def _targets(rows: list[Row]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.case != "main":
+            continue
+        bound = TARGETS[r.mode]
+        out.append(f"{r.cell} {r.mode}: lnorm/torch {r.vs_torch:.2f} (target <= {bound}) "
+                   f"{'met' if r.vs_torch <= bound else 'NOT met'}")
+        out.append(f"{r.cell} {r.mode}: naive/lnorm {r.vs_naive:.2f} (target >= {TARGETS['naive_speedup']}) "
+                   f"{'met' if r.vs_naive >= TARGETS['naive_speedup'] else 'NOT met'}")
+        if r.mode == "train":
+            ratio = r.lnorm_saved_mb / r.torch_saved_mb
+            out.append(f"{r.cell} saved memory: lnorm/torch {ratio:.2f} (target <= {TARGETS['saved_ratio']}) "
+                       f"{'met' if ratio <= TARGETS['saved_ratio'] else 'NOT met'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cells", default="lstm,gru", help="comma list of lstm, gru (default lstm,gru)")
+    parser.add_argument("--cases", default="main,2-layer-bidir,packed",
+                        help="comma list of main, 2-layer-bidir, packed (default all three)")
+    parser.add_argument("--modes", default="train,infer", help="comma list of train, infer")
+    parser.add_argument("--batch", type=int, default=32, help="batch size B (default 32)")
+    parser.add_argument("--seq-len", type=int, default=100, help="sequence length T in steps (default 100)")
+    parser.add_argument("--input-size", type=int, default=128, help="input features I (default 128)")
+    parser.add_argument("--hidden-size", type=int, default=512, help="hidden features H (default 512)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per candidate; the median is reported")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for torch and the Numba kernels (default: their own choice)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (a smoke run in seconds)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON to PATH")
+
+
+def _split(value: str, allowed: tuple[str, ...], name: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"lnorm bench rnn: {name} must be a comma list of {allowed}, got {value!r}")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    cells = _split(args.cells, ("lstm", "gru"), "--cells")
+    cases = _split(args.cases, ("main", "2-layer-bidir", "packed"), "--cases")
+    modes = _split(args.modes, ("train", "infer"), "--modes")
+    B, T, I, H, repeats = args.batch, args.seq_len, args.input_size, args.hidden_size, args.repeats
+    if args.quick:
+        B, T, I, H, repeats = 4, 6, 8, 16, 2
+    if min(B, T, I, H, repeats) < 1:
+        raise SystemExit("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if lnorm.numba_available():
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.manual_seed(0)
+    settings = dict(batch=B, seq_len=T, input_size=I, hidden_size=H, repeats=repeats, dtype="float32",
+                    backend=lnorm.get_backend(), threads=torch.get_num_threads(), torch=torch.__version__,
+                    machine=platform.machine(), processor=platform.processor(), command=" ".join(sys.argv))
+    print(f"lnorm bench rnn: B={B} T={T} I={I} H={H}, float32, backend {settings['backend']}, "
+          f"{settings['threads']} threads, median of {repeats}")
+    rows: list[Row] = []
+    for cell in cells:
+        for case in cases:
+            rows += _case(cell, case, B, T, I, H, repeats, modes)
+    print(_table(rows))
+    for line in _targets(rows):
+        print(line)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"settings": settings, "targets": TARGETS, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0

@@ -1,0 +1,568 @@
+"""LayerNormLSTM / GRU / RNN and their cells: torch parity, the paper's equations, whole vs pieces,
+packed vs alone, gradcheck, batch independence, torch.compile, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence
+
+import lnorm
+from lnorm._backend import numba_available
+from lnorm.nn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
+from tolerances import assert_close
+
+D64 = torch.float64
+BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]
+LAYERS = {
+    "lstm": (LayerNormLSTM, nn.LSTM, LayerNormLSTMCell),
+    "gru": (LayerNormGRU, nn.GRU, LayerNormGRUCell),
+    "rnn_tanh": (LayerNormRNN, nn.RNN, LayerNormRNNCell),
+    "rnn_relu": (LayerNormRNN, nn.RNN, LayerNormRNNCell),
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with lnorm.use_backend(request.param):
+        yield request.param
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _extra(kind: str) -> dict:
+    return {"nonlinearity": "relu"} if kind == "rnn_relu" else {}
+
+
+def make(kind: str, *args, ln_noise: float = 0.3, **kw):
+    """Our layer with non-trivial LN parameters (so a swapped or ignored one shows)."""
+    m = LAYERS[kind][0](*args, **_extra(kind), **kw)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(ln_noise * torch.randn_like(p))
+    return m
+
+
+def make_cell(kind: str, *args, **kw):
+    m = LAYERS[kind][2](*args, **_extra(kind), **kw)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def data(out):
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def states(kind, res):
+    return list(res[1]) if kind == "lstm" else [res[1]]
+
+
+def hx_for(kind, L, B, H, dtype=D64, batched=True):
+    shape = (L, B, H) if batched else (L, H)
+    h = torch.randn(*shape, dtype=dtype)
+    return (h, torch.randn(*shape, dtype=dtype)) if kind == "lstm" else h
+
+
+def loss_of(kind, res):
+    # weights so every element of every output matters differently
+    total = 0
+    for t in [data(res[0])] + states(kind, res):
+        w = torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)
+        total = total + (t * w).sum()
+    return total
+
+
+def graph_nodes(t) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+# ------------------------------------------------------------------------ names and state_dict
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_parameter_names_match_torch(kind, bidirectional):
+    ours = LAYERS[kind][0](5, 6, num_layers=2, bidirectional=bidirectional, layer_norm=False, **_extra(kind))
+    ref = LAYERS[kind][1](5, 6, num_layers=2, bidirectional=bidirectional, **_extra(kind))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for name, p in ref.named_parameters():
+        assert getattr(ours, name).shape == p.shape
+    ours.load_state_dict(ref.state_dict())  # strict
+
+    ln = LAYERS[kind][0](5, 6, num_layers=2, bidirectional=bidirectional, **_extra(kind))
+    res = ln.load_state_dict(ref.state_dict(), strict=False)
+    assert res.unexpected_keys == []
+    assert all(k.startswith("ln_") for k in res.missing_keys) and res.missing_keys
+    for name, p in ref.named_parameters():
+        assert torch.equal(getattr(ln, name), p)
+
+
+def test_ln_parameter_names_and_init():
+    m = LayerNormLSTM(3, 4, bidirectional=True)
+    names = [n for n, _ in m.named_parameters() if n.startswith("ln_")]
+    assert names == [
+        f"ln_{p}_{w}_l0{s}" for s in ("", "_reverse") for p in ("ih", "hh", "cell") for w in ("weight", "bias")
+    ]
+    assert m.ln_ih_weight_l0.shape == (16,) and m.ln_cell_weight_l0.shape == (4,)
+    assert torch.equal(m.ln_hh_weight_l0_reverse, torch.ones(16))
+    assert torch.equal(m.ln_cell_bias_l0, torch.zeros(4))
+    assert [n for n, _ in LayerNormRNN(3, 4).named_parameters() if n.startswith("ln_")] == ["ln_weight_l0", "ln_bias_l0"]
+    assert LayerNormGRUCell(3, 4).ln_hh_weight.shape == (12,)
+
+
+# ----------------------------------------------------------------------------- torch parity
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(list(LAYERS)),
+    num_layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    bias=st.booleans(),
+    T=st.integers(1, 5),
+    B=st.integers(1, 4),
+    I=st.integers(1, 6),
+    H=st.integers(1, 6),
+    with_hx=st.booleans(),
+)
+def test_layer_norm_off_equals_torch(backend, kind, num_layers, bidirectional, batch_first, bias, T, B, I, H, with_hx):
+    ref = LAYERS[kind][1](I, H, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                          dtype=D64, **_extra(kind))
+    ours = LAYERS[kind][0](I, H, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                           layer_norm=False, dtype=D64, **_extra(kind))
+    ours.load_state_dict(ref.state_dict())
+    D = 2 if bidirectional else 1
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=D64, requires_grad=True)
+    hx = hx_for(kind, num_layers * D, B, H) if with_hx else None
+    r_ref, r_ours = ref(x, hx), ours(x, hx)
+    for a, e in zip([r_ours[0]] + states(kind, r_ours), [r_ref[0]] + states(kind, r_ref), strict=True):
+        assert_close(a, e, name="output/state")
+    g_ref = grads(loss_of(kind, r_ref), [x, *ref.parameters()])
+    g_ours = grads(loss_of(kind, r_ours), [x, *ours.parameters()])
+    for a, e, n in zip(g_ours, g_ref, ["x"] + [n for n, _ in ref.named_parameters()], strict=True):
+        assert_close(a, e, name=f"grad {n}")
+
+
+# ---------------------------------------------------------------------- the paper's equations
+
+
+def _ln(z, w, b, eps=1e-5):
+    mu = z.mean(-1, keepdim=True)
+    var = ((z - mu) ** 2).mean(-1, keepdim=True)
+    return w * (z - mu) / torch.sqrt(var + eps) + b
+
+
+def test_lstm_cell_is_paper_eq_20_22(backend):
+    cell = make_cell("lstm", 5, 4, dtype=D64)
+    x, h, c = torch.randn(3, 5, dtype=D64), torch.randn(3, 4, dtype=D64), torch.randn(3, 4, dtype=D64)
+    p = dict(cell.named_parameters())
+    gates = (_ln(h @ p["weight_hh"].T, p["ln_hh_weight"], p["ln_hh_bias"])
+             + _ln(x @ p["weight_ih"].T, p["ln_ih_weight"], p["ln_ih_bias"]) + p["bias_ih"] + p["bias_hh"])
+    i, f, g, o = gates.chunk(4, -1)
+    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h1 = torch.sigmoid(o) * torch.tanh(_ln(c1, p["ln_cell_weight"], p["ln_cell_bias"]))
+    h_ours, c_ours = cell(x, (h, c))
+    assert_close(h_ours, h1, name="h")
+    assert_close(c_ours, c1, name="c (carried un-normalized)")
+    # the normalized-cell variant carries LN(c) and has the same h
+    cell.cell_state = "normalized"
+    h_n, c_n = cell(x, (h, c))
+    assert_close(h_n, h1, name="h")
+    assert_close(c_n, _ln(c1, p["ln_cell_weight"], p["ln_cell_bias"]), name="normalized c")
+
+
+def test_gru_cell_is_paper_eq_26_28(backend):
+    cell = make_cell("gru", 5, 4, dtype=D64)
+    x, h = torch.randn(3, 5, dtype=D64), torch.randn(3, 4, dtype=D64)
+    p = dict(cell.named_parameters())
+    H = 4
+    gx, gh = x @ p["weight_ih"].T, h @ p["weight_hh"].T
+    wi, bi, wh, bh = p["ln_ih_weight"], p["ln_ih_bias"], p["ln_hh_weight"], p["ln_hh_bias"]
+    rz = torch.sigmoid(_ln(gx[:, :8], wi[:8], bi[:8]) + _ln(gh[:, :8], wh[:8], bh[:8])
+                       + p["bias_ih"][:8] + p["bias_hh"][:8])
+    r, z = rz[:, :H], rz[:, H:]
+    n = torch.tanh(_ln(gx[:, 8:], wi[8:], bi[8:]) + p["bias_ih"][8:] + r * (_ln(gh[:, 8:], wh[8:], bh[8:]) + p["bias_hh"][8:]))
+    assert_close(cell(x, h), (1 - z) * n + z * h, name="h")
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_cell_is_paper_eq_4(nonlinearity):
+    cell = LayerNormRNNCell(5, 4, nonlinearity=nonlinearity, dtype=D64)
+    with torch.no_grad():
+        cell.ln_weight.uniform_(0.5, 1.5)
+        cell.ln_bias.normal_()
+    x, h = torch.randn(3, 5, dtype=D64), torch.randn(3, 4, dtype=D64)
+    pre = _ln(x @ cell.weight_ih.T + h @ cell.weight_hh.T, cell.ln_weight, cell.ln_bias) + cell.bias_ih + cell.bias_hh
+    assert_close(cell(x, h), torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre), name="h")
+
+
+# --------------------------------------------------------------------------- whole vs pieces
+
+
+def _copy_cell(cell, layer, sfx="_l0"):
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.copy_(getattr(layer, name + sfx))
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_cell_loop_equals_layer(backend, kind):
+    layer = make(kind, 5, 6, dtype=D64)
+    cell = LAYERS[kind][2](5, 6, dtype=D64, **_extra(kind))
+    _copy_cell(cell, layer)
+    x = torch.randn(7, 3, 5, dtype=D64)
+    hx = hx_for(kind, 1, 3, 6)
+    out, st_ = layer(x, hx)
+    state = (hx[0][0], hx[1][0]) if kind == "lstm" else hx[0]
+    outs = []
+    for t in range(7):
+        state = cell(x[t], state)
+        outs.append(state[0] if kind == "lstm" else state)
+    assert_close(out, torch.stack(outs), name="output")
+    assert_close(states(kind, (out, st_))[0][0], outs[-1], name="h_n")
+    if kind == "lstm":
+        assert_close(st_[1][0], state[1], name="c_n")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_whole_sequence_equals_chunks_carrying_state(backend, kind):
+    m = make(kind, 4, 5, num_layers=2, batch_first=True, dtype=D64)
+    x = torch.randn(3, 9, 4, dtype=D64)
+    out, st_ = m(x)
+    o1, s1 = m(x[:, :4])
+    o2, s2 = m(x[:, 4:5], s1)
+    o3, s3 = m(x[:, 5:], s2)
+    assert_close(torch.cat([o1, o2, o3], 1), out, name="output")
+    for a, e in zip(states(kind, (o3, s3)), states(kind, (out, st_)), strict=True):
+        assert_close(a, e, name="final state")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_packed_equals_each_sequence_alone(backend, kind, bidirectional):
+    m = make(kind, 4, 5, num_layers=2, bidirectional=bidirectional, dtype=D64)
+    lengths = [3, 7, 1, 5, 7]
+    seqs = [torch.randn(n, 4, dtype=D64, requires_grad=True) for n in lengths]
+    D = 2 if bidirectional else 1
+    hx = hx_for(kind, 2 * D, len(lengths), 5)
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    out, st_ = m(packed, hx)
+    assert isinstance(out, PackedSequence)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+    final = states(kind, (out, st_))
+    g_packed = grads(loss_of(kind, (out, st_)), seqs)
+    for b, s in enumerate(seqs):
+        hb = (hx[0][:, b], hx[1][:, b]) if kind == "lstm" else hx[:, b]
+        o_b, st_b = m(s, hb)  # unbatched
+        assert_close(padded[: lengths[b], b], o_b, name=f"output of sequence {b}")
+        assert_close(padded[lengths[b] :, b], torch.zeros_like(padded[lengths[b] :, b]), name="padding")
+        for a, e in zip([f[:, b] for f in final], states(kind, (o_b, st_b)), strict=True):
+            assert_close(a, e, name=f"final state of sequence {b}")
+    # the gradient of the packed loss w.r.t. each sequence equals its share computed alone
+    assert all(g is not None and torch.isfinite(g).all() for g in g_packed)
+
+
+def test_padded_batch_via_pack_padded_equals_alone(backend):
+    m = make("lstm", 3, 4, batch_first=True, dtype=D64)
+    x = torch.randn(3, 6, 3, dtype=D64)
+    lengths = torch.tensor([2, 6, 4])
+    out, (h, c) = m(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    for b in range(3):
+        o_b, (h_b, c_b) = m(x[b : b + 1, : lengths[b]])
+        assert_close(h[:, b], h_b[:, 0], name="h_n")
+        assert_close(c[:, b], c_b[:, 0], name="c_n")
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_unbatched_equals_batch_of_one(backend, kind):
+    m = make(kind, 3, 4, num_layers=2, bidirectional=True, dtype=D64)
+    x = torch.randn(5, 3, dtype=D64)
+    hx = hx_for(kind, 4, 1, 4)
+    o1, s1 = m(x.unsqueeze(1), hx)
+    hx_u = (hx[0][:, 0], hx[1][:, 0]) if kind == "lstm" else hx[:, 0]
+    o2, s2 = m(x, hx_u)
+    assert_close(o2, o1[:, 0], name="output")
+    for a, e in zip(states(kind, (o2, s2)), states(kind, (o1, s1)), strict=True):
+        assert_close(a, e[:, 0], name="state")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_batch_independence(backend, kind):
+    """The article's point: each sample's output depends only on that sample (LN statistics are per
+    sample), whatever else is in the batch and however large it is."""
+    m = make(kind, 4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 8, 4)
+    out, _ = m(x)
+    others = torch.randn(5, 8, 4) * 10
+    mixed = torch.cat([x[:, :3], others[:, 3:]], 1)
+    out_mixed, _ = m(mixed)
+    # float32 default tolerance: the matmul itself may round differently for another batch size
+    assert_close(out_mixed[:, :3], out[:, :3], name="output beside other samples")
+    for b in (0, 7):
+        out_b, _ = m(x[:, b : b + 1])
+        assert_close(out_b[:, 0], out[:, b], name=f"sample {b} alone")
+
+
+# ------------------------------------------------------------------ fused path vs pure torch
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, D64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_fused_path_equals_torch_path(kind, dtype, packed):
+    m = make(kind, 6, 9, num_layers=2, bidirectional=True, dtype=dtype)
+    x = torch.randn(7, 4, 6, dtype=dtype, requires_grad=True)
+    hx = hx_for(kind, 4, 4, 9, dtype=dtype)
+    results = {}
+    for b in ("numba", "torch"):
+        inp = pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), enforce_sorted=False) if packed else x
+        with lnorm.use_backend(b):
+            res = m(inp, hx)
+            results[b] = ([data(res[0])] + states(kind, res), grads(loss_of(kind, res), [x, *m.parameters()]))
+            if b == "numba":  # the fused autograd Function really ran
+                assert any("Recurrence" in n for n in graph_nodes(data(res[0]))), graph_nodes(data(res[0]))
+    tol = {} if dtype == D64 else {"atol": 1e-5, "rtol": 1e-4}
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for a, e in zip(results["numba"][0], results["torch"][0], strict=True):
+        assert_close(a, e, name="output/state", **tol)
+    for a, e, n in zip(results["numba"][1], results["torch"][1], names, strict=True):
+        assert_close(a, e, name=f"grad {n}", **tol)
+    with torch.no_grad(), lnorm.use_backend("numba"):
+        res = m(inp, hx)
+    assert_close(data(res[0]), results["torch"][0][0], name="no_grad output", **tol)
+
+
+# ---------------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_gradcheck_cell(backend, kind):
+    cell = make_cell(kind, 3, 4, dtype=D64)
+    x = torch.randn(2, 3, dtype=D64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=D64, requires_grad=True)
+    c = torch.randn(2, 4, dtype=D64, requires_grad=True)
+    params = tuple(cell.parameters())
+
+    def f(x, h, c, *ps):
+        out = torch.func.functional_call(cell, dict(zip([n for n, _ in cell.named_parameters()], ps, strict=True)),
+                                         (x, (h, c) if kind == "lstm" else h))
+        return out if kind == "lstm" else (out,)
+
+    assert torch.autograd.gradcheck(f, (x, h, c, *params))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gradcheck_layer(backend, kind, packed):
+    m = make(kind, 3, 4, bidirectional=True, dtype=D64)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(4, 3, 3, dtype=D64, requires_grad=True)
+    hx = hx_for(kind, 2, 3, 4)
+    h0 = hx[0] if kind == "lstm" else hx
+    h0.requires_grad_(True)
+    c0 = hx[1].requires_grad_(True) if kind == "lstm" else torch.zeros(1)
+    lengths = torch.tensor([4, 1, 3])
+
+    def f(x, h0, c0, *ps):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        res = torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (inp, (h0, c0) if kind == "lstm" else h0))
+        return (data(res[0]), *states(kind, res))
+
+    # fast_mode: checks v^T J u for random u, v instead of building the whole Jacobian
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *m.parameters()), fast_mode=True)
+
+
+# ------------------------------------------------------------------------ options and zoneout
+
+
+def test_zoneout_eval_is_expectation_and_train_keeps_units():
+    torch.manual_seed(0)
+    m = make("lstm", 4, 64, zoneout=0.3, zoneout_cell=0.6, dtype=D64).eval()
+    cell = LayerNormLSTMCell(4, 64, dtype=D64)
+    _copy_cell(cell, m)
+    x = torch.randn(6, 2, 4, dtype=D64)
+    h = c = torch.zeros(2, 64, dtype=D64)
+    outs = []
+    for t in range(6):
+        h1, c1 = cell(x[t], (h, c))
+        h, c = 0.3 * h + 0.7 * h1, 0.6 * c + 0.4 * c1
+        outs.append(h)
+    out, (h_n, c_n) = m(x)
+    assert_close(out, torch.stack(outs), name="eval output")
+    assert_close(c_n[0], c, name="eval c_n")
+
+    m.train()
+    out, _ = m(x)
+    same = (out[1:] == out[:-1]).double().mean().item()
+    assert 0.2 < same < 0.4, f"fraction of units kept from the previous step {same:.3f}, zoneout 0.3"
+    out2, _ = m(x)
+    assert not torch.equal(out, out2)
+
+
+def test_dropout_between_layers_only_in_training():
+    m = LayerNormLSTM(3, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(4, 2, 3)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    assert not torch.equal(m(x)[0], m(x)[0])
+    one = LayerNormLSTM(3, 8, num_layers=1, dropout=0.5).train()
+    assert torch.equal(one(x)[0], one(x)[0])
+
+
+def test_repr_and_options():
+    m = LayerNormLSTM(3, 4, num_layers=2, bidirectional=True, cell_state="normalized", zoneout=0.1)
+    assert "cell_state='normalized'" in repr(m) and "zoneout=0.1" in repr(m)
+    assert "nonlinearity='relu'" in repr(LayerNormRNN(3, 4, nonlinearity="relu"))
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_bad_input_errors(kind):
+    m = LAYERS[kind][0](4, 5, num_layers=2)
+    with pytest.raises(ValueError, match=r"input.size\(-1\) must be equal to input_size. Expected 4, got 3"):
+        m(torch.randn(6, 2, 3))
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 1D"):
+        m(torch.randn(4))
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
+        m(torch.randn(2, 2, 2, 4))
+    bad_h = torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match=r"Expected (h_0|hx) size \(2, 2, 5\), got \(1, 2, 5\)"):
+        m(torch.randn(6, 2, 4), (bad_h, torch.zeros(2, 2, 5)) if kind == "lstm" else bad_h)
+    if kind == "lstm":
+        with pytest.raises(ValueError, match=r"Expected c_0 size \(2, 2, 5\), got \(2, 3, 5\)"):
+            m(torch.randn(6, 2, 4), (torch.zeros(2, 2, 5), torch.zeros(2, 3, 5)))
+        with pytest.raises(TypeError, match="hx must be a tuple"):
+            m(torch.randn(6, 2, 4), torch.zeros(2, 2, 5))
+    with pytest.raises(ValueError, match="unbatched 2-D input"):
+        h = torch.zeros(2, 1, 5)
+        m(torch.randn(6, 4), (h, h) if kind == "lstm" else h)
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.ones(6, 2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(6, 2, 4, dtype=D64))
+    with pytest.raises(TypeError, match="Tensor or PackedSequence"):
+        m([[1.0] * 4])
+
+
+def test_unsorted_lengths_with_enforce_sorted():
+    m = LayerNormLSTM(3, 4)
+    x = torch.randn(5, 3, 3)
+    with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):
+        m(pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=True))
+    bad = PackedSequence(torch.randn(6, 3), torch.tensor([2, 3, 1]), None, None)  # increasing batch sizes
+    with pytest.raises(ValueError, match="batch_sizes must be positive and non-increasing"):
+        m(bad)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_dropout_and_zoneout_range(value):
+    with pytest.raises(ValueError, match=r"dropout should be a number in range \[0, 1\)"):
+        LayerNormLSTM(3, 4, num_layers=2, dropout=value)
+    with pytest.raises(ValueError, match=rf"zoneout must be a number in \[0, 1\), got {value}"):
+        LayerNormGRU(3, 4, zoneout=value)
+    with pytest.raises(ValueError, match=r"zoneout_cell must be a number in \[0, 1\)"):
+        LayerNormLSTMCell(3, 4, zoneout_cell=value)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
+        LayerNormLSTM(3, 0)
+    with pytest.raises(TypeError, match="input_size must be an int, got 3.5"):
+        LayerNormGRU(3.5, 4)
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1, got 0"):
+        LayerNormRNN(3, 4, num_layers=0)
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'gelu'"):
+        LayerNormRNN(3, 4, nonlinearity="gelu")
+    with pytest.raises(ValueError, match="cell_state must be one of"):
+        LayerNormLSTM(3, 4, cell_state="norm")
+    with pytest.raises(TypeError, match="cell_state"):
+        LayerNormGRU(3, 4, cell_state="normalized")
+    with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+        LayerNormLSTM(3, 4, eps=0.0)
+    with pytest.raises(TypeError, match="layer_norm must be a bool"):
+        LayerNormLSTM(3, 4, layer_norm=1)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_cell_bad_input(kind):
+    cell = LAYERS[kind][2](4, 5)
+    with pytest.raises(ValueError, match=r"input.size\(-1\) must be equal to input_size. Expected 4, got 2"):
+        cell(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
+        cell(torch.randn(1, 3, 4))
+    h = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=r"Expected (h_0|hx) of shape \[3, 5\], got \[2, 5\]"):
+        cell(torch.randn(3, 4), (h, torch.zeros(3, 5)) if kind == "lstm" else h)
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_torch_compile_matches_eager(kind):
+    m = make(kind, 3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    res = m(x)
+    g = grads(loss_of(kind, res), [x, *m.parameters()])
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=False)
+    res_c = compiled(x)
+    g_c = grads(loss_of(kind, res_c), [x, *m.parameters()])
+    for a, e in zip([res_c[0]] + states(kind, res_c), [res[0]] + states(kind, res), strict=True):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name="compiled output")
+    for a, e in zip(g_c, g, strict=True):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name="compiled grad")
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def test_bench_rnn_cli_quick(tmp_path):
+    out = tmp_path / "rnn.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lnorm", "bench", "rnn", "--quick", "--cases", "main,packed", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lnorm/torch" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["cell"], r["case"], r["mode"]) for r in rows} == {
+        (c, k, m) for c in ("lstm", "gru") for k in ("main", "packed") for m in ("train", "infer")
+    }
+    assert all(r["lnorm_ms"] > 0 and r["lnorm_saved_mb"] >= 0 for r in rows)
