@@ -9,7 +9,6 @@ can pass a padding mask whatever the norm.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lnorm import _validate as V
