@@ -143,7 +143,7 @@ def test_gradcheck_float64(backend, lead, shape, with_affine):
 # backend's backward treated mean and rstd as constants and gave silently wrong second derivatives.)
 
 
-def test_double_backward_is_right_or_an_error(request, backend):
+def test_double_backward_is_right_or_an_error(backend):
     x = torch.randn(3, 5, dtype=torch.float64)
     w = torch.randn(5, dtype=torch.float64)
 
