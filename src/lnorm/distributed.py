@@ -9,12 +9,13 @@ one collective per layer per forward (and one per backward).
 Reads top to bottom:
 
 * :func:`launch` runs ``fn(rank, *args)`` in ``nproc`` processes started by
-  ``torch.multiprocessing`` (spawn) with the default process group initialised (gloo on CPU,
-  nccl on CUDA) on a loopback TCP store that the parent hosts on a free port. A worker that
-  raises ends the job: the others are terminated and :class:`WorkerError` carries the worker's
-  traceback. A job that runs past ``timeout`` is killed and raises :class:`TimeoutError`.
-  Collectives themselves time out after ``pg_timeout``. Each worker's return value comes back
-  to the parent through a file written atomically in a temporary directory.
+  ``torch.multiprocessing`` (fork server, or spawn) with the default process group initialised
+  (gloo on CPU, nccl on CUDA) on a loopback TCP store that the parent hosts on a port the OS
+  picks. A worker that raises ends the job: the others are terminated and :class:`WorkerError`
+  carries the first failing worker's traceback. A job that runs past ``timeout`` is killed and
+  raises :class:`TimeoutError`. Collectives themselves time out after ``pg_timeout``. Each
+  worker loads its own copy of ``args`` and returns its value through a file written atomically
+  in a temporary directory.
 * :class:`SyncBatchNorm` and :func:`convert_sync_batchnorm`: batch norm whose statistics are
   taken over every process's batch, for lnorm's :class:`~lnorm.nn.MaskedBatchNorm` (features last,
   padding mask) and :class:`~lnorm.nn.ChannelBatchNorm` / ``torch.nn.BatchNorm*d`` (channels at
@@ -112,12 +113,26 @@ def _check_positive(name: str, value, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def _loopback_interface() -> str | None:
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _worker(rank: int, nproc: int, backend: str, port: int, pg_timeout: float, threads: int,
             result_dir: str) -> None:
     torch.set_num_threads(threads)
     # the torchrun environment, so code written for torchrun finds its rank and world here too
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR=HOST, MASTER_PORT=str(port))
+    loopback = _loopback_interface()
+    if loopback:  # gloo's and nccl's own sockets too, not only the store, stay on this machine
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     timeout = datetime.timedelta(seconds=pg_timeout)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
