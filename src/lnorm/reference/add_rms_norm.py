@@ -19,7 +19,7 @@ def add_rms_norm_ref(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(y, new_residual, rstd)``; new_residual = x + residual in the residual dtype."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     if residual_in_fp32 and x.dtype != torch.float64:
         res_dtype = torch.float32
     else:

@@ -10,12 +10,12 @@ def rms_norm_ref(
     x: Tensor,  # (*, *normalized_shape)
     normalized_shape: tuple[int, ...],
     weight: Tensor | None = None,  # normalized_shape
-    eps: float | None = None,  # None: torch.finfo(x.dtype).eps, as F.rms_norm
+    eps: float | None = None,  # None: finfo of the compute dtype (float32 for half), as torch's kernels
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, rstd)``; y in x's dtype, rstd (R,) in the compute dtype."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     dtype = torch.float64 if upcast else x.dtype
     dims = tuple(range(-len(normalized_shape), 0))
     xc = x.to(dtype)
