@@ -68,7 +68,8 @@ def check_matches_shape(x: Tensor, normalized_shape: tuple[int, ...], name: str 
 
 
 def check_param(
-    p, x: Tensor, shape: tuple[int, ...], name: str, *, allow_fp32_with_half: bool = True
+    p, x: Tensor, shape: tuple[int, ...], name: str, *, allow_fp32_with_half: bool = True,
+    x_name: str = "input",
 ) -> Tensor | None:
     """weight / bias: None, or a floating tensor of ``shape`` on x's device with a compatible dtype.
 
@@ -83,16 +84,16 @@ def check_param(
     if tuple(p.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)} (normalized_shape), got {list(p.shape)}")
     if p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but input is on {x.device}; move them to one device")
+        raise ValueError(f"{name} is on {p.device} but {x_name} is on {x.device}; move them to one device")
     if p.dtype != x.dtype and not (allow_fp32_with_half and x.dtype in _HALF and p.dtype == torch.float32):
         raise TypeError(
-            f"{name} has dtype {p.dtype} but input has dtype {x.dtype}; use the same dtype "
-            f"(or float32 {name} with float16/bfloat16 input)"
+            f"{name} has dtype {p.dtype} but {x_name} has dtype {x.dtype}; use the same dtype "
+            f"(or float32 {name} with float16/bfloat16 {x_name})"
         )
     return p
 
 
-def check_residual(residual, x: Tensor, name: str = "residual") -> Tensor | None:
+def check_residual(residual, x: Tensor, name: str = "residual", x_name: str = "x") -> Tensor | None:
     if residual is None:
         return None
     if not isinstance(residual, Tensor):
@@ -100,9 +101,9 @@ def check_residual(residual, x: Tensor, name: str = "residual") -> Tensor | None
     if not residual.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {residual.dtype}")
     if residual.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of input {list(x.shape)}, got {list(residual.shape)}")
+        raise ValueError(f"{name} must have the shape of {x_name} {list(x.shape)}, got {list(residual.shape)}")
     if residual.device != x.device:
-        raise ValueError(f"{name} is on {residual.device} but input is on {x.device}")
+        raise ValueError(f"{name} is on {residual.device} but {x_name} is on {x.device}")
     if residual.dtype != x.dtype and residual.dtype != torch.float32:
-        raise TypeError(f"{name} must have input's dtype {x.dtype} or float32, got {residual.dtype}")
+        raise TypeError(f"{name} must have {x_name}'s dtype {x.dtype} or float32, got {residual.dtype}")
     return residual

@@ -35,10 +35,10 @@ def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_f
     x = V.check_input(x, x_name)
     shape = V.normalized_shape_tuple(normalized_shape)
     V.check_matches_shape(x, shape, x_name)
-    weight = V.check_param(weight, x, shape, "weight")
-    bias = V.check_param(bias, x, shape, "bias")
+    weight = V.check_param(weight, x, shape, "weight", x_name=x_name)
+    bias = V.check_param(bias, x, shape, "bias", x_name=x_name)
     eps = V.check_eps(eps)
-    residual = V.check_residual(residual, x)
+    residual = V.check_residual(residual, x, x_name=x_name)
     if not isinstance(residual_in_fp32, bool):
         raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
 
