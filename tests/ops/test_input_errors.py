@@ -126,12 +126,12 @@ def test_layer_norm_eps_none_is_an_error():
 @pytest.mark.parametrize(("op", "param"), OP_PARAMS, ids=OP_PARAM_IDS)
 def test_param_on_another_device(op, param):
     kw = {param[0]: torch.ones(8, device="meta")}
-    with pytest.raises(ValueError, match=rf"{param} is on meta but input is on cpu"):
+    with pytest.raises(ValueError, match=rf"{param} is on meta but {X_NAME[op]} is on cpu"):
         OPS[op](X, 8, **kw)
 
 
 def test_input_on_another_device_than_weight(op):
-    with pytest.raises(ValueError, match="weight is on cpu but input is on meta"):
+    with pytest.raises(ValueError, match=rf"weight is on cpu but {X_NAME[op]} is on meta"):
         OPS[op](X.to("meta"), 8, w=torch.ones(8))
 
 
@@ -143,7 +143,7 @@ def test_input_on_another_device_than_weight(op):
          "bf16-input-f16-weight", "bf16-input-f64-weight", "f16-input-bf16-weight"],
 )
 def test_param_dtype_mismatch(op, x_dtype, p_dtype):
-    with pytest.raises(TypeError, match=rf"weight has dtype {p_dtype} but input has dtype {x_dtype}"):
+    with pytest.raises(TypeError, match=rf"weight has dtype {p_dtype} but {X_NAME[op]} has dtype {x_dtype}"):
         OPS[op](X.to(x_dtype), 8, w=torch.ones(8, dtype=p_dtype))
 
 
@@ -166,7 +166,7 @@ def add_op(request):
 
 @pytest.mark.parametrize("bad_shape", [(3, 1), (8,), (1, 3, 8)], ids=["3x1", "8", "1x3x8"])
 def test_residual_of_wrong_shape(add_op, bad_shape):
-    with pytest.raises(ValueError, match=rf"residual must have the shape of input \[3, 8\], "
+    with pytest.raises(ValueError, match=rf"residual must have the shape of x \[3, 8\], "
                                          rf"got {re_list(list(bad_shape))}"):
         add_op(X, torch.ones(bad_shape), 8)
 
@@ -182,7 +182,7 @@ def test_residual_not_a_tensor(add_op):
 
 
 def test_residual_on_another_device(add_op):
-    with pytest.raises(ValueError, match="residual is on meta but input is on cpu"):
+    with pytest.raises(ValueError, match="residual is on meta but x is on cpu"):
         add_op(X, X.to("meta"), 8)
 
 
@@ -192,7 +192,7 @@ def test_residual_on_another_device(add_op):
     ids=["f32-x-f64-residual", "bf16-x-f16-residual", "f32-x-bf16-residual"],
 )
 def test_residual_dtype_mismatch(add_op, x_dtype, r_dtype):
-    with pytest.raises(TypeError, match=rf"residual must have input's dtype {x_dtype} or float32, "
+    with pytest.raises(TypeError, match=rf"residual must have x's dtype {x_dtype} or float32, "
                                         rf"got {r_dtype}"):
         add_op(X.to(x_dtype), torch.ones(3, 8, dtype=r_dtype), 8)
 
