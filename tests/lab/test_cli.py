@@ -57,7 +57,8 @@ def _results(run_dir):
 
 def test_e1_smoke_rebuild_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    argv = ["run", "e1", "--suite", "smoke", "--out", str(out), "--no-progress", "--set", "e1.norms=batch,layer"]
+    argv = ["run", "e1", "--suite", "smoke", "--out", str(out), "--no-progress", "--set", "e1.norms=batch,layer",
+            "--jobs", "1"]
     assert run_cli(*argv) == 0
     text = capsys.readouterr().out
     assert "C1" in text and "report:" in text
@@ -113,7 +114,7 @@ def test_results_are_deterministic_per_seed(tmp_path):
 def test_interrupted_run_resumes_without_losing_finished_runs(tmp_path, monkeypatch, capsys):
     """Kill a real `lnorm lab run` in the middle of a suite, then run the same command again."""
     out = tmp_path / "run"
-    argv = ["run", "e1", "e2", "--suite", "smoke", "--out", str(out), "--no-progress"]
+    argv = ["run", "e1", "e2", "--suite", "smoke", "--out", str(out), "--no-progress", "--jobs", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "lnorm", "lab", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -140,9 +141,9 @@ def test_interrupted_run_resumes_without_losing_finished_runs(tmp_path, monkeypa
 
 
 def test_full_smoke_suite_through_the_cli(tmp_path, capsys):
-    """Every registered experiment end to end (what CI runs), with the report and claims table."""
+    """Every registered experiment end to end (what CI runs), in 2 worker processes, with the report."""
     out = tmp_path / "smoke"
-    assert run_cli("run", "--suite", "smoke", "--out", str(out), "--no-progress") == 0
+    assert run_cli("run", "--suite", "smoke", "--out", str(out), "--no-progress", "--jobs", "2") == 0
     text = capsys.readouterr().out
     conf = json.loads((out / "config.json").read_text())
     assert conf["experiments"] == experiments.names()

@@ -5,9 +5,14 @@ import math
 import pytest
 
 from lnorm.lab import stats as S
-from lnorm.lab.experiments import (e1_batch_size as e1, e2_train_eval as e2, e3_rnn as e3,
-                                   e4_transformer as e4, e5_cnn as e5, e6_overhead as e6,
-                                   e7_practice as e7, e8_gradient_scale as e8)
+from lnorm.lab.experiments import e1_batch_size as e1
+from lnorm.lab.experiments import e2_train_eval as e2
+from lnorm.lab.experiments import e3_rnn as e3
+from lnorm.lab.experiments import e4_transformer as e4
+from lnorm.lab.experiments import e5_cnn as e5
+from lnorm.lab.experiments import e6_overhead as e6
+from lnorm.lab.experiments import e7_practice as e7
+from lnorm.lab.experiments import e8_gradient_scale as e8
 
 SUP, NOT, INC = S.SUPPORTED, S.NOT_SUPPORTED, S.INCONCLUSIVE
 hi3 = [0.95, 0.96, 0.955]

@@ -62,7 +62,7 @@ def cmd_list(args) -> int:
         print(f"{name:<10} {','.join(mod.CLAIMS) or '-':<16} " + " ".join(f"{est.get(s, 0):>8.0f}" for s in C.SUITES)
               + f"  {mod.TITLE}")
     print(f"{'total':<27} " + " ".join(f"{tot[s]:>8.0f}" for s in C.SUITES)
-          + "  (estimated wall seconds on 2 CPU cores, --jobs 1)")
+          + "  (estimated seconds of one CPU core, idle machine; --jobs 2 about halves the wall time)")
     print("\nclaims:")
     for cid, text in CLAIMS.items():
         by = [n for n in experiments.names() if cid in experiments.get(n).CLAIMS]

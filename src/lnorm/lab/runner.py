@@ -315,11 +315,14 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
     else:  # every pending unit of every experiment goes to the pool at once; one bar per experiment
         import multiprocessing
 
-        bars = {}
-        if bar_mod:
+        bars, overall = {}, None
+        if bar_mod:  # runs of several experiments overlap: the time left is the overall bar's
+            n_todo = sum(map(len, todo.values()))
+            overall = bar_mod(total=n_todo, position=0, unit="run", desc=f"{'all':>10}", dynamic_ncols=True)
             for i, n in enumerate(x for x in names if units[x]):
-                bars[n] = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i, unit="run",
-                                  desc=f"{n:>10}", dynamic_ncols=True)
+                bars[n] = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i + 1,
+                                  desc=f"{n:>10}", dynamic_ncols=True,
+                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs")
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, False, backend): u
                     for n in names for u in todo[n]}
@@ -329,10 +332,12 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
                     note(f.result(), u)
                     if u.exp in bars:
                         bars[u.exp].update(1)
+                        overall.update(1)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-        for b in bars.values():
-            b.close()
+        for b in [*bars.values(), overall]:
+            if b is not None:
+                b.close()
     sys.stdout.flush()
     return out, counts

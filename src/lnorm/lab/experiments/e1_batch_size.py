@@ -27,9 +27,9 @@ CLAIMS = ("C1", "C3", "C6")
 class Config:
     norms: tuple[str, ...] = ("none", "batch", "layer", "rms")
     batch_sizes: tuple[int, ...] = (1, 4, 32, 128)
-    hidden: int = 256  # units per hidden layer
+    hidden: int = 128  # units per hidden layer
     depth: int = 2  # hidden layers
-    epochs: float = 1.0  # passes over the 4000 training digits, equal for every batch size
+    epochs: float = 0.25  # passes over the 4000 training digits, equal for every batch size
     lr: float = 1e-3  # Adam learning rate
     max_steps: int = 0  # cap on steps per run (0: none); smoke uses it
     c1_samples: int = 256  # test digits used for the batch-independence check
@@ -38,9 +38,9 @@ class Config:
 SUITES = {
     "smoke": dict(norms=("none", "batch", "layer"), batch_sizes=(1, 32), hidden=64, epochs=0.05, c1_samples=32),
     "quick": {},
-    "full": dict(hidden=1000, batch_sizes=(1, 2, 4, 8, 32, 128), epochs=5.0),
+    "full": dict(hidden=1000, batch_sizes=(1, 2, 4, 8, 32, 128), epochs=3.0),
 }
-EST_SECONDS = {"smoke": 3, "quick": 70, "full": 3600}
+EST_SECONDS = {"smoke": 3, "quick": 50, "full": 3600}
 
 
 def units(cfg: Config) -> list[dict]:

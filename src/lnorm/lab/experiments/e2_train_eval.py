@@ -27,14 +27,14 @@ class Config:
     hidden: int = 256  # units per hidden layer
     depth: int = 2
     batch_size: int = 32
-    steps: int = 250  # optimizer steps (Adam)
+    steps: int = 150  # optimizer steps (Adam)
     lr: float = 1e-3
     eval_batch: int = 100  # test digits per forward pass when measuring
 
 
 SUITES = {"smoke": dict(norms=("batch", "layer"), hidden=32, steps=20), "quick": {},
           "full": dict(hidden=1000, steps=2000)}
-EST_SECONDS = {"smoke": 2, "quick": 15, "full": 300}
+EST_SECONDS = {"smoke": 2, "quick": 8, "full": 300}
 
 
 def units(cfg: Config) -> list[dict]:

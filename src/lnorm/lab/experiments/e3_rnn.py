@@ -64,15 +64,21 @@ class CharRNN(nn.Module):
 
 
 class SeqClassifier(nn.Module):
-    """MNIST-1D as a length-40 sequence of scalars; the last hidden state is classified."""
+    """MNIST-1D as a length-40 sequence; the last hidden state is classified.
 
-    def __init__(self, kind: str, hidden: int):
+    With ``embed=0`` each step's input is the raw scalar. Layer-normalizing ``W_ih x`` of a scalar
+    ``x`` keeps only its sign (``LN(x w) = sign(x) LN(w)``), so LN recurrent layers get a small
+    ``Linear(1, embed) -> tanh`` front end (both models get it, to compare like with like).
+    """
+
+    def __init__(self, kind: str, hidden: int, embed: int = 0):
         super().__init__()
-        self.rnn = make_rnn(kind, 1, hidden)
+        self.embed = nn.Sequential(nn.Linear(1, embed), nn.Tanh()) if embed else nn.Identity()
+        self.rnn = make_rnn(kind, embed or 1, hidden)
         self.head = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(x.unsqueeze(-1))  # (B, 40, H)
+        h, _ = self.rnn(self.embed(x.unsqueeze(-1)))  # (B, 40, H)
         return self.head(h[:, -1])
 
 
@@ -81,18 +87,19 @@ class Config:
     tasks: tuple[str, ...] = ("lm", "mnist1d")
     models: tuple[str, ...] = RNN_KINDS  # for the language model; MNIST-1D uses the GRU pair
     emb: int = 32
-    hidden: int = 128
-    seq_len: int = 64
+    hidden: int = 96
+    seq_len: int = 32
     batch_size: int = 32
-    steps: int = 150  # Adam steps of the language model
+    steps: int = 100  # Adam steps of the language model
     lr: float = 3e-3
-    eval_every: int = 25
+    eval_every: int = 20
     eval_batches: int = 4  # validation batches of batch_size windows
     target_bpc: float = 3.2  # bits per character a run must reach to count as converged
     gain_init: str = "one"  # LN gain initialisation: one, 0.1 or random (E7 varies it)
-    seq_hidden: int = 48  # MNIST-1D GRU
-    seq_steps: int = 500
-    seq_batch: int = 100
+    seq_hidden: int = 32  # MNIST-1D GRU
+    seq_embed: int = 8  # Linear(1, n) -> tanh before the recurrent layer (0: raw scalars, as published)
+    seq_steps: int = 150
+    seq_batch: int = 64
     seq_lr: float = 1e-2
 
 
@@ -103,7 +110,7 @@ SUITES = {
     "full": dict(steps=2000, hidden=256, seq_len=100, eval_every=100, eval_batches=16, target_bpc=2.5,
                  seq_steps=6000, seq_hidden=128),
 }
-EST_SECONDS = {"smoke": 4, "quick": 200, "full": 5400}
+EST_SECONDS = {"smoke": 4, "quick": 70, "full": 5400}
 
 
 def units(cfg: Config) -> list[dict]:
@@ -211,7 +218,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     if params["task"] == "lm":
         return train_lm(cfg, params["model"], seed, ctx)
     data = mnist1d()
-    model = SeqClassifier(params["model"], cfg.seq_hidden)
+    model = SeqClassifier(params["model"], cfg.seq_hidden, cfg.seq_embed)
     return train_classifier(model, data, ctx=ctx, batch_size=cfg.seq_batch, steps=cfg.seq_steps, lr=cfg.seq_lr,
                             eval_every=max(1, cfg.seq_steps // 10), device=ctx.device)
 
@@ -285,6 +292,9 @@ def analyze(cfg: Config, results: dict) -> dict:
                      "series": [A.curve_series(recs, "curve_acc", m, "curve_step", task="mnist1d", model=m)
                                 for m in ("gru", "lngru")]})
     return {"claims": claims, "tables": tables, "figures": figs,
-            "notes": ["Paper (Ba et al. 2016): LN-LSTM converges faster on skip-thoughts, attentive reader and "
+            "notes": [f"MNIST-1D input: {'raw scalars' if not cfg.seq_embed else f'Linear(1, {cfg.seq_embed}) + tanh per step'}. "
+                      "With raw scalar inputs LayerNormGRU sees only the sign of each input (LN(x w) = sign(x) LN(w)); "
+                      "a quick run with raw inputs gave LN-GRU 22% vs GRU 95% (one seed, 500 steps).",
+                      "Paper (Ba et al. 2016): LN-LSTM converges faster on skip-thoughts, attentive reader and "
                       "handwriting; Greydanus & Kobak: GRU reaches 91% on MNIST-1D. Baselines here are torch's fused "
                       "nn.LSTM/nn.GRU, so wall-time curves include the implementation difference."]}

@@ -70,14 +70,14 @@ class TinyGPT(nn.Module):
 @dataclass
 class Config:
     variants: tuple[str, ...] = tuple(VARIANTS)
-    warmups: tuple[int, ...] = (0, 50)  # linear warmup steps (0: none)
+    warmups: tuple[int, ...] = (0, 30)  # linear warmup steps (0: none)
     lrs: tuple[float, ...] = (1e-3, 1e-2)  # Adam learning rates
-    d_model: int = 64
+    d_model: int = 32
     heads: int = 4
-    layers: int = 3
-    seq_len: int = 64
-    batch_size: int = 32
-    steps: int = 200
+    layers: int = 2
+    seq_len: int = 32
+    batch_size: int = 16
+    steps: int = 100
     eval_batches: int = 4
 
 
@@ -88,7 +88,7 @@ SUITES = {
     "full": dict(lrs=(3e-4, 1e-3, 3e-3, 1e-2), warmups=(0, 200), layers=6, d_model=128, steps=2000, seq_len=128,
                  eval_batches=16),
 }
-EST_SECONDS = {"smoke": 3, "quick": 150, "full": 7200}
+EST_SECONDS = {"smoke": 3, "quick": 65, "full": 7200}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -29,14 +29,15 @@ class Config:
     hidden: int = 64
     act: str = "tanh"
     batch_size: int = 64
-    steps: int = 300  # SGD-momentum steps
-    lr: float = 0.05
+    steps: int = 200
+    optimizer: str = "adam"  # adam or sgd (momentum 0.9)
+    lr: float = 1e-3
     probe: int = 256  # training digits used to measure gradient norms
 
 
 SUITES = {"smoke": dict(depth=6, hidden=16, steps=10, probe=64), "quick": {},
           "full": dict(steps=2000, hidden=256)}
-EST_SECONDS = {"smoke": 2, "quick": 40, "full": 900}
+EST_SECONDS = {"smoke": 2, "quick": 12, "full": 900}
 
 
 def units(cfg: Config) -> list[dict]:
@@ -58,7 +59,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     Xp, yp = data[0][:cfg.probe].to(ctx.device), data[1][:cfg.probe].to(ctx.device)
     g0 = grad_norms(model, Xp, yp)
     out = train_classifier(model, data, ctx=ctx, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                           optimizer="sgd", eval_every=max(1, cfg.steps // 10), device=ctx.device)
+                           optimizer=cfg.optimizer, eval_every=max(1, cfg.steps // 10), device=ctx.device)
     g1 = grad_norms(model, Xp, yp)
     return {**out, "grad_init": g0, "grad_trained": g1, "log10_spread_init": spread(g0),
             "log10_spread_trained": spread(g1)}

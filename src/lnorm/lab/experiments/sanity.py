@@ -27,7 +27,7 @@ class Config:
 
 
 SUITES = {"smoke": dict(steps=20), "quick": {}, "full": dict(steps=6000)}
-EST_SECONDS = {"smoke": 1, "quick": 10, "full": 40}
+EST_SECONDS = {"smoke": 1, "quick": 8, "full": 40}
 
 
 def units(cfg: Config) -> list[dict]:
