@@ -275,6 +275,52 @@ def test_worker_that_dies_ends_job():
     assert not multiprocessing.active_children(), "workers left running"
 
 
+def _write_pid_and_sleep(rank, folder):
+    import os
+
+    with open(os.path.join(folder, f"pid{rank}.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(folder, f"pid{rank}.tmp"), os.path.join(folder, f"pid{rank}"))
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_killed_launcher_leaves_no_workers(tmp_path):
+    """SIGKILL the process that called launch (as when a lab run is killed): its workers end."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_distributed as T; "
+            f"from lnorm.distributed import launch; launch(T._write_pid_and_sleep, 2, ({str(tmp_path)!r},))")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"pid{r}").exists() for r in range(NPROC)):
+            assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(NPROC)]
+    deadline = time.monotonic() + 30
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for p in left:  # do not leave them behind if the assertion fails
+        os.kill(p, 9)
+    assert not left, f"workers {left} outlived their launcher by 30 s"
+
+
 def test_launch_timeout_kills_workers():
     with pytest.raises(TimeoutError, match="timeout"):
         launch(_sleep, NPROC, timeout=0.5)

@@ -123,8 +123,28 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
+def _exit_with_launcher(launcher: int) -> None:
+    """End this worker when the process that called :func:`launch` dies (a killed ``lnorm lab
+    run`` must not leave orphans training on, or waiting in a collective until ``pg_timeout``).
+    Not the parent: under the fork server that is the server, which our workers keep alive."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(launcher, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, or its pid reused by another user's process
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="lnorm-exit-with-launcher", daemon=True).start()
+
+
 def _worker(rank: int, nproc: int, backend: str, port: int, pg_timeout: float, threads: int,
-            result_dir: str) -> None:
+            result_dir: str, launcher: int) -> None:
+    _exit_with_launcher(launcher)
     torch.set_num_threads(threads)
     # the torchrun environment, so code written for torchrun finds its rank and world here too
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
@@ -241,7 +261,7 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
         # (and the caller) would train one and the same parameters.
         torch.save((fn, tuple(args)), os.path.join(result_dir, "call.pt"))
         ctx = mp.start_processes(_worker, args=(int(nproc), backend, store.port, float(pg_timeout),
-                                                int(threads), result_dir),
+                                                int(threads), result_dir, os.getpid()),
                                  nprocs=int(nproc), join=False, start_method=start_method)
         deadline = time.monotonic() + timeout
         try:
