@@ -40,7 +40,7 @@ SUITES = {
     "quick": {},
     "full": dict(hidden=1000, batch_sizes=(1, 2, 4, 8, 32, 128), epochs=3.0),
 }
-EST_SECONDS = {"smoke": 3, "quick": 50, "full": 3600}
+EST_SECONDS = {"smoke": 3, "quick": 50, "full": 1000}
 
 
 def units(cfg: Config) -> list[dict]:

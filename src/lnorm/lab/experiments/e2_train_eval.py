@@ -34,7 +34,7 @@ class Config:
 
 SUITES = {"smoke": dict(norms=("batch", "layer"), hidden=32, steps=20), "quick": {},
           "full": dict(hidden=1000, steps=2000)}
-EST_SECONDS = {"smoke": 2, "quick": 8, "full": 300}
+EST_SECONDS = {"smoke": 2, "quick": 8, "full": 250}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -107,10 +107,10 @@ SUITES = {
     "smoke": dict(steps=6, eval_every=3, eval_batches=1, hidden=16, seq_len=16, batch_size=8, seq_steps=4,
                   seq_hidden=8),
     "quick": {},
-    "full": dict(steps=2000, hidden=256, seq_len=100, eval_every=100, eval_batches=16, target_bpc=2.5,
-                 seq_steps=6000, seq_hidden=128),
+    "full": dict(steps=1000, hidden=128, seq_len=64, eval_every=50, eval_batches=16, target_bpc=2.5,
+                 seq_steps=3000, seq_hidden=64, seq_batch=100),
 }
-EST_SECONDS = {"smoke": 4, "quick": 70, "full": 5400}
+EST_SECONDS = {"smoke": 4, "quick": 70, "full": 2700}
 
 
 def units(cfg: Config) -> list[dict]:

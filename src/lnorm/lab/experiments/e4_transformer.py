@@ -85,10 +85,10 @@ SUITES = {
     "smoke": dict(variants=("postln", "preln", "prebn"), warmups=(0, 2), lrs=(1e-3,), d_model=16, heads=2, layers=1,
                   seq_len=16, batch_size=8, steps=4, eval_batches=1),
     "quick": {},
-    "full": dict(lrs=(3e-4, 1e-3, 3e-3, 1e-2), warmups=(0, 200), layers=6, d_model=128, steps=2000, seq_len=128,
-                 eval_batches=16),
+    "full": dict(lrs=(1e-3, 3e-3, 1e-2), warmups=(0, 100), layers=4, d_model=64, batch_size=32, steps=600,
+                 seq_len=64, eval_batches=16),
 }
-EST_SECONDS = {"smoke": 3, "quick": 65, "full": 7200}
+EST_SECONDS = {"smoke": 3, "quick": 65, "full": 4000}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -28,8 +28,8 @@ class Config:
 
 
 SUITES = {"smoke": dict(norms=("none", "batch", "layer"), steps_mnist=10, steps_mnist1d=10, channels=4),
-          "quick": {}, "full": dict(steps_mnist=1000, steps_mnist1d=6000, channels=32)}
-EST_SECONDS = {"smoke": 3, "quick": 40, "full": 1800}
+          "quick": {}, "full": dict(steps_mnist=1000, steps_mnist1d=6000, channels=32, lr=1e-2)}
+EST_SECONDS = {"smoke": 3, "quick": 40, "full": 1300}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -37,7 +37,7 @@ class Config:
 
 SUITES = {"smoke": dict(depth=6, hidden=16, steps=10, probe=64), "quick": {},
           "full": dict(steps=2000, hidden=256)}
-EST_SECONDS = {"smoke": 2, "quick": 12, "full": 900}
+EST_SECONDS = {"smoke": 2, "quick": 12, "full": 400}
 
 
 def units(cfg: Config) -> list[dict]:
