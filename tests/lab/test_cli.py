@@ -46,6 +46,15 @@ def test_bad_flags_are_rejected_with_valid_choices(argv, needle, tmp_path, capsy
         assert "batch_sizes" in err
 
 
+def test_cuda_without_cuda_is_rejected(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert run_cli("run", "e1", "--suite", "smoke", "--device", "cuda", "--out", str(tmp_path / "r")) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
 def test_report_on_missing_dir(tmp_path, capsys):
     assert run_cli("report", str(tmp_path / "nothing")) == 2
     assert "not a lab run directory" in capsys.readouterr().err

@@ -71,6 +71,8 @@ def _plot(fig_spec: dict, path: Path) -> bytes:
             lo = [v if v is not None else math.nan for v in s["lo"]]
             hi = [v if v is not None else math.nan for v in s["hi"]]
             ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+    if any(isinstance(v, str) for s in fig_spec["series"] for v in s["x"]):
+        ax.tick_params(axis="x", labelrotation=15)
     if fig_spec.get("logx"):
         ax.set_xscale("log")
     if fig_spec.get("logy"):

@@ -75,12 +75,13 @@ def analyze(cfg: Config, results: dict) -> dict:
                 v, ev = verdict_c8(d["layer"], d[other], cfg.margin)
                 claims.append({"claim": "C8", "verdict": v, "evidence": f"{a}, LN vs {other}: {ev}", "criterion":
                                f"{a}: median ms per training step with LN above {other} (Welch 95% CI > 0)."})
-    series = [{"label": n, "x": list(range(len(archs))),
-               "y": [S.mean_ci(d[n])[0] if n in d else float("nan") for _, d in archs]} for n in norms]
+    short = [a.split(" (")[0] for a, _ in archs]
+    series = [{"label": n, "x": short, "y": [S.mean_ci(d[n])[0] if n in d else float("nan") for _, d in archs]}
+              for n in norms]
     return {"claims": claims,
             "tables": [{"title": "Median ms per training step (mean ± 95% CI over seeds)", "columns": ["architecture"] + list(norms),
                         "rows": rows}],
-            "figures": [{"name": "e6_overhead", "title": "E6: ms per step by architecture (index as in the table)",
+            "figures": [{"name": "e6_overhead", "title": "E6: ms per training step by architecture and norm",
                          "xlabel": "architecture", "ylabel": "ms/step", "logy": True, "series": series}] if archs else [],
             "notes": ["The recurrent baselines are torch's fused nn.LSTM/nn.GRU; the LN versions are lnorm's "
                       "(pure-torch backend unless --backend says otherwise), so part of that gap is implementation."]}
