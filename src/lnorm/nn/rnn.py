@@ -139,14 +139,16 @@ class _Options:
         self.training = training
 
 
-def _input_projection(x: Tensor, p: _Params, opt: _Options) -> Tensor:
-    """Everything of the gates that does not depend on h, for all rows at once: (N, G*H)."""
+def _input_projection(x: Tensor, p: _Params, opt: _Options, lstm_bias: bool = True) -> Tensor:
+    """Everything of the gates that does not depend on h, for all rows at once: (N, G*H).
+
+    ``lstm_bias=False`` leaves the LSTM's biases out (the fused path adds them in its kernel)."""
     gx = F.linear(x, p.w_ih)
     H = p.w_hh.shape[1]
     if opt.mode == "LSTM":
         if opt.layer_norm:
             gx = _ln(gx, p.ln_ih_w, p.ln_ih_b, opt.eps)
-        if p.b_ih is not None:
+        if p.b_ih is not None and lstm_bias:
             gx = gx + (p.b_ih + p.b_hh)
     elif opt.mode == "GRU":
         if opt.layer_norm:
@@ -235,10 +237,11 @@ def _direction_torch(gx, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse
 def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
     """One direction of one layer over packed rows x (N, I): the input part for all steps at once,
     then the recurrence on the fused CPU path where it applies, else in pure torch."""
-    gx = _input_projection(x, p, opt)
     fused = _fused_module()
     if fused is not None and fused.applies(x, p, opt):
+        gx = _input_projection(x, p, opt, lstm_bias=False)
         return fused.recurrence(gx, batch_sizes, h0, c0, p, opt, reverse)
+    gx = _input_projection(x, p, opt)
     return _direction_torch(gx, batch_sizes, h0, c0, p, opt, reverse)
 
 

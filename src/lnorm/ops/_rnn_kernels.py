@@ -135,12 +135,14 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
 
 @njit(**_OPTS)
 def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, g1, g3, b3, k,
-                  dgx, dgh, dcn_s, dcnc_s):  # pragma: no cover
+                  dgx, dgh, dcn_s, dcnc_s, acc_g, acc_c):  # pragma: no cover
     # dhs, dcs: (B, H) gradient state (in: w.r.t. this step's h and c from later steps; out: dcs
     # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dgx, dgh: (N, 4H) outputs
-    # (gradient of the gates = of gx, and of gh); dcn_s, dcnc_s: (N, H) per-row terms of the
-    # cell-LN bias and weight gradients. cprev_idx[n]: row of c_s holding the previous c, or
-    # -1 - b for c0[b].
+    # (gradient of the gates = of gx, and of gh); dcn_s, dcnc_s: (B, H) scratch (gradient of the
+    # normalized cell, and the cell's xhat); acc_g (2, 4H) and
+    # acc_c (2, H), float64: running sums over all rows of the LN parameter gradients (weight,
+    # bias) of the recurrent part and of the cell, added to while the step's rows are in cache.
+    # cprev_idx[n]: row of c_s holding the previous c, or -1 - b for c0[b].
     G = ghat_s.shape[1]
     H = G // 4
     one, inv_g, inv_h = k[1], k[2], k[3]
@@ -158,8 +160,8 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
             dh = dout[n, j] + dhs[b, j]
             dgx[n, 3 * H + j] = dh * tc * o * (one - o)
             dcn = dh * o * (one - tc * tc)
-            dcn_s[n, j] = dcn
-            dcnc_s[n, j] = dcn * chat
+            dcn_s[b, j] = dcn
+            dcnc_s[b, j] = chat
             dchat = dcn * g3[j]
             s1 += dchat
             s2 += dchat * chat
@@ -170,7 +172,7 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
         pr = p if p >= 0 else -1 - p
         for j in range(H):
             chat = (c_s[n, j] - muc) * rc
-            dc = rc * (dcn_s[n, j] * g3[j] - s1 - chat * s2) + dcs[b, j]
+            dc = rc * (dcn_s[b, j] * g3[j] - s1 - chat * s2) + dcs[b, j]
             i = act_s[n, j]
             f = act_s[n, H + j]
             g = act_s[n, 2 * H + j]
@@ -188,6 +190,27 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
         s4 = s4 * inv_g
         for q in range(G):
             dgh[n, q] = rh * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+    nbg = (G + _BLK - 1) // _BLK
+    nbh = (H + _BLK - 1) // _BLK
+    for q in prange(nbg + nbh):  # parallel over column blocks: no write races
+        if q < nbg:
+            _acc_cols(off, bs, dgx, ghat_s, acc_g, q * _BLK, min(G, (q + 1) * _BLK))
+        else:
+            q2 = q - nbg
+            _acc_cols(0, bs, dcn_s, dcnc_s, acc_c, q2 * _BLK, min(H, (q2 + 1) * _BLK))
+
+
+_BLK = 128
+
+
+@njit(inline="always")
+def _acc_cols(off, bs, dy, xhat, acc, lo, hi):  # pragma: no cover
+    # LN parameter gradients over rows off .. off + bs: acc[0] += dy * xhat (weight), acc[1] += dy
+    for b in range(bs):
+        n = off + b
+        for c in range(lo, hi):
+            acc[0, c] += dy[n, c] * xhat[n, c]
+            acc[1, c] += dy[n, c]
 
 
 # ------------------------------------------------------------------------------------- GRU

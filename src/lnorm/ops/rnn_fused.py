@@ -133,24 +133,28 @@ class _LSTMRecurrence(torch.autograd.Function):
         dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
         dgx = torch.empty(N, G, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
-        dcn_s = torch.empty(N, H, dtype=dt)
-        dcnc_s = torch.empty(N, H, dtype=dt)
+        dcn_s = torch.empty(B, H, dtype=dt)
+        chat_s = torch.empty(B, H, dtype=dt)
+        acc_g = torch.zeros(2, G, dtype=torch.float64)
+        acc_c = torch.zeros(2, H, dtype=torch.float64)
         w = w_hh.detach().contiguous()
         args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
         c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
-        dgx_n, dgh_n, dcn_n, dcnc_n = _np(dgx), _np(dgh), _np(dcn_s), _np(dcnc_s)
-        k = _consts(dgx_n.dtype, 1.0, G, H)
+        scratch = [_np(t) for t in (dgx, dgh, dcn_s, chat_s, acc_g, acc_c)]
+        k = _consts(args[0].dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
-            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, dgx_n, dgh_n, dcn_n, dcnc_n)
+            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, *scratch)
             torch.mm(dgh[off : off + bs], w, out=dhs[:bs])
         dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[3] else None
-        dg1 = torch.empty(G, dtype=dt)
-        K.colsum_prod(dgx_n, _np(ghat), _np(dg1))
-        return (dgx, dhs, dcs, dw, dg1, dgx.sum(0), dcnc_s.sum(0), dcn_s.sum(0), None, None)
+        acc_g, acc_c = acc_g.to(dt), acc_c.to(dt)
+        return (dgx, dhs, dcs, dw, acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
 def lstm_recurrence(gx, h0, c0, p, eps, sched):
+    """``gx`` is LN(W_ih x) without the biases: they are all added to the gates in one vector."""
     g1, b1, g3, b3 = p.ln_hh_w, p.ln_hh_b, p.ln_c_w, p.ln_c_b
+    if p.b_ih is not None:
+        b1 = b1 + p.b_ih + p.b_hh
     tensors = (gx, h0, c0, p.w_hh, g1, b1, g3, b3)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _LSTMRecurrence.apply(gx, h0, c0, p.w_hh, g1, b1, g3, b3, sched, eps)
