@@ -166,3 +166,14 @@ def test_full_smoke_suite_through_the_cli(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.index("## Claims") < md.index("## e1")
     assert "MNIST-1D" in md and "91%" in md
+
+
+def test_nan_loss_is_recorded_as_diverged(tmp_path, capsys):
+    out = tmp_path / "div"
+    argv = ["run", "e7", "--suite", "smoke", "--out", str(out), "--no-progress", "--jobs", "1",
+            "--set", "e7.gains=", "--set", "e7.norms=none", "--set", "e7.lrs=1e9"]
+    assert run_cli(*argv) == 0
+    (p,) = out.glob("runs/e7/*/result.json")
+    rec = json.loads(p.read_text())
+    assert rec["status"] == "diverged", rec
+    assert "loss" in rec["reason"]

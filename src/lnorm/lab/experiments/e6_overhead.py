@@ -83,5 +83,7 @@ def analyze(cfg: Config, results: dict) -> dict:
                         "rows": rows}],
             "figures": [{"name": "e6_overhead", "title": "E6: ms per training step by architecture and norm",
                          "xlabel": "architecture", "ylabel": "ms/step", "logy": True, "series": series}] if archs else [],
-            "notes": ["The recurrent baselines are torch's fused nn.LSTM/nn.GRU; the LN versions are lnorm's "
+            "notes": ["With --jobs 2 (the default on 2 cores) each run shares the machine with another run, "
+                      "so these times carry that noise; for overhead alone use `lnorm bench` or --jobs 1.",
+                      "The recurrent baselines are torch's fused nn.LSTM/nn.GRU; the LN versions are lnorm's "
                       "(pure-torch backend unless --backend says otherwise), so part of that gap is implementation."]}

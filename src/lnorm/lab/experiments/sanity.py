@@ -53,5 +53,7 @@ def analyze(cfg: Config, results: dict) -> dict:
     return {"tables": [{"title": "MNIST-1D test accuracy without normalization: ours vs published",
                         "columns": ["model", "published", "ours (mean ± 95% CI)", f"within {cfg.within:.0%}"],
                         "rows": rows}],
-            "notes": ["Shorter training than the reference (6000 steps) in the smoke and quick suites can leave "
+            "notes": ["CNN and GRU figures are E5's and E3's unnormalized MNIST-1D runs (E3's GRU reads each step "
+                      "through a Linear(1, 8) + tanh input layer unless e3.seq_embed=0).",
+                      "Shorter training than the reference (6000 steps) in the smoke and quick suites can leave "
                       "ours below the published figure; the full suite trains as long as the reference."]}
