@@ -12,11 +12,25 @@ from lnorm import functional  # noqa: E402
 from lnorm._backend import get_backend, numba_available, set_backend, use_backend  # noqa: E402
 from lnorm.functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from lnorm.nn.normalization import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: E402
+from lnorm.nn.rnn import (  # noqa: E402
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 
 __all__ = [
     "AddLayerNorm",
     "AddRMSNorm",
     "LayerNorm",
+    "LayerNormGRU",
+    "LayerNormGRUCell",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
+    "LayerNormRNN",
+    "LayerNormRNNCell",
     "RMSNorm",
     "add_layer_norm",
     "add_rms_norm",
