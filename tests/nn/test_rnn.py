@@ -145,7 +145,7 @@ def test_ln_parameter_names_and_init():
 # ----------------------------------------------------------------------------- torch parity
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(list(LAYERS)),
     num_layers=st.integers(1, 3),
