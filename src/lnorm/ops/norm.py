@@ -235,7 +235,6 @@ def norm_bwd_op(
     dres: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
-    H = src.shape[-1]
     cdt = rstd.dtype
     dw = dw if dw is not None else torch.zeros(0, dtype=cdt, device=src.device)
     db = db if db is not None else torch.zeros(0, dtype=cdt, device=src.device)
@@ -253,36 +252,46 @@ def _(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, center, residual_in_fp32 = inputs
-    y, res_out, mean, rstd = output
-    src = res_out if residual is not None else x
-    ctx.save_for_backward(src, weight, mean, rstd)
+# The custom op's autograd and the eager Function share the context layout and the gradient
+# bookkeeping; they differ only in how backward's kernel is called (op vs launcher).
+
+
+def _save(ctx, x, residual, weight, bias, center, res_out, mean, rstd) -> None:
+    ctx.save_for_backward(res_out if residual is not None else x, weight, mean, rstd)
     ctx.center = center
     ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
     ctx.x_dtype = x.dtype
     ctx.res_dtype = residual.dtype if residual is not None else None
-    ctx.has_bias = bias is not None
     ctx.w_dtype = weight.dtype if weight is not None else None
     ctx.b_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, dres_out, dmean, drstd):
+def _grads(ctx, dy, dres_out, bwd) -> tuple:
     src, weight, mean, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[2]
     need_db = ctx.has_bias and ctx.needs_input_grad[3]
     dres = dres_out if ctx.has_residual and dres_out is not None and dres_out.numel() else None
-    dx, dw, db = norm_bwd_op(dy.contiguous(), src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
-    dresidual = dx.to(ctx.res_dtype) if ctx.has_residual else None
+    dx, dw, db = bwd(dy.contiguous(), src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
     return (
         dx.to(ctx.x_dtype),
-        dresidual,
+        dx.to(ctx.res_dtype) if ctx.has_residual else None,
         dw.to(ctx.w_dtype) if need_dw else None,
         db.to(ctx.b_dtype) if need_db else None,
         None,
         None,
         None,
     )
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, center, residual_in_fp32 = inputs
+    _, res_out, mean, rstd = output
+    _save(ctx, x, residual, weight, bias, center, res_out, mean, rstd)
+
+
+def _backward(ctx, dy, dres_out, dmean, drstd):
+    return _grads(ctx, dy, dres_out, norm_bwd_op)
 
 
 norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -298,35 +307,14 @@ class _FusedNorm(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, eps, center, residual_in_fp32):
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         y, res_out, mean, rstd = _fwd(x, residual, weight, bias, eps, center, res_dtype)
-        src = res_out if residual is not None else x
-        ctx.save_for_backward(src, weight, mean, rstd)
-        ctx.center = center
-        ctx.has_residual = residual is not None
-        ctx.x_dtype = x.dtype
-        ctx.res_dtype = residual.dtype if residual is not None else None
-        ctx.has_bias = bias is not None
-        ctx.w_dtype = weight.dtype if weight is not None else None
-        ctx.b_dtype = bias.dtype if bias is not None else None
+        _save(ctx, x, residual, weight, bias, center, res_out, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
         return y, res_out, mean, rstd
 
     @staticmethod
     @once_differentiable  # double backward is not supported: it raises rather than mislead
     def backward(ctx, dy, dres_out, dmean, drstd):
-        src, weight, mean, rstd = ctx.saved_tensors
-        need_dw = weight is not None and ctx.needs_input_grad[2]
-        need_db = ctx.has_bias and ctx.needs_input_grad[3]
-        dres = dres_out if ctx.has_residual and dres_out is not None else None
-        dx, dw, db = _bwd(dy, src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
-        return (
-            dx.to(ctx.x_dtype),
-            dx.to(ctx.res_dtype) if ctx.has_residual else None,
-            dw.to(ctx.w_dtype) if need_dw else None,
-            db.to(ctx.b_dtype) if need_db else None,
-            None,
-            None,
-            None,
-        )
+        return _grads(ctx, dy, dres_out, _bwd)
 
 
 # ------------------------------------------------------------------------------ entry point
