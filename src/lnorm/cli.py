@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lnorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS:
+    for _name, module in SUBCOMMANDS:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

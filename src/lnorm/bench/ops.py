@@ -117,7 +117,7 @@ def _make_call(fn, op, mode, x, r, w, b, leaves, dys):
 
 
 def _max_err(a, b) -> float:
-    return max((p.float() - q.float()).abs().max().item() if p.numel() else 0.0 for p, q in zip(a, b))
+    return max((p.float() - q.float()).abs().max().item() if p.numel() else 0.0 for p, q in zip(a, b, strict=True))
 
 
 def _check(op, mode, x, r, w, b, leaves, dys, dtype) -> float:

@@ -1,6 +1,13 @@
 """Modules: norms, the norm factory and the layer-normalized recurrent layers."""
 
-from lnorm.nn.factory import ChannelBatchNorm, ChannelRMSNorm, GroupNorm, MaskedBatchNorm, NoNorm, make_norm
+from lnorm.nn.factory import (
+    ChannelBatchNorm,
+    ChannelRMSNorm,
+    GroupNorm,
+    MaskedBatchNorm,
+    NoNorm,
+    make_norm,
+)
 from lnorm.nn.normalization import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 
 __all__ = [
