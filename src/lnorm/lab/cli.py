@@ -108,7 +108,7 @@ def cmd_report(args) -> int:
 
     try:
         a = report.build(args.run_dir)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"lnorm lab report: error: {exc}", file=sys.stderr)
         return 2
     print(report.claims_table_text(a["claims"]))
