@@ -177,3 +177,13 @@ def test_nan_loss_is_recorded_as_diverged(tmp_path, capsys):
     rec = json.loads(p.read_text())
     assert rec["status"] == "diverged", rec
     assert "loss" in rec["reason"]
+
+
+def test_progress_bars_with_worker_processes(tmp_path, capsys):
+    """--jobs 2 with bars: workers report steps through a queue; runs that stop early close their bar."""
+    out = tmp_path / "bars"
+    assert run_cli("run", "e1", "--suite", "smoke", "--out", str(out), "--jobs", "2",
+                   "--set", "e1.norms=batch", "--set", "e1.batch_sizes=1,32") == 0
+    err = capsys.readouterr().err
+    assert "step" in err and "e1" in err
+    assert len(_results(out)) == 2

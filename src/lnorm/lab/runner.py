@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,18 +202,31 @@ class UnitContext:
     def steps(self, n: int):
         if not self._progress:
             return range(n)
+        if self._progress is not True:  # a queue: a worker process reports to the parent's bars
+            return self._report(n, self._progress)
         from tqdm import tqdm
 
         return tqdm(range(n), desc=f"  {self._desc}", leave=False, position=1, unit="step",
                     dynamic_ncols=True, mininterval=0.5)
 
+    def _report(self, n: int, queue):
+        every = max(1, n // 50)
+        queue.put((self._desc, 0, n))
+        for i in range(n):
+            yield i
+            if (i + 1) % every == 0 or i + 1 == n:
+                queue.put((self._desc, i + 1, n))
+
     def close(self):
         self._f.close()
 
 
-def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int, progress: bool,
+def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int, progress,
             backend: str = "torch") -> dict:
-    """Run one unit and write its files; returns its record. Top-level so processes can pickle it."""
+    """Run one unit and write its files; returns its record. Top-level so processes can pickle it.
+
+    ``progress``: False, True (a step bar here) or a queue that receives ``(desc, step, total)``.
+    """
     import torch
 
     import lnorm
@@ -230,7 +243,11 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
     seed_everything(unit.seed)
     t0 = time.perf_counter()
     try:
-        result = mod.run(cfg, dict(unit.params), unit.seed, ctx)
+        try:
+            result = mod.run(cfg, dict(unit.params), unit.seed, ctx)
+        finally:
+            if progress not in (True, False):
+                progress.put((ctx._desc, None, None))
         rec = {"status": "ok", "result": result}
     except Diverged as exc:
         rec = {"status": "diverged", "reason": str(exc), "result": {"diverged_step": exc.step, **exc.partial}}
@@ -323,19 +340,52 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
                 bars[n] = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i + 1,
                                   desc=f"{n:>10}", dynamic_ncols=True,
                                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs")
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, False, backend): u
+        ctx = multiprocessing.get_context("spawn")
+        manager = ctx.Manager() if bar_mod else None
+        queue = manager.Queue() if manager else False
+        run_bars: dict[str, object] = {}  # one step bar per run in flight, below the experiment bars
+        first_free = len(bars) + 1
+
+        def drain():
+            while queue is not False and not queue.empty():
+                desc, i, total = queue.get()
+                if i is None:  # the run ended (also early: cannot train, diverged, error)
+                    if desc in run_bars:
+                        run_bars.pop(desc).close()
+                    continue
+                if desc not in run_bars:
+                    used = {b.pos for b in run_bars.values()}
+                    pos = next(p for p in range(first_free, first_free + jobs + 8) if p not in used and -p not in used)
+                    run_bars[desc] = bar_mod(total=total, desc=f"  {desc}", position=pos, leave=False, unit="step",
+                                             dynamic_ncols=True)
+                b = run_bars[desc]
+                b.update(i - b.n)
+                if i >= total:
+                    b.close()
+                    del run_bars[desc]
+
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, queue, backend): u
                     for n in names for u in todo[n]}
+            pending = set(futs)
             try:
-                for f in as_completed(futs):
-                    u = futs[f]
-                    note(f.result(), u)
-                    if u.exp in bars:
-                        bars[u.exp].update(1)
-                        overall.update(1)
+                while pending:
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    drain()
+                    for f in done:
+                        u = futs[f]
+                        note(f.result(), u)
+                        if u.exp in bars:
+                            bars[u.exp].update(1)
+                            overall.update(1)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+            finally:
+                for b in run_bars.values():
+                    b.close()
+                if manager is not None:
+                    manager.shutdown()
         for b in [*bars.values(), overall]:
             if b is not None:
                 b.close()
