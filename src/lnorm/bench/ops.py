@@ -55,7 +55,7 @@ class Row:
     speedup: float  # torch / lnorm
     lnorm_gbps: float
     floor_gbps: float
-    max_abs_err: float
+    max_abs_err: float  # lnorm against the float64 computation
 
 
 # ---------------------------------------------------------------------------------- the ops
@@ -121,16 +121,30 @@ def _max_err(a, b) -> float:
 
 
 def _check(op, mode, x, r, w, b, leaves, dys, dtype) -> float:
-    """Assert lnorm matches torch before timing; returns the max abs difference."""
-    ours = _make_call(_lnorm_fn, op, "fwd+bwd" if mode == "fwd+bwd" else "fwd", x, r, w, b, leaves, dys)()
-    ref = _make_call(_torch_fn, op, "fwd+bwd" if mode == "fwd+bwd" else "fwd", x, r, w, b, leaves, dys)()
-    err = _max_err(ours, ref)
-    # Gradients of weight sum over all rows, so their error grows with the row count.
-    scale = max(1.0, max(t.float().abs().max().item() for t in ref))
-    tol = {torch.float32: 2e-4, torch.float64: 1e-10}.get(dtype, 6e-2) * scale
-    if not err <= tol:
-        raise AssertionError(f"lnorm {op} {mode} {tuple(x.shape)} {dtype}: max abs diff {err:.3g} "
-                             f"against torch exceeds {tol:.3g}; not timing a wrong result")
+    """Assert lnorm is right before timing it; returns lnorm's max abs error against float64.
+
+    The bar is PyTorch's own error in the same dtype against float64 (doubled, plus a small
+    absolute term): in bfloat16 the weight gradient sums thousands of rounded products, so
+    neither lnorm nor torch is close to the exact value, and comparing the two directly would
+    measure torch's rounding as much as lnorm's.
+    """
+    def as64(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    x64, r64, w64, b64 = (as64(t) for t in (x, r, w, b))
+    leaves64 = [t for t in (x64, r64, w64, b64) if t is not None]
+    dys64 = [d.double() for d in dys]
+    ours = _make_call(_lnorm_fn, op, mode, x, r, w, b, leaves, dys)()
+    theirs = _make_call(_torch_fn, op, mode, x, r, w, b, leaves, dys)()
+    exact = _make_call(_torch_fn, op, mode, x64, r64, w64, b64, leaves64, dys64)()
+    err = _max_err(ours, exact)
+    torch_err = _max_err(theirs, exact)
+    scale = max(1.0, max(t.abs().max().item() for t in exact if t.numel()))
+    atol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2) * scale
+    if not err <= 2 * torch_err + atol:
+        raise AssertionError(f"lnorm {op} {mode} {tuple(x.shape)} {dtype}: max abs error {err:.3g} "
+                             f"against float64 exceeds 2 x torch's ({torch_err:.3g}) + {atol:.3g}; "
+                             "not timing a wrong result")
     return err
 
 

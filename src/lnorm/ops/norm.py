@@ -39,8 +39,20 @@ def _residual_dtype(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) 
     return residual.dtype if residual is not None else x.dtype
 
 
-def _use_numba(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() > 0 and _backend.get_backend() == "numba"
+# Below this many elements a plain layer norm (no residual) runs torch's own fused kernel even on
+# the numba backend: torch's one-pass CPU kernel is faster than ours there (0.4-0.6x at 256x768
+# and 2048x768 in `lnorm bench ops`), ours is faster above (1.1-1.5x at 8192x1024, 4096x4096).
+# RMS norm and the fused add have no torch kernel to delegate to and always take ours.
+NATIVE_LAYER_NORM_BELOW = 1 << 22
+# ... and only for rows of at least this many features: on tiny rows torch's fused backward loses
+# accuracy where rstd is large (at H=1, dx comes out 3e-5 where the exact value is 0), ours does not.
+NATIVE_LAYER_NORM_MIN_FEATURES = 32
+
+
+def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
+    if x.device.type != "cpu" or x.numel() == 0 or _backend.get_backend() != "numba":
+        return False
+    return not (plain_layer_norm and x.numel() < NATIVE_LAYER_NORM_BELOW)
 
 
 # ------------------------------------------------------------------------------- numba launchers
@@ -185,12 +197,13 @@ def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
 
 
 def _fwd(x, residual, weight, bias, eps, center, res_dtype):
-    impl = _fwd_numba if _use_numba(x) else _fwd_torch
+    impl = _fwd_numba if _use_numba(x, center and residual is None) else _fwd_torch
     return impl(x, residual, weight, bias, eps, center, res_dtype)
 
 
 def _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
-    impl = _bwd_numba if _use_numba(src) else _bwd_torch
+    # Either backward is right for either forward's statistics; the choice is only speed.
+    impl = _bwd_numba if _use_numba(src, center and dres is None) else _bwd_torch
     return impl(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
 
 
@@ -335,6 +348,18 @@ def fused_norm(
     """
     if torch.compiler.is_compiling():
         return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+    if (
+        center
+        and residual is None
+        and x.dtype in (torch.float32, torch.float64)
+        and x.shape[1] >= NATIVE_LAYER_NORM_MIN_FEATURES
+        and not _use_numba(x, plain_layer_norm=True)
+    ):
+        # Plain layer norm where torch's kernel is the faster one: call it with torch's own
+        # autograd (no Python Function in between; double backward works there too).
+        y, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], weight, bias, eps)
+        R = x.shape[0]
+        return y, x.new_empty(0), mean.view(R), rstd.view(R)
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or (residual is not None and residual.requires_grad)
