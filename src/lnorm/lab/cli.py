@@ -35,9 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: EXP.FIELD=VALUE or FIELD=VALUE (all selected "
                         "experiments with it); tuples comma-separated; repeatable")
-    p.add_argument("--backend", default="torch", choices=("torch", "numba", "auto"),
-                   help="lnorm CPU kernel backend inside the runs (default torch: the lab compares "
-                        "normalizations, all on torch's kernels, not lnorm's kernels against torch's)")
+    p.add_argument("--backend", default="auto", choices=("torch", "numba", "auto"),
+                   help="lnorm CPU kernel backend inside the runs (default auto: lnorm's Numba "
+                        "kernels where installed, as users get them; torch: pure-PyTorch paths)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="processes per data-parallel run (torch.distributed, e.g. ddp); same as --set nproc=N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -222,7 +222,7 @@ class UnitContext:
 
 
 def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int, progress,
-            backend: str = "torch") -> dict:
+            backend: str = "auto") -> dict:
     """Run one unit and write its files; returns its record. Top-level so processes can pickle it.
 
     ``progress``: False, True (a step bar here) or a queue that receives ``(desc, step, total)``.
@@ -234,6 +234,10 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
 
     torch.set_num_threads(threads)
     lnorm.set_backend(backend)
+    if lnorm.get_backend() == "numba":  # Numba's kernels keep their own thread pool
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     mod = experiments.get(unit.exp)
     cfg = C.coerce(mod.Config, cfg_dict)
     d = unit.dir(Path(run_dir))
@@ -278,7 +282,7 @@ def default_jobs() -> int:
 
 
 def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
-        sets: list[str] | None, progress: bool = True, backend: str = "torch", threads: int = 1, log=print) -> tuple[Path, dict]:
+        sets: list[str] | None, progress: bool = True, backend: str = "auto", threads: int = 1, log=print) -> tuple[Path, dict]:
     """Run the selected experiments into ``out``, skipping finished units. Returns (out, counts)."""
     C.check_suite(suite)
     if jobs < 1:

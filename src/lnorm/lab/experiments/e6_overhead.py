@@ -86,4 +86,5 @@ def analyze(cfg: Config, results: dict) -> dict:
             "notes": ["With --jobs 2 (the default on 2 cores) each run shares the machine with another run, "
                       "so these times carry that noise; for overhead alone use `lnorm bench` or --jobs 1.",
                       "The recurrent baselines are torch's fused nn.LSTM/nn.GRU; the LN versions are lnorm's "
-                      "(pure-torch backend unless --backend says otherwise), so part of that gap is implementation."]}
+                      "(the run's backend, in the report header: lnorm's Numba kernels under auto), so part of that "
+                      "gap is implementation."]}

@@ -260,8 +260,9 @@ def analyze(cfg: Config, results: dict) -> dict:
         "ranking loss summed over contrastive captions and images with margin 0.05 (cosine: 0.2), Adam 1e-3, "
         "batch 128, gradient clipping at 2, model selected by validation R-sum. One change: pairs of a batch "
         "where the caption truly describes the other image are not used as negatives.",
-        "Times: torch's nn.GRU is a fused C++ kernel, lnorm's LayerNormGRU runs on the lab's backend (pure "
-        "torch per-step loop unless --backend numba), so wall-time comparisons include the implementation "
+        "Times: torch's nn.GRU is a fused C++ kernel, lnorm's LayerNormGRU runs on the lab's backend (its "
+        "fused Numba path under auto, a pure-torch per-step loop under --backend torch), so wall-time "
+        "comparisons include the implementation "
         "difference; the step-based numbers do not. The paper's 60% is Theano on a GPU with one code base "
         "for both models.",
         "Paper (Ba et al. 2016, Table 2, MSCOCO): caption R@1/5/10/mean r 46.6/79.3/89.1/5.2 (OE) vs "
