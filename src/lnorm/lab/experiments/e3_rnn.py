@@ -98,7 +98,7 @@ class Config:
     gain_init: str = "one"  # LN gain initialisation: one, 0.1 or random (E7 varies it)
     seq_hidden: int = 32  # MNIST-1D GRU
     seq_embed: int = 8  # Linear(1, n) -> tanh before the recurrent layer (0: raw scalars, as published)
-    seq_steps: int = 150
+    seq_steps: int = 600
     seq_batch: int = 64
     seq_lr: float = 1e-2
 
@@ -110,7 +110,7 @@ SUITES = {
     "full": dict(steps=1000, hidden=128, seq_len=64, eval_every=50, eval_batches=16, target_bpc=2.5,
                  seq_steps=3000, seq_hidden=64, seq_batch=100),
 }
-EST_SECONDS = {"smoke": 4, "quick": 70, "full": 2700}
+EST_SECONDS = {"smoke": 4, "quick": 100, "full": 2700}
 
 
 def units(cfg: Config) -> list[dict]:

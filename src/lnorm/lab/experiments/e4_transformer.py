@@ -77,7 +77,7 @@ class Config:
     layers: int = 2
     seq_len: int = 32
     batch_size: int = 16
-    steps: int = 100
+    steps: int = 300
     eval_batches: int = 4
 
 
@@ -88,7 +88,7 @@ SUITES = {
     "full": dict(lrs=(1e-3, 3e-3, 1e-2), warmups=(0, 100), layers=4, d_model=64, batch_size=32, steps=600,
                  seq_len=64, eval_batches=16),
 }
-EST_SECONDS = {"smoke": 3, "quick": 65, "full": 4000}
+EST_SECONDS = {"smoke": 3, "quick": 110, "full": 4000}
 
 
 def units(cfg: Config) -> list[dict]:
