@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lnorm import _validate as V
-from lnorm.ops.norm import fused_norm
+from lnorm.ops.norm import delegates_to_torch, fused_norm
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
@@ -42,10 +42,14 @@ def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_f
     if not isinstance(residual_in_fp32, bool):
         raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
 
+    H = shape[0] if len(shape) == 1 else math.prod(shape)
+    if center and residual is None and not with_residual and delegates_to_torch(x, H):
+        # Torch's own kernel is the faster one here (see lnorm.ops.norm): call it directly, as
+        # F.layer_norm would be called, with nothing in between.
+        return torch.layer_norm(x, shape, weight, bias, eps)
     # The reshapes cost microseconds each, a visible share at small sizes: skip them when the
     # input already is (rows, features).
     flat = x.dim() == 2 and len(shape) == 1
-    H = shape[0] if len(shape) == 1 else math.prod(shape)
     x2 = x if flat else x.reshape(-1, H)
     r2 = residual if flat or residual is None else residual.reshape(-1, H)
     w = weight if weight is None or weight.dim() == 1 else weight.reshape(H)

@@ -49,6 +49,15 @@ NATIVE_LAYER_NORM_BELOW = 1 << 22
 NATIVE_LAYER_NORM_MIN_FEATURES = 32
 
 
+def delegates_to_torch(x: Tensor, features: int) -> bool:
+    """Whether a plain layer norm of ``x`` over its last ``features`` runs torch's own kernel."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and features >= NATIVE_LAYER_NORM_MIN_FEATURES
+        and not _use_numba(x, plain_layer_norm=True)
+    )
+
+
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
     if x.device.type != "cpu" or x.numel() == 0 or _backend.get_backend() != "numba":
         return False
@@ -348,13 +357,7 @@ def fused_norm(
     """
     if torch.compiler.is_compiling():
         return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
-    if (
-        center
-        and residual is None
-        and x.dtype in (torch.float32, torch.float64)
-        and x.shape[1] >= NATIVE_LAYER_NORM_MIN_FEATURES
-        and not _use_numba(x, plain_layer_norm=True)
-    ):
+    if center and residual is None and delegates_to_torch(x, x.shape[1]):
         # Plain layer norm where torch's kernel is the faster one: call it with torch's own
         # autograd (no Python Function in between; double backward works there too).
         y, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], weight, bias, eps)
