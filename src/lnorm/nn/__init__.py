@@ -9,6 +9,14 @@ from lnorm.nn.factory import (
     make_norm,
 )
 from lnorm.nn.normalization import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from lnorm.nn.rnn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 
 __all__ = [
     "AddLayerNorm",
@@ -17,30 +25,15 @@ __all__ = [
     "ChannelRMSNorm",
     "GroupNorm",
     "LayerNorm",
+    "LayerNormGRU",
+    "LayerNormGRUCell",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
+    "LayerNormRNN",
+    "LayerNormRNNCell",
     "MaskedBatchNorm",
     "NoNorm",
     "RMSNorm",
     "make_norm",
 ]
 
-try:  # the recurrent layers live in their own module
-    from lnorm.nn.rnn import (  # noqa: F401
-        LayerNormGRU,
-        LayerNormGRUCell,
-        LayerNormLSTM,
-        LayerNormLSTMCell,
-        LayerNormRNN,
-        LayerNormRNNCell,
-    )
-
-    __all__ += [
-        "LayerNormGRU",
-        "LayerNormGRUCell",
-        "LayerNormLSTM",
-        "LayerNormLSTMCell",
-        "LayerNormRNN",
-        "LayerNormRNNCell",
-    ]
-except ModuleNotFoundError as _exc:  # pragma: no cover - only while rnn.py does not exist
-    if _exc.name != "lnorm.nn.rnn":
-        raise

@@ -77,6 +77,22 @@ def _check_prob(value, name: str) -> float:
     return value
 
 
+def _option_repr(m) -> str:
+    """The ``extra_repr`` tail shared by cells and layers: options that differ from the defaults."""
+    s = ""
+    if m.mode in ("RNN_TANH", "RNN_RELU"):
+        s += f", nonlinearity={'tanh' if m.mode == 'RNN_TANH' else 'relu'!r}"
+    if not m.layer_norm:
+        s += ", layer_norm=False"
+    if m.cell_state != "raw":
+        s += f", cell_state={m.cell_state!r}"
+    if m.zoneout:
+        s += f", zoneout={m.zoneout}"
+    if m.zoneout_cell:
+        s += f", zoneout_cell={m.zoneout_cell}"
+    return s
+
+
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < math.inf):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
@@ -359,17 +375,7 @@ class _LayerNormCellBase(nn.Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
             s += ", bias=False"
-        if self.mode in ("RNN_TANH", "RNN_RELU"):
-            s += f", nonlinearity={'tanh' if self.mode == 'RNN_TANH' else 'relu'!r}"
-        if not self.layer_norm:
-            s += ", layer_norm=False"
-        if self.cell_state != "raw":
-            s += f", cell_state={self.cell_state!r}"
-        if self.zoneout:
-            s += f", zoneout={self.zoneout}"
-        if self.zoneout_cell:
-            s += f", zoneout_cell={self.zoneout_cell}"
-        return s
+        return s + _option_repr(self)
 
     def _options(self) -> _Options:
         return _Options(self.mode, self.layer_norm, self.eps, self.cell_state, self.zoneout,
@@ -527,17 +533,7 @@ class _LayerNormRNNBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        if self.mode in ("RNN_TANH", "RNN_RELU"):
-            s += f", nonlinearity={'tanh' if self.mode == 'RNN_TANH' else 'relu'!r}"
-        if not self.layer_norm:
-            s += ", layer_norm=False"
-        if self.cell_state != "raw":
-            s += f", cell_state={self.cell_state!r}"
-        if self.zoneout:
-            s += f", zoneout={self.zoneout}"
-        if self.zoneout_cell:
-            s += f", zoneout_cell={self.zoneout_cell}"
-        return s
+        return s + _option_repr(self)
 
     @property
     def _flat_weights_names(self) -> list[str]:
