@@ -4,7 +4,10 @@ Notation: R rows, H normalized features per row (the trailing dims flattened). `
 layer norm (subtract the row mean), ``center=False`` is RMS norm. Statistics are two-pass (mean,
 shifted by the row's first value, then the variance of ``x - mean``), so constant rows and large
 offsets such as ``1e4 + noise`` stay accurate.
-Accumulators take the array's dtype: float32 for float32 data, float64 for float64 data.
+Accumulators take the array's dtype: float32 for float32 data, float64 for float64 data. Mind
+Numba's typing rules here: ``x * 0`` or ``1.0 / x`` with a float32 ``x`` is float64 (an int or
+Python-float literal promotes), which halves the vector width and was 2x slower; constants are
+made from ``inv_h`` (passed in the data's dtype) as ``zero = inv_h * np.float32(0)``.
 
 These kernels know nothing of autograd or torch; ``lnorm.ops.norm`` launches them.
 Absent arguments are passed as zero-length arrays (weight and bias as ones / zeros), so each
@@ -28,32 +31,41 @@ def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # prag
     # eps and inv_h = 1/H come in the data's dtype, so float32 data stays in float32 arithmetic.
     R, H = x.shape
     has_res = res.shape[0] > 0
+    zero = inv_h * np.float32(0)  # the data's dtype (see the module docstring)
+    one = zero + np.float32(1)
     for i in prange(R):
+        # Shifted by the row's first value: a constant row sums to exactly 0 and gets mean == its
+        # value (so the output is exactly the bias), and offsets such as 1e4 + noise lose no
+        # digits to the sum. With a residual, the sum is taken in the same pass as the add.
+        acc = zero
         if has_res:
-            for j in range(H):
-                res_out[i, j] = x[i, j] + res[i, j]
+            xi = x[i]
+            ri = res[i]
             src = res_out[i]
+            shift = xi[0] + ri[0]
+            for j in range(H):
+                s = xi[j] + ri[j]
+                src[j] = s
+                acc += s - shift
         else:
             src = x[i]
-        mu = src[0] * 0
-        if center:
-            # Shifted by the row's first value: a constant row sums to exactly 0 and gets
-            # mean == its value (so the output is exactly the bias), and offsets such as
-            # 1e4 + noise lose no digits to the sum.
             shift = src[0]
-            for j in range(H):
-                mu += src[j] - shift
-            mean[i] = shift + mu * inv_h
-            mu = mean[i]
-        var = src[0] * 0
+            if center:
+                for j in range(H):
+                    acc += src[j] - shift
+        mu = zero
+        if center:
+            mu = shift + acc * inv_h
+            mean[i] = mu
+        var = zero
         for j in range(H):
             d = src[j] - mu
             var += d * d
-        # Stored, then read back: the store rounds to the data's dtype (a float literal is float64).
-        rstd[i] = 1.0 / np.sqrt(var * inv_h + eps)
-        r = rstd[i]
+        r = one / np.sqrt(var * inv_h + eps)
+        rstd[i] = r
+        yi = y[i]
         for j in range(H):
-            y[i, j] = (src[j] - mu) * r * w[j] + b[j]
+            yi[j] = (src[j] - mu) * r * w[j] + b[j]
 
 
 def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):  # pragma: no cover
@@ -64,33 +76,43 @@ def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part)
     has_dres = dres.shape[0] > 0
     need_dw = dw_part.shape[1] > 0
     need_db = db_part.shape[1] > 0
+    zero = inv_h * np.float32(0)  # the data's dtype (see the module docstring)
     for c in prange(chunks):
+        dwp = dw_part[c]
+        dbp = db_part[c]
         for i in range(c * per, min(R, (c + 1) * per)):
-            if center:
-                mu = mean[i]
-            else:
-                mu = rstd[i] * 0
+            dyi = dy[i]
+            si = src[i]
+            dxi = dx[i]
+            mu = mean[i] if center else zero
             r = rstd[i]
-            s1 = dy[i, 0] * 0  # sum of g * xhat
-            s2 = dy[i, 0] * 0  # sum of g
+            s1 = zero  # sum of g * xhat
+            s2 = zero  # sum of g
             for j in range(H):
-                g = dy[i, j] * w[j]
-                s1 += g * ((src[i, j] - mu) * r)
+                g = dyi[j] * w[j]
+                s1 += g * ((si[j] - mu) * r)
                 s2 += g
             c1 = s1 * inv_h
-            c2 = s2 * inv_h if center else s2 * 0
-            for j in range(H):
-                xhat = (src[i, j] - mu) * r
-                dx[i, j] = r * (dy[i, j] * w[j] - xhat * c1 - c2)
+            c2 = s2 * inv_h if center else zero
             if has_dres:
+                dri = dres[i]
                 for j in range(H):
-                    dx[i, j] += dres[i, j]
-            if need_dw:
+                    xhat = (si[j] - mu) * r
+                    dxi[j] = r * (dyi[j] * w[j] - xhat * c1 - c2) + dri[j]
+            else:
                 for j in range(H):
-                    dw_part[c, j] += dy[i, j] * ((src[i, j] - mu) * r)
-            if need_db:
+                    xhat = (si[j] - mu) * r
+                    dxi[j] = r * (dyi[j] * w[j] - xhat * c1 - c2)
+            if need_dw and need_db:
                 for j in range(H):
-                    db_part[c, j] += dy[i, j]
+                    dwp[j] += dyi[j] * ((si[j] - mu) * r)
+                    dbp[j] += dyi[j]
+            elif need_dw:
+                for j in range(H):
+                    dwp[j] += dyi[j] * ((si[j] - mu) * r)
+            elif need_db:
+                for j in range(H):
+                    dbp[j] += dyi[j]
 
 
 # Each kernel in two builds: threaded (prange splits rows across Numba's threads) and serial
