@@ -9,7 +9,8 @@ Notation: row ``b`` of the step is row ``n = off + b`` of the packed (N, ...) se
 ``H`` hidden size; LSTM gates (i, f, g, o) and GRU gates (r, z, n) in torch's order. ``gx`` is the
 hoisted input part of the gates (LN(W_ih x) + biases) for all rows. Saved tensors are indexed by
 ``n``; in inference the "saved" buffers are per-step scratch indexed by ``b`` (``soff = 0``).
-Accumulators take the array's dtype.
+Accumulators take the array's dtype: they start from ``zero = one * np.float32(0)`` (``one`` comes
+in the data's dtype), never from ``x * 0``, which Numba types float64 for float32 ``x``.
 """
 
 from __future__ import annotations
@@ -88,15 +89,16 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
     bs, G = gh.shape
     H = G // 4
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
+    zero = one * np.float32(0)
     for b in prange(bs):
         n = off + b
         s = soff + b
-        mu = gh[b, 0] * 0
+        mu = zero
         for q in range(G):
             mu += gh[b, q]
         stat_s[s, 1] = mu * inv_g  # stored and read back: rounds to the data's dtype
         mu = stat_s[s, 1]
-        var = mu * 0
+        var = zero
         for q in range(G):
             d = gh[b, q] - mu
             var += d * d
@@ -104,7 +106,7 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
         rh = stat_s[s, 0]
         for q in range(G):
             ghat_s[s, q] = (gh[b, q] - mu) * rh
-        muc = mu * 0
+        muc = zero
         for j in range(H):
             i = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
             f = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
@@ -119,7 +121,7 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
             muc += cn
         stat_s[s, 1] = muc * inv_h
         muc = stat_s[s, 1]
-        varc = muc * 0
+        varc = zero
         for j in range(H):
             d = c_s[s, j] - muc
             varc += d * d
@@ -146,13 +148,14 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
     G = ghat_s.shape[1]
     H = G // 4
     one, inv_g, inv_h = k[1], k[2], k[3]
+    zero = one * np.float32(0)
     for b in prange(bs):
         n = off + b
         muc = stat_s[n, 1]
         rc = stat_s[n, 2]
         rh = stat_s[n, 0]
-        s1 = rc * 0
-        s2 = rc * 0
+        s1 = zero
+        s2 = zero
         for j in range(H):
             chat = (c_s[n, j] - muc) * rc
             tc = ftanh(g3[j] * chat + b3[j])
@@ -180,8 +183,8 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
             dgx[n, H + j] = dc * cprev[pr, j] * f * (one - f)
             dgx[n, 2 * H + j] = dc * i * (one - g * g)
             dcs[b, j] = dc * f
-        s3 = rc * 0
-        s4 = rc * 0
+        s3 = zero
+        s4 = zero
         for q in range(G):
             dgt = dgx[n, q] * g1[q]
             s3 += dgt
@@ -219,12 +222,13 @@ def _acc_cols(off, bs, dy, xhat, acc, lo, hi):  # pragma: no cover
 
 @njit(inline="always")
 def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: no cover
-    mu = gh[b, lo] * 0
+    zero = one * np.float32(0)
+    mu = zero
     for q in range(lo, hi):
         mu += gh[b, q]
     stat_s[s, col] = mu * inv
     mu = stat_s[s, col]
-    var = mu * 0
+    var = zero
     for q in range(lo, hi):
         d = gh[b, q] - mu
         var += d * d
@@ -272,6 +276,7 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
     G = ghat_s.shape[1]
     H = G // 3
     one, inv_2h, inv_h = k[1], k[2], k[3]
+    zero = one * np.float32(0)
     for b in prange(bs):
         n = off + b
         p = hprev_idx[n]
@@ -291,8 +296,8 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
             dyn_s[n, j] = dn * r
         # LN backward, group r, z (its output gradient is dgx's)
         rs = stat_s[n, 0]
-        s3 = rs * 0
-        s4 = rs * 0
+        s3 = zero
+        s4 = zero
         for q in range(2 * H):
             dgt = dgx[n, q] * g1[q]
             s3 += dgt
@@ -303,8 +308,8 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
             dgh[n, q] = rs * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
         # group n (its output gradient is r * dn)
         rs = stat_s[n, 1]
-        s3 = rs * 0
-        s4 = rs * 0
+        s3 = zero
+        s4 = zero
         for j in range(H):
             dgt = dyn_s[n, j] * g1[2 * H + j]
             s3 += dgt

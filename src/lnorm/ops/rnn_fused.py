@@ -4,10 +4,11 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 
 * The input part of the gates, LN(W_ih x) + biases, does not depend on h: the caller computes it
   for all time steps at once (one matmul, one layer norm) with ordinary autograd ops.
-* Per time step: one MKL matmul ``h W_hh^T`` (``torch.mm`` into a preallocated buffer), then ONE
-  Numba kernel for all the elementwise work (LN of the recurrent part, gates, state update, LN of
+* Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work (LN of the recurrent part, gates, state update, LN of
   the cell), which saves the normalized recurrent part, the gate activations and per-row
-  statistics for backward.
+  statistics for backward. The per-step matmuls use MKL's packed GEMM where torch has it (the
+  weight is reordered once per call for the batch size, as oneDNN's own LSTM does): measured
+  23.5 ms against 34.6 ms for ``torch.mm`` over 100 steps of (32 x 512) @ (512 x 2048).
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, both LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
   previous h; the weight gradient is ONE big matmul over all steps at the end, and the LN
@@ -77,6 +78,39 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
+def _has_packed_gemm() -> bool:
+    try:
+        return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
+    except (AttributeError, RuntimeError):  # a torch build without MKL
+        return False
+
+
+_PACKED_GEMM = _has_packed_gemm()
+
+
+class _StepGemm:
+    """``h -> h @ w.T`` for the time loop: MKL's packed GEMM with ``w`` reordered once for
+    ``batch`` rows when torch has it (float32), else ``torch.mm``. Steps with fewer rows (packed
+    sequences) are computed exactly too: MKL then uses the original weight."""
+
+    __slots__ = ("w", "w_t", "packed", "batch")
+
+    def __init__(self, w: Tensor, batch: int):
+        self.w = w.detach().contiguous()
+        self.batch = batch
+        self.packed = None
+        self.w_t = None
+        if _PACKED_GEMM and w.dtype == torch.float32 and batch > 0:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, batch)
+        else:
+            self.w_t = self.w.t().contiguous()
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.mkl._mkl_linear(h, self.packed, self.w, None, self.batch)
+        return torch.mm(h, self.w_t)
+
+
 def _consts(dtype, eps: float, g: int, h: int):
     # scalars in the data's dtype, so the kernels' float32 loops stay float32
     return np.array([eps, 1.0, 1.0 / g, 1.0 / h], dtype=dtype)
@@ -90,7 +124,7 @@ def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float
     H = G // 4
     B = h0.shape[0]
     dt = gx.dtype
-    w_t = w_hh.detach().t().contiguous()  # (H, 4H)
+    gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
@@ -99,15 +133,14 @@ def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float
     act = torch.empty(rows, G, dtype=dt)
     c_all = torch.empty(rows, H, dtype=dt)
     stat = torch.empty(rows, 3, dtype=dt)
-    gh = torch.empty(B, G, dtype=dt)
     a = [_np(t) for t in (gx.contiguous(), g1.contiguous(), b1.contiguous(), g3.contiguous(), b3.contiguous())]
     gx_n, g1_n, b1_n, g3_n, b3_n = a
-    hs_n, cs_n, out_n, gh_n = _np(hs), _np(cs), _np(out), _np(gh)
+    hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, act_n, c_n, stat_n = _np(ghat), _np(act), _np(c_all), _np(stat)
     k = _consts(gx_n.dtype, eps, G, H)
     for off, bs in sched.steps:
-        torch.mm(hs[:bs], w_t, out=gh[:bs])
-        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, g3_n, b3_n, k,
+        gh = gemm(hs[:bs])
+        K.lstm_fwd_step(off, off if save else 0, gh.numpy(), gx_n, g1_n, b1_n, g3_n, b3_n, k,
                         hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
     return out, hs, cs, (ghat, act, c_all, stat)
 
@@ -137,14 +170,14 @@ class _LSTMRecurrence(torch.autograd.Function):
         chat_s = torch.empty(B, H, dtype=dt)
         acc_g = torch.zeros(2, G, dtype=torch.float64)
         acc_c = torch.zeros(2, H, dtype=torch.float64)
-        w = w_hh.detach().contiguous()
+        gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
         c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
         scratch = [_np(t) for t in (dgx, dgh, dcn_s, chat_s, acc_g, acc_c)]
         k = _consts(args[0].dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
             K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, *scratch)
-            torch.mm(dgh[off : off + bs], w, out=dhs[:bs])
+            dhs[:bs] = gemm(dgh[off : off + bs])
         dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[3] else None
         acc_g, acc_c = acc_g.to(dt), acc_c.to(dt)
         return (dgx, dhs, dcs, dw, acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
@@ -171,21 +204,20 @@ def _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched: _Schedule, eps: float, save: 
     H = G // 3
     B = h0.shape[0]
     dt = gx.dtype
-    w_t = w_hh.detach().t().contiguous()  # (H, 3H)
+    gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
     ghat = torch.empty(rows, G, dtype=dt)
     act = torch.empty(rows, 4 * H, dtype=dt)
     stat = torch.empty(rows, 2, dtype=dt)
-    gh = torch.empty(B, G, dtype=dt)
     gx_n, g1_n, b1_n, bhn_n = (_np(t.contiguous()) for t in (gx, g1, b1, bhn))
-    hs_n, out_n, gh_n = _np(hs), _np(out), _np(gh)
+    hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(gx_n.dtype, eps, 2 * H, H)
     for off, bs in sched.steps:
-        torch.mm(hs[:bs], w_t, out=gh[:bs])
-        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], gx_n, g1_n, b1_n, bhn_n, k, hs_n,
+        gh = gemm(hs[:bs])
+        K.gru_fwd_step(off, off if save else 0, gh.numpy(), gx_n, g1_n, b1_n, bhn_n, k, hs_n,
                        out_n, ghat_n, act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
@@ -212,7 +244,7 @@ class _GRURecurrence(torch.autograd.Function):
         dgh = torch.empty(N, G, dtype=dt)
         dyn = torch.empty(N, H, dtype=dt)
         direct = torch.empty(B, H, dtype=dt)
-        w = w_hh.detach().contiguous()
+        gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dgx_n, dgh_n, dyn_n, direct_n = _np(dgx), _np(dgh), _np(dyn), _np(direct)
@@ -220,7 +252,7 @@ class _GRURecurrence(torch.autograd.Function):
         for off, bs in reversed(sched.steps):
             K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
                            g1_n, k, dgx_n, dgh_n, dyn_n, direct_n)
-            torch.addmm(direct[:bs], dgh[off : off + bs], w, out=dhs[:bs])
+            torch.add(gemm(dgh[off : off + bs]), direct[:bs], out=dhs[:bs])
         dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[2] else None
         dg1 = torch.empty(G, dtype=dt)
         K.colsum_prod(dgx_n[:, : 2 * H], ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
