@@ -378,6 +378,21 @@ def test_fused_path_equals_torch_path(kind, dtype, packed):
     assert_close(data(res[0]), results["torch"][0][0], name="no_grad output", **tol)
 
 
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("batch_sizes", [[3, 3, 3, 3], [3, 2, 2, 1], [2]], ids=["full", "packed", "one-step"])
+def test_weight_grad_equals_gathered_previous_states(reverse, batch_sizes):
+    # the full-batch shortcut (two matmuls on shifted views) against the general gather
+    from lnorm.ops.rnn_fused import _Schedule
+
+    sched = _Schedule(batch_sizes, reverse)
+    g = torch.Generator().manual_seed(0)
+    dgh = torch.randn(sched.N, 8, dtype=D64, generator=g)
+    init = torch.randn(sched.B, 5, dtype=D64, generator=g)
+    rows = torch.randn(sched.N, 5, dtype=D64, generator=g)
+    assert_close(sched.weight_grad(dgh, init, rows), dgh.t() @ sched.gather_prev(init, rows), name="dW_hh")
+
+
 # ---------------------------------------------------------------------------------- gradcheck
 
 

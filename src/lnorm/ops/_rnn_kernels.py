@@ -239,11 +239,13 @@ def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: n
 
 
 @njit(**_OPTS)
-def gru_fwd_step(off, soff, gh, gx, g1, b1, bhn, k, hs, out, ghat_s, act_s, stat_s):  # pragma: no cover
-    # gh: (bs, 3H) = h W_hh^T; LN in groups [r, z | n]; gx: (N, 3H) = LN(W_ih x) + biases (the
-    # r, z part holds b_ih + b_hh, the n part b_ih only); bhn: (H,) b_hh of n (zeros if no bias).
-    # saved: ghat_s (*, 3H); act_s (*, 4H) = (r, z, n, LN(W_hh h)_n + b_hn); stat_s (*, 2) = the
-    # rstd of the two groups of gh.
+def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, act_s,
+                 stat_s):  # pragma: no cover
+    # gh: (bs, 3H) = h W_hh^T; LN in groups [r, z | n]; gx_rz (N, 2H), gx_n (N, H): LN(W_ih x)
+    # of the two groups, no biases; b1 (3H): added to the normalized recurrent part (r, z: LN
+    # bias + b_ih + b_hh; n: LN bias + b_hn); b_in (H): b_ih of n. saved: ghat_s (*, 3H);
+    # act_s (*, 4H) = (r, z, n, LN(W_hh h)_n + b_hn); stat_s (*, 2) = the rstd of the two
+    # groups of gh.
     bs, G = gh.shape
     H = G // 3
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
@@ -253,10 +255,10 @@ def gru_fwd_step(off, soff, gh, gx, g1, b1, bhn, k, hs, out, ghat_s, act_s, stat
         _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
         _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
         for j in range(H):
-            r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
-            z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
-            hn = g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j] + bhn[j]
-            nv = ftanh(gx[n, 2 * H + j] + r * hn)
+            r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx_rz[n, j])
+            z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx_rz[n, H + j])
+            hn = g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j]
+            nv = ftanh(gx_n[n, j] + b_in[j] + r * hn)
             act_s[s, j] = r
             act_s[s, H + j] = z
             act_s[s, 2 * H + j] = nv
@@ -268,11 +270,11 @@ def gru_fwd_step(off, soff, gh, gx, g1, b1, bhn, k, hs, out, ghat_s, act_s, stat
 
 @njit(**_OPTS)
 def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
-                 dgx, dgh, dyn_s, dhprev_direct):  # pragma: no cover
-    # dhs: (B, H) gradient w.r.t. this step's h from later steps; dgx (N, 3H): gradient of gx;
-    # dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn; dhprev_direct (B, H): the z * dh
-    # part of the previous h's gradient (the caller adds dgh W_hh). hprev_idx[n]: row of out
-    # holding the previous h, or -1 - b for h0[b].
+                 dx_rz, dx_n, dgh, dyn_s, dhprev_direct):  # pragma: no cover
+    # dhs: (B, H) gradient w.r.t. this step's h from later steps; dx_rz (N, 2H), dx_n (N, H):
+    # gradients of gx_rz, gx_n; dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn;
+    # dhprev_direct (B, H): the z * dh part of the previous h's gradient (the caller adds
+    # dgh W_hh). hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
     G = ghat_s.shape[1]
     H = G // 3
     one, inv_2h, inv_h = k[1], k[2], k[3]
@@ -290,22 +292,22 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
             dh = dout[n, j] + dhs[b, j]
             dhprev_direct[b, j] = dh * z
             dn = dh * (one - z) * (one - nv * nv)
-            dgx[n, j] = dn * hn * r * (one - r)
-            dgx[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
-            dgx[n, 2 * H + j] = dn
+            dx_rz[n, j] = dn * hn * r * (one - r)
+            dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
+            dx_n[n, j] = dn
             dyn_s[n, j] = dn * r
-        # LN backward, group r, z (its output gradient is dgx's)
+        # LN backward, group r, z (its output gradient is dx_rz's)
         rs = stat_s[n, 0]
         s3 = zero
         s4 = zero
         for q in range(2 * H):
-            dgt = dgx[n, q] * g1[q]
+            dgt = dx_rz[n, q] * g1[q]
             s3 += dgt
             s4 += dgt * ghat_s[n, q]
         s3 = s3 * inv_2h
         s4 = s4 * inv_2h
         for q in range(2 * H):
-            dgh[n, q] = rs * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+            dgh[n, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
         # group n (its output gradient is r * dn)
         rs = stat_s[n, 1]
         s3 = zero

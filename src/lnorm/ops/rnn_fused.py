@@ -33,7 +33,7 @@ from lnorm.ops import _rnn_kernels as K
 
 
 class _Schedule:
-    __slots__ = ("steps", "prev", "prev_t", "B", "N")
+    __slots__ = ("steps", "prev", "prev_t", "B", "N", "full", "reverse")
 
     def __init__(self, batch_sizes: list[int], reverse: bool):
         offsets = np.zeros(len(batch_sizes) + 1, dtype=np.int64)
@@ -41,6 +41,8 @@ class _Schedule:
         order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
         self.B = batch_sizes[0] if batch_sizes else 0
         self.N = int(offsets[-1])
+        self.full = all(bs == self.B for bs in batch_sizes)  # no sequence ends early
+        self.reverse = reverse
         self.steps = []
         prev = np.empty(self.N, dtype=np.int64)
         last_off, last_bs = 0, 0
@@ -57,6 +59,20 @@ class _Schedule:
         """(N, H): for every row the state it started its step from (a row of ``rows`` or ``init``)."""
         idx = torch.where(self.prev_t >= 0, self.prev_t + init.shape[0], -1 - self.prev_t)
         return torch.cat([init, rows]).index_select(0, idx)
+
+    def weight_grad(self, dgh: Tensor, init: Tensor, rows: Tensor) -> Tensor:
+        """``dgh^T @ prev``: the gradient of W_hh, with prev as :meth:`gather_prev` gives it.
+
+        With full batches the previous states are ``init`` and ``rows`` shifted by one step, so two
+        matmuls on views replace the gather (two copies of an (N, H) buffer)."""
+        if not self.full or self.N <= self.B:
+            return torch.mm(dgh.t(), self.gather_prev(init, rows))
+        B, N = self.B, self.N
+        if self.reverse:  # step t's previous state is step t + 1's output; the last step's is init
+            dw = torch.mm(dgh[N - B :].t(), init)
+            return dw.addmm_(dgh[: N - B].t(), rows[B:])
+        dw = torch.mm(dgh[:B].t(), init)
+        return dw.addmm_(dgh[B:].t(), rows[: N - B])
 
 
 def applies(x: Tensor, p, opt) -> bool:
@@ -177,8 +193,13 @@ class _LSTMRecurrence(torch.autograd.Function):
         k = _consts(args[0].dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
             K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, *scratch)
-            dhs[:bs] = gemm(dgh[off : off + bs])
-        dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[3] else None
+            dh_prev = gemm(dgh[off : off + bs])
+            if bs == B:  # the whole batch: take the new buffer instead of copying it into dhs
+                dhs = dh_prev
+                args[1] = _np(dhs)
+            else:
+                dhs[:bs] = dh_prev
+        dw = sched.weight_grad(dgh, h0.detach(), out) if ctx.needs_input_grad[3] else None
         acc_g, acc_c = acc_g.to(dt), acc_c.to(dt)
         return (dgx, dhs, dcs, dw, acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
@@ -199,11 +220,12 @@ def lstm_recurrence(gx, h0, c0, p, eps, sched):
 # ----------------------------------------------------------------------------------------- GRU
 
 
-def _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched: _Schedule, eps: float, save: bool):
-    N, G = gx.shape
-    H = G // 3
+def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: float, save: bool):
+    N = gx_rz.shape[0]
+    H = gx_n.shape[1]
+    G = 3 * H
     B = h0.shape[0]
-    dt = gx.dtype
+    dt = gx_rz.dtype
     gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
@@ -211,21 +233,21 @@ def _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched: _Schedule, eps: float, save: 
     ghat = torch.empty(rows, G, dtype=dt)
     act = torch.empty(rows, 4 * H, dtype=dt)
     stat = torch.empty(rows, 2, dtype=dt)
-    gx_n, g1_n, b1_n, bhn_n = (_np(t.contiguous()) for t in (gx, g1, b1, bhn))
+    xrz_n, xn_n, g1_n, b1_n, bin_n = (_np(t.contiguous()) for t in (gx_rz, gx_n, g1, b1, b_in))
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
-    k = _consts(gx_n.dtype, eps, 2 * H, H)
+    k = _consts(xrz_n.dtype, eps, 2 * H, H)
     for off, bs in sched.steps:
         gh = gemm(hs[:bs])
-        K.gru_fwd_step(off, off if save else 0, gh.numpy(), gx_n, g1_n, b1_n, bhn_n, k, hs_n,
+        K.gru_fwd_step(off, off if save else 0, gh.numpy(), xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
                        out_n, ghat_n, act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
 
 class _GRURecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, h0, w_hh, g1, b1, bhn, sched, eps):
-        out, hn, saved = _gru_forward(gx, h0, w_hh, g1, b1, bhn, sched, eps, True)
+    def forward(ctx, gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps):
+        out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, True)
         ctx.save_for_backward(h0, w_hh, g1, out, *saved)
         ctx.sched = sched
         return out, hn
@@ -240,36 +262,47 @@ class _GRURecurrence(torch.autograd.Function):
         B = h0.shape[0]
         dout = dout.contiguous() if dout is not None else torch.zeros(N, H, dtype=dt)
         dhs = dhn.clone().contiguous() if dhn is not None else torch.zeros(B, H, dtype=dt)
-        dgx = torch.empty(N, G, dtype=dt)
+        dx_rz = torch.empty(N, 2 * H, dtype=dt)
+        dx_n = torch.empty(N, H, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
         dyn = torch.empty(N, H, dtype=dt)
         direct = torch.empty(B, H, dtype=dt)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
-        dgx_n, dgh_n, dyn_n, direct_n = _np(dgx), _np(dgh), _np(dyn), _np(direct)
-        k = _consts(dgx_n.dtype, 1.0, 2 * H, H)
+        dxrz_n, dxn_n, dgh_n, dyn_n, direct_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn), _np(direct)
+        k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
         for off, bs in reversed(sched.steps):
             K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
-                           g1_n, k, dgx_n, dgh_n, dyn_n, direct_n)
+                           g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n, direct_n)
             torch.add(gemm(dgh[off : off + bs]), direct[:bs], out=dhs[:bs])
-        dw = torch.mm(dgh.t(), sched.gather_prev(h0.detach(), out)) if ctx.needs_input_grad[2] else None
+        dw = sched.weight_grad(dgh, h0.detach(), out) if ctx.needs_input_grad[3] else None
         dg1 = torch.empty(G, dtype=dt)
-        K.colsum_prod(dgx_n[:, : 2 * H], ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
+        K.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
         K.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])
-        dyn_sum = dyn.sum(0)
-        db1 = torch.cat([dgx[:, : 2 * H].sum(0), dyn_sum])
-        return (dgx, dhs, dw, dg1, db1, dyn_sum, None, None)
+        db1 = torch.cat([dx_rz.sum(0), dyn.sum(0)])
+        return (dx_rz, dx_n, dhs, dw, dg1, db1, dx_n.sum(0), None, None)
 
 
 def gru_recurrence(gx, h0, p, eps, sched):
+    """``gx`` is ``(LN(W_ih x)_{r,z}, LN(W_ih x)_n)`` without biases (see ``_input_projection``).
+
+    The kernel takes two bias vectors: ``b1`` (3H) added to the normalized recurrent part (r, z:
+    its LN bias + b_ih + b_hh; n: its LN bias + b_hn, inside the reset gate's product) and
+    ``b_in`` (H) = the n part of b_ih, outside it."""
+    gx_rz, gx_n = gx
     H = h0.shape[1]
-    bhn = p.b_hh[2 * H :] if p.b_hh is not None else torch.zeros(H, dtype=gx.dtype)
-    tensors = (gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn)
+    b1 = p.ln_hh_b
+    if p.b_ih is not None:
+        b1 = b1 + torch.cat([p.b_ih[: 2 * H] + p.b_hh[: 2 * H], p.b_hh[2 * H :]])
+        b_in = p.b_ih[2 * H :]
+    else:
+        b_in = torch.zeros(H, dtype=gx_rz.dtype)
+    tensors = (gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _GRURecurrence.apply(gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn, sched, eps)
+        return _GRURecurrence.apply(gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in, sched, eps)
     with torch.no_grad():
-        out, hn, _ = _gru_forward(gx, h0, p.w_hh, p.ln_hh_w, p.ln_hh_b, bhn, sched, eps, False)
+        out, hn, _ = _gru_forward(gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in, sched, eps, False)
     return out, hn
 
 
@@ -277,7 +310,8 @@ def gru_recurrence(gx, h0, p, eps, sched):
 
 
 def recurrence(gx, batch_sizes, h0, c0, p, opt, reverse: bool):
-    """One direction of one layer from the hoisted input part ``gx`` (N, G*H); see ``lnorm.nn.rnn``.
+    """One direction of one layer from the hoisted input part ``gx`` (``_input_projection(...,
+    fused=True)``: (N, 4H) for the LSTM, a pair (N, 2H), (N, H) for the GRU); see ``lnorm.nn.rnn``.
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
