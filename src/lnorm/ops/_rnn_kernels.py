@@ -15,6 +15,7 @@ in the data's dtype), never from ``x * 0``, which Numba types float64 for float3
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -22,6 +23,11 @@ from numba.extending import overload
 _FASTMATH = {"reassoc", "contract", "arcp"}
 # error_model="numpy": no ZeroDivisionError branch, so the divisions in the loops vectorize
 _OPTS = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
+
+
+def num_threads() -> int:
+    return numba.get_num_threads()
+
 
 # ------------------------------------------------------------------------------ nonlinearities
 # float32 has no vectorized tanh/exp in LLVM without Intel SVML, and scalar libm calls cost ~30x
@@ -137,83 +143,83 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
 
 @njit(**_OPTS)
 def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, g1, g3, b3, k,
-                  dgx, dgh, dcn_s, dcnc_s, acc_g, acc_c):  # pragma: no cover
+                  dgx, dgh, acc_g, acc_c):  # pragma: no cover
     # dhs, dcs: (B, H) gradient state (in: w.r.t. this step's h and c from later steps; out: dcs
     # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dgx, dgh: (N, 4H) outputs
-    # (gradient of the gates = of gx, and of gh); dcn_s, dcnc_s: (B, H) scratch (gradient of the
-    # normalized cell, and the cell's xhat); acc_g (2, 4H) and
-    # acc_c (2, H), float64: running sums over all rows of the LN parameter gradients (weight,
-    # bias) of the recurrent part and of the cell, added to while the step's rows are in cache.
+    # (gradient of the gates = of gx, and of gh). acc_g (chunks, 2, 4H) and acc_c (chunks, 2, H),
+    # float64: running sums over all rows of the LN parameter gradients (weight, bias) of the
+    # recurrent part and of the cell, one slice per chunk of rows (the caller sums the slices at
+    # the end); each row is added right after it is computed, while it is in cache. (A separate
+    # pass over column blocks after the rows cost half of this kernel's time.)
     # cprev_idx[n]: row of c_s holding the previous c, or -1 - b for c0[b].
     G = ghat_s.shape[1]
     H = G // 4
     one, inv_g, inv_h = k[1], k[2], k[3]
     zero = one * np.float32(0)
-    for b in prange(bs):
-        n = off + b
-        muc = stat_s[n, 1]
-        rc = stat_s[n, 2]
-        rh = stat_s[n, 0]
-        s1 = zero
-        s2 = zero
-        for j in range(H):
-            chat = (c_s[n, j] - muc) * rc
-            tc = ftanh(g3[j] * chat + b3[j])
-            o = act_s[n, 3 * H + j]
-            dh = dout[n, j] + dhs[b, j]
-            dgx[n, 3 * H + j] = dh * tc * o * (one - o)
-            dcn = dh * o * (one - tc * tc)
-            dcn_s[b, j] = dcn
-            dcnc_s[b, j] = chat
-            dchat = dcn * g3[j]
-            s1 += dchat
-            s2 += dchat * chat
-        s1 = s1 * inv_h
-        s2 = s2 * inv_h
-        p = cprev_idx[n]
-        cprev = c_s if p >= 0 else c0
-        pr = p if p >= 0 else -1 - p
-        for j in range(H):
-            chat = (c_s[n, j] - muc) * rc
-            dc = rc * (dcn_s[b, j] * g3[j] - s1 - chat * s2) + dcs[b, j]
-            i = act_s[n, j]
-            f = act_s[n, H + j]
-            g = act_s[n, 2 * H + j]
-            dgx[n, j] = dc * g * i * (one - i)
-            dgx[n, H + j] = dc * cprev[pr, j] * f * (one - f)
-            dgx[n, 2 * H + j] = dc * i * (one - g * g)
-            dcs[b, j] = dc * f
-        s3 = zero
-        s4 = zero
+    chunks = acc_g.shape[0]
+    per = (bs + chunks - 1) // chunks
+    for ch in prange(chunks):
+        # this step's sums over the chunk's rows, in the data's dtype (vectorizes), then into the
+        # float64 running sums once per step
+        ag = np.zeros((2, G), dtype=dgx.dtype)
+        ac = np.zeros((2, H), dtype=dgx.dtype)
+        dcn = np.empty(H, dtype=dgx.dtype)  # the row's gradient of the normalized cell
+        chat = np.empty(H, dtype=dgx.dtype)  # and the cell's xhat
+        for b in range(ch * per, min(bs, (ch + 1) * per)):
+            n = off + b
+            muc = stat_s[n, 1]
+            rc = stat_s[n, 2]
+            rh = stat_s[n, 0]
+            s1 = zero
+            s2 = zero
+            for j in range(H):
+                xh = (c_s[n, j] - muc) * rc
+                tc = ftanh(g3[j] * xh + b3[j])
+                o = act_s[n, 3 * H + j]
+                dh = dout[n, j] + dhs[b, j]
+                dgx[n, 3 * H + j] = dh * tc * o * (one - o)
+                d = dh * o * (one - tc * tc)
+                dcn[j] = d
+                chat[j] = xh
+                dchat = d * g3[j]
+                s1 += dchat
+                s2 += dchat * xh
+            s1 = s1 * inv_h
+            s2 = s2 * inv_h
+            for j in range(H):
+                ac[0, j] += dcn[j] * chat[j]
+                ac[1, j] += dcn[j]
+            p = cprev_idx[n]
+            cprev = c_s if p >= 0 else c0
+            pr = p if p >= 0 else -1 - p
+            for j in range(H):
+                dc = rc * (dcn[j] * g3[j] - s1 - chat[j] * s2) + dcs[b, j]
+                i = act_s[n, j]
+                f = act_s[n, H + j]
+                g = act_s[n, 2 * H + j]
+                dgx[n, j] = dc * g * i * (one - i)
+                dgx[n, H + j] = dc * cprev[pr, j] * f * (one - f)
+                dgx[n, 2 * H + j] = dc * i * (one - g * g)
+                dcs[b, j] = dc * f
+            s3 = zero
+            s4 = zero
+            for q in range(G):
+                dgt = dgx[n, q] * g1[q]
+                s3 += dgt
+                s4 += dgt * ghat_s[n, q]
+            s3 = s3 * inv_g
+            s4 = s4 * inv_g
+            for q in range(G):
+                dgh[n, q] = rh * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+            for q in range(G):
+                ag[0, q] += dgx[n, q] * ghat_s[n, q]
+                ag[1, q] += dgx[n, q]
         for q in range(G):
-            dgt = dgx[n, q] * g1[q]
-            s3 += dgt
-            s4 += dgt * ghat_s[n, q]
-        s3 = s3 * inv_g
-        s4 = s4 * inv_g
-        for q in range(G):
-            dgh[n, q] = rh * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
-    nbg = (G + _BLK - 1) // _BLK
-    nbh = (H + _BLK - 1) // _BLK
-    for q in prange(nbg + nbh):  # parallel over column blocks: no write races
-        if q < nbg:
-            _acc_cols(off, bs, dgx, ghat_s, acc_g, q * _BLK, min(G, (q + 1) * _BLK))
-        else:
-            q2 = q - nbg
-            _acc_cols(0, bs, dcn_s, dcnc_s, acc_c, q2 * _BLK, min(H, (q2 + 1) * _BLK))
-
-
-_BLK = 128
-
-
-@njit(inline="always")
-def _acc_cols(off, bs, dy, xhat, acc, lo, hi):  # pragma: no cover
-    # LN parameter gradients over rows off .. off + bs: acc[0] += dy * xhat (weight), acc[1] += dy
-    for b in range(bs):
-        n = off + b
-        for c in range(lo, hi):
-            acc[0, c] += dy[n, c] * xhat[n, c]
-            acc[1, c] += dy[n, c]
+            acc_g[ch, 0, q] += ag[0, q]
+            acc_g[ch, 1, q] += ag[1, q]
+        for j in range(H):
+            acc_c[ch, 0, j] += ac[0, j]
+            acc_c[ch, 1, j] += ac[1, j]
 
 
 # ------------------------------------------------------------------------------------- GRU

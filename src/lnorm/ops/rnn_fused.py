@@ -182,14 +182,13 @@ class _LSTMRecurrence(torch.autograd.Function):
         dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
         dgx = torch.empty(N, G, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
-        dcn_s = torch.empty(B, H, dtype=dt)
-        chat_s = torch.empty(B, H, dtype=dt)
-        acc_g = torch.zeros(2, G, dtype=torch.float64)
-        acc_c = torch.zeros(2, H, dtype=torch.float64)
+        chunks = max(1, min(B, K.num_threads()))  # one slice of the LN-gradient sums per thread
+        acc_g = torch.zeros(chunks, 2, G, dtype=torch.float64)
+        acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
         c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
-        scratch = [_np(t) for t in (dgx, dgh, dcn_s, chat_s, acc_g, acc_c)]
+        scratch = [_np(t) for t in (dgx, dgh, acc_g, acc_c)]
         k = _consts(args[0].dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
             K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, *scratch)
@@ -200,7 +199,7 @@ class _LSTMRecurrence(torch.autograd.Function):
             else:
                 dhs[:bs] = dh_prev
         dw = sched.weight_grad(dgh, h0.detach(), out) if ctx.needs_input_grad[3] else None
-        acc_g, acc_c = acc_g.to(dt), acc_c.to(dt)
+        acc_g, acc_c = acc_g.sum(0).to(dt), acc_c.sum(0).to(dt)
         return (dgx, dhs, dcs, dw, acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
