@@ -260,6 +260,12 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
         s = soff + b
         _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
         _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
+    # A second parallel loop for the gates: in the same loop body as the layer norms, the kernel
+    # ran 2.4x slower (15 ms against 6.3 ms for 100 steps at B=32, H=512, measured; the parts
+    # alone are fast, the cause in the generated code was not found).
+    for b in prange(bs):
+        n = off + b
+        s = soff + b
         for j in range(H):
             r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx_rz[n, j])
             z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx_rz[n, H + j])
