@@ -9,6 +9,11 @@ Numba's typing rules here: ``x * 0`` or ``1.0 / x`` with a float32 ``x`` is floa
 Python-float literal promotes), which halves the vector width and was 2x slower; constants are
 made from ``inv_h`` (passed in the data's dtype) as ``zero = inv_h * np.float32(0)``.
 
+bfloat16 data comes in and goes out as its raw 16 bits (``uint16`` arrays): ``_f`` widens an
+element to float32 (the bits shifted into the high half), ``_st`` narrows a float32 result with
+round-to-nearest-even as torch does; for float32/float64 arrays both are the identity, so one
+kernel source serves all three dtypes and the bfloat16 path needs no conversion passes.
+
 These kernels know nothing of autograd or torch; ``lnorm.ops.norm`` launches them.
 Absent arguments are passed as zero-length arrays (weight and bias as ones / zeros), so each
 kernel has one compiled signature per dtype and no branch inside the inner loops.
@@ -20,15 +25,67 @@ import types
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nt
+from numba.core.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the reductions; NaN and inf keep their IEEE meaning.
 _FASTMATH = {"reassoc", "contract", "arcp"}
 
+# ------------------------------------------------------------------------ bfloat16 as raw bits
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return nt.float32(nt.uint32), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, f):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return nt.uint32(nt.float32), codegen
+
+
+def _f(v):  # pragma: no cover - replaced by the overload inside jitted code
+    return v
+
+
+def _st(v, like):  # pragma: no cover
+    return v
+
+
+@overload(_f)
+def _f_ov(v):
+    if v == nt.uint16:  # bfloat16 bits -> float32
+        return lambda v: _u32_as_f32(np.uint32(v) << np.uint32(16))
+    return lambda v: v
+
+
+@overload(_st)
+def _st_ov(v, like):
+    # ``v`` as an element of the array ``like``: bfloat16 bits with round-to-nearest-even (NaN
+    # becomes the quiet NaN 0x7FC0, as torch's conversion), else unchanged.
+    if isinstance(like, nt.Array) and like.dtype == nt.uint16:
+        def impl(v, like):
+            b = _f32_as_u32(np.float32(v))
+            r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            return np.uint16(0x7FC0) if v != v else np.uint16(r)
+
+        return impl
+    return lambda v, like: v
+
+
 
 def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragma: no cover
     # x, res, res_out, y: (R, H); w, b: (H,); mean, rstd: (R,) (mean is (0,) for RMS norm)
-    # eps and inv_h = 1/H come in the data's dtype, so float32 data stays in float32 arithmetic.
+    # eps and inv_h = 1/H come in the compute dtype, so float32 data stays in float32 arithmetic.
+    # x, y (and res, res_out) may be bfloat16 bits (uint16); res_out always has x's dtype.
     R, H = x.shape
     has_res = res.shape[0] > 0
     zero = inv_h * np.float32(0)  # the data's dtype (see the module docstring)
@@ -42,34 +99,36 @@ def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # prag
             xi = x[i]
             ri = res[i]
             src = res_out[i]
-            shift = xi[0] + ri[0]
+            # the sum as stored (rounded to res_out's dtype) is what gets normalized
+            src[0] = _st(_f(xi[0]) + _f(ri[0]), src)
+            shift = _f(src[0])
             for j in range(H):
-                s = xi[j] + ri[j]
-                src[j] = s
-                acc += s - shift
+                src[j] = _st(_f(xi[j]) + _f(ri[j]), src)
+                acc += _f(src[j]) - shift
         else:
             src = x[i]
-            shift = src[0]
+            shift = _f(src[0])
             if center:
                 for j in range(H):
-                    acc += src[j] - shift
+                    acc += _f(src[j]) - shift
         mu = zero
         if center:
             mu = shift + acc * inv_h
             mean[i] = mu
         var = zero
         for j in range(H):
-            d = src[j] - mu
+            d = _f(src[j]) - mu
             var += d * d
         r = one / np.sqrt(var * inv_h + eps)
         rstd[i] = r
         yi = y[i]
         for j in range(H):
-            yi[j] = (src[j] - mu) * r * w[j] + b[j]
+            yi[j] = _st((_f(src[j]) - mu) * r * w[j] + b[j], yi)
 
 
 def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):  # pragma: no cover
     # dy, src, dres, dx: (R, H); w: (H,); mean, rstd: (R,); dw_part, db_part: (chunks, H) or (chunks, 0)
+    # dy and src may be bfloat16 bits (uint16); dx and the rest are in the compute dtype.
     R, H = dy.shape
     chunks = dw_part.shape[0]
     per = (R + chunks - 1) // chunks
@@ -89,30 +148,30 @@ def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part)
             s1 = zero  # sum of g * xhat
             s2 = zero  # sum of g
             for j in range(H):
-                g = dyi[j] * w[j]
-                s1 += g * ((si[j] - mu) * r)
+                g = _f(dyi[j]) * w[j]
+                s1 += g * ((_f(si[j]) - mu) * r)
                 s2 += g
             c1 = s1 * inv_h
             c2 = s2 * inv_h if center else zero
             if has_dres:
                 dri = dres[i]
                 for j in range(H):
-                    xhat = (si[j] - mu) * r
-                    dxi[j] = r * (dyi[j] * w[j] - xhat * c1 - c2) + dri[j]
+                    xhat = (_f(si[j]) - mu) * r
+                    dxi[j] = r * (_f(dyi[j]) * w[j] - xhat * c1 - c2) + _f(dri[j])
             else:
                 for j in range(H):
-                    xhat = (si[j] - mu) * r
-                    dxi[j] = r * (dyi[j] * w[j] - xhat * c1 - c2)
+                    xhat = (_f(si[j]) - mu) * r
+                    dxi[j] = r * (_f(dyi[j]) * w[j] - xhat * c1 - c2)
             if need_dw and need_db:
                 for j in range(H):
-                    dwp[j] += dyi[j] * ((si[j] - mu) * r)
-                    dbp[j] += dyi[j]
+                    dwp[j] += _f(dyi[j]) * ((_f(si[j]) - mu) * r)
+                    dbp[j] += _f(dyi[j])
             elif need_dw:
                 for j in range(H):
-                    dwp[j] += dyi[j] * ((si[j] - mu) * r)
+                    dwp[j] += _f(dyi[j]) * ((_f(si[j]) - mu) * r)
             elif need_db:
                 for j in range(H):
-                    dbp[j] += dyi[j]
+                    dbp[j] += _f(dyi[j])
 
 
 # Each kernel in two builds: threaded (prange splits rows across Numba's threads) and serial

@@ -61,7 +61,10 @@ def delegates_to_torch(x: Tensor, features: int) -> bool:
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
     if x.device.type != "cpu" or x.numel() == 0 or _backend.get_backend() != "numba":
         return False
-    return not (plain_layer_norm and x.numel() < NATIVE_LAYER_NORM_BELOW)
+    # Small plain layer norms run torch's kernel (float32/64, see delegates_to_torch) or the torch
+    # launchers; bfloat16 always takes the kernels, which read it directly (torch's path
+    # converts to float32 and back, and its backward is a composite: 10-30x slower, measured).
+    return not (plain_layer_norm and x.numel() < NATIVE_LAYER_NORM_BELOW and x.dtype is not torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------- numba launchers
@@ -83,6 +86,17 @@ def _arr(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _bits(t: Tensor) -> np.ndarray:
+    """The raw 16 bits of a bfloat16 tensor as a C-contiguous uint16 array (the kernels read
+    bfloat16 directly, see ``lnorm.ops._numba_kernels``)."""
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _in(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A kernel input: bfloat16 as its bits, anything else as :func:`_arr` in ``dtype``."""
+    return _bits(t) if t.dtype is torch.bfloat16 else _arr(t, dtype)
+
+
 @functools.lru_cache(maxsize=256)
 def _const(value: float, n: int, dtype) -> np.ndarray:
     a = np.full(n, value, dtype=dtype)
@@ -99,30 +113,40 @@ def _fwd_numba(x, residual, weight, bias, eps, center, res_dtype):
 
     R, H = x.shape
     cdt = _compute_dtype(x.dtype)
-    if residual is not None and res_dtype != cdt:
-        # A half-precision residual stream: the sum is rounded to res_dtype before it is
-        # normalized (as torch's `x + r` then the norm), so statistics and the saved new residual
-        # agree. Only the float32/float64 streams take the fused add.
+    # bfloat16 data (and a bfloat16 residual stream) is read and written as raw bits by the
+    # kernels: no conversion passes.
+    bf16 = x.dtype is torch.bfloat16 and (
+        residual is None or (residual.dtype is torch.bfloat16 and res_dtype is torch.bfloat16)
+    )
+    if residual is not None and res_dtype != cdt and not bf16:
+        # A float16 residual stream: the sum is rounded to res_dtype before it is normalized (as
+        # torch's `x + r` then the norm), so statistics and the saved new residual agree. The
+        # float32/float64/bfloat16 streams take the fused add (which rounds the same way).
         res_out = (x.to(res_dtype) + residual.to(res_dtype)).contiguous()
         y, _, mean, rstd = _fwd_numba(res_out, None, weight, bias, eps, center, res_dtype)
         return y.to(x.dtype), res_out, mean, rstd
     npdt = _NP[cdt]
-    xa = _arr(x, cdt)
-    ra = _arr(residual, cdt) if residual is not None else _none2d(npdt)
+    xa = _bits(x) if bf16 else _arr(x, cdt)
+    ra = (_bits(residual) if bf16 else _arr(residual, cdt)) if residual is not None else _none2d(npdt)
     wa = _arr(weight, cdt) if weight is not None else _const(1.0, H, npdt)
     ba = _arr(bias, cdt) if bias is not None else _const(0.0, H, npdt)
-    y = np.empty((R, H), dtype=npdt)
-    res_out = np.empty((R, H), dtype=npdt) if residual is not None else _none2d(npdt)
+    y = np.empty((R, H), dtype=xa.dtype)
+    res_out = np.empty((R, H), dtype=xa.dtype) if residual is not None else _none2d(xa.dtype.type)
     mean = np.empty(R if center else 0, dtype=npdt)
     rstd = np.empty(R, dtype=npdt)
     K.pick(K.norm_fwd, K.norm_fwd_serial, R * H)(
         xa, ra, wa, ba, npdt(eps), npdt(1.0 / H), center, y, res_out, mean, rstd
     )
-    yt = torch.from_numpy(y)
-    if x.dtype is not cdt:
-        yt = yt.to(x.dtype)
+    if bf16:
+        yt = torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)
+    else:
+        yt = torch.from_numpy(y)
+        if x.dtype is not cdt:
+            yt = yt.to(x.dtype)
     if residual is None:
         res_t = torch.empty(0, dtype=res_dtype)
+    elif bf16:
+        res_t = torch.from_numpy(res_out.view(np.int16)).view(torch.bfloat16)
     else:
         res_t = torch.from_numpy(res_out)
     return yt, res_t, torch.from_numpy(mean), torch.from_numpy(rstd)
@@ -140,10 +164,10 @@ def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
     dw_part = np.zeros((chunks, H if need_dw else 0), dtype=npdt)
     db_part = np.zeros((chunks, H if need_db else 0), dtype=npdt)
     kernel(
-        _arr(dy, cdt), _arr(src, cdt),
+        _in(dy, cdt), _in(src, cdt),
         _arr(weight, cdt) if weight is not None else _const(1.0, H, npdt),
         _arr(mean, cdt) if center else mean.detach().numpy(), _arr(rstd, cdt), npdt(1.0 / H), center,
-        _arr(dres, cdt) if dres is not None else _none2d(npdt),
+        _in(dres, cdt) if dres is not None else _none2d(npdt),
         dx, dw_part, db_part,
     )
     dw = torch.from_numpy(dw_part[0] if chunks == 1 else dw_part.sum(0)) if need_dw else None
