@@ -87,11 +87,13 @@ def _fsig(x):
 
 
 @njit(**_OPTS)
-def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
+def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
                   ghat_s, act_s, c_s, stat_s):  # pragma: no cover
-    # gh: (bs, 4H) = h W_hh^T for the active rows; gx: (N, 4H); hs, cs: (B, H) state, updated in
-    # place for rows < bs; out: (N, H); saved: ghat_s, act_s (*, 4H), c_s (*, H), stat_s (*, 3)
-    # holding (rstd of gh, mean of c, rstd of c)
+    # gh: (bs, 4H) = h W_hh^T for the active rows; px: (N, 4H) = W_ih x for all rows, layer-
+    # normalized here (weight g0; its bias is folded into b1 with the other biases) while the
+    # row is in cache; hs, cs: (B, H) state, updated in place for rows < bs; out: (N, H); saved:
+    # ghat_s, act_s (*, 4H), c_s (*, H), stat_s (*, 5) holding (rstd of gh, mean of c, rstd of c,
+    # mean of px, rstd of px)
     bs, G = gh.shape
     H = G // 4
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
@@ -112,12 +114,25 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
         rh = stat_s[s, 0]
         for q in range(G):
             ghat_s[s, q] = (gh[b, q] - mu) * rh
+        mux = zero
+        for q in range(G):
+            mux += px[n, q]
+        stat_s[s, 3] = mux * inv_g
+        mux = stat_s[s, 3]
+        varx = zero
+        for q in range(G):
+            d = px[n, q] - mux
+            varx += d * d
+        stat_s[s, 4] = one / np.sqrt(varx * inv_g + eps)
+        rx = stat_s[s, 4]
         muc = zero
         for j in range(H):
-            i = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx[n, j])
-            f = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx[n, H + j])
-            g = ftanh(g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j] + gx[n, 2 * H + j])
-            o = fsig(g1[3 * H + j] * ghat_s[s, 3 * H + j] + b1[3 * H + j] + gx[n, 3 * H + j])
+            i = fsig(g1[j] * ghat_s[s, j] + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
+            f = fsig(g1[H + j] * ghat_s[s, H + j] + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
+            g = ftanh(g1[2 * H + j] * ghat_s[s, 2 * H + j] + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx)
+                      + b1[2 * H + j])
+            o = fsig(g1[3 * H + j] * ghat_s[s, 3 * H + j] + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx)
+                     + b1[3 * H + j])
             act_s[s, j] = i
             act_s[s, H + j] = f
             act_s[s, 2 * H + j] = g
@@ -142,15 +157,16 @@ def lstm_fwd_step(off, soff, gh, gx, g1, b1, g3, b3, k, hs, cs, out,
 
 
 @njit(**_OPTS)
-def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, g1, g3, b3, k,
-                  dgx, dgh, acc_g, acc_c):  # pragma: no cover
+def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, g3,
+                  b3, k, dpx, dgh, acc_g, acc_c):  # pragma: no cover
     # dhs, dcs: (B, H) gradient state (in: w.r.t. this step's h and c from later steps; out: dcs
-    # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dgx, dgh: (N, 4H) outputs
-    # (gradient of the gates = of gx, and of gh). acc_g (chunks, 2, 4H) and acc_c (chunks, 2, H),
-    # float64: running sums over all rows of the LN parameter gradients (weight, bias) of the
-    # recurrent part and of the cell, one slice per chunk of rows (the caller sums the slices at
-    # the end); each row is added right after it is computed, while it is in cache. (A separate
-    # pass over column blocks after the rows cost half of this kernel's time.)
+    # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dpx, dgh: (N, 4H) outputs
+    # (gradient of px = W_ih x through its layer norm, and of gh). acc_g (chunks, 3, 4H) and
+    # acc_c (chunks, 2, H), float64: running sums over all rows of the LN parameter gradients
+    # (weight of the recurrent LN, bias of the gates, weight of the input LN; weight and bias of
+    # the cell's LN), one slice per chunk of rows (the caller sums the slices at the end); each
+    # row is added right after it is computed, while it is in cache. (A separate pass over column
+    # blocks after the rows cost half of this kernel's time.)
     # cprev_idx[n]: row of c_s holding the previous c, or -1 - b for c0[b].
     G = ghat_s.shape[1]
     H = G // 4
@@ -161,15 +177,18 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
     for ch in prange(chunks):
         # this step's sums over the chunk's rows, in the data's dtype (vectorizes), then into the
         # float64 running sums once per step
-        ag = np.zeros((2, G), dtype=dgx.dtype)
-        ac = np.zeros((2, H), dtype=dgx.dtype)
-        dcn = np.empty(H, dtype=dgx.dtype)  # the row's gradient of the normalized cell
-        chat = np.empty(H, dtype=dgx.dtype)  # and the cell's xhat
+        ag = np.zeros((3, G), dtype=dpx.dtype)
+        ac = np.zeros((2, H), dtype=dpx.dtype)
+        dcn = np.empty(H, dtype=dpx.dtype)  # the row's gradient of the normalized cell
+        chat = np.empty(H, dtype=dpx.dtype)  # and the cell's xhat
+        dg = np.empty(G, dtype=dpx.dtype)  # the row's gradient of the gate pre-activations
         for b in range(ch * per, min(bs, (ch + 1) * per)):
             n = off + b
             muc = stat_s[n, 1]
             rc = stat_s[n, 2]
             rh = stat_s[n, 0]
+            mux = stat_s[n, 3]
+            rx = stat_s[n, 4]
             s1 = zero
             s2 = zero
             for j in range(H):
@@ -177,7 +196,7 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
                 tc = ftanh(g3[j] * xh + b3[j])
                 o = act_s[n, 3 * H + j]
                 dh = dout[n, j] + dhs[b, j]
-                dgx[n, 3 * H + j] = dh * tc * o * (one - o)
+                dg[3 * H + j] = dh * tc * o * (one - o)
                 d = dh * o * (one - tc * tc)
                 dcn[j] = d
                 chat[j] = xh
@@ -197,26 +216,40 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, act_s, c_s, stat_s, cprev_idx
                 i = act_s[n, j]
                 f = act_s[n, H + j]
                 g = act_s[n, 2 * H + j]
-                dgx[n, j] = dc * g * i * (one - i)
-                dgx[n, H + j] = dc * cprev[pr, j] * f * (one - f)
-                dgx[n, 2 * H + j] = dc * i * (one - g * g)
+                dg[j] = dc * g * i * (one - i)
+                dg[H + j] = dc * cprev[pr, j] * f * (one - f)
+                dg[2 * H + j] = dc * i * (one - g * g)
                 dcs[b, j] = dc * f
+            # the recurrent part's LN backward -> dgh
             s3 = zero
             s4 = zero
             for q in range(G):
-                dgt = dgx[n, q] * g1[q]
+                dgt = dg[q] * g1[q]
                 s3 += dgt
                 s4 += dgt * ghat_s[n, q]
             s3 = s3 * inv_g
             s4 = s4 * inv_g
             for q in range(G):
-                dgh[n, q] = rh * (dgx[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+                dgh[n, q] = rh * (dg[q] * g1[q] - s3 - ghat_s[n, q] * s4)
+            # the input part's LN backward -> dpx
+            s5 = zero
+            s6 = zero
             for q in range(G):
-                ag[0, q] += dgx[n, q] * ghat_s[n, q]
-                ag[1, q] += dgx[n, q]
+                dgt = dg[q] * g0[q]
+                s5 += dgt
+                s6 += dgt * ((px[n, q] - mux) * rx)
+            s5 = s5 * inv_g
+            s6 = s6 * inv_g
+            for q in range(G):
+                xh = (px[n, q] - mux) * rx
+                dpx[n, q] = rx * (dg[q] * g0[q] - s5 - xh * s6)
+                ag[0, q] += dg[q] * ghat_s[n, q]
+                ag[1, q] += dg[q]
+                ag[2, q] += dg[q] * xh
         for q in range(G):
             acc_g[ch, 0, q] += ag[0, q]
             acc_g[ch, 1, q] += ag[1, q]
+            acc_g[ch, 2, q] += ag[2, q]
         for j in range(H):
             acc_c[ch, 0, j] += ac[0, j]
             acc_c[ch, 1, j] += ac[1, j]

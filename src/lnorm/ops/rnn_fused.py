@@ -2,8 +2,9 @@
 
 What runs where (chosen by measurement, see ``lnorm bench rnn``):
 
-* The input part of the gates, LN(W_ih x) + biases, does not depend on h: the caller computes it
-  for all time steps at once (one matmul, one layer norm) with ordinary autograd ops.
+* The input part of the gates does not depend on h: the caller computes W_ih x for all time steps
+  at once (one matmul). The LSTM's step kernels layer-normalize each row of it in cache (and
+  backpropagate through that LN); the GRU's input LN (two groups) runs before the loop.
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work (LN of the recurrent part, gates, state update, LN of
   the cell), which saves the normalized recurrent part, the gate activations and per-row
   statistics for backward. The per-step matmuls use MKL's packed GEMM where torch has it (the
@@ -135,11 +136,11 @@ def _consts(dtype, eps: float, g: int, h: int):
 # ---------------------------------------------------------------------------------------- LSTM
 
 
-def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
-    N, G = gx.shape
+def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
+    N, G = px.shape
     H = G // 4
     B = h0.shape[0]
-    dt = gx.dtype
+    dt = px.dtype
     gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
@@ -148,30 +149,29 @@ def _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched: _Schedule, eps: float
     ghat = torch.empty(rows, G, dtype=dt)
     act = torch.empty(rows, G, dtype=dt)
     c_all = torch.empty(rows, H, dtype=dt)
-    stat = torch.empty(rows, 3, dtype=dt)
-    a = [_np(t) for t in (gx.contiguous(), g1.contiguous(), b1.contiguous(), g3.contiguous(), b3.contiguous())]
-    gx_n, g1_n, b1_n, g3_n, b3_n = a
+    stat = torch.empty(rows, 5, dtype=dt)
+    px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (px, g0, g1, b1, g3, b3))
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, act_n, c_n, stat_n = _np(ghat), _np(act), _np(c_all), _np(stat)
-    k = _consts(gx_n.dtype, eps, G, H)
+    k = _consts(px_n.dtype, eps, G, H)
     for off, bs in sched.steps:
         gh = gemm(hs[:bs])
-        K.lstm_fwd_step(off, off if save else 0, gh.numpy(), gx_n, g1_n, b1_n, g3_n, b3_n, k,
+        K.lstm_fwd_step(off, off if save else 0, gh.numpy(), px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
                         hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
     return out, hs, cs, (ghat, act, c_all, stat)
 
 
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, g1, b1, g3, b3, sched, eps):
-        out, hn, cn, saved = _lstm_forward(gx, h0, c0, w_hh, g1, b1, g3, b3, sched, eps, True)
-        ctx.save_for_backward(h0, c0, w_hh, g1, g3, b3, out, *saved)
+    def forward(ctx, px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
+        out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
+        ctx.save_for_backward(px, h0, c0, w_hh, g0, g1, g3, b3, out, *saved)
         ctx.sched = sched
         return out, hn, cn
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
-        h0, c0, w_hh, g1, g3, b3, out, ghat, act, c_all, stat = ctx.saved_tensors
+        px, h0, c0, w_hh, g0, g1, g3, b3, out, ghat, act, c_all, stat = ctx.saved_tensors
         sched = ctx.sched
         N, G = ghat.shape
         H = G // 4
@@ -180,39 +180,43 @@ class _LSTMRecurrence(torch.autograd.Function):
         dout = dout.contiguous() if dout is not None else torch.zeros(N, H, dtype=dt)
         dhs = dhn.clone().contiguous() if dhn is not None else torch.zeros(B, H, dtype=dt)
         dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
-        dgx = torch.empty(N, G, dtype=dt)
+        dpx = torch.empty(N, G, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
         chunks = max(1, min(B, K.num_threads()))  # one slice of the LN-gradient sums per thread
-        acc_g = torch.zeros(chunks, 2, G, dtype=torch.float64)
+        acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
-        args = [_np(t) for t in (dout, dhs, dcs, ghat, act, c_all, stat)]
-        c0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, g1, g3, b3))
-        scratch = [_np(t) for t in (dgx, dgh, acc_g, acc_c)]
-        k = _consts(args[0].dtype, 1.0, G, H)
+        dout_n, dcs_n, ghat_n, act_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, act, c_all, stat))
+        c0_n, px_n, g0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, g3, b3))
+        scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
+        dhs_n = _np(dhs)
+        k = _consts(dout_n.dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
-            K.lstm_bwd_step(off, bs, *args, sched.prev, c0_n, g1_n, g3_n, b3_n, k, *scratch)
+            K.lstm_bwd_step(off, bs, dout_n, dhs_n, dcs_n, ghat_n, act_n, c_n, stat_n, sched.prev, c0_n,
+                            px_n, g0_n, g1_n, g3_n, b3_n, k, *scratch)
             dh_prev = gemm(dgh[off : off + bs])
             if bs == B:  # the whole batch: take the new buffer instead of copying it into dhs
                 dhs = dh_prev
-                args[1] = _np(dhs)
+                dhs_n = _np(dhs)
             else:
                 dhs[:bs] = dh_prev
         dw = sched.weight_grad(dgh, h0.detach(), out) if ctx.needs_input_grad[3] else None
         acc_g, acc_c = acc_g.sum(0).to(dt), acc_c.sum(0).to(dt)
-        return (dgx, dhs, dcs, dw, acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
+        return (dpx, dhs, dcs, dw, acc_g[2], acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
-def lstm_recurrence(gx, h0, c0, p, eps, sched):
-    """``gx`` is LN(W_ih x) without the biases: they are all added to the gates in one vector."""
-    g1, b1, g3, b3 = p.ln_hh_w, p.ln_hh_b, p.ln_c_w, p.ln_c_b
+def lstm_recurrence(px, h0, c0, p, eps, sched):
+    """``px`` is W_ih x for all rows, not normalized: its layer norm happens in the step kernels.
+    All biases (both LNs' and b_ih + b_hh) are added to the gates as one vector."""
+    g0, g1, g3, b3 = p.ln_ih_w, p.ln_hh_w, p.ln_c_w, p.ln_c_b
+    b1 = p.ln_hh_b + p.ln_ih_b
     if p.b_ih is not None:
         b1 = b1 + p.b_ih + p.b_hh
-    tensors = (gx, h0, c0, p.w_hh, g1, b1, g3, b3)
+    tensors = (px, h0, c0, p.w_hh, g0, g1, b1, g3, b3)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _LSTMRecurrence.apply(gx, h0, c0, p.w_hh, g1, b1, g3, b3, sched, eps)
+        return _LSTMRecurrence.apply(px, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps)
     with torch.no_grad():
-        out, hn, cn, _ = _lstm_forward(gx, h0, c0, p.w_hh, g1, b1, g3, b3, sched, eps, False)
+        out, hn, cn, _ = _lstm_forward(px, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps, False)
     return out, hn, cn
 
 
@@ -310,7 +314,8 @@ def gru_recurrence(gx, h0, p, eps, sched):
 
 def recurrence(gx, batch_sizes, h0, c0, p, opt, reverse: bool):
     """One direction of one layer from the hoisted input part ``gx`` (``_input_projection(...,
-    fused=True)``: (N, 4H) for the LSTM, a pair (N, 2H), (N, H) for the GRU); see ``lnorm.nn.rnn``.
+    fused=True)``: W_ih x (N, 4H) for the LSTM, normalized LN groups (N, 2H), (N, H) for the
+    GRU); see ``lnorm.nn.rnn``.
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
