@@ -9,9 +9,10 @@ Three candidates per case, timed interleaved in one run (median of ``--repeats``
 
 In the main case a fourth timing, ``matmul``, runs only the matrix products such a layer must
 compute (the input projection for all steps, one recurrent product per step, and in training
-their backward: per step the product for the previous h, then the weight gradients and the input
-gradient), with the same GEMM calls lnorm's fast path uses; it is a floor no implementation of
-these equations gets under, and shows how much of each time is the elementwise work.
+their backward: per step the product for the previous h, then the two weight gradients; the input
+does not require grad here, so no input gradient), with the same GEMM calls lnorm's fast path
+uses; it is a floor no implementation of these equations gets under, and shows how much of each
+time is the elementwise work.
 
 Correctness first: ``naive`` gets ``lnorm``'s weights, and lnorm's output must be as close to a
 float64 run of the same layer as the naive cell's output is. Modes: ``train``
@@ -196,8 +197,7 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool):
             for t in range(T):
                 back(dg[t * B : (t + 1) * B])
             torch.mm(dg.t(), hs)  # dW_hh
-            torch.mm(dg.t(), x)  # dW_ih
-            torch.mm(dg, w_ih)  # dx
+            torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
 
     return f
 
