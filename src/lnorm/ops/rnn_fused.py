@@ -147,7 +147,7 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
     ghat = torch.empty(rows, G, dtype=dt)
-    act = torch.empty(rows, G, dtype=dt)
+    act = torch.empty(B, G, dtype=dt)  # scratch: backward recomputes the activations
     c_all = torch.empty(rows, H, dtype=dt)
     stat = torch.empty(rows, 5, dtype=dt)
     px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (px, g0, g1, b1, g3, b3))
@@ -158,20 +158,20 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
         gh = gemm(hs[:bs])
         K.lstm_fwd_step(off, off if save else 0, gh.numpy(), px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
                         hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
-    return out, hs, cs, (ghat, act, c_all, stat)
+    return out, hs, cs, (ghat, c_all, stat)
 
 
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
         out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
-        ctx.save_for_backward(px, h0, c0, w_hh, g0, g1, g3, b3, out, *saved)
+        ctx.save_for_backward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, *saved)
         ctx.sched = sched
         return out, hn, cn
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
-        px, h0, c0, w_hh, g0, g1, g3, b3, out, ghat, act, c_all, stat = ctx.saved_tensors
+        px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat = ctx.saved_tensors
         sched = ctx.sched
         N, G = ghat.shape
         H = G // 4
@@ -186,14 +186,14 @@ class _LSTMRecurrence(torch.autograd.Function):
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
-        dout_n, dcs_n, ghat_n, act_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, act, c_all, stat))
-        c0_n, px_n, g0_n, g1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, g3, b3))
+        dout_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, c_all, stat))
+        c0_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, b1, g3, b3))
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
         dhs_n = _np(dhs)
         k = _consts(dout_n.dtype, 1.0, G, H)
         for off, bs in reversed(sched.steps):
-            K.lstm_bwd_step(off, bs, dout_n, dhs_n, dcs_n, ghat_n, act_n, c_n, stat_n, sched.prev, c0_n,
-                            px_n, g0_n, g1_n, g3_n, b3_n, k, *scratch)
+            K.lstm_bwd_step(off, bs, dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
+                            px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
             dh_prev = gemm(dgh[off : off + bs])
             if bs == B:  # the whole batch: take the new buffer instead of copying it into dhs
                 dhs = dh_prev
