@@ -393,6 +393,29 @@ def test_weight_grad_equals_gathered_previous_states(reverse, batch_sizes):
     assert_close(sched.weight_grad(dgh, init, rows), dgh.t() @ sched.gather_prev(init, rows), name="dW_hh")
 
 
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@pytest.mark.parametrize("chunk_rows", [1, 9], ids=["one-step-runs", "mixed-runs"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_lstm_backward_in_runs_of_steps_equals_torch_path(monkeypatch, chunk_rows, packed):
+    # the LSTM backward folds runs of steps into the weight and input gradients; the other tests'
+    # sizes fit one run, so force several (each step alone, and runs that split unevenly)
+    from lnorm.ops import rnn_fused
+
+    monkeypatch.setattr(rnn_fused, "_CHUNK_ROWS", chunk_rows)
+    m = make("lstm", 5, 6, num_layers=2, bidirectional=True, dtype=D64)
+    x = torch.randn(7, 4, 5, dtype=D64, requires_grad=True)
+    hx = hx_for("lstm", 4, 4, 6, dtype=D64)
+    results = {}
+    for b in ("numba", "torch"):
+        inp = pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), enforce_sorted=False) if packed else x
+        with lnorm.use_backend(b):
+            res = m(inp, hx)
+            results[b] = [data(res[0])] + states("lstm", res) + list(grads(loss_of("lstm", res), [x, *m.parameters()]))
+    names = ["output", "h_n", "c_n", "grad x"] + [f"grad {n}" for n, _ in m.named_parameters()]
+    for a, e, n in zip(results["numba"], results["torch"], names, strict=True):
+        assert_close(a, e, name=n)
+
+
 # ---------------------------------------------------------------------------------- gradcheck
 
 

@@ -161,11 +161,11 @@ class _Options:
 def _input_projection(x: Tensor, p: _Params, opt: _Options, fused: bool = False):
     """Everything of the gates that does not depend on h, for all rows at once: (N, G*H).
 
-    ``fused=True`` is the fused CPU path's form: no biases (its kernels add them); the LSTM's is
-    W_ih x alone (its step kernels apply the layer norm, row by row in cache), and the GRU's two
-    LN groups come back as two tensors ``(W_ih x)_{r,z}`` (N, 2H) and ``(W_ih x)_n`` (N, H),
-    each normalized in place of one (N, 3H) tensor: slicing the groups out and concatenating
-    them again cost 15 ms of a 60 ms GRU forward at N = 3200, H = 512."""
+    ``fused=True`` is the fused CPU path's form for the GRU (the LSTM's fused path does its input
+    part itself): no biases (its kernels add them), and the two LN groups come back as two
+    tensors ``(W_ih x)_{r,z}`` (N, 2H) and ``(W_ih x)_n`` (N, H), each normalized in place of one
+    (N, 3H) tensor: slicing the groups out and concatenating them again cost 15 ms of a 60 ms
+    GRU forward at N = 3200, H = 512."""
     H = p.w_hh.shape[1]
     if opt.mode == "GRU" and fused:
         s = 2 * H
@@ -175,12 +175,10 @@ def _input_projection(x: Tensor, p: _Params, opt: _Options, fused: bool = False)
             n = _ln(n, p.ln_ih_w[s:], p.ln_ih_b[s:], opt.eps)
         return rz, n
     gx = F.linear(x, p.w_ih)
-    if opt.mode == "LSTM" and fused:
-        return gx
     if opt.mode == "LSTM":
         if opt.layer_norm:
             gx = _ln(gx, p.ln_ih_w, p.ln_ih_b, opt.eps)
-        if p.b_ih is not None and not fused:
+        if p.b_ih is not None:
             gx = gx + (p.b_ih + p.b_hh)
     elif opt.mode == "GRU":
         if opt.layer_norm:
@@ -271,7 +269,8 @@ def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool)
     then the recurrence on the fused CPU path where it applies, else in pure torch."""
     fused = _fused_module()
     if fused is not None and fused.applies(x, p, opt):
-        gx = _input_projection(x, p, opt, fused=True)
+        # the LSTM's recurrence takes the input itself (its W_ih x and LN are fused with the loop)
+        gx = x if opt.mode == "LSTM" else _input_projection(x, p, opt, fused=True)
         return fused.recurrence(gx, batch_sizes, h0, c0, p, opt, reverse)
     gx = _input_projection(x, p, opt)
     return _direction_torch(gx, batch_sizes, h0, c0, p, opt, reverse)

@@ -159,11 +159,12 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
 
 
 @njit(**_OPTS)
-def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, b1, g3,
-                  b3, k, dpx, dgh, acc_g, acc_c):  # pragma: no cover
+def lstm_bwd_step(off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, b1,
+                  g3, b3, k, dpx, dgh, acc_g, acc_c):  # pragma: no cover
     # dhs, dcs: (B, H) gradient state (in: w.r.t. this step's h and c from later steps; out: dcs
-    # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dpx, dgh: (N, 4H) outputs
-    # (gradient of px = W_ih x through its layer norm, and of gh). acc_g (chunks, 3, 4H) and
+    # w.r.t. the previous c; dhs is overwritten by the caller's matmul); dpx, dgh: outputs, the
+    # gradient of px = W_ih x through its layer norm and of gh, for row n at row n - doff (the
+    # caller's buffers hold a chunk of steps, see rnn_fused). acc_g (chunks, 3, 4H) and
     # acc_c (chunks, 2, H), float64: running sums over all rows of the LN parameter gradients
     # (weight of the recurrent LN, bias of the gates, weight of the input LN; weight and bias of
     # the cell's LN), one slice per chunk of rows (the caller sums the slices at the end); each
@@ -235,7 +236,7 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, p
             s3 = s3 * inv_g
             s4 = s4 * inv_g
             for q in range(G):
-                dgh[n, q] = rh * (dg[q] * g1[q] - s3 - ghat_s[n, q] * s4)
+                dgh[n - doff, q] = rh * (dg[q] * g1[q] - s3 - ghat_s[n, q] * s4)
             # the input part's LN backward -> dpx
             s5 = zero
             s6 = zero
@@ -247,7 +248,7 @@ def lstm_bwd_step(off, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, p
             s6 = s6 * inv_g
             for q in range(G):
                 xh = (px[n, q] - mux) * rx
-                dpx[n, q] = rx * (dg[q] * g0[q] - s5 - xh * s6)
+                dpx[n - doff, q] = rx * (dg[q] * g0[q] - s5 - xh * s6)
                 ag[0, q] += dg[q] * ghat_s[n, q]
                 ag[1, q] += dg[q]
                 ag[2, q] += dg[q] * xh
