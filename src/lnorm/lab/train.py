@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,6 +45,24 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += (model(X[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
     model.train(was)
     return correct / len(X)
+
+
+# nats -> bits: a character-level cross-entropy divided by this is bits per character
+LN2 = math.log(2)
+
+
+@torch.no_grad()
+def evaluate_bpc(model: nn.Module, batches, device) -> float:
+    """Bits per character of a character language model over ``(x, y)`` batches (eval mode, then
+    back to training mode): the summed cross-entropy of every target over their count, in bits."""
+    model.eval()
+    tot, n = 0.0, 0
+    for x, y in batches:
+        logits = model(x.to(device))
+        tot += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        n += y.numel()
+    model.train()
+    return tot / n / LN2
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):

@@ -20,13 +20,12 @@ from torch import nn
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist1d, text, text_batch, text_eval_batches
-from lnorm.lab.train import check_finite, train_classifier
+from lnorm.lab.train import LN2, check_finite, evaluate_bpc, train_classifier
 
 TITLE = "Recurrent nets: character language model and MNIST-1D as a sequence"
 CLAIMS = ("C4", "C9")
 PUBLISHED_MNIST1D_GRU = 0.91
 RNN_KINDS = ("lstm", "lnlstm", "gru", "lngru")
-LN = math.log(2)
 
 
 def make_rnn(kind: str, input_size: int, hidden: int) -> nn.Module:
@@ -164,18 +163,6 @@ def hidden_stats(model: CharRNN, ids: torch.Tensor) -> dict:
     return {"hidden_norm_cv": cv, "gate_saturation": sat, "hidden_norm_mean": float(per_step.mean())}
 
 
-def evaluate_bpc(model, batches, device) -> float:
-    model.eval()
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            logits = model(x.to(device))
-            tot += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            n += y.numel()
-    model.train()
-    return tot / n / LN
-
-
 def train_lm(cfg: Config, kind: str, seed: int, ctx) -> dict:
     train_ids, val_ids, vocab = text()
     val = text_eval_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
@@ -199,7 +186,7 @@ def train_lm(cfg: Config, kind: str, seed: int, ctx) -> dict:
         dt = time.perf_counter() - t0
         step_times.append(dt)
         wall += dt
-        train_bpc = check_finite(loss.item(), step, {"final_bpc": math.inf}) / LN
+        train_bpc = check_finite(loss.item(), step, {"final_bpc": math.inf}) / LN2
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             v = check_finite(evaluate_bpc(model, val, ctx.device), step, {"final_bpc": math.inf})
             for k, val_ in (("curve_step", step + 1), ("curve_wall", wall), ("curve_bpc", v)):

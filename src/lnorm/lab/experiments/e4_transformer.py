@@ -17,7 +17,7 @@ from torch import nn
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import text, text_batch, text_eval_batches
-from lnorm.lab.train import Diverged
+from lnorm.lab.train import LN2, Diverged, evaluate_bpc
 from lnorm.nn import make_norm
 
 TITLE = "Transformer: norm placement and kind, warmup, learning rate"
@@ -26,7 +26,6 @@ VARIANTS = {  # name -> (norm kind, post-norm?)
     "postln": ("layer", True), "preln": ("layer", False), "prerms": ("rms", False),
     "prebn": ("batch", False), "none": ("none", False),
 }
-LN2 = math.log(2)
 
 
 class Block(nn.Module):
@@ -98,17 +97,6 @@ def units(cfg: Config) -> list[dict]:
     return [{"variant": v, "warmup": w, "lr": lr} for v in cfg.variants for w in cfg.warmups for lr in cfg.lrs]
 
 
-def val_bpc(model, batches, device) -> float:
-    model.eval()
-    tot = n = 0
-    with torch.no_grad():
-        for x, y in batches:
-            tot += F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            n += y.numel()
-    model.train()
-    return tot / n / LN2
-
-
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     train_ids, val_ids, vocab = text()
     val = text_eval_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
@@ -117,7 +105,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     warm = params["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     gen = torch.Generator().manual_seed(20_000 + seed)
-    init_bpc = val_bpc(model, val, ctx.device)
+    init_bpc = evaluate_bpc(model, val, ctx.device)
     times, losses = [], []
     for step in ctx.steps(cfg.steps):
         x, y = text_batch(train_ids, cfg.batch_size, cfg.seq_len, gen)
@@ -133,7 +121,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
         losses.append(loss.item() / LN2)
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             ctx.log(step=step + 1, train_bpc=sum(losses[-10:]) / len(losses[-10:]))
-    final = val_bpc(model, val, ctx.device)
+    final = evaluate_bpc(model, val, ctx.device)
     ctx.log(step=cfg.steps, val_bpc=final)
     if not math.isfinite(final) or final > init_bpc:
         raise Diverged(cfg.steps, final, {"final_bpc": math.inf, "init_bpc": init_bpc})
