@@ -381,8 +381,9 @@ def test_fused_path_equals_torch_path(kind, dtype, packed):
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("batch_sizes", [[3, 3, 3, 3], [3, 2, 2, 1], [2]], ids=["full", "packed", "one-step"])
-def test_weight_grad_equals_gathered_previous_states(reverse, batch_sizes):
-    # the full-batch shortcut (two matmuls on shifted views) against the general gather
+def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes):
+    # dW_hh = sum over rows of dgh[n]^T prev[n], prev[n] read off the schedule one row at a time;
+    # the fast paths (views of shifted outputs for full batches) over all rows and over runs
     from lnorm.ops.rnn_fused import _Schedule
 
     sched = _Schedule(batch_sizes, reverse)
@@ -390,7 +391,14 @@ def test_weight_grad_equals_gathered_previous_states(reverse, batch_sizes):
     dgh = torch.randn(sched.N, 8, dtype=D64, generator=g)
     init = torch.randn(sched.B, 5, dtype=D64, generator=g)
     rows = torch.randn(sched.N, 5, dtype=D64, generator=g)
-    assert_close(sched.weight_grad(dgh, init, rows), dgh.t() @ sched.gather_prev(init, rows), name="dW_hh")
+    prev = torch.stack([rows[p] if p >= 0 else init[-1 - p] for p in sched.prev.tolist()])
+    expected = dgh.t() @ prev
+    whole = sched.add_weight_grad(torch.zeros(8, 5, dtype=D64), dgh, init, rows, 0, sched.N)
+    assert_close(whole, expected, name="dW_hh, all rows")
+    runs = torch.zeros(8, 5, dtype=D64)
+    for lo, hi, _ in sched.chunks(4):
+        sched.add_weight_grad(runs, dgh[lo:hi], init, rows, lo, hi)
+    assert_close(runs, expected, name="dW_hh, summed over runs")
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")

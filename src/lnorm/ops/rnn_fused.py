@@ -57,11 +57,6 @@ class _Schedule:
         self.prev = prev
         self.prev_t = torch.from_numpy(prev)
 
-    def gather_prev(self, init: Tensor, rows: Tensor) -> Tensor:
-        """(N, H): for every row the state it started its step from (a row of ``rows`` or ``init``)."""
-        idx = torch.where(self.prev_t >= 0, self.prev_t + init.shape[0], -1 - self.prev_t)
-        return torch.cat([init, rows]).index_select(0, idx)
-
     def chunks(self, max_rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
         """The steps in backward order (reversed), grouped into runs of at most ``max_rows`` rows
         (at least one step each): ``(lo, hi, steps)``, the run covering packed rows lo .. hi."""
@@ -76,31 +71,29 @@ class _Schedule:
             out.append(cur)
         return [(min(o for o, _ in c), max(o + b for o, b in c), c) for c in out]
 
-    def prev_rows(self, init: Tensor, rows: Tensor, lo: int, hi: int) -> Tensor:
-        """(hi - lo, H): rows lo .. hi of :meth:`gather_prev`, as views where the batch is full."""
-        B, N = self.B, self.N
-        if self.full:
-            if not self.reverse:  # step t's previous state is step t - 1's; the first step's is init
-                return rows[lo - B : hi - B] if lo >= B else torch.cat([init, rows[: hi - B]])
-            return rows[lo + B : hi + B] if hi + B <= N else torch.cat([rows[lo + B :], init])
-        idx = self.prev_t[lo:hi]
-        from_rows = rows.index_select(0, idx.clamp(min=0))
-        from_init = init.index_select(0, (-1 - idx).clamp(min=0))
-        return torch.where((idx >= 0)[:, None], from_rows, from_init)
+    def add_weight_grad(self, dw: Tensor, dgh: Tensor, init: Tensor, rows: Tensor, lo: int, hi: int) -> Tensor:
+        """``dw += dgh^T @ prev`` over packed rows lo .. hi (``dgh`` holds just those rows): the
+        gradient of W_hh, where ``prev`` is the state each row started its step from, a row of
+        ``rows`` (the outputs) or of ``init``. ``lo`` and ``hi`` fall on step boundaries.
 
-    def weight_grad(self, dgh: Tensor, init: Tensor, rows: Tensor) -> Tensor:
-        """``dgh^T @ prev``: the gradient of W_hh, with prev as :meth:`gather_prev` gives it.
-
-        With full batches the previous states are ``init`` and ``rows`` shifted by one step, so two
-        matmuls on views replace the gather (two copies of an (N, H) buffer)."""
-        if not self.full or self.N <= self.B:
-            return torch.mm(dgh.t(), self.gather_prev(init, rows))
+        With full batches the previous states are ``rows`` shifted by one step, plus ``init`` for
+        the step that starts from it, so matmuls on views replace a gather copy."""
         B, N = self.B, self.N
-        if self.reverse:  # step t's previous state is step t + 1's output; the last step's is init
-            dw = torch.mm(dgh[N - B :].t(), init)
-            return dw.addmm_(dgh[: N - B].t(), rows[B:])
-        dw = torch.mm(dgh[:B].t(), init)
-        return dw.addmm_(dgh[B:].t(), rows[: N - B])
+        if not self.full:
+            idx = self.prev_t[lo:hi]
+            from_rows = rows.index_select(0, idx.clamp(min=0))
+            from_init = init.index_select(0, (-1 - idx).clamp(min=0))
+            return dw.addmm_(dgh.t(), torch.where((idx >= 0)[:, None], from_rows, from_init))
+        if not self.reverse:  # row n's previous state is row n - B; the first step's is init
+            if lo < B:
+                dw.addmm_(dgh[:B].t(), init)
+                dgh, lo = dgh[B:], B
+            return dw.addmm_(dgh.t(), rows[lo - B : hi - B]) if lo < hi else dw
+        # reverse: row n's previous state is row n + B; the last step's (rows N - B ..) is init
+        if hi > N - B:
+            dw.addmm_(dgh[N - B - lo :].t(), init)
+            dgh, hi = dgh[: N - B - lo], N - B
+        return dw.addmm_(dgh.t(), rows[lo + B : hi + B]) if lo < hi else dw
 
 
 def applies(x: Tensor, p, opt) -> bool:
@@ -246,7 +239,7 @@ class _LSTMRecurrence(torch.autograd.Function):
                     dhs[:bs] = dh_prev
             m = hi - lo
             if need_w_hh:
-                dw_hh.addmm_(dgh[:m].t(), sched.prev_rows(h0d, out, lo, hi))
+                sched.add_weight_grad(dw_hh, dgh[:m], h0d, out, lo, hi)
             if need_w_ih:
                 dw_ih.addmm_(dpx[:m].t(), x[lo:hi])
             if need_x:
@@ -331,7 +324,9 @@ class _GRURecurrence(torch.autograd.Function):
             K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
                            g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n, direct_n)
             torch.add(gemm(dgh[off : off + bs]), direct[:bs], out=dhs[:bs])
-        dw = sched.weight_grad(dgh, h0.detach(), out) if ctx.needs_input_grad[3] else None
+        dw = None
+        if ctx.needs_input_grad[3]:
+            dw = sched.add_weight_grad(torch.zeros(G, H, dtype=dt), dgh, h0.detach(), out, 0, N)
         dg1 = torch.empty(G, dtype=dt)
         K.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
         K.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])
