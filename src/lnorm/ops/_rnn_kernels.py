@@ -82,6 +82,33 @@ def _fsig(x):
     return lambda x: 1.0 / (1.0 + np.exp(-x))
 
 
+# --------------------------------------------------------------------------- row statistics
+
+
+@njit(inline="always")
+def _mean_rstd(a, r, lo, hi, inv, eps, one):  # pragma: no cover
+    # mean and 1/sqrt(var + eps) of a[r, lo:hi] (inv = 1 / (hi - lo)), two passes, in a's dtype
+    zero = one * np.float32(0)
+    mu = zero
+    for q in range(lo, hi):
+        mu += a[r, q]
+    mu = mu * inv
+    var = zero
+    for q in range(lo, hi):
+        d = a[r, q] - mu
+        var += d * d
+    return mu, one / np.sqrt(var * inv + eps)
+
+
+@njit(inline="always")
+def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: no cover
+    # ghat_s[s, lo:hi] = the normalized gh[b, lo:hi]; its rstd into stat_s[s, col]
+    mu, r = _mean_rstd(gh, b, lo, hi, inv, eps, one)
+    stat_s[s, col] = r
+    for q in range(lo, hi):
+        ghat_s[s, q] = (gh[b, q] - mu) * r
+
+
 # ------------------------------------------------------------------------------------ LSTM
 # k: (eps, 1, 1/G, 1/H) in the data's dtype, so float32 stays float32 in the vector loops
 
@@ -103,30 +130,10 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
     for b in prange(bs):
         n = off + b
         s = soff + b
-        mu = zero
-        for q in range(G):
-            mu += gh[b, q]
-        stat_s[s, 1] = mu * inv_g  # stored and read back: rounds to the data's dtype
-        mu = stat_s[s, 1]
-        var = zero
-        for q in range(G):
-            d = gh[b, q] - mu
-            var += d * d
-        stat_s[s, 0] = one / np.sqrt(var * inv_g + eps)
-        rh = stat_s[s, 0]
-        for q in range(G):
-            ghat_s[s, q] = (gh[b, q] - mu) * rh
-        mux = zero
-        for q in range(G):
-            mux += px[n, q]
-        stat_s[s, 3] = mux * inv_g
-        mux = stat_s[s, 3]
-        varx = zero
-        for q in range(G):
-            d = px[n, q] - mux
-            varx += d * d
-        stat_s[s, 4] = one / np.sqrt(varx * inv_g + eps)
-        rx = stat_s[s, 4]
+        _ln_rows(gh, b, 0, G, inv_g, eps, one, ghat_s, s, stat_s, 0)
+        mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
+        stat_s[s, 3] = mux
+        stat_s[s, 4] = rx
         muc = zero
         for j in range(H):
             i = fsig(g1[j] * ghat_s[s, j] + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
@@ -263,24 +270,6 @@ def lstm_bwd_step(off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx,
 
 # ------------------------------------------------------------------------------------- GRU
 # k: (eps, 1, 1/(2H), 1/H) in the data's dtype
-
-
-@njit(inline="always")
-def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: no cover
-    zero = one * np.float32(0)
-    mu = zero
-    for q in range(lo, hi):
-        mu += gh[b, q]
-    stat_s[s, col] = mu * inv
-    mu = stat_s[s, col]
-    var = zero
-    for q in range(lo, hi):
-        d = gh[b, q] - mu
-        var += d * d
-    stat_s[s, col] = one / np.sqrt(var * inv + eps)
-    r = stat_s[s, col]
-    for q in range(lo, hi):
-        ghat_s[s, q] = (gh[b, q] - mu) * r
 
 
 @njit(**_OPTS)
