@@ -15,7 +15,6 @@ in the data's dtype), never from ``x * 0``, which Numba types float64 for float3
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -23,10 +22,6 @@ from numba.extending import overload
 _FASTMATH = {"reassoc", "contract", "arcp"}
 # error_model="numpy": no ZeroDivisionError branch, so the divisions in the loops vectorize
 _OPTS = dict(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy")
-
-
-def num_threads() -> int:
-    return numba.get_num_threads()
 
 
 # ------------------------------------------------------------------------------ nonlinearities

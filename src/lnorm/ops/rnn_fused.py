@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lnorm.ops import _rnn_kernels as K
+from lnorm.ops._numba_kernels import num_threads
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -217,7 +218,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         dx = torch.empty(N, x.shape[1], dtype=dt) if need_x else None
         dw_ih = torch.zeros(G, x.shape[1], dtype=dt) if need_w_ih else None
         dw_hh = torch.zeros(G, H, dtype=dt) if need_w_hh else None
-        chunks = max(1, min(B, K.num_threads()))  # one slice of the LN-gradient sums per thread
+        chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
