@@ -216,7 +216,13 @@ def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
     H = src.shape[-1]
     s = src.to(cdt)
     g = dy.to(cdt)
-    xhat = (s - mean[:, None]) * rstd[:, None] if center else s * rstd[:, None]
+    if center:
+        d = s - mean[:, None]
+        # the saved mean is rounded to cdt; the row's mean of d is that rounding error, which a
+        # nearly constant row's large rstd would multiply (see the Numba backward kernel)
+        xhat = (d - d.mean(-1, keepdim=True)) * rstd[:, None]
+    else:
+        xhat = s * rstd[:, None]
     dw = (g * xhat).sum(0) if need_dw else None
     db = g.sum(0) if need_db else None
     if weight is not None:
