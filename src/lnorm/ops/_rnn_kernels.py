@@ -110,14 +110,14 @@ def _ln_rows(gh, b, lo, hi, inv, eps, one, ghat_s, s, stat_s, col):  # pragma: n
 
 @njit(**_OPTS)
 def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
-                  ghat_s, act_s, c_s, stat_s):  # pragma: no cover
+                  ghat_s, c_s, stat_s):  # pragma: no cover
     # gh: (bs, 4H) = h W_hh^T for the active rows; px: (N, 4H) = W_ih x for all rows, layer-
     # normalized here (weight g0; its bias is folded into b1 with the other biases) while the
     # row is in cache; hs, cs: (B, H) state, updated in place for rows < bs; out: (N, H); saved:
     # ghat_s (*, 4H), c_s (*, H), stat_s (*, 5) holding (rstd of gh, mean of c, rstd of c,
-    # mean of px, rstd of px); act_s (B, 4H) is scratch for the gate activations, which backward
-    # recomputes from ghat, px and the statistics rather than read back (26 MB fewer written
-    # and read per training step at N = 3200, H = 512).
+    # mean of px, rstd of px). The gate activations are not saved (backward recomputes them from
+    # ghat, px and the statistics: 26 MB fewer written and read per training step at N = 3200,
+    # H = 512); the output gate waits in out[n] for the cell's layer norm.
     bs, G = gh.shape
     H = G // 4
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
@@ -125,36 +125,39 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
     for b in prange(bs):
         n = off + b
         s = soff + b
-        _ln_rows(gh, b, 0, G, inv_g, eps, one, ghat_s, s, stat_s, 0)
+        muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
+        stat_s[s, 0] = rh
         mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
         stat_s[s, 3] = mux
         stat_s[s, 4] = rx
         muc = zero
         for j in range(H):
-            i = fsig(g1[j] * ghat_s[s, j] + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
-            f = fsig(g1[H + j] * ghat_s[s, H + j] + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
-            g = ftanh(g1[2 * H + j] * ghat_s[s, 2 * H + j] + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx)
-                      + b1[2 * H + j])
-            o = fsig(g1[3 * H + j] * ghat_s[s, 3 * H + j] + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx)
-                     + b1[3 * H + j])
-            act_s[b, j] = i
-            act_s[b, H + j] = f
-            act_s[b, 2 * H + j] = g
-            act_s[b, 3 * H + j] = o
+            ai = (gh[b, j] - muh) * rh
+            af = (gh[b, H + j] - muh) * rh
+            ag = (gh[b, 2 * H + j] - muh) * rh
+            ao = (gh[b, 3 * H + j] - muh) * rh
+            ghat_s[s, j] = ai
+            ghat_s[s, H + j] = af
+            ghat_s[s, 2 * H + j] = ag
+            ghat_s[s, 3 * H + j] = ao
+            i = fsig(g1[j] * ai + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
+            f = fsig(g1[H + j] * af + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
+            g = ftanh(g1[2 * H + j] * ag + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx) + b1[2 * H + j])
+            out[n, j] = fsig(g1[3 * H + j] * ao + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx) + b1[3 * H + j])
             cn = f * cs[b, j] + i * g
             c_s[s, j] = cn
             muc += cn
-        stat_s[s, 1] = muc * inv_h
-        muc = stat_s[s, 1]
+        muc = muc * inv_h
+        stat_s[s, 1] = muc
         varc = zero
         for j in range(H):
             d = c_s[s, j] - muc
             varc += d * d
-        stat_s[s, 2] = one / np.sqrt(varc * inv_h + eps)
-        rc = stat_s[s, 2]
+        rc = one / np.sqrt(varc * inv_h + eps)
+        stat_s[s, 2] = rc
         for j in range(H):
             cn = c_s[s, j]
-            hv = act_s[b, 3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
+            hv = out[n, j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
             out[n, j] = hv
             hs[b, j] = hv
             cs[b, j] = cn
@@ -305,11 +308,11 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
 
 @njit(**_OPTS)
 def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
-                 dx_rz, dx_n, dgh, dyn_s, dhprev_direct):  # pragma: no cover
-    # dhs: (B, H) gradient w.r.t. this step's h from later steps; dx_rz (N, 2H), dx_n (N, H):
-    # gradients of gx_rz, gx_n; dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn;
-    # dhprev_direct (B, H): the z * dh part of the previous h's gradient (the caller adds
-    # dgh W_hh). hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
+                 dx_rz, dx_n, dgh, dyn_s):  # pragma: no cover
+    # dhs: (B, H) in: the gradient w.r.t. this step's h from later steps; out: its z * dh part of
+    # the previous h's gradient (the caller adds dgh W_hh); dx_rz (N, 2H), dx_n (N, H):
+    # gradients of gx_rz, gx_n; dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn.
+    # hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
     G = ghat_s.shape[1]
     H = G // 3
     one, inv_2h, inv_h = k[1], k[2], k[3]
@@ -325,7 +328,7 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
             nv = act_s[n, 2 * H + j]
             hn = act_s[n, 3 * H + j]
             dh = dout[n, j] + dhs[b, j]
-            dhprev_direct[b, j] = dh * z
+            dhs[b, j] = dh * z
             dn = dh * (one - z) * (one - nv * nv)
             dx_rz[n, j] = dn * hn * r * (one - r)
             dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)

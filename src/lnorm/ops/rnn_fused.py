@@ -5,11 +5,12 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 * The input part of the gates does not depend on h: W_ih x for all time steps at once (one
   matmul). The LSTM's step kernels layer-normalize each row of it in cache (and backpropagate
   through that LN); the GRU's input LN (two groups) runs before the loop, in the caller.
-* Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work (LN of the recurrent part, gates, state update, LN of
-  the cell), which saves the normalized recurrent part, the gate activations and per-row
-  statistics for backward. The per-step matmuls use MKL's packed GEMM where torch has it (the
-  weight is reordered once per call for the batch size, as oneDNN's own LSTM does): measured
-  23.5 ms against 34.6 ms for ``torch.mm`` over 100 steps of (32 x 512) @ (512 x 2048).
+* Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
+  (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
+  recurrent part and per-row statistics for backward (the GRU also its gate activations; the
+  LSTM's backward recomputes them). The per-step matmuls use MKL's packed GEMM where torch has it
+  (``_StepGemm``: the weight packed once per call for the batch size, as oneDNN's own LSTM does,
+  the product written into a buffer the kernel reads).
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, the LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
   previous h; the weight gradients are matmuls over many steps (the LSTM's per run of ~256 rows
@@ -116,37 +117,90 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
-def _has_packed_gemm() -> bool:
-    try:
-        return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
-    except (AttributeError, RuntimeError):  # a torch build without MKL
-        return False
+class _MKL:
+    """MKL's packed single-precision GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``), called
+    through ctypes from the copy of MKL inside torch's own library, or ``fns = None`` where that
+    library does not export it (torch without MKL, other platforms). Calling MKL directly rather than
+    through ``torch.ops.mkl._mkl_linear`` lets the weight be packed from either layout (no
+    transposed copy of W_hh for backward: 1.3 ms of a 2 ms pack, measured) and the product be
+    written into a buffer the step kernel reads, with no tensor allocated per step."""
 
+    ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
+    fns = None
 
-_PACKED_GEMM = _has_packed_gemm()
+    @classmethod
+    def load(cls) -> None:
+        import ctypes
+        import os
+
+        try:
+            if not torch.backends.mkl.is_available():
+                return
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+        except (OSError, AttributeError):
+            return
+        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        size.restype = ctypes.c_size_t
+        size.argtypes = [i, i, i, i]
+        pack.restype = None
+        pack.argtypes = [i, i, i, i, i, i, f, p, i, p]
+        compute.restype = None
+        compute.argtypes = [i, i, i, i, i, i, p, i, p, i, f, p, i]
+        cls.fns = (size, pack, compute)
+        # check the calling convention on a small product before any layer relies on it
+        g = torch.Generator().manual_seed(0)
+        a, w = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g)
+        got = [_StepGemm(v, 3)(a) for v in (w, w.t().contiguous().t())]
+        if not all(torch.allclose(o, a @ w.t(), rtol=1e-4, atol=1e-5) for o in got):
+            cls.fns = None
 
 
 class _StepGemm:
-    """``h -> h @ w.T`` for the time loop: MKL's packed GEMM with ``w`` reordered once for
-    ``batch`` rows when torch has it (float32), else ``torch.mm``. Steps with fewer rows (packed
-    sequences) are computed exactly too: MKL then uses the original weight."""
+    """``h -> h @ w.T`` for the time loop (``w``: (n, k), contiguous or the transpose of a
+    contiguous tensor). float32 with MKL: ``w`` packed once for ``batch`` rows (as oneDNN's own
+    LSTM does; 23.5 ms against 34.6 ms for ``torch.mm`` over 100 steps of (32 x 512) @ (512 x
+    2048), measured); steps with other row counts (packed sequences) and float64 use ``torch.mm``."""
 
-    __slots__ = ("w", "w_t", "packed", "batch")
+    __slots__ = ("b", "packed", "batch", "n", "k")
 
     def __init__(self, w: Tensor, batch: int):
-        self.w = w.detach().contiguous()
+        w = w.detach()
+        self.n, self.k = w.shape
         self.batch = batch
         self.packed = None
-        self.w_t = None
-        if _PACKED_GEMM and w.dtype == torch.float32 and batch > 0:
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, batch)
+        fns = _MKL.fns
+        if fns is not None and w.dtype == torch.float32 and batch > 0 and min(w.shape) > 0:
+            if not (w.is_contiguous() or w.t().is_contiguous()):
+                w = w.contiguous()
+            # MKL's B is w.T (k, n): stored transposed if w is row-major, as is if w.T is
+            trans, ld = (_MKL.TRANS, self.k) if w.is_contiguous() else (_MKL.NO_TRANS, self.n)
+            self.packed = torch.empty(fns[0](_MKL.B_MATRIX, batch, self.n, self.k), dtype=torch.uint8)
+            fns[1](_MKL.ROW_MAJOR, _MKL.B_MATRIX, trans, batch, self.n, self.k, 1.0, w.data_ptr(), ld,
+                   self.packed.data_ptr())
+            self.b = w.t()
         else:
-            self.w_t = self.w.t().contiguous()
+            self.b = w.t().contiguous()
+
+    def into(self, h: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        """``out = h @ w.T`` (``out += ...`` when ``accumulate``); ``h`` and ``out`` have
+        contiguous rows."""
+        rows = h.shape[0]
+        if self.packed is not None and rows == self.batch:
+            _MKL.fns[2](_MKL.ROW_MAJOR, _MKL.NO_TRANS, _MKL.PACKED, rows, self.n, self.k, h.data_ptr(),
+                        h.stride(0), self.packed.data_ptr(), self.n, 1.0 if accumulate else 0.0,
+                        out.data_ptr(), out.stride(0))
+        elif accumulate:
+            out.addmm_(h, self.b)
+        else:
+            torch.mm(h, self.b, out=out)
+        return out
 
     def __call__(self, h: Tensor) -> Tensor:
-        if self.packed is not None:
-            return torch.ops.mkl._mkl_linear(h, self.packed, self.w, None, self.batch)
-        return torch.mm(h, self.w_t)
+        return self.into(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
+
+
+_MKL.load()
 
 
 def _consts(dtype, eps: float, g: int, h: int):
@@ -168,17 +222,18 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
     ghat = torch.empty(rows, G, dtype=dt)
-    act = torch.empty(B, G, dtype=dt)  # scratch: backward recomputes the activations
     c_all = torch.empty(rows, H, dtype=dt)
     stat = torch.empty(rows, 5, dtype=dt)
     px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (px, g0, g1, b1, g3, b3))
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
-    ghat_n, act_n, c_n, stat_n = _np(ghat), _np(act), _np(c_all), _np(stat)
+    ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
     k = _consts(px_n.dtype, eps, G, H)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
+    gh_n = _np(gh)
     for off, bs in sched.steps:
-        gh = gemm(hs[:bs])
-        K.lstm_fwd_step(off, off if save else 0, gh.numpy(), px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
-                        hs_n, cs_n, out_n, ghat_n, act_n, c_n, stat_n)
+        gemm.into(hs[:bs], gh[:bs])
+        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
+                        hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
     return out, hs, cs, (ghat, c_all, stat)
 
 
@@ -232,12 +287,7 @@ class _LSTMRecurrence(torch.autograd.Function):
             for off, bs in steps:
                 K.lstm_bwd_step(off, lo, bs, dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
                                 px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
-                dh_prev = gemm(dgh[off - lo : off - lo + bs])
-                if bs == B:  # the whole batch: take the new buffer instead of copying it into dhs
-                    dhs = dh_prev
-                    dhs_n = _np(dhs)
-                else:
-                    dhs[:bs] = dh_prev
+                gemm.into(dgh[off - lo : off - lo + bs], dhs[:bs])  # the previous h's gradient
             m = hi - lo
             if need_w_hh:
                 sched.add_weight_grad(dw_hh, dgh[:m], h0d, out, lo, hi)
@@ -286,9 +336,11 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
+    gh_n = _np(gh)
     for off, bs in sched.steps:
-        gh = gemm(hs[:bs])
-        K.gru_fwd_step(off, off if save else 0, gh.numpy(), xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
+        gemm.into(hs[:bs], gh[:bs])
+        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
                        out_n, ghat_n, act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
@@ -315,16 +367,15 @@ class _GRURecurrence(torch.autograd.Function):
         dx_n = torch.empty(N, H, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
         dyn = torch.empty(N, H, dtype=dt)
-        direct = torch.empty(B, H, dtype=dt)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
-        dxrz_n, dxn_n, dgh_n, dyn_n, direct_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn), _np(direct)
+        dxrz_n, dxn_n, dgh_n, dyn_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn)
         k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
         for off, bs in reversed(sched.steps):
             K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
-                           g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n, direct_n)
-            torch.add(gemm(dgh[off : off + bs]), direct[:bs], out=dhs[:bs])
+                           g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n)
+            gemm.into(dgh[off : off + bs], dhs[:bs], accumulate=True)  # dhs: z dh + dgh W_hh
         dw = None
         if ctx.needs_input_grad[3]:
             dw = sched.add_weight_grad(torch.zeros(G, H, dtype=dt), dgh, h0.detach(), out, 0, N)
