@@ -40,24 +40,27 @@ class _Schedule:
     __slots__ = ("steps", "prev", "prev_t", "B", "N", "full", "reverse")
 
     def __init__(self, batch_sizes: list[int], reverse: bool):
-        offsets = np.zeros(len(batch_sizes) + 1, dtype=np.int64)
-        np.cumsum(batch_sizes, out=offsets[1:])
-        order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
-        self.B = batch_sizes[0] if batch_sizes else 0
+        bs = np.asarray(batch_sizes, dtype=np.int64)
+        T = len(bs)
+        offsets = np.zeros(T + 1, dtype=np.int64)
+        np.cumsum(bs, out=offsets[1:])
+        self.B = int(bs[0]) if T else 0
         self.N = int(offsets[-1])
-        self.full = all(bs == self.B for bs in batch_sizes)  # no sequence ends early
+        self.full = bool((bs == self.B).all())  # no sequence ends early
         self.reverse = reverse
-        self.steps = []
-        prev = np.empty(self.N, dtype=np.int64)
-        last_off, last_bs = 0, 0
-        for t in order:
-            off, bs = int(offsets[t]), batch_sizes[t]
-            self.steps.append((off, bs))
-            b = np.arange(bs)
-            prev[off : off + bs] = np.where(b < last_bs, last_off + b, -1 - b)
-            last_off, last_bs = off, bs
-        self.prev = prev
-        self.prev_t = torch.from_numpy(prev)
+        order = np.arange(T - 1, -1, -1) if reverse else np.arange(T)
+        self.steps = list(zip(offsets[order].tolist(), bs[order].tolist(), strict=True))
+        # the step each step continues from (processed just before it) and its rows: row b of
+        # step t starts from row b of that step if that step had it, else from the initial state
+        before = order[:-1]
+        prev_bs = np.zeros(T, dtype=np.int64)
+        prev_off = np.zeros(T, dtype=np.int64)
+        prev_bs[order[1:]] = bs[before]
+        prev_off[order[1:]] = offsets[before]
+        t_of = np.repeat(np.arange(T), bs)
+        b_of = np.arange(self.N) - offsets[t_of]
+        self.prev = np.where(b_of < prev_bs[t_of], prev_off[t_of] + b_of, -1 - b_of)
+        self.prev_t = torch.from_numpy(self.prev)
 
     def chunks(self, max_rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
         """The steps in backward order (reversed), grouped into runs of at most ``max_rows`` rows
