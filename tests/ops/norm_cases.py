@@ -6,7 +6,8 @@ residual add, returning ``(out, new_residual)``). :func:`run` evaluates it as
 * ``"ours"``: :mod:`lnorm.functional` on the current backend;
 * ``"torch"``: ``F.layer_norm`` / ``F.rms_norm`` on ``x + residual`` in the same dtype (the
   float32 sum when the residual stream is float32), what a user would write without lnorm;
-* ``"ref64"``: :mod:`lnorm.reference` in float64 (the spec), on the same values upcast,
+* ``"ref64"``: :mod:`lnorm.reference` in float64 (the spec), on the same values upcast (the
+  norm of the residual stream as stored, i.e. the sum rounded to the stream's dtype),
 
 then backpropagates fixed upstream gradients (for ``out`` and, for the add ops, for
 ``new_residual``) and returns the outputs and every input gradient in a dict.
@@ -152,11 +153,20 @@ def run(
                 out = F.rms_norm(src, shape, w2, eps)
         out = out.to(x_.dtype)
     elif impl == "ref64":
-        # the exact float64 sum x + residual, then the norm (the spec)
-        if center:
-            out, s = add_layer_norm_ref(x_, r_, shape, w_, b_, eps)[:2]
+        # the spec in float64: the norm of the residual stream as stored, x + residual rounded to
+        # the stream's dtype (the leaves are upcast, so the rounding is applied here; its gradient
+        # passes to x and residual unchanged)
+        if is_add(op) and r_ is not None:
+            stored = (x.to(_res_dtype(x, residual, residual_in_fp32))
+                      + residual.to(_res_dtype(x, residual, residual_in_fp32))).double()
+            exact = x_ + r_
+            src64, res64 = exact + (stored - exact).detach(), None
         else:
-            out, s = add_rms_norm_ref(x_, r_, shape, w_, eps)[:2]
+            src64, res64 = x_, r_
+        if center:
+            out, s = add_layer_norm_ref(src64, res64, shape, w_, b_, eps)[:2]
+        else:
+            out, s = add_rms_norm_ref(src64, res64, shape, w_, eps)[:2]
         new_res = s if is_add(op) else None
     else:
         raise ValueError(impl)

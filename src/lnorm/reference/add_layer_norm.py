@@ -23,10 +23,8 @@ def add_layer_norm_ref(
         res_dtype = torch.float32
     else:
         res_dtype = residual.dtype if residual is not None else x.dtype
+    # the norm reads the residual stream as stored, the sum rounded to res_dtype (so the returned
+    # new residual and the statistics agree, as in ``torch``'s ``x + r`` then the norm)
     s = x.to(res_dtype) if residual is None else x.to(res_dtype) + residual.to(res_dtype)
-    if upcast and residual is not None:
-        s64 = x.double() + residual.double()  # the exact sum, before rounding to res_dtype
-    else:
-        s64 = s
-    y, mean, rstd = layer_norm_ref(s64, normalized_shape, weight, bias, eps, upcast)
+    y, mean, rstd = layer_norm_ref(s, normalized_shape, weight, bias, eps, upcast)
     return y.to(x.dtype), s, mean, rstd

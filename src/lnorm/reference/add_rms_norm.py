@@ -24,7 +24,7 @@ def add_rms_norm_ref(
         res_dtype = torch.float32
     else:
         res_dtype = residual.dtype if residual is not None else x.dtype
+    # the norm reads the residual stream as stored, the sum rounded to res_dtype (see add_layer_norm)
     s = x.to(res_dtype) if residual is None else x.to(res_dtype) + residual.to(res_dtype)
-    s64 = x.double() + residual.double() if (upcast and residual is not None) else s
-    y, rstd = rms_norm_ref(s64, normalized_shape, weight, eps, upcast)
+    y, rstd = rms_norm_ref(s, normalized_shape, weight, eps, upcast)
     return y.to(x.dtype), s, rstd
