@@ -136,12 +136,17 @@ class _MKL:
         import ctypes
         import os
 
-        try:
-            if not torch.backends.mkl.is_available():
-                return
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
-        except (OSError, AttributeError):
+        if not torch.backends.mkl.is_available():
+            return
+        # torch/lib in a pip install; by name (already loaded, found by its soname) elsewhere
+        for name in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), "libtorch_cpu.so"):
+            try:
+                lib = ctypes.CDLL(name)
+                size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+                break
+            except (OSError, AttributeError):
+                continue
+        else:
             return
         i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         size.restype = ctypes.c_size_t
