@@ -157,8 +157,8 @@ def run(
         # the stream's dtype (the leaves are upcast, so the rounding is applied here; its gradient
         # passes to x and residual unchanged)
         if is_add(op) and r_ is not None:
-            stored = (x.to(_res_dtype(x, residual, residual_in_fp32))
-                      + residual.to(_res_dtype(x, residual, residual_in_fp32))).double()
+            rd = _res_dtype(x, residual, residual_in_fp32)
+            stored = (x.to(rd) + residual.to(rd)).double()
             exact = x_ + r_
             src64, res64 = exact + (stored - exact).detach(), None
         else:

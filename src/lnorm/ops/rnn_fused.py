@@ -285,10 +285,9 @@ class _LSTMRecurrence(torch.autograd.Function):
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
-        dout_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, c_all, stat))
+        dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dhs, dcs, ghat, c_all, stat))
         c0_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, b1, g3, b3))
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
-        dhs_n = _np(dhs)
         k = _consts(dout_n.dtype, 1.0, G, H)
         h0d = h0.detach()
         for lo, hi, steps in runs:
