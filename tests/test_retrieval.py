@@ -1,4 +1,4 @@
-"""lnorm.retrieval: caption generator, order-violation loss, retrieval metrics, encoders, trainer."""
+"""lnorm.lab.retrieval: caption generator, order-violation loss, retrieval metrics, encoders, trainer."""
 
 import itertools
 import math
@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from lnorm.retrieval import captions as C
-from lnorm.retrieval import data, losses, metrics
-from lnorm.retrieval.models import RetrievalModel, SentenceEncoder
+from lnorm.lab.retrieval import captions as C
+from lnorm.lab.retrieval import data, losses, metrics
+from lnorm.lab.retrieval.models import RetrievalModel, SentenceEncoder
 
 # ----------------------------------------------------------------------- caption generator
 
@@ -296,7 +296,7 @@ def test_model_options_fail_fast():
 
 @pytest.mark.parametrize("rnn, method", [("ln_gru", "order"), ("gru", "cosine")])
 def test_tiny_training_run_learns(rnn, method):
-    from lnorm.retrieval.train import TrainConfig, train
+    from lnorm.lab.retrieval.train import TrainConfig, train
 
     cfg = TrainConfig(rnn=rnn, method=method, dim=32, word_dim=16, image_hidden=64, batch_size=64,
                       steps=40, eval_every=20, train_images=500, eval_images=100)

@@ -3,13 +3,12 @@
 Flat API: ``lnorm.LayerNorm``, ``lnorm.RMSNorm``, ``lnorm.AddLayerNorm``, ``lnorm.AddRMSNorm``,
 ``lnorm.functional`` (``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm``),
 ``lnorm.nn`` (the same modules, ``make_norm`` and the layer-normalized recurrent layers).
-Backends: :func:`set_backend`, :func:`get_backend`, :func:`use_backend` (see ``lnorm._backend``).
+Backends: :func:`set_backend`, :func:`get_backend`, :func:`use_backend` (see ``lnorm.ops.backend``).
 """
 
 __version__ = "0.1.0"
 
 from lnorm import functional  # noqa: E402
-from lnorm._backend import get_backend, numba_available, set_backend, use_backend  # noqa: E402
 from lnorm.functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 from lnorm.nn.normalization import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: E402
 from lnorm.nn.rnn import (  # noqa: E402
@@ -20,6 +19,7 @@ from lnorm.nn.rnn import (  # noqa: E402
     LayerNormRNN,
     LayerNormRNNCell,
 )
+from lnorm.ops.backend import get_backend, numba_available, set_backend, use_backend  # noqa: E402
 
 __all__ = [
     "AddLayerNorm",

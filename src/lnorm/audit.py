@@ -39,15 +39,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lnorm.diagnostics import (
-    ActivationStats,
-    _first_tensor,
-    _ModelState,
-    _set_mode,
-    check_batch_independence,
+from lnorm.diagnostics import ActivationStats, check_batch_independence, train_eval_gap
+from lnorm.utils import (
+    ModelState,
+    first_tensor,
     is_norm_layer,
     is_recurrent_layer,
-    train_eval_gap,
+    json_safe,
+    set_mode,
 )
 
 __all__ = ["AuditError", "audit_model", "format_report", "load_target", "register", "run"]
@@ -211,12 +210,12 @@ def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> dict[str, list[
     seen: dict[str, list[int]] = {}
 
     def hook(mod, args):
-        t = _first_tensor(args)
+        t = first_tensor(args)
         if t is not None and modules[mod] not in seen:
             seen[modules[mod]] = list(t.shape)
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
-    state = _ModelState(model)
+    state = ModelState(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -225,7 +224,7 @@ def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> dict[str, list[
         state.restore()
         for h in handles:
             h.remove()
-    seen["<output>"] = list(_first_tensor(out).shape) if _first_tensor(out) is not None else []
+    seen["<output>"] = list(first_tensor(out).shape) if first_tensor(out) is not None else []
     return seen
 
 
@@ -243,11 +242,11 @@ def _gradient_scale(model: nn.Module, x: Tensor, seed: int) -> dict[str, dict]:
     params = [p for _, m in layers for p in m.parameters(recurse=False) if p.requires_grad]
     if not params:
         return {}
-    state = _ModelState(model)
+    state = ModelState(model)
     try:
-        _set_mode(model, "train")
+        set_mode(model, "train")
         with ActivationStats(model, modules=[n if n != "<model>" else "" for n, _ in layers]) as stats:
-            out = _first_tensor(model(x))
+            out = first_tensor(model(x))
             if out is None or not out.requires_grad:
                 return {}
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
@@ -575,7 +574,7 @@ def run(args) -> int:
         if not -x.dim() <= args.batch_dim < x.dim():
             raise AuditError(f"--batch-dim {args.batch_dim} is out of range for an input of shape {list(x.shape)}")
         args.batch_dim %= x.dim()
-        state = _ModelState(model)
+        state = ModelState(model)
         try:
             model.eval()
             with torch.no_grad():
@@ -597,18 +596,7 @@ def run(args) -> int:
         return 2
     result["target"] = args.target
     if args.json:
-        print(json.dumps(_finite(result), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
         print(format_report(result, args.target))
     return 1 if result["flagged"] else 0
-
-
-def _finite(v):
-    """Strict JSON: an infinite or NaN float (a probe that could not run) becomes a string."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v

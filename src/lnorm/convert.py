@@ -25,10 +25,11 @@ from lnorm.nn.factory import (
     ChannelBatchNorm,
     ChannelRMSNorm,
     MaskedBatchNorm,
-    _default_groups,
+    default_groups,
     make_norm,
 )
 from lnorm.nn.normalization import LayerNorm, RMSNorm
+from lnorm.utils import ModelState, first_tensor
 
 __all__ = ["convert_norms", "use_lnorm", "lstm_to_layernorm", "layernorm_to_lstm"]
 
@@ -120,18 +121,16 @@ def _source_layout(module: nn.Module, name: str, layout, seen: dict[str, int]) -
 
 def _watch_input_dims(model: nn.Module, example_input, source) -> dict[str, int]:
     """Run ``example_input`` once (no grad, state restored) and record each source's input dim."""
-    from lnorm.diagnostics import _first_tensor, _ModelState
-
     names = {m: n for n, m in model.named_modules() if isinstance(m, source)}
     seen: dict[str, set[int]] = {}
 
     def hook(mod, args):
-        x = _first_tensor(args)
+        x = first_tensor(args)
         if x is not None:
             seen.setdefault(names[mod], set()).add(x.dim())
 
     handles = [m.register_forward_pre_hook(hook) for m in names]
-    state = _ModelState(model)
+    state = ModelState(model)
     try:
         with torch.no_grad():
             if isinstance(example_input, tuple):
@@ -234,7 +233,7 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
         elif target != "none":
             options["affine"] = affine
         if target == "group":
-            groups = num_groups if num_groups is not None else _default_groups(C)
+            groups = num_groups if num_groups is not None else default_groups(C)
             if C % groups:
                 raise ValueError(f"cannot convert {label} to group norm: its {C} channels are not "
                                  f"divisible by num_groups={groups}")

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lnorm.utils import ModelState, first_tensor, is_norm_layer, is_recurrent_layer, set_mode
+
 __all__ = [
     "ActivationStats",
     "BatchIndependenceReport",
@@ -45,47 +47,6 @@ DEFAULT_RTOL = 1e-4
 # --------------------------------------------------------------------------------------------
 
 
-def is_norm_layer(module: nn.Module) -> bool:
-    """True for torch's and lnorm's normalization modules (batch, layer, group, instance, RMS)."""
-    from lnorm.nn.factory import ChannelRMSNorm
-
-    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-                  nn.LocalResponseNorm, ChannelRMSNorm)
-    return isinstance(module, norm_types)
-
-
-def is_recurrent_layer(module: nn.Module) -> bool:
-    """True for ``nn.RNN/LSTM/GRU`` and lnorm's layer-normalized recurrent layers (not cells)."""
-    if isinstance(module, nn.RNNBase):
-        return True
-    try:
-        from lnorm.nn import rnn as _rnn
-    except ImportError:
-        return False
-    types = tuple(getattr(_rnn, n) for n in ("LayerNormLSTM", "LayerNormGRU", "LayerNormRNN")
-                  if hasattr(_rnn, n))
-    return bool(types) and isinstance(module, types)
-
-
-def _first_tensor(obj) -> Tensor | None:
-    """The first tensor in a module's output: ``y``, ``(y, state)``, ``PackedSequence.data``."""
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, nn.utils.rnn.PackedSequence):
-        return None  # the packed layout has no batch dim to compare along
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    if isinstance(obj, dict):
-        for item in obj.values():
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
-
-
 def _check_model_and_input(model, x, batch_dim: int, min_batch: int) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -102,35 +63,6 @@ def _check_model_and_input(model, x, batch_dim: int, min_batch: int) -> int:
     return batch_dim
 
 
-class _ModelState:
-    """Snapshot of everything a forward pass in train mode can change: modes and buffers."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-
-    def restore(self) -> None:
-        for m, training in self.modes:
-            m.training = training
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-
-
-def _set_mode(model: nn.Module, mode: str, *, keep_dropout: bool = False) -> None:
-    """``train`` or ``eval``; in train mode dropout is switched off unless ``keep_dropout``.
-
-    Dropout draws a new mask for every call and every shape, which would show up as batch
-    dependence or a train/eval gap that has nothing to do with normalization.
-    """
-    model.train(mode == "train")
-    if mode == "train" and not keep_dropout:
-        for m in model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd) or (
-                    is_recurrent_layer(m) and getattr(m, "dropout", 0)):
-                m.training = False
-
-
 class _Recorder:
     """Forward hooks storing each module's first input and first output tensor, per call."""
 
@@ -142,7 +74,7 @@ class _Recorder:
 
     def _hook(self, module, args, output) -> None:
         name = self.names[module]
-        x, y = _first_tensor(args), _first_tensor(output)
+        x, y = first_tensor(args), first_tensor(output)
         # clone: in-place ops later in the forward (ReLU(inplace=True)) would overwrite them
         self.inputs.setdefault(name, []).append(None if x is None else x.detach().clone())
         self.outputs.setdefault(name, []).append(None if y is None else y.detach().clone())
@@ -156,7 +88,7 @@ def _run(model: nn.Module, x: Tensor) -> tuple[Tensor | None, _Recorder]:
     rec = _Recorder(model)
     try:
         with torch.no_grad():
-            out = _first_tensor(model(x))
+            out = first_tensor(model(x))
     finally:
         rec.remove()
     return (None if out is None else out.detach().clone()), rec
@@ -292,18 +224,18 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
     h = B // 2
     sizes = (h, B - h)
     everyone = torch.arange(B, device=x.device)
-    state = _ModelState(model)
+    state = ModelState(model)
     errors: dict[str, str] = {}
     probes: dict[str, float] = {}
     worst: dict[str, list[float]] = {}  # module -> [out abs, out rel, in abs, in rel], over probes
     out_abs_worst = 0.0
     try:
         if mode != "current":
-            _set_mode(model, mode)
+            set_mode(model, mode)
         mode_used = "train" if model.training else "eval"
 
         def forward(probe: str, inp: Tensor):
-            snapshot = _ModelState(model)  # every probe starts from the same running statistics
+            snapshot = ModelState(model)  # every probe starts from the same running statistics
             try:
                 return _run(model, inp)
             except Exception as exc:  # noqa: BLE001 - failing on another batch is itself evidence
@@ -315,7 +247,7 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         ref_out, ref = _run(model, x)
         state.restore()
         if mode != "current":
-            _set_mode(model, mode)
+            set_mode(model, mode)
         if ref_out is None:
             raise TypeError("the model's output holds no tensor to compare")
 
@@ -485,11 +417,11 @@ def train_eval_gap(model: nn.Module, x: Tensor, *, rtol: float = DEFAULT_RTOL,
     _check_model_and_input(model, x, 0, 1)
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
-    state = _ModelState(model)
+    state = ModelState(model)
     try:
-        _set_mode(model, "eval")
+        set_mode(model, "eval")
         out_eval, rec_eval = _run(model, x)
-        _set_mode(model, "train", keep_dropout=include_dropout)
+        set_mode(model, "train", keep_dropout=include_dropout)
         out_train, rec_train = _run(model, x)
     finally:
         state.restore()
@@ -700,7 +632,7 @@ class ActivationStats:
     def _make_hook(self, name: str, module: nn.Module):
         def hook(mod, args, output):
             st = self._stats[name]  # looked up per call: reset() replaces it
-            y = _first_tensor(output)
+            y = first_tensor(output)
             if y is None and isinstance(output, (tuple, list)) and output and \
                     isinstance(output[0], nn.utils.rnn.PackedSequence):
                 y = output[0].data  # packed: overall stats only, no time axis

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from lnorm import _validate as V
+from lnorm import validation as V
 from lnorm.ops.norm import delegates_to_torch, fused_norm
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 from tolerances import assert_close, assert_three_way
 
 

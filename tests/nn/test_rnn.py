@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence
 
 import lnorm
-from lnorm._backend import numba_available
 from lnorm.nn import (
     LayerNormGRU,
     LayerNormGRUCell,
@@ -25,6 +24,7 @@ from lnorm.nn import (
     LayerNormRNN,
     LayerNormRNNCell,
 )
+from lnorm.ops.backend import numba_available
 from tolerances import assert_close, assert_three_way
 
 D64 = torch.float64
@@ -409,7 +409,7 @@ def test_step_gemm_equals_matmul(layout, dtype):
     # either layout without a copy; other row counts and float64 take torch.mm
     import platform
 
-    from lnorm.ops.rnn_fused import _MKL, _StepGemm
+    from lnorm.ops.rnn_fused import _MKL, StepGemm
 
     if torch.backends.mkl.is_available() and sys.platform == "linux" and platform.machine() == "x86_64":
         assert _MKL.fns is not None, "torch has MKL but its packed GEMM was not found"
@@ -417,7 +417,7 @@ def test_step_gemm_equals_matmul(layout, dtype):
     w = torch.randn(24, 10, dtype=dtype, generator=g)
     if layout == "transposed":
         w = w.t().contiguous().t()
-    gemm = _StepGemm(w, 5)
+    gemm = StepGemm(w, 5)
     assert (gemm.packed is not None) == (dtype == torch.float32 and _MKL.fns is not None)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
     for rows in (5, 3):  # the packed row count, then fewer (a packed sequence's later steps)

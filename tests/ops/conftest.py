@@ -1,7 +1,7 @@
 import pytest
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 
 
 @pytest.fixture(params=["numba", "torch"])

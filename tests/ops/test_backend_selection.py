@@ -56,18 +56,18 @@ def test_unknown_backend_is_an_error():
 
 
 def test_environment_variable(monkeypatch):
-    # LNORM_BACKEND is read when lnorm._backend is imported: reload it in place (every user holds
+    # LNORM_BACKEND is read when lnorm.ops.backend is imported: reload it in place (every user holds
     # the module, not its globals), then restore it as it was
-    from lnorm import _backend
+    from lnorm.ops import backend
 
     try:
         monkeypatch.setenv("LNORM_BACKEND", "torch")
-        importlib.reload(_backend)
+        importlib.reload(backend)
         assert lnorm.get_backend() == "torch"
         monkeypatch.setenv("LNORM_BACKEND", "gpu")
         with pytest.raises(ValueError, match=r"LNORM_BACKEND: backend must be one of .*got 'gpu'"):
-            importlib.reload(_backend)
+            importlib.reload(backend)
     finally:
         monkeypatch.undo()
-        importlib.reload(_backend)
+        importlib.reload(backend)
     assert os.environ.get("LNORM_BACKEND") != "gpu"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 

@@ -176,9 +176,9 @@ def _randomize_ln(m: nn.Module) -> None:
 def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool):
     """A callable doing only the matrix products of one layer over (T, B, I) input (see above)."""
     try:
-        from lnorm.ops.rnn_fused import _StepGemm
+        from lnorm.ops.rnn_fused import StepGemm
     except ImportError:  # no Numba: the layer's torch path uses plain matmuls
-        def _StepGemm(w, batch):
+        def StepGemm(w, batch):
             return lambda a: torch.mm(a, w.t())
 
     G = (4 if cell == "lstm" else 3) * H
@@ -189,11 +189,11 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool):
 
     def f():
         F.linear(x, w_ih)
-        step = _StepGemm(w_hh, B)
+        step = StepGemm(w_hh, B)
         for _ in range(T):
             step(h)
         if train:
-            back = _StepGemm(w_hh.t(), B)
+            back = StepGemm(w_hh.t(), B)
             for t in range(T):
                 back(dg[t * B : (t + 1) * B])
             torch.mm(dg.t(), hs)  # dW_hh

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from lnorm.lab import experiments
 from lnorm.lab.claims import CLAIMS, claim_key
-from lnorm.lab.runner import _sanitize, load_json, load_results, load_run_config, write_json_atomic
+from lnorm.lab.runner import load_json, load_results, load_run_config, write_json_atomic
+from lnorm.utils import json_safe
 
 VERDICT_MARK = {"supported": "supported", "not supported": "NOT supported", "inconclusive": "inconclusive"}
 
@@ -162,7 +163,7 @@ def build(run_dir: Path) -> dict:
     """Write every report file of ``run_dir``; returns the analysis (with ``report_md`` path)."""
     run_dir = Path(run_dir)
     a = analyze(run_dir)
-    write_json_atomic(run_dir / "results.json", _sanitize({k: a[k] for k in ("config", "env", "claims", "sections")}))
+    write_json_atomic(run_dir / "results.json", json_safe({k: a[k] for k in ("config", "env", "claims", "sections")}))
     write_csv(run_dir / "results.csv", a["results"])
 
     md = ["# lnorm lab report", ""]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lnorm.lab import config as C
 from lnorm.lab import experiments
+from lnorm.utils import json_safe
 
 
 @dataclass(frozen=True)
@@ -63,17 +64,6 @@ def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _sanitize(obj):
-    """NaN/inf are not JSON: store them as strings "nan"/"inf"/"-inf" (read back by load_json)."""
-    if isinstance(obj, float) and not (obj == obj and abs(obj) != float("inf")):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    return obj
 
 
 def _restore(obj):
@@ -197,7 +187,7 @@ class UnitContext:
         self._desc, self._progress = desc, progress
 
     def log(self, **metrics) -> None:
-        self._f.write(json.dumps(_sanitize(metrics), default=_json_default) + "\n")
+        self._f.write(json.dumps(json_safe(metrics), default=_json_default) + "\n")
 
     def steps(self, n: int):
         if not self._progress:
@@ -261,13 +251,13 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
         ctx.close()
         rec = {"status": "error", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
                "result": {}}
-        write_json_atomic(d / "error.json", _sanitize(rec))
+        write_json_atomic(d / "error.json", json_safe(rec))
         return {**rec, "wall_s": time.perf_counter() - t0}
     ctx.close()
     rec["wall_s"] = time.perf_counter() - t0
     rec["threads"] = threads
     os.replace(metrics_tmp, d / "metrics.jsonl")
-    write_json_atomic(d / "result.json", _sanitize(rec))  # last: its presence marks the unit done
+    write_json_atomic(d / "result.json", json_safe(rec))  # last: its presence marks the unit done
     err = d / "error.json"
     if err.exists():
         err.unlink()
@@ -289,7 +279,7 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    from lnorm._backend import BACKENDS
+    from lnorm.ops.backend import BACKENDS
 
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
@@ -302,7 +292,7 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
     out.mkdir(parents=True, exist_ok=True)
     conf = {"suite": suite, "seeds": seeds, "experiments": names, "device": device, "jobs": jobs, "backend": backend,
             "sets": list(sets or []), "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
-    write_json_atomic(out / "config.json", _sanitize(conf))
+    write_json_atomic(out / "config.json", json_safe(conf))
     write_json_atomic(out / "env.json", {**environment(device, threads, jobs), "backend": backend})
 
     units = {n: plan(n, cfgs[n], seeds) for n in names}

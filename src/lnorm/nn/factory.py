@@ -31,11 +31,11 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from lnorm import _validate as V
+from lnorm import validation as V
 from lnorm.nn.normalization import LayerNorm, RMSNorm
 
 __all__ = ["make_norm", "NORM_KINDS", "MaskedBatchNorm", "ChannelBatchNorm", "ChannelRMSNorm",
-           "GroupNorm", "NoNorm"]
+           "GroupNorm", "NoNorm", "default_groups"]
 
 NORM_KINDS = ("layer", "rms", "batch", "group", "none")
 LAYOUTS = ("last", "channels")
@@ -168,7 +168,9 @@ class ChannelRMSNorm(nn.Module):
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
 
 
-def _default_groups(num_features: int) -> int:
+def default_groups(num_features: int) -> int:
+    """The group count of ``make_norm("group")``: the largest of 32, 16, ..., 1 dividing
+    ``num_features`` into groups of at least 2 channels (1 if none does)."""
     for g in (32, 16, 8, 4, 2, 1):
         if num_features % g == 0 and num_features // g >= 2 or g == 1:
             return g
@@ -210,7 +212,7 @@ def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) 
                 return RMSNorm(num_features, **options)
             if kind == "batch":
                 return MaskedBatchNorm(num_features, **options)
-            groups = options.pop("num_groups", _default_groups(num_features))
+            groups = options.pop("num_groups", default_groups(num_features))
             return GroupNorm(groups, num_features, channels_last=True, **options)
         if kind == "layer":
             return GroupNorm(1, num_features, **options)
@@ -218,7 +220,7 @@ def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) 
             return ChannelRMSNorm(num_features, **options)
         if kind == "batch":
             return ChannelBatchNorm(num_features, **options)
-        groups = options.pop("num_groups", _default_groups(num_features))
+        groups = options.pop("num_groups", default_groups(num_features))
         return GroupNorm(groups, num_features, **options)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lnorm import _validate as V
 from lnorm import functional as LF
+from lnorm import validation as V
 
 __all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"]
 

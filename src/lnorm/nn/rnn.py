@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lnorm import _backend
 from lnorm import functional as LF
+from lnorm.ops import backend
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -282,7 +282,7 @@ _FUSED = None
 def _fused_module():
     """``lnorm.ops.rnn_fused`` when the Numba backend is on and we are not tracing, else None."""
     global _FUSED
-    if torch.compiler.is_compiling() or _backend.get_backend() != "numba":
+    if torch.compiler.is_compiling() or backend.get_backend() != "numba":
         return None
     if _FUSED is None:
         try:
@@ -627,7 +627,7 @@ class _LayerNormRNNBase(nn.Module):
 
         # layer_norm=False is torch's layer: the fast backend runs torch's own kernel, the torch
         # backend runs the same loop as the LN layers (which the parity tests check against it)
-        if self._torch_equivalent() and _backend.get_backend() == "numba":
+        if self._torch_equivalent() and backend.get_backend() == "numba":
             out, h_n, c_n = self._run_torch_kernel(x, batch_sizes, batch_sizes_t if packed else None, h0, c0)
         else:
             out, h_n, c_n = self._run_layers(x, batch_sizes, h0, c0)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lnorm import _backend
+from lnorm.ops import backend
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -61,7 +61,7 @@ def delegates_to_torch(x: Tensor, features: int) -> bool:
 
 
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
-    if x.device.type != "cpu" or x.numel() == 0 or _backend.get_backend() != "numba":
+    if x.device.type != "cpu" or x.numel() == 0 or backend.get_backend() != "numba":
         return False
     # Small plain layer norms run torch's kernel (float32/64, see delegates_to_torch) or the torch
     # launchers; bfloat16 always takes the kernels, which read it directly (torch's path

