@@ -71,3 +71,103 @@ def test_environment_variable(monkeypatch):
         monkeypatch.undo()
         importlib.reload(backend)
     assert os.environ.get("LNORM_BACKEND") != "gpu"
+
+
+def test_use_backend_is_an_override_for_its_own_thread_only():
+    # issue 13 item 7: a `with use_backend(...)` block in one thread switched every thread, and
+    # two interleaved blocks left the whole process on the last one's previous choice
+    import threading
+
+    default = lnorm.get_backend()
+    inside, entered, release = {}, threading.Event(), threading.Event()
+
+    def worker(name):
+        with lnorm.use_backend(name):
+            entered.set()
+            release.wait(timeout=60)
+            inside[name] = lnorm.get_backend()
+        inside[name + " after"] = lnorm.get_backend()
+
+    t = threading.Thread(target=worker, args=("torch",))
+    t.start()
+    assert entered.wait(timeout=60)
+    seen_here = lnorm.get_backend()  # main thread, while the worker is inside its block
+    release.set()
+    t.join()
+    assert seen_here == default
+    assert inside == {"torch": "torch", "torch after": default}
+    assert lnorm.get_backend() == default
+
+
+def test_interleaved_blocks_in_two_threads_restore_the_process_default():
+    import threading
+
+    default = lnorm.get_backend()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with lnorm.use_backend("torch"):
+            a_in.set()
+            b_in.wait(timeout=60)
+        a_out.set()  # leaves before the second thread does
+        seen["first"] = lnorm.get_backend()
+
+    def second():
+        a_in.wait(timeout=60)
+        with lnorm.use_backend("auto"):
+            b_in.set()
+            a_out.wait(timeout=60)
+            seen["second inside"] = lnorm.get_backend()
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["first"] == default
+    assert seen["second inside"] == ("numba" if lnorm.numba_available() else "torch")
+    assert lnorm.get_backend() == default
+
+
+def test_set_backend_is_the_default_of_threads_without_an_override():
+    import threading
+
+    before = lnorm.get_backend()
+    seen = {}
+    try:
+        lnorm.set_backend("torch")
+        t = threading.Thread(target=lambda: seen.setdefault("thread", lnorm.get_backend()))
+        t.start()
+        t.join()
+    finally:
+        lnorm.set_backend("auto")
+    assert seen["thread"] == "torch"
+    assert lnorm.get_backend() == before
+
+
+def test_a_registered_backend_is_chosen_per_device():
+    # a backend joins through the registry: "auto" prefers it on the devices it supports, and
+    # naming it leaves devices it does not support on the best backend for them
+    from lnorm.ops import backend
+
+    saved = dict(backend._registry)
+    try:
+        backend.register_backend(backend.Backend(
+            "fake", available=lambda: True, supports=lambda device: device.type == "meta"))
+        assert "fake" in backend.choices()
+        assert backend.backend_for("meta") == "fake"
+        assert backend.backend_for("cpu") == ("numba" if lnorm.numba_available() else "torch")
+        with lnorm.use_backend("fake"):
+            assert backend.backend_for("meta") == "fake"
+            assert backend.backend_for("cpu") == ("numba" if lnorm.numba_available() else "torch")
+        with lnorm.use_backend("torch"):
+            assert backend.backend_for("meta") == "torch"
+        backend.register_backend(backend.Backend("gone", available=lambda: False, supports=lambda d: True))
+        with pytest.raises(RuntimeError, match="'gone' requested but it is not available"):
+            lnorm.set_backend("gone")
+        with pytest.raises(ValueError, match="lower-case identifier"):
+            backend.register_backend(backend.Backend("auto", available=lambda: True, supports=lambda d: True))
+    finally:
+        backend._registry.clear()
+        backend._registry.update(saved)

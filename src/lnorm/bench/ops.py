@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import lnorm
 from lnorm import functional as LF
 from lnorm.bench.timing import interleaved
+from lnorm.ops.backend import choices as backend_choices
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "fwd+bwd")
@@ -237,7 +238,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ROWSxHIDDEN shapes (default: 256x768 2048x768 8192x1024 4096x4096)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per case; the median is reported")
-    p.add_argument("--backend", choices=("auto", "numba", "torch"), default=None,
+    p.add_argument("--backend", choices=backend_choices(), default=None,
                    help="lnorm backend to time (default: LNORM_BACKEND or auto)")
     p.add_argument("--json", metavar="FILE", help="also write rows, summary and environment as JSON")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lnorm.lab import config as C
 from lnorm.lab import experiments
+from lnorm.ops.backend import choices as backend_choices
 
 
 def register(subparsers) -> None:
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field: EXP.FIELD=VALUE or FIELD=VALUE (all selected "
                         "experiments with it); tuples comma-separated; repeatable")
-    p.add_argument("--backend", default="auto", choices=("torch", "numba", "auto"),
+    p.add_argument("--backend", default="auto", choices=backend_choices(),
                    help="lnorm CPU kernel backend inside the runs (default auto: lnorm's Numba "
                         "kernels where installed, as users get them; torch: pure-PyTorch paths)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lnorm.lab import config as C
 from lnorm.lab import experiments
+from lnorm.ops.backend import choices
 from lnorm.utils import json_safe
 
 
@@ -279,10 +280,8 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    from lnorm.ops.backend import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in choices():
+        raise ValueError(f"--backend must be one of {choices()}, got {backend!r}")
     names = with_requirements(names)
     cfgs = resolve_all(names, suite, sets)
     seeds = seeds or C.DEFAULT_SEEDS[suite]

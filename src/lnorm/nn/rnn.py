@@ -37,9 +37,10 @@ c) keeps its previous value during training; in eval mode the update is the expe
 ``p * old + (1 - p) * new``.
 
 Reads top to bottom: option checks -> pure-torch steps -> one direction of one layer over a packed
-batch -> the cells -> the layers. The fused CPU path (Numba kernels and hand-written backward
-through time) lives in :mod:`lnorm.ops.rnn_fused`; the pure-torch path here runs anywhere
-(CUDA, no Numba, ``torch.compile``) and is the spec the fused path is tested against.
+batch -> the cells -> the layers. The fused paths (on the CPU: Numba kernels and hand-written
+backward through time, :mod:`lnorm.ops.rnn_fused`) are reached through :mod:`lnorm.ops.rnn`; the
+pure-torch path here runs anywhere (CUDA, no Numba, ``torch.compile``) and is the spec the fused
+paths are tested against.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lnorm import functional as LF
 from lnorm.ops import backend
+from lnorm.ops.rnn import RecurrentWeights, fused_applies, fused_recurrence
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -158,22 +160,9 @@ class _Options:
         self.training = training
 
 
-def _input_projection(x: Tensor, p: _Params, opt: _Options, fused: bool = False):
-    """Everything of the gates that does not depend on h, for all rows at once: (N, G*H).
-
-    ``fused=True`` is the fused CPU path's form for the GRU (the LSTM's fused path does its input
-    part itself): no biases (its kernels add them), and the two LN groups come back as two
-    tensors ``(W_ih x)_{r,z}`` (N, 2H) and ``(W_ih x)_n`` (N, H), each normalized in place of one
-    (N, 3H) tensor: slicing the groups out and concatenating them again cost 15 ms of a 60 ms
-    GRU forward at N = 3200, H = 512."""
+def _input_projection(x: Tensor, p: _Params, opt: _Options) -> Tensor:
+    """Everything of the gates that does not depend on h, for all rows at once: (N, G*H)."""
     H = p.w_hh.shape[1]
-    if opt.mode == "GRU" and fused:
-        s = 2 * H
-        rz, n = F.linear(x, p.w_ih[:s]), F.linear(x, p.w_ih[s:])
-        if opt.layer_norm:
-            rz = _ln(rz, p.ln_ih_w[:s], p.ln_ih_b[:s], opt.eps)
-            n = _ln(n, p.ln_ih_w[s:], p.ln_ih_b[s:], opt.eps)
-        return rz, n
     gx = F.linear(x, p.w_ih)
     if opt.mode == "LSTM":
         if opt.layer_norm:
@@ -264,34 +253,23 @@ def _direction_torch(gx, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse
     return out, h, c
 
 
+def _kernel_weights(p: _Params, opt: _Options) -> RecurrentWeights | None:
+    """The fused kernels' record of this direction, or None where they do not cover the options."""
+    if opt.mode not in ("LSTM", "GRU") or not opt.layer_norm or opt.normalized_cell \
+            or opt.zoneout or opt.zoneout_cell:
+        return None
+    return RecurrentWeights(opt.mode, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.ln_ih_w, p.ln_ih_b,
+                            p.ln_hh_w, p.ln_hh_b, p.ln_c_w, p.ln_c_b, opt.eps)
+
+
 def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool):
-    """One direction of one layer over packed rows x (N, I): the input part for all steps at once,
-    then the recurrence on the fused CPU path where it applies, else in pure torch."""
-    fused = _fused_module()
-    if fused is not None and fused.applies(x, p, opt):
-        # the LSTM's recurrence takes the input itself (its W_ih x and LN are fused with the loop)
-        gx = x if opt.mode == "LSTM" else _input_projection(x, p, opt, fused=True)
-        return fused.recurrence(gx, batch_sizes, h0, c0, p, opt, reverse)
+    """One direction of one layer over packed rows x (N, I): on a fused path where one applies,
+    else the input part for all steps at once, then the recurrence in pure torch."""
+    weights = _kernel_weights(p, opt)
+    if weights is not None and fused_applies(x, weights):
+        return fused_recurrence(x, batch_sizes, h0, c0, weights, reverse)
     gx = _input_projection(x, p, opt)
     return _direction_torch(gx, batch_sizes, h0, c0, p, opt, reverse)
-
-
-_FUSED = None
-
-
-def _fused_module():
-    """``lnorm.ops.rnn_fused`` when the Numba backend is on and we are not tracing, else None."""
-    global _FUSED
-    if torch.compiler.is_compiling() or backend.get_backend() != "numba":
-        return None
-    if _FUSED is None:
-        try:
-            from lnorm.ops import rnn_fused
-        except Exception:  # broken numba / llvmlite: the torch path is always correct
-            _FUSED = False
-        else:
-            _FUSED = rnn_fused
-    return _FUSED or None
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -1,24 +1,54 @@
-"""Which implementation runs the norm kernels on the CPU.
+"""Which implementation runs the kernels, chosen per device from a registry of backends.
 
-* ``"numba"``: fused kernels compiled by Numba (``pip install lnorm[fast]``); the default where
-  Numba imports.
+* ``"numba"``: fused CPU kernels compiled by Numba (``pip install lnorm[fast]``).
 * ``"torch"``: pure PyTorch (torch's own fused layer-norm kernel, composites for the rest); runs
-  anywhere, and is always used for CUDA tensors and under ``torch.compile`` tracing of the fake
-  implementations.
+  on every device and under ``torch.compile`` tracing of the fake implementations.
 
-Choose with the environment variable ``LNORM_BACKEND=auto|numba|torch`` (read at import) or at run
-time with :func:`set_backend` / the :func:`use_backend` context manager.
+A backend joins with :func:`register_backend` (name, ``available()``, ``supports(device)``).
+The choice is ``"auto"`` or a backend's name; :func:`backend_for` turns it into the backend a
+device's tensors use: the chosen one where it is available and supports the device, else the
+first registered backend that is available and supports it, ``"torch"`` last.
+
+Choose with the environment variable ``LNORM_BACKEND`` (read at import), :func:`set_backend`
+(the process default) or :func:`use_backend` (a context manager: an override for the current
+thread, or asyncio task, only; other threads keep the process default).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-BACKENDS = ("auto", "numba", "torch")
+import torch
 
-_requested = "auto"
+__all__ = [
+    "Backend",
+    "backend_for",
+    "choices",
+    "get_backend",
+    "numba_available",
+    "register_backend",
+    "set_backend",
+    "use_backend",
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the kernels.
+
+    ``available()``: whether it imports and works in this process (called on every choice, so
+    cache anything slow). ``supports(device)``: whether it runs tensors on ``device``.
+    """
+
+    name: str
+    available: Callable[[], bool]
+    supports: Callable[[torch.device], bool]
+
+
 _numba_ok: bool | None = None
 
 
@@ -35,45 +65,93 @@ def numba_available() -> bool:
     return _numba_ok
 
 
-def _validate(name: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+_registry: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add ``backend`` (or replace the one of that name); "auto" prefers it to those added before."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a lnorm.ops.backend.Backend, got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name.isidentifier() or backend.name == "auto" \
+            or backend.name != backend.name.lower():
+        raise ValueError(f"backend name must be a lower-case identifier other than 'auto', got {backend.name!r}")
+    _registry.pop(backend.name, None)
+    _registry[backend.name] = backend
+
+
+def _auto_order() -> list[Backend]:
+    """Newest registration first, "torch" (which runs everywhere) last."""
+    return [b for b in reversed(_registry.values()) if b.name != "torch"] + [_registry["torch"]]
+
+
+def choices() -> tuple[str, ...]:
+    """What :func:`set_backend` accepts: ``"auto"`` and every registered backend's name."""
+    return ("auto", *_registry)
+
+
+def _known(name) -> str:
+    if not isinstance(name, str) or name.lower() not in choices():
+        raise ValueError(f"backend must be one of {choices()}, got {name!r}")
     return name.lower()
 
 
-def set_backend(name: str) -> None:
-    """Select the CPU backend: ``"auto"`` (Numba if available), ``"numba"`` or ``"torch"``."""
-    global _requested
-    name = _validate(name)
-    if name == "numba" and not numba_available():
+def _checked(name) -> str:
+    name = _known(name)
+    if name != "auto" and not _registry[name].available():
         raise RuntimeError(
-            "backend 'numba' requested but numba is not importable; install it with "
-            "`pip install lnorm[fast]` or choose backend 'torch'"
+            f"backend {name!r} requested but it is not available here"
+            + (" (numba is not importable; install it with `pip install lnorm[fast]`)" if name == "numba" else "")
+            + "; choose backend 'torch' or 'auto'"
         )
-    _requested = name
+    return name
 
 
-def get_backend() -> str:
-    """The backend that CPU tensors use now: ``"numba"`` or ``"torch"``."""
-    if _requested == "auto":
-        return "numba" if numba_available() else "torch"
-    return _requested
+_default = "auto"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lnorm_backend", default=None)
+
+
+def set_backend(name: str) -> None:
+    """Set the process default: ``"auto"`` or a registered backend (``"numba"``, ``"torch"``)."""
+    global _default
+    _default = _checked(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: run the enclosed code with backend ``name``."""
-    global _requested
-    previous = _requested
-    set_backend(name)
+    """Run the enclosed code with backend ``name``, in this thread (or asyncio task) only."""
+    token = _override.set(_checked(name))
     try:
         yield
     finally:
-        _requested = previous
+        _override.reset(token)
 
 
-_env = os.environ.get("LNORM_BACKEND", "auto")
-try:
-    _requested = _validate(_env)
+def backend_for(device: torch.device | str) -> str:
+    """The backend that tensors on ``device`` use now, in this thread."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    chosen = _override.get() or _default
+    if chosen != "auto":
+        b = _registry[chosen]
+        if b.available() and b.supports(device):
+            return chosen
+    for b in _auto_order():
+        if b.available() and b.supports(device):
+            return b.name
+    return "torch"
+
+
+def get_backend() -> str:
+    """The backend that CPU tensors use now, in this thread: ``"numba"`` or ``"torch"``."""
+    return backend_for(_CPU)
+
+
+_CPU = torch.device("cpu")
+
+register_backend(Backend("torch", available=lambda: True, supports=lambda device: True))
+register_backend(Backend("numba", available=numba_available, supports=lambda device: device.type == "cpu"))
+
+try:  # a known name that is not available here falls back as "auto" does
+    _default = _known(os.environ.get("LNORM_BACKEND", "auto"))
 except ValueError as exc:
     raise ValueError(f"LNORM_BACKEND: {exc}") from None

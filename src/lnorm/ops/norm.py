@@ -40,11 +40,9 @@ def _residual_dtype(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) 
 
 
 # Below this many elements a plain float32/float64 layer norm (no residual) runs torch's own fused
-# kernel even on the numba backend: torch's one-pass CPU kernel is faster than ours there, ours
-# is faster above (1.0-1.9x at 8192x1024, 4096x4096). Measured again after the kernels' float32
-# fix, with the threshold at 100k elements instead: 0.68-0.88x forward and 0.57-0.89x forward +
-# backward at 256x768 .. 2048x768, against 0.87-0.94x delegating. RMS norm and the fused add have
-# no torch kernel to delegate to and always take ours.
+# kernel even on the numba backend: torch's one-pass CPU kernel is the faster one there, ours above
+# (``lnorm bench ops`` shows where they cross). RMS norm and the fused add have no torch kernel to
+# delegate to and always take ours.
 NATIVE_LAYER_NORM_BELOW = 1 << 22
 # ... and only for rows of at least this many features: on tiny rows torch's fused backward loses
 # accuracy where rstd is large (at H=1, dx comes out 3e-5 where the exact value is 0), ours does not.
@@ -61,7 +59,7 @@ def delegates_to_torch(x: Tensor, features: int) -> bool:
 
 
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
-    if x.device.type != "cpu" or x.numel() == 0 or backend.get_backend() != "numba":
+    if x.numel() == 0 or backend.backend_for(x.device) != "numba":
         return False
     # Small plain layer norms run torch's kernel (float32/64, see delegates_to_torch) or the torch
     # launchers; bfloat16 always takes the kernels, which read it directly (torch's path

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lnorm.ops import _rnn_kernels as K
 from lnorm.ops._numba_kernels import num_threads
+from lnorm.ops.norm import delegates_to_torch, fused_norm
+from lnorm.ops.rnn import RecurrentWeights
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -99,21 +102,6 @@ class _Schedule:
             dw.addmm_(dgh[N - B - lo :].t(), init)
             dgh, hi = dgh[: N - B - lo], N - B
         return dw.addmm_(dgh.t(), rows[lo + B : hi + B]) if lo < hi else dw
-
-
-def applies(x: Tensor, p, opt) -> bool:
-    """Whether the fused path computes this direction (else the caller's pure-torch path does)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and opt.mode in ("LSTM", "GRU")
-        and opt.layer_norm
-        and not opt.normalized_cell
-        and opt.zoneout == 0.0
-        and opt.zoneout_cell == 0.0
-        and x.shape[0] > 0
-        and p.w_hh.dtype == x.dtype
-    )
 
 
 def _np(t: Tensor):
@@ -394,7 +382,7 @@ class _GRURecurrence(torch.autograd.Function):
 
 
 def gru_recurrence(gx, h0, p, eps, sched):
-    """``gx`` is ``(LN(W_ih x)_{r,z}, LN(W_ih x)_n)`` without biases (see ``_input_projection``).
+    """``gx`` is ``(LN(W_ih x)_{r,z}, LN(W_ih x)_n)`` without biases (see ``_gru_input_groups``).
 
     The kernel takes two bias vectors: ``b1`` (3H) added to the normalized recurrent part (r, z:
     its LN bias + b_ih + b_hh; n: its LN bias + b_hn, inside the reset gate's product) and
@@ -418,15 +406,31 @@ def gru_recurrence(gx, h0, p, eps, sched):
 # ------------------------------------------------------------------------------- entry point
 
 
-def recurrence(gx, batch_sizes, h0, c0, p, opt, reverse: bool):
-    """One direction of one layer: ``gx`` is the layer's input rows (N, I) for the LSTM, and the
-    hoisted, normalized input groups (N, 2H), (N, H) for the GRU (``_input_projection(...,
-    fused=True)``); see ``lnorm.nn.rnn``.
+def _layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """``lnorm.functional.layer_norm`` of the rows of a valid 2-D ``z``."""
+    if delegates_to_torch(z, z.shape[1]):
+        return torch.layer_norm(z, (z.shape[1],), w, b, eps)
+    return fused_norm(z, None, w, b, eps, True)[0]
+
+
+def _gru_input_groups(x: Tensor, w: RecurrentWeights) -> tuple[Tensor, Tensor]:
+    """LN(W_ih x) of the GRU for all rows at once, as its two groups (N, 2H) and (N, H), without
+    biases (the kernels add them): two matmuls into separate tensors cost less than slicing one
+    (N, 3H) product apart."""
+    s = 2 * w.w_hh.shape[1]
+    rz = _layer_norm(F.linear(x, w.w_ih[:s]), w.ln_ih_w[:s], w.ln_ih_b[:s], w.eps)
+    n = _layer_norm(F.linear(x, w.w_ih[s:]), w.ln_ih_w[s:], w.ln_ih_b[s:], w.eps)
+    return rz, n
+
+
+def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
+               w: RecurrentWeights, reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One direction of one layer over the packed rows ``x`` (N, I), see ``lnorm.ops.rnn``.
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
     sched = _Schedule(batch_sizes, reverse)
-    if opt.mode == "LSTM":
-        return lstm_recurrence(gx, h0, c0, p, opt.eps, sched)
-    out, hn = gru_recurrence(gx, h0, p, opt.eps, sched)
+    if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
+        return lstm_recurrence(x, h0, c0, w, w.eps, sched)
+    out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, sched)
     return out, hn, None
