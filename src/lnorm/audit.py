@@ -461,12 +461,6 @@ def audit_model(model: nn.Module, x: Tensor, *, batch_dim: int = 0, small_batch:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 def format_report(result: dict, target: str = "") -> str:
     """The human-readable report of :func:`audit_model`'s result."""
     out = []

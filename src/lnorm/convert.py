@@ -29,6 +29,7 @@ from lnorm.nn.factory import (
     make_norm,
 )
 from lnorm.nn.normalization import LayerNorm, RMSNorm
+from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM, LayerNormRNN
 from lnorm.utils import ModelState, first_tensor
 
 __all__ = ["convert_norms", "use_lnorm", "lstm_to_layernorm", "layernorm_to_lstm"]
@@ -316,10 +317,7 @@ def use_lnorm(model: nn.Module) -> nn.Module:
 _TORCH_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
-def _rnn_classes():
-    from lnorm.nn import rnn  # imported here: the recurrent layers are optional for the rest
-
-    return {nn.LSTM: rnn.LayerNormLSTM, nn.GRU: rnn.LayerNormGRU, nn.RNN: rnn.LayerNormRNN}
+_RNN_CLASSES = {nn.LSTM: LayerNormLSTM, nn.GRU: LayerNormGRU, nn.RNN: LayerNormRNN}
 
 
 def _copy_rnn_weights(dst: nn.Module, src: nn.Module) -> None:
@@ -365,7 +363,7 @@ def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    classes = _rnn_classes()
+    classes = _RNN_CLASSES
 
     def convert(name: str, m: nn.Module) -> nn.Module | None:
         cls = classes.get(type(m))
@@ -404,7 +402,7 @@ def layernorm_to_lstm(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    back = {v: k for k, v in _rnn_classes().items()}
+    back = {v: k for k, v in _RNN_CLASSES.items()}
 
     def convert(name: str, m: nn.Module) -> nn.Module | None:
         cls = back.get(type(m))

@@ -40,8 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import math
-import numbers
 import os
 import tempfile
 import time
@@ -53,6 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lnorm import validation as V
 
 __all__ = [
     "WorkerError",
@@ -66,6 +66,7 @@ __all__ = [
     "collective_clock",
     "GradientGap",
     "ddp_gradients",
+    "gradients",
     "gradient_gaps",
 ]
 
@@ -103,14 +104,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _check_positive(name: str, value, *, integer: bool = False) -> None:
-    ok_type = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        raise TypeError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def _loopback_interface() -> str | None:
@@ -234,10 +227,10 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
 
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {fn!r}")
-    _check_positive("nproc", nproc, integer=True)
-    _check_positive("timeout", timeout)
-    _check_positive("pg_timeout", pg_timeout)
-    _check_positive("threads", threads, integer=True)
+    V.check_int(nproc, "nproc")
+    V.check_positive(timeout, "timeout")
+    V.check_positive(pg_timeout, "pg_timeout")
+    V.check_int(threads, "threads")
     backend = backend or "gloo"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -373,9 +366,6 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.rank], None
 
 
-LAYOUTS = ("last", "channels")
-
-
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     r"""Batch norm with statistics over the batches of every process in ``process_group``.
 
@@ -400,8 +390,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  layout: str = "channels", device=None, dtype=None) -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        V.check_choice(layout, "layout", V.LAYOUTS)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.process_group = process_group
@@ -524,7 +513,8 @@ def _batch_size(t) -> int:
     return t.shape[0] if isinstance(t, Tensor) else _batch_size(t[0])
 
 
-def _grads(model: nn.Module) -> dict[str, Tensor]:
+def gradients(model: nn.Module) -> dict[str, Tensor]:
+    """Each trainable parameter's ``.grad`` as a CPU copy (zeros where backward left none)."""
     return {n: (p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu"))
             for n, p in model.named_parameters() if p.requires_grad}
 
@@ -565,7 +555,7 @@ def _ddp_grad_worker(rank: int, cases: dict, loss_fn) -> dict:
         ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         loss = loss_fn(ddp(*x), y)
         loss.backward()
-        out[name] = {"grads": _grads(model), "loss": float(loss.detach())}
+        out[name] = {"grads": gradients(model), "loss": float(loss.detach())}
     return out
 
 
@@ -583,7 +573,7 @@ def ddp_gradients(models: Mapping, inputs=None, target=None, *, loss_fn=F.cross_
         ``{name: {"grads": [per-rank {param: grad}], "loss": [per-rank loss]}}``.
     """
     cases = _cases(models, inputs, target)
-    _check_positive("nproc", nproc, integer=True)
+    V.check_int(nproc, "nproc")
     for name, (_, x, y) in cases.items():
         n = _batch_size(x)
         if n % nproc or y.shape[0] != n:
@@ -625,7 +615,7 @@ def gradient_gaps(models: Mapping, inputs=None, target=None, *, loss_fn=F.cross_
     for name, (model, x, y) in cases.items():
         m = copy.deepcopy(model)
         loss_fn(m(*_as_tuple(x)), y).backward()
-        ref[name] = _grads(m)
+        ref[name] = gradients(m)
     ddp = ddp_gradients(cases, loss_fn=loss_fn, nproc=nproc, backend=backend, timeout=timeout)
     gaps = {}
     for name in cases:

@@ -30,7 +30,8 @@ from lnorm.ops.norm import delegates_to_torch, fused_norm
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 
-def _run(x, residual, normalized_shape, weight, bias, eps, center, residual_in_fp32, with_residual):
+def _run(x, residual, normalized_shape, weight, bias, eps, *, center: bool, residual_in_fp32: bool,
+         with_residual: bool):
     x_name = "x" if with_residual else "input"  # the argument's name in the public signature
     x = V.check_input(x, x_name)
     shape = V.normalized_shape_tuple(normalized_shape)
@@ -81,7 +82,8 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Layer norm over the trailing ``normalized_shape`` dims; drop-in for ``F.layer_norm``."""
-    return _run(input, None, normalized_shape, weight, bias, eps, True, False, False)
+    return _run(input, None, normalized_shape, weight, bias, eps, center=True, residual_in_fp32=False,
+                with_residual=False)
 
 
 def rms_norm(
@@ -98,7 +100,8 @@ def rms_norm(
     V.check_input(input)
     if eps is None:
         eps = _default_rms_eps(input.dtype)
-    return _run(input, None, normalized_shape, weight, None, eps, False, False, False)
+    return _run(input, None, normalized_shape, weight, None, eps, center=False, residual_in_fp32=False,
+                with_residual=False)
 
 
 def add_layer_norm(
@@ -114,7 +117,8 @@ def add_layer_norm(
 
     ``residual_in_fp32=True`` keeps the residual stream in float32 when ``x`` is half precision.
     """
-    return _run(x, residual, normalized_shape, weight, bias, eps, True, residual_in_fp32, True)
+    return _run(x, residual, normalized_shape, weight, bias, eps, center=True,
+                residual_in_fp32=residual_in_fp32, with_residual=True)
 
 
 def add_rms_norm(
@@ -129,4 +133,5 @@ def add_rms_norm(
     V.check_input(x, "x")
     if eps is None:
         eps = _default_rms_eps(x.dtype)
-    return _run(x, residual, normalized_shape, weight, None, eps, False, residual_in_fp32, True)
+    return _run(x, residual, normalized_shape, weight, None, eps, center=False,
+                residual_in_fp32=residual_in_fp32, with_residual=True)

@@ -1,7 +1,12 @@
-"""Input checks shared by the functional API and the modules.
+"""The checks of every argument lnorm takes: options, tensors, parameters.
 
-Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong value)
-with the argument's name and the value received, before any kernel sees the data.
+One exception per kind of mistake, always naming the argument and the value received, raised
+before anything runs:
+
+* ``TypeError``: the wrong kind of thing (a float where an int is due, a list for a tensor, an
+  integer tensor, a dtype that does not match).
+* ``ValueError``: the right kind with a wrong value (out of range, unknown name, wrong shape,
+  another device).
 """
 
 from __future__ import annotations
@@ -14,6 +19,57 @@ import torch
 from torch import Tensor
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------- options
+
+# Where the features are, for the norms that need to know (batch, group, RMS by channel): "last"
+# is (B, C) or (B, T, C) with an optional padding mask, "channels" is (B, C, *spatial).
+LAYOUTS = ("last", "channels")
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """An int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive(value, name: str) -> float:
+    """A finite real number (not a bool) > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_probability(value, name: str) -> float:
+    """A real number in [0, 1): a dropout or zoneout rate."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(value, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings, compared as given)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------- tensors
 
 
 def normalized_shape_tuple(normalized_shape, name: str = "normalized_shape") -> tuple[int, ...]:
@@ -67,6 +123,14 @@ def check_matches_shape(x: Tensor, normalized_shape: tuple[int, ...], name: str 
         )
 
 
+def _optional_floating(t, name: str) -> Tensor | None:
+    if t is not None and not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t is not None and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
 def check_param(
     p, x: Tensor, shape: tuple[int, ...], name: str, *, allow_fp32_with_half: bool = True,
     x_name: str = "input",
@@ -75,12 +139,8 @@ def check_param(
 
     Compatible dtype: x's own, or float32 when x is float16/bfloat16 (mixed precision, as torch).
     """
-    if p is None:
+    if _optional_floating(p, name) is None:
         return None
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
-    if not p.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {p.dtype}")
     if tuple(p.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)} (normalized_shape), got {list(p.shape)}")
     if p.device != x.device:
@@ -94,12 +154,8 @@ def check_param(
 
 
 def check_residual(residual, x: Tensor, name: str = "residual", x_name: str = "x") -> Tensor | None:
-    if residual is None:
+    if _optional_floating(residual, name) is None:
         return None
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(residual).__name__}")
-    if not residual.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {residual.dtype}")
     if residual.shape != x.shape:
         raise ValueError(f"{name} must have the shape of {x_name} {list(x.shape)}, got {list(residual.shape)}")
     if residual.device != x.device:

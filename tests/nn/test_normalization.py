@@ -7,17 +7,7 @@ import torch
 from torch import nn
 
 import lnorm
-from lnorm.ops.backend import numba_available
 from tolerances import assert_close, assert_three_way
-
-
-@pytest.fixture(params=["numba", "torch"])
-def backend(request):
-    if request.param == "numba" and not numba_available():
-        pytest.skip("numba is not importable")
-    with lnorm.use_backend(request.param):
-        yield request.param
-
 
 # (ours, torch's): the modules that share torch's constructor
 PAIRS = {

@@ -28,19 +28,12 @@ from lnorm.ops.backend import numba_available
 from tolerances import assert_close, assert_three_way
 
 D64 = torch.float64
-BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]
 LAYERS = {
     "lstm": (LayerNormLSTM, nn.LSTM, LayerNormLSTMCell),
     "gru": (LayerNormGRU, nn.GRU, LayerNormGRUCell),
     "rnn_tanh": (LayerNormRNN, nn.RNN, LayerNormRNNCell),
     "rnn_relu": (LayerNormRNN, nn.RNN, LayerNormRNNCell),
 }
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with lnorm.use_backend(request.param):
-        yield request.param
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -601,8 +594,11 @@ def test_bad_constructor_arguments():
         LayerNormLSTM(3, 4, cell_state="norm")
     with pytest.raises(TypeError, match="cell_state"):
         LayerNormGRU(3, 4, cell_state="normalized")
-    with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         LayerNormLSTM(3, 4, eps=0.0)
+    # one exception per kind of mistake: the wrong type is a TypeError here as in lnorm.LayerNorm
+    with pytest.raises(TypeError, match="eps must be a positive float, got '1e-5'"):
+        LayerNormLSTM(3, 4, eps="1e-5")
     with pytest.raises(TypeError, match="layer_norm must be a bool"):
         LayerNormLSTM(3, 4, layer_norm=1)
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
 INCONCLUSIVE = "inconclusive"
-VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
 
 
 def _t975(df: float) -> float:
@@ -116,3 +115,41 @@ def fmt_diff(d: tuple[float, float, float], digits: int = 3) -> str:
     if math.isnan(lo):
         return f"{diff:+.{digits}g} (no interval: one seed)"
     return f"{diff:+.{digits}g} [95% CI {lo:+.{digits}g}, {hi:+.{digits}g}]"
+
+
+# ------------------------------------------------------------------- criteria shared by experiments
+
+
+def exact_vs_batch_norm(ln: Sequence[float], bn: Sequence[float], tol: float) -> str:
+    """The claims that layer norm is exact where batch norm is not (C1, C2): supported when every
+    layer-norm value is below ``tol`` and every batch-norm value above ``100 * tol``; not supported
+    when a layer-norm value reaches ``tol``; inconclusive without layer-norm values, or when batch
+    norm's do not clear ``100 * tol`` (the probe could not have seen a difference)."""
+    if not ln:
+        return INCONCLUSIVE
+    if max(ln) >= tol:
+        return NOT_SUPPORTED
+    if not bn or min(bn) <= 100 * tol:
+        return INCONCLUSIVE
+    return SUPPORTED
+
+
+def verdict_higher_lr(ln: dict[float, list[float]], none: dict[float, list[float]]) -> tuple[str, str]:
+    """C11 (higher score is better): LN's best learning rate (by mean score) is higher than the
+    unnormalized net's, and LN scores significantly better at its best lr than at the other's best
+    lr. Not supported when LN's best lr is the same or lower."""
+    def best(d):
+        means = {lr: mean_ci(v)[0] for lr, v in d.items() if v}
+        means = {lr: (m if m == m else -float("inf")) for lr, m in means.items()}
+        return max(means, key=means.get) if means else None
+
+    b_ln, b_no = best(ln), best(none)
+    if b_ln is None or b_no is None:
+        return INCONCLUSIVE, "missing runs"
+    if min(len(v) for v in (*ln.values(), *none.values())) < 2:
+        return INCONCLUSIVE, f"best lr: LN {b_ln:g}, none {b_no:g} (one seed decides nothing)"
+    ev = f"best lr: LN {b_ln:g}, none {b_no:g}"
+    if b_ln <= b_no:
+        return NOT_SUPPORTED, ev
+    v, d = greater(ln[b_ln], ln[b_no])
+    return (SUPPORTED if v == SUPPORTED else INCONCLUSIVE), ev + f"; LN at {b_ln:g} minus at {b_no:g} {fmt_diff(d)}"

@@ -26,8 +26,6 @@ none       :class:`NoNorm`                        :class:`NoNorm`
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 
@@ -38,7 +36,6 @@ __all__ = ["make_norm", "NORM_KINDS", "MaskedBatchNorm", "ChannelBatchNorm", "Ch
            "GroupNorm", "NoNorm", "default_groups"]
 
 NORM_KINDS = ("layer", "rms", "batch", "group", "none")
-LAYOUTS = ("last", "channels")
 
 
 class NoNorm(nn.Identity):
@@ -125,8 +122,7 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  channels_last: bool = False, device=None, dtype=None) -> None:
-        if not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
-            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        V.check_int(num_groups, "num_groups")
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         super().__init__(num_groups, num_channels, V.check_eps(eps), affine, device=device, dtype=dtype)
@@ -195,10 +191,8 @@ def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) 
     """
     if not isinstance(kind, str) or kind.lower() not in NORM_KINDS:
         raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    V.check_choice(layout, "layout", V.LAYOUTS)
+    V.check_int(num_features, "num_features")
     kind = kind.lower()
     try:
         if kind == "none":

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lnorm import functional as LF
+from lnorm import validation as V
 from lnorm.ops import backend
 from lnorm.ops.rnn import RecurrentWeights, fused_applies, fused_recurrence
 
@@ -61,23 +62,6 @@ from lnorm.ops.rnn import RecurrentWeights, fused_applies, fused_recurrence
 
 _MODES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _CELL_STATES = ("raw", "normalized")
-
-
-def _check_size(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_prob(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return value
 
 
 def _option_repr(m) -> str:
@@ -94,18 +78,6 @@ def _option_repr(m) -> str:
     if m.zoneout_cell:
         s += f", zoneout_cell={m.zoneout_cell}"
     return s
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < math.inf):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 # ----------------------------------------------------------------------------- pure-torch steps
@@ -177,6 +149,33 @@ def _input_projection(x: Tensor, p: _Params, opt: _Options) -> Tensor:
     return gx  # RNN: the LN is over W_ih x + W_hh h, so only the matmul is hoisted
 
 
+def _recurrent_part(h: Tensor, p: _Params, opt: _Options) -> Tensor:
+    """W_hh h with its layer norm for the LSTM and GRU, (B, G*H); the RNN's LN is over the sum."""
+    gh = F.linear(h, p.w_hh)
+    if opt.layer_norm and opt.mode == "LSTM":
+        gh = _ln(gh, p.ln_hh_w, p.ln_hh_b, opt.eps)
+    elif opt.layer_norm and opt.mode == "GRU":
+        gh = _ln_groups(gh, p.ln_hh_w, p.ln_hh_b, opt.eps, 2 * h.shape[-1])
+    return gh
+
+
+def gate_preactivations(rnn: nn.Module, x: Tensor, h_prev: Tensor, layer: int = 0,
+                        reverse: bool = False) -> Tensor:
+    """What the gates of one layer of ``rnn`` (lnorm's or torch's LSTM / GRU) receive before their
+    nonlinearities, for inputs ``x`` (*, I) and previous hidden states ``h_prev`` (*, H): the input
+    and recurrent parts with their layer norms and biases, (*, G*H) in the gate order (the GRU's n
+    block: the recurrent part before the reset gate multiplies it). For statistics such as gate
+    saturation; the layer's own forward is what training runs.
+    """
+    mode = getattr(rnn, "mode", None)
+    if mode not in ("LSTM", "GRU"):
+        raise ValueError(f"rnn must be an LSTM or GRU layer, got {type(rnn).__name__}")
+    layer_norm = getattr(rnn, "layer_norm", False)
+    p = _Params(rnn, f"_l{layer}" + ("_reverse" if reverse else ""), layer_norm, mode)
+    opt = _Options(mode, layer_norm, getattr(rnn, "eps", 1e-5), "raw", 0.0, 0.0, False)
+    return _input_projection(x, p, opt) + _recurrent_part(h_prev, p, opt)
+
+
 def _zoneout(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
     if p == 0.0:
         return new
@@ -189,10 +188,8 @@ def _zoneout(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
 def _step(gx: Tensor, h: Tensor, c: Tensor | None, p: _Params, opt: _Options):
     """One time step from the hoisted input part ``gx`` (B, G*H) and the state (B, H)."""
     H = h.shape[-1]
-    gh = F.linear(h, p.w_hh)
+    gh = _recurrent_part(h, p, opt)
     if opt.mode == "LSTM":
-        if opt.layer_norm:
-            gh = _ln(gh, p.ln_hh_w, p.ln_hh_b, opt.eps)
         i, f, g, o = (gx + gh).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_out = _ln(c_new, p.ln_c_w, p.ln_c_b, opt.eps) if opt.layer_norm else c_new
@@ -201,8 +198,6 @@ def _step(gx: Tensor, h: Tensor, c: Tensor | None, p: _Params, opt: _Options):
             c_new = c_out
         c_new = _zoneout(c_new, c, opt.zoneout_cell, opt.training)
     elif opt.mode == "GRU":
-        if opt.layer_norm:
-            gh = _ln_groups(gh, p.ln_hh_w, p.ln_hh_b, opt.eps, 2 * H)
         ghn = gh[..., 2 * H :]
         if p.b_hh is not None:
             ghn = ghn + p.b_hh[2 * H :]
@@ -309,18 +304,24 @@ def _reset(module: nn.Module, hidden_size: int) -> None:
                 w.uniform_(-stdv, stdv)
 
 
-def _common_options(mode, layer_norm, eps, cell_state, zoneout, zoneout_cell):
-    _check_bool(layer_norm, "layer_norm")
-    eps = _check_eps(eps)
-    if cell_state not in _CELL_STATES:
-        raise ValueError(f"cell_state must be one of {_CELL_STATES}, got {cell_state!r}")
+def _set_common_options(module: nn.Module, mode: str, input_size, hidden_size, bias, layer_norm, eps,
+                        cell_state, zoneout, zoneout_cell) -> None:
+    """Check and set the options cells and layers share."""
+    module.mode = mode
+    module.input_size = V.check_int(input_size, "input_size")
+    module.hidden_size = V.check_int(hidden_size, "hidden_size")
+    module.bias = V.check_bool(bias, "bias")
+    V.check_bool(layer_norm, "layer_norm")
+    eps = V.check_eps(eps)
+    V.check_choice(cell_state, "cell_state", _CELL_STATES)
     if mode != "LSTM" and cell_state != "raw":
         raise ValueError(f"cell_state={cell_state!r} applies to LSTM only")
-    zoneout = _check_prob(zoneout, "zoneout")
-    zoneout_cell = _check_prob(zoneout_cell, "zoneout_cell")
+    zoneout = V.check_probability(zoneout, "zoneout")
+    zoneout_cell = V.check_probability(zoneout_cell, "zoneout_cell")
     if mode != "LSTM" and zoneout_cell != 0.0:
         raise ValueError(f"zoneout_cell={zoneout_cell!r} applies to LSTM only (it has no cell state)")
-    return eps, zoneout, zoneout_cell
+    module.eps, module.zoneout, module.zoneout_cell = eps, zoneout, zoneout_cell
+    module.layer_norm, module.cell_state = layer_norm, cell_state
 
 
 def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> None:
@@ -349,15 +350,8 @@ class _LayerNormCellBase(nn.Module):
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         mode = _mode or self._mode
-        self.mode = mode
-        self.input_size = _check_size(input_size, "input_size")
-        self.hidden_size = _check_size(hidden_size, "hidden_size")
-        self.bias = _check_bool(bias, "bias")
-        self.eps, self.zoneout, self.zoneout_cell = _common_options(
-            mode, layer_norm, eps, cell_state, zoneout, zoneout_cell
-        )
-        self.layer_norm = layer_norm
-        self.cell_state = cell_state
+        _set_common_options(self, mode, input_size, hidden_size, bias, layer_norm, eps, cell_state, zoneout,
+                            zoneout_cell)
         _register(self, mode, self.input_size, self.hidden_size, bias, layer_norm, "", factory_kwargs)
         self.reset_parameters()
 
@@ -484,24 +478,17 @@ class _LayerNormRNNBase(nn.Module):
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         mode = _mode or self._mode
-        self.mode = mode
-        self.input_size = _check_size(input_size, "input_size")
-        self.hidden_size = _check_size(hidden_size, "hidden_size")
-        self.num_layers = _check_size(num_layers, "num_layers")
-        self.bias = _check_bool(bias, "bias")
-        self.batch_first = _check_bool(batch_first, "batch_first")
-        self.bidirectional = _check_bool(bidirectional, "bidirectional")
+        _set_common_options(self, mode, input_size, hidden_size, bias, layer_norm, eps, cell_state, zoneout,
+                            zoneout_cell)
+        self.num_layers = V.check_int(num_layers, "num_layers")
+        self.batch_first = V.check_bool(batch_first, "batch_first")
+        self.bidirectional = V.check_bool(bidirectional, "bidirectional")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(
                 f"dropout should be a number in range [0, 1) representing the probability of an "
                 f"element being zeroed, got {dropout!r}"
             )
         self.dropout = float(dropout)
-        self.eps, self.zoneout, self.zoneout_cell = _common_options(
-            mode, layer_norm, eps, cell_state, zoneout, zoneout_cell
-        )
-        self.layer_norm = layer_norm
-        self.cell_state = cell_state
         self.proj_size = 0  # torch's attribute, for code that reads it
         D = 2 if bidirectional else 1
         for layer in range(self.num_layers):
@@ -748,6 +735,7 @@ class LayerNormRNN(_LayerNormRNNBase):
 
 
 __all__ = [
+    "gate_preactivations",
     "LayerNormGRU",
     "LayerNormGRUCell",
     "LayerNormLSTM",

@@ -155,8 +155,8 @@ def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part)
                 s2 += g
                 sd += d
             # The saved mean is rounded to the data's dtype; the row's own mean of x - mu is that
-            # rounding error, which the rstd of a nearly constant row multiplies (float32 rows of 2
-            # close values gave dx 2.2e-5 off float64; 1.4e-6 with it). xhat = (x - mu) r - dr.
+            # rounding error, which the rstd of a nearly constant row multiplies: subtract it,
+            # xhat = (x - mu) r - dr.
             dr = sd * inv_h * r if center else zero
             c1 = (s1 - dr * s2) * inv_h
             c2 = s2 * inv_h if center else zero

@@ -173,8 +173,8 @@ def lstm_bwd_step(off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx,
     # acc_c (chunks, 2, H), float64: running sums over all rows of the LN parameter gradients
     # (weight of the recurrent LN, bias of the gates, weight of the input LN; weight and bias of
     # the cell's LN), one slice per chunk of rows (the caller sums the slices at the end); each
-    # row is added right after it is computed, while it is in cache. (A separate pass over column
-    # blocks after the rows cost half of this kernel's time.)
+    # row is added right after it is computed, while it is in cache, rather than in a second pass
+    # over the rows.
     # cprev_idx[n]: row of c_s holding the previous c, or -1 - b for c0[b]. The gate activations
     # are recomputed from the saved ghat, px and statistics with the forward's expressions.
     G = ghat_s.shape[1]
@@ -286,9 +286,8 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
         s = soff + b
         _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
         _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
-    # A second parallel loop for the gates: in the same loop body as the layer norms, the kernel
-    # ran 2.4x slower (15 ms against 6.3 ms for 100 steps at B=32, H=512, measured; the parts
-    # alone are fast, the cause in the generated code was not found).
+    # A second parallel loop for the gates: Numba compiles the layer norms and the gates in one
+    # loop body into much slower code than the two loops (``lnorm bench rnn`` shows it).
     for b in prange(bs):
         n = off + b
         s = soff + b

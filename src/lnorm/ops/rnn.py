@@ -12,36 +12,13 @@ rows (time-major, each step's batch sorted longest first), B batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from lnorm.ops import backend
+from lnorm.ops.rnn_weights import RecurrentWeights
 
 __all__ = ["RecurrentWeights", "fused_applies", "fused_recurrence"]
-
-
-@dataclass(frozen=True)
-class RecurrentWeights:
-    """The tensors of one direction of one layer, torch's gate order (LSTM i, f, g, o; GRU r, z, n)."""
-
-    mode: str  # "LSTM" or "GRU"
-    w_ih: Tensor  # (G*H, I)
-    w_hh: Tensor  # (G*H, H)
-    b_ih: Tensor | None  # (G*H,), None for bias=False (then b_hh is None too)
-    b_hh: Tensor | None  # (G*H,)
-    ln_ih_w: Tensor  # (G*H,) gain and bias of LN(W_ih x); the GRU's in two groups [2H | H]
-    ln_ih_b: Tensor
-    ln_hh_w: Tensor  # (G*H,) of LN(W_hh h), grouped as ln_ih
-    ln_hh_b: Tensor
-    ln_c_w: Tensor | None  # (H,) of LN(c) for the LSTM; None for the GRU
-    ln_c_b: Tensor | None
-    eps: float
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("LSTM", "GRU"):
-            raise ValueError(f"mode must be 'LSTM' or 'GRU', got {self.mode!r}")
 
 
 def _numba_recurrence():

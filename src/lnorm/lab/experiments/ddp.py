@@ -27,6 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
+import lnorm
+from lnorm.distributed import (
+    collective_clock,
+    convert_sync_batchnorm,
+    default_backend,
+    gradients,
+    launch,
+    world,
+)
+from lnorm.distributed import device as worker_device
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
@@ -90,8 +100,6 @@ def units(cfg: Config) -> list[dict]:
 
 
 def build(cfg: Config, model: str, norm: str) -> nn.Module:
-    from lnorm.distributed import convert_sync_batchnorm
-
     kind = "batch" if norm == "sync" else norm
     net = MLP(784, cfg.hidden, cfg.depth, 10, kind) if model == "mlp" else CNN2d(kind, cfg.channels)
     return convert_sync_batchnorm(net) if norm == "sync" else net
@@ -109,10 +117,6 @@ def batches(n: int, batch: int, steps: int, seed: int):
         yield perm[j * batch:(j + 1) * batch]
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
 @torch.no_grad()
 def _accuracy(model, X, y) -> float:
     model.eval()
@@ -127,10 +131,6 @@ def train(rank: int, model: nn.Module, data, batch: int, steps: int, lr: float, 
     under DDP (called in every worker by :func:`lnorm.distributed.launch`). Returns per-step
     losses and times, SyncBatchNorm's collective time, the first step's gradients, and (rank 0)
     the test accuracy."""
-    import lnorm
-    from lnorm.distributed import collective_clock, world
-    from lnorm.distributed import device as worker_device
-
     lnorm.set_backend(backend)
     _, nproc = world()
     dev = torch.device(device) if nproc == 1 else worker_device()
@@ -155,7 +155,7 @@ def train(rank: int, model: nn.Module, data, batch: int, steps: int, lr: float, 
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP: returns once the gradients are averaged over ranks
             if step == 0:
-                first = _grads(model)
+                first = gradients(model)
             opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -176,9 +176,6 @@ def grad_gap(got: dict, ref: dict) -> float:
 
 
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
-    import lnorm
-    from lnorm.distributed import default_backend, launch
-
     data = mnist()
     model = build(cfg, params["model"], params["norm"])  # the runner seeded torch: same init for 1 and N procs
     B, procs = params["batch"], params["procs"]
@@ -191,7 +188,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
         m = copy.deepcopy(model).to(ctx.device).train()
         idx = next(batches(len(data[0]), B, 1, seed)).to(ctx.device)
         nn.CrossEntropyLoss()(m(data[0].to(ctx.device)[idx]), data[1].to(ctx.device)[idx]).backward()
-        ref = _grads(m)
+        ref = gradients(m)
         out = launch(train, procs, (model, *args), backend=default_backend(ctx.device), timeout=3600)
     losses = np.mean([o["losses"] for o in out], axis=0)  # each rank's loss is the mean over its slice
     step_ms = 1000 * float(np.mean([np.median(o["step_s"]) for o in out]))
@@ -228,14 +225,15 @@ def verdict_c1(ln_gaps: list[float], bn_gaps: list[float], tol: float) -> tuple[
     """C1 across processes: every layer-norm DDP run's first gradient equals the single-process
     gradient of the whole batch (relative gap < tol), and the same check sees per-process batch
     norm's gap (> 100 tol), so it could have failed."""
+    v = S.exact_vs_batch_norm(ln_gaps, bn_gaps, tol)
     if not ln_gaps:
-        return S.INCONCLUSIVE, "no layer-norm DDP runs"
+        return v, "no layer-norm DDP runs"
     ev = f"LN relative gradient gap 2-proc vs 1-proc up to {max(ln_gaps):.2g} over {len(ln_gaps)} runs"
-    if max(ln_gaps) >= tol:
-        return S.NOT_SUPPORTED, ev + f" (tolerance {tol:g})"
-    if not bn_gaps or min(bn_gaps) <= 100 * tol:
-        return S.INCONCLUSIVE, ev + "; the check did not see BN's per-process statistics, so it may be blind"
-    return S.SUPPORTED, ev + f"; BN (per-process stats): {min(bn_gaps):.2g} or more"
+    if v == S.NOT_SUPPORTED:
+        return v, ev + f" (tolerance {tol:g})"
+    if v == S.INCONCLUSIVE:
+        return v, ev + "; the check did not see BN's per-process statistics, so it may be blind"
+    return v, ev + f"; BN (per-process stats): {min(bn_gaps):.2g} or more"
 
 
 def verdict_c3(bn_loss: list[float], ln_loss: list[float], margin: float = 0.005) -> tuple[str, str]:
@@ -245,8 +243,8 @@ def verdict_c3(bn_loss: list[float], ln_loss: list[float], margin: float = 0.005
     return v, f"accuracy drop 1-proc -> DDP, BN minus LN {S.fmt_diff(d)}"
 
 
-def analyze(cfg: Config, results: dict) -> dict:
-    recs = results["ddp"]
+def _comparison(cfg: Config, recs: list[dict]) -> tuple[list, list, list, list]:
+    """The table rows (1 vs N processes per model, norm and batch) and the figures' series."""
     N = cfg.nproc
     rows, figures = [], []
     acc_series, ms_series = [], []
@@ -284,7 +282,11 @@ def analyze(cfg: Config, results: dict) -> dict:
             if n != "sync":
                 acc_series.append(A.series(recs, "test_acc", f"{m} {n} 1-proc", cfg.batch_sizes, "batch",
                                            model=m, norm=n, procs=1))
+    return rows, figures, acc_series, ms_series
 
+
+def _claims(cfg: Config, recs: list[dict]) -> list[dict]:
+    N = cfg.nproc
     claims = []
     gaps = {n: A.values(recs, "grad_gap", norm=n, procs=N) for n in ("layer", "batch")}
     if "layer" in cfg.norms:
@@ -307,6 +309,13 @@ def analyze(cfg: Config, results: dict) -> dict:
                        f"over every model, global batch and seed, the test-accuracy drop from 1 process to {N} "
                        "(per-process batches of B/N) is larger for BN than for LN (Welch 95% CI > 0; not "
                        "supported if it rules out half a point)."})
+    return claims
+
+
+def analyze(cfg: Config, results: dict) -> dict:
+    recs = results["ddp"]
+    N = cfg.nproc
+    rows, figures, acc_series, ms_series = _comparison(cfg, recs)
     return {
         "tables": [{"title": f"1 process vs {N} processes (DDP) on the same global batches from the same weights; "
                              "mean ± 95% CI over seeds. grad gap: first-step max|g_DDP - g_1proc| / max|g_1proc|; "
@@ -322,7 +331,7 @@ def analyze(cfg: Config, results: dict) -> dict:
             {"name": "ddp_step_time", "title": f"DDP: time per step with {N} processes",
              "xlabel": "global batch", "ylabel": "ms per step", "logx": True, "series": ms_series},
         ] if len(cfg.batch_sizes) > 1 else []),
-        "claims": claims,
+        "claims": _claims(cfg, recs),
         "notes": [f"{N} processes share this machine's cores with 1 thread each; the single-process runs use 1 "
                   "thread. Step times include DDP's gradient all-reduce (gloo over loopback on CPU), so they "
                   "measure communication overhead, not a speed-up. They mean something only from a run with "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
 from lnorm.lab.models import MLP
@@ -80,15 +81,16 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
 def verdict_c1(ln_dependence: list[float], bn_dependence: list[float], tol: float = 1e-4) -> tuple[str, str]:
     """C1: every layer-norm model gives the same outputs whatever the batch (max diff < tol), and
     the check detects batch norm's dependence (> 100 tol) so it could have failed."""
+    v = S.exact_vs_batch_norm(ln_dependence, bn_dependence, tol)
     if not ln_dependence:
-        return S.INCONCLUSIVE, "no layer-norm runs"
+        return v, "no layer-norm runs"
     ln_max = max(ln_dependence)
-    if ln_max >= tol:
-        return S.NOT_SUPPORTED, f"LN outputs change with the batch by up to {ln_max:.2g} (tolerance {tol:g})"
+    if v == S.NOT_SUPPORTED:
+        return v, f"LN outputs change with the batch by up to {ln_max:.2g} (tolerance {tol:g})"
     ev = f"LN max |Δoutput| one batch vs pairs = {ln_max:.2g} over {len(ln_dependence)} models"
-    if not bn_dependence or min(bn_dependence) <= 100 * tol:
-        return S.INCONCLUSIVE, ev + "; the check did not detect BN's dependence, so it may be blind"
-    return S.SUPPORTED, ev + f"; BN: {min(bn_dependence):.2g} or more"
+    if v == S.INCONCLUSIVE:
+        return v, ev + "; the check did not detect BN's dependence, so it may be blind"
+    return v, ev + f"; BN: {min(bn_dependence):.2g} or more"
 
 
 def verdict_c3(bn_b1_status: list[str], ln_b1_acc: list[float], ref_b1_acc: list[float], bn_drop: list[float],
@@ -131,32 +133,18 @@ def verdict_c6(bn_acc: list[float], ln_acc: list[float], margin: float = 0.01) -
 def analyze(cfg: Config, results: dict) -> dict:
     recs = results["e1"]
 
-    def sel(norm, bs, key="test_acc", status="ok"):
-        return [r["result"][key] for r in recs if r["params"] == {"norm": norm, "batch_size": bs}
-                and r["status"] == status and key in r["result"]]
+    def sel(norm, bs, key="test_acc"):
+        return A.values(recs, key, norm=norm, batch_size=bs)
 
     bss = sorted(cfg.batch_sizes)
-    rows, series = [], []
-    for n in cfg.norms:
-        xs, ys, lo, hi = [], [], [], []
-        for b in bss:
-            st = [r["status"] for r in recs if r["params"] == {"norm": n, "batch_size": b}]
-            acc = sel(n, b)
-            cell = S.fmt_ci(acc) if acc else (st[0].replace("_", " ") if st else "-")
-            rows.append([n, b, cell, S.fmt_ci(sel(n, b, "final_loss")), S.fmt_ci(sel(n, b, "ms_per_step"))])
-            if acc:
-                m, l, h, _ = S.mean_ci(acc)
-                xs.append(b)
-                ys.append(m)
-                lo.append(l if l == l else m)
-                hi.append(h if h == h else m)
-        series.append({"label": n, "x": xs, "y": ys, "lo": lo, "hi": hi})
+    rows = [[n, b, A.cell(recs, "test_acc", norm=n, batch_size=b), S.fmt_ci(sel(n, b, "final_loss")),
+             S.fmt_ci(sel(n, b, "ms_per_step"))] for n in cfg.norms for b in bss]
+    series = [A.series(recs, "test_acc", n, bss, "batch_size", norm=n) for n in cfg.norms]
     claims = []
     big, small = bss[-1], bss[0]
-    ln_dep = [r["result"]["batch_dependence"] for r in recs if r["params"]["norm"] == "layer" and r["status"] == "ok"]
-    bn_dep = [r["result"]["batch_dependence"] for r in recs if r["params"]["norm"] == "batch" and r["status"] == "ok"]
     if "layer" in cfg.norms:
-        v, ev = verdict_c1(ln_dep, bn_dep)
+        v, ev = verdict_c1(A.values(recs, "batch_dependence", norm="layer"),
+                           A.values(recs, "batch_dependence", norm="batch"))
         claims.append({"claim": "C1", "verdict": v, "evidence": ev, "criterion":
                        "trained LN models give outputs that differ by < 1e-4 between one batch and batches of 2 "
                        "(training mode), and the same check detects BN (> 1e-2)."})
@@ -164,11 +152,10 @@ def analyze(cfg: Config, results: dict) -> dict:
         trainable = [b for b in bss if sel("batch", b)]
         bn_small = trainable[0] if trainable else small
         drops = {}
-        for n, sb in (("batch", bn_small), ("layer", bn_small)):
-            per_seed_big = {r["seed"]: r["result"]["test_acc"] for r in recs if r["params"] == {"norm": n, "batch_size": big} and r["status"] == "ok"}
-            per_seed_small = {r["seed"]: r["result"]["test_acc"] for r in recs if r["params"] == {"norm": n, "batch_size": sb} and r["status"] == "ok"}
-            drops[n] = [per_seed_big[s] - per_seed_small[s] for s in per_seed_big if s in per_seed_small]
-        bn1 = [r["status"] for r in recs if r["params"] == {"norm": "batch", "batch_size": 1}]
+        for n in ("batch", "layer"):
+            at_big, at_small = A.paired(recs, "test_acc", {"norm": n, "batch_size": big}, {"norm": n, "batch_size": bn_small})
+            drops[n] = [a - b for a, b in zip(at_big, at_small, strict=True)]
+        bn1 = A.statuses(recs, norm="batch", batch_size=1)
         v, ev = verdict_c3(bn1, sel("layer", 1), sel("none", 1), drops["batch"] if bn_small != big else [], drops["layer"])
         claims.append({"claim": "C3", "verdict": v, "evidence": ev, "criterion":
                        f"BN cannot train at batch 1; LN's accuracy at batch 1 is within 5 points of the unnormalized net's at batch 1 "

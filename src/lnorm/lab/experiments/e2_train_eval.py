@@ -81,24 +81,18 @@ def verdict_c2(ln_gap: list[float], bn_gap: list[float], tol: float = 1e-4) -> t
     BN's do not (relative gap > 100 tol in every seed, showing the measure can see a gap)."""
     if not ln_gap or not bn_gap:
         return S.INCONCLUSIVE, "missing LN or BN runs"
+    v = S.exact_vs_batch_norm(ln_gap, bn_gap, tol)
     ev = f"relative train/eval output gap: LN max {max(ln_gap):.2g}, BN min {min(bn_gap):.2g}"
-    if max(ln_gap) >= tol:
-        return S.NOT_SUPPORTED, ev
-    if min(bn_gap) <= 100 * tol:
-        return S.NOT_SUPPORTED, ev + " (BN shows no gap either)"
-    return S.SUPPORTED, ev
+    return v, ev + (" (BN shows no gap either: the probe may be blind)" if v == S.INCONCLUSIVE else "")
 
 
 def verdict_c1(ln_change: list[float], bn_change: list[float], tol: float = 1e-4) -> tuple[str, str]:
     """C1: changing the rest of the batch moves no LN output (relative change < tol) and moves BN's."""
     if not ln_change or not bn_change:
         return S.INCONCLUSIVE, "missing LN or BN runs"
+    v = S.exact_vs_batch_norm(ln_change, bn_change, tol)
     ev = f"max relative change of a sample's output when its batch changes: LN {max(ln_change):.2g}, BN {min(bn_change):.2g}"
-    if max(ln_change) >= tol:
-        return S.NOT_SUPPORTED, ev
-    if min(bn_change) <= 100 * tol:
-        return S.INCONCLUSIVE, ev + " (the probe did not detect BN)"
-    return S.SUPPORTED, ev
+    return v, ev + (" (the probe did not detect BN)" if v == S.INCONCLUSIVE else "")
 
 
 def analyze(cfg: Config, results: dict) -> dict:

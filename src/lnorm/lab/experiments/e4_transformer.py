@@ -138,7 +138,6 @@ def verdict_c5(best_ln: list[float], best_bn: list[float], margin: float = 0.02)
 
 
 def analyze(cfg: Config, results: dict) -> dict:
-    from lnorm.lab.experiments.e7_practice import verdict_higher_lr
 
     recs = results["e4"]
 
@@ -173,7 +172,7 @@ def analyze(cfg: Config, results: dict) -> dict:
     if {"preln", "none"} <= set(cfg.variants) and len(cfg.lrs) >= 2:
         ln = {lr: [-b for b in bpc(variant="preln", warmup=w, lr=lr)] for lr in cfg.lrs}
         no = {lr: [-b for b in bpc(variant="none", warmup=w, lr=lr)] for lr in cfg.lrs}
-        v, ev = verdict_higher_lr(ln, no)
+        v, ev = S.verdict_higher_lr(ln, no)
         claims.append({"claim": "C11", "verdict": v, "evidence": f"transformer (warmup {w}), score = -bpc: {ev}",
                        "criterion": "the learning rate that is best for pre-LN is higher than the best for no norm, and "
                                     "pre-LN is significantly better at its best lr than at no-norm's best lr."})

@@ -4,13 +4,14 @@ MLP on real MNIST (SGD with momentum) with and without layer norm."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
+from lnorm.lab.lm import LMConfig, train_lm
 from lnorm.lab.models import MLP
+from lnorm.lab.stats import verdict_higher_lr
 from lnorm.lab.train import train_classifier
 
 TITLE = "Practice: LN gain initialisation and learning rate"
@@ -46,11 +47,9 @@ def units(cfg: Config) -> list[dict]:
 
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
     if params["part"] == "gain":
-        from lnorm.lab.experiments import e3_rnn
-
-        lm = dataclasses.replace(e3_rnn.Config(), hidden=cfg.lm_hidden, seq_len=cfg.lm_seq_len, steps=cfg.lm_steps,
-                                 eval_every=cfg.lm_eval_every, gain_init=params["gain"])
-        return e3_rnn.train_lm(lm, "lnlstm", seed, ctx)
+        lm = LMConfig(hidden=cfg.lm_hidden, seq_len=cfg.lm_seq_len, steps=cfg.lm_steps,
+                      eval_every=cfg.lm_eval_every, gain_init=params["gain"])
+        return train_lm(lm, "lnlstm", seed, ctx)
     model = MLP(784, cfg.mlp_hidden, cfg.mlp_depth, 10, params["norm"])
     return train_classifier(model, mnist(), ctx=ctx, batch_size=cfg.batch_size, steps=cfg.mlp_steps,
                             lr=params["lr"], optimizer="sgd", eval_every=0, device=ctx.device)
@@ -71,27 +70,6 @@ def verdict_c10(one: list[float], alternatives: dict[str, list[float]], margin: 
         elif name == "0.1":
             parts.append(v)
     return S.all_of(*parts) if parts else S.INCONCLUSIVE, "; ".join(ev)
-
-
-def verdict_higher_lr(ln: dict[float, list[float]], none: dict[float, list[float]]) -> tuple[str, str]:
-    """C11 (higher score is better): LN's best learning rate (by mean score) is higher than the
-    unnormalized net's, and LN scores significantly better at its best lr than at the other's best
-    lr. Not supported when LN's best lr is the same or lower."""
-    def best(d):
-        means = {lr: S.mean_ci(v)[0] for lr, v in d.items() if v}
-        means = {lr: (m if m == m else -float("inf")) for lr, m in means.items()}
-        return max(means, key=means.get) if means else None
-
-    b_ln, b_no = best(ln), best(none)
-    if b_ln is None or b_no is None:
-        return S.INCONCLUSIVE, "missing runs"
-    if min(len(v) for v in (*ln.values(), *none.values())) < 2:
-        return S.INCONCLUSIVE, f"best lr: LN {b_ln:g}, none {b_no:g} (one seed decides nothing)"
-    ev = f"best lr: LN {b_ln:g}, none {b_no:g}"
-    if b_ln <= b_no:
-        return S.NOT_SUPPORTED, ev
-    v, d = S.greater(ln[b_ln], ln[b_no])
-    return (S.SUPPORTED if v == S.SUPPORTED else S.INCONCLUSIVE), ev + f"; LN at {b_ln:g} minus at {b_no:g} {S.fmt_diff(d)}"
 
 
 def analyze(cfg: Config, results: dict) -> dict:

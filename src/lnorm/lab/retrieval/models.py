@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from lnorm.lab.retrieval import losses
+from lnorm.nn import LayerNormGRU
 
 RNNS = ("gru", "ln_gru")
 
@@ -41,8 +42,6 @@ class SentenceEncoder(nn.Module):
         if rnn == "gru":
             self.rnn = nn.GRU(word_dim, dim, batch_first=True)
         else:
-            from lnorm.nn import LayerNormGRU  # lazily: the recurrent layers are optional at import
-
             self.rnn = LayerNormGRU(word_dim, dim, batch_first=True)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
