@@ -651,3 +651,25 @@ def test_bench_rnn_cli_quick(tmp_path):
         (c, k, m) for c in ("lstm", "gru") for k in ("main", "packed") for m in ("train", "infer")
     }
     assert all(r["lnorm_ms"] > 0 and r["lnorm_saved_mb"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("layer", ["lnorm", "torch"])
+def test_gate_preactivations_are_the_gates_the_layer_computes(layer):
+    # one LSTM step from h0 = c0 = 0, rebuilt from the pre-activations: c1 = sig(i) tanh(g),
+    # h1 = sig(o) tanh(LN(c1)) (torch's layer: no LN)
+    from lnorm.nn.rnn import gate_preactivations
+
+    torch.manual_seed(1)
+    m = LayerNormLSTM(3, 5, dtype=D64) if layer == "lnorm" else nn.LSTM(3, 5, dtype=D64)
+    if layer == "lnorm":
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(1, 4, 3, dtype=D64)
+    h1 = m(x)[0][0]
+    i, f, g, o = gate_preactivations(m, x[0], torch.zeros(4, 5, dtype=D64)).chunk(4, -1)
+    c1 = torch.sigmoid(i) * torch.tanh(g)
+    if layer == "lnorm":
+        c1 = torch.nn.functional.layer_norm(c1, (5,), m.ln_cell_weight_l0, m.ln_cell_bias_l0, m.eps)
+    assert_close(torch.sigmoid(o) * torch.tanh(c1), h1, atol=1e-12, rtol=1e-10)
