@@ -126,11 +126,18 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _requested() -> str:
+    # torch.compile cannot trace ContextVar.get: the choice is read when the graph is traced. The
+    # compiled graph calls the lnorm ops, whose kernels read the backend again at run time.
+    return _override.get() or _default
+
+
 def backend_for(device: torch.device | str) -> str:
     """The backend that tensors on ``device`` use now, in this thread."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    chosen = _override.get() or _default
+    chosen = _requested()
     if chosen != "auto":
         b = _registry[chosen]
         if b.available() and b.supports(device):
