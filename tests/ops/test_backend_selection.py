@@ -151,7 +151,6 @@ def test_a_registered_backend_is_chosen_per_device():
     # naming it leaves devices it does not support on the best backend for them
     from lnorm.ops import backend
 
-    saved = dict(backend._registry)
     try:
         backend.register_backend(backend.Backend(
             "fake", available=lambda: True, supports=lambda device: device.type == "meta"))
@@ -169,5 +168,9 @@ def test_a_registered_backend_is_chosen_per_device():
         with pytest.raises(ValueError, match="lower-case identifier"):
             backend.register_backend(backend.Backend("auto", available=lambda: True, supports=lambda d: True))
     finally:
-        backend._registry.clear()
-        backend._registry.update(saved)
+        for name in ("fake", "gone"):
+            if name in backend.choices():
+                backend.unregister_backend(name)
+    assert backend.choices() == ("auto", "torch", "numba")
+    with pytest.raises(ValueError, match="unregister"):
+        backend.unregister_backend("torch")

@@ -32,6 +32,7 @@ __all__ = [
     "numba_available",
     "register_backend",
     "set_backend",
+    "unregister_backend",
     "use_backend",
 ]
 
@@ -66,6 +67,7 @@ def numba_available() -> bool:
 
 
 _registry: dict[str, Backend] = {}
+_auto_order: list[Backend] = []  # what "auto" tries: newest registration first, "torch" (runs everywhere) last
 
 
 def register_backend(backend: Backend) -> None:
@@ -77,11 +79,24 @@ def register_backend(backend: Backend) -> None:
         raise ValueError(f"backend name must be a lower-case identifier other than 'auto', got {backend.name!r}")
     _registry.pop(backend.name, None)
     _registry[backend.name] = backend
+    _reorder()
 
 
-def _auto_order() -> list[Backend]:
-    """Newest registration first, "torch" (which runs everywhere) last."""
-    return [b for b in reversed(_registry.values()) if b.name != "torch"] + [_registry["torch"]]
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (not "torch"); a process default of that name becomes "auto"."""
+    global _default
+    if name == "torch" or name not in _registry:
+        raise ValueError(f"backend to unregister must be one of {tuple(n for n in _registry if n != 'torch')}, "
+                         f"got {name!r}")
+    del _registry[name]
+    _reorder()
+    if _default == name:
+        _default = "auto"
+
+
+def _reorder() -> None:
+    _auto_order[:] = [b for b in reversed(_registry.values()) if b.name != "torch"]
+    _auto_order.extend(b for b in _registry.values() if b.name == "torch")
 
 
 def choices() -> tuple[str, ...]:
@@ -137,15 +152,13 @@ def backend_for(device: torch.device | str) -> str:
     """The backend that tensors on ``device`` use now, in this thread."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    chosen = _requested()
-    if chosen != "auto":
-        b = _registry[chosen]
-        if b.available() and b.supports(device):
-            return chosen
-    for b in _auto_order():
+    b = _registry.get(_requested())  # None for "auto" (or one since unregistered)
+    if b is not None and b.available() and b.supports(device):
+        return b.name
+    for b in _auto_order:
         if b.available() and b.supports(device):
             return b.name
-    return "torch"
+    return "torch"  # unreachable while "torch" is registered: it supports every device
 
 
 def get_backend() -> str:
