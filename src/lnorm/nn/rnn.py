@@ -324,6 +324,17 @@ def _set_common_options(module: nn.Module, mode: str, input_size, hidden_size, b
     module.layer_norm, module.cell_state = layer_norm, cell_state
 
 
+def _split_hx(name: str, hx, is_lstm: bool) -> tuple[Tensor, Tensor | None]:
+    """The initial state argument as (h, c): a pair (h_0, c_0) for the LSTM, one tensor otherwise."""
+    if is_lstm and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+    h, c = hx if is_lstm else (hx, None)
+    for what, t in (("h_0", h), ("c_0", c)) if is_lstm else (("hx", h),):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {what} must be a Tensor, got {type(t).__name__}")
+    return h, c
+
+
 def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
@@ -381,14 +392,7 @@ class _LayerNormCellBase(nn.Module):
             z = x.new_zeros(B, H)
             h, c = (z, z) if is_lstm else (z, None)
         else:
-            if is_lstm:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-                h, c = hx
-            else:
-                if not isinstance(hx, Tensor):
-                    raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
-                h, c = hx, None
+            h, c = _split_hx(name, hx, is_lstm)
             want = (B, H) if batched else (H,)
             for nm, t in (("h_0", h), ("c_0", c)) if is_lstm else (("hx", h),):
                 if tuple(t.shape) != want:
@@ -572,12 +576,7 @@ class _LayerNormRNNBase(nn.Module):
             z = x.new_zeros(L * D, B, H)
             h0, c0 = (z, z) if is_lstm else (z, None)
         else:
-            if is_lstm:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
-                h0, c0 = hx
-            else:
-                h0, c0 = hx, None
+            h0, c0 = _split_hx(name, hx, is_lstm)
             if not batched:
                 for what, t in (("h_0", h0), ("c_0", c0)) if is_lstm else (("hx", h0),):
                     if isinstance(t, Tensor) and t.dim() != 2:

@@ -11,14 +11,14 @@ first registered backend that is available and supports it, ``"torch"`` last.
 
 Choose with the environment variable ``LNORM_BACKEND`` (read at import), :func:`set_backend`
 (the process default) or :func:`use_backend` (a context manager: an override for the current
-thread, or asyncio task, only; other threads keep the process default).
+thread only; other threads keep the process default).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -122,7 +122,9 @@ def _checked(name) -> str:
 
 
 _default = "auto"
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lnorm_backend", default=None)
+# .override: this thread's use_backend choice (absent or None outside a block). A threading.local,
+# not a ContextVar: torch.compile traces reads of it (and guards on their value), not ContextVar.get.
+_local = threading.local()
 
 
 def set_backend(name: str) -> None:
@@ -133,26 +135,21 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed code with backend ``name``, in this thread (or asyncio task) only."""
-    token = _override.set(_checked(name))
+    """Run the enclosed code with backend ``name``, in this thread only."""
+    chosen = _checked(name)
+    previous = getattr(_local, "override", None)
+    _local.override = chosen
     try:
         yield
     finally:
-        _override.reset(token)
-
-
-@torch.compiler.assume_constant_result
-def _requested() -> str:
-    # torch.compile cannot trace ContextVar.get: the choice is read when the graph is traced. The
-    # compiled graph calls the lnorm ops, whose kernels read the backend again at run time.
-    return _override.get() or _default
+        _local.override = previous
 
 
 def backend_for(device: torch.device | str) -> str:
     """The backend that tensors on ``device`` use now, in this thread."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    b = _registry.get(_requested())  # None for "auto" (or one since unregistered)
+    b = _registry.get(getattr(_local, "override", None) or _default)  # None for "auto" (or one since unregistered)
     if b is not None and b.available() and b.supports(device):
         return b.name
     for b in _auto_order:

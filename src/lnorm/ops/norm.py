@@ -372,15 +372,8 @@ class _FusedNorm(torch.autograd.Function):
 # ------------------------------------------------------------------------------ entry point
 
 
-def fused_norm(
-    x: Tensor,
-    residual: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    center: bool,
-    residual_in_fp32: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+               center: bool, residual_in_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize the rows of 2-D ``x`` (after adding ``residual``). Inputs are validated by the caller.
 
     Returns ``(y, new_residual, mean, rstd)``; ``new_residual`` is empty when ``residual`` is None.
