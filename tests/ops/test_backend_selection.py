@@ -174,3 +174,20 @@ def test_a_registered_backend_is_chosen_per_device():
     assert backend.choices() == ("auto", "torch", "numba")
     with pytest.raises(ValueError, match="unregister"):
         backend.unregister_backend("torch")
+
+
+@pytest.mark.skipif(not lnorm.numba_available(), reason="numba is not importable")
+def test_torch_compile_follows_the_backend_of_each_call():
+    # the choice is traced (and guarded): a graph compiled under one backend is not reused under
+    # another, and fullgraph tracing does not break on reading it
+    def f(x):
+        return x + (1.0 if lnorm.get_backend() == "torch" else 2.0)
+
+    g = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    with lnorm.use_backend("torch"):
+        assert g(x).tolist() == [1.0, 1.0]
+    with lnorm.use_backend("numba"):
+        assert g(x).tolist() == [2.0, 2.0]
+    with lnorm.use_backend("torch"):
+        assert g(x).tolist() == [1.0, 1.0]
