@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lnorm import validation as V
+from lnorm.nn import MaskedBatchNorm
 
 __all__ = [
     "WorkerError",
@@ -478,8 +479,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     optimizer built before the conversion still holds the live parameters. Returns the converted
     module: a new object when ``module`` itself is a batch norm, else ``module`` modified in place.
     """
-    from lnorm.nn import MaskedBatchNorm
-
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():

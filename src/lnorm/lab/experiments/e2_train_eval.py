@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lnorm.diagnostics import check_batch_independence, train_eval_gap
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
@@ -52,8 +53,6 @@ def _mode_outputs(model, X, bs, train: bool) -> torch.Tensor:
 
 
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
-    from lnorm.diagnostics import check_batch_independence, train_eval_gap
-
     data = mnist()
     model = MLP(784, cfg.hidden, cfg.depth, 10, params["norm"])
     out = train_classifier(model, data, ctx=ctx, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lnorm.lab.data import mnist
 from lnorm.lab.retrieval import captions as C
 
 SPLIT_SEED = 1234  # fixed: the split never depends on the training seed
@@ -50,8 +51,6 @@ def mnist_split() -> dict[str, tuple[Tensor, Tensor]]:
     The lab's MNIST split (:func:`lnorm.lab.data.mnist`: 4000 train / 1000 test, loaded once per
     process) with its test half split again, per class, into validation and test.
     """
-    from lnorm.lab.data import mnist
-
     Xtr, ytr, Xte, yte = mnist()
     rng = np.random.RandomState(SPLIT_SEED)
     val_idx, test_idx = [], []
