@@ -13,7 +13,9 @@ Equations (Ba, Kiros & Hinton 2016; defaults; gate order and weight names as tor
       h'    = sig(o) * tanh(LN(c'; ln_cell))
 
   The un-normalized c' is carried; ``cell_state="normalized"`` carries LN(c') instead (the variant
-  of TF-Addons' LayerNormLSTMCell and PyTorch's ``benchmarks/fastrnns/custom_lstms.py``).
+  of TF-Addons' LayerNormLSTMCell and PyTorch's ``benchmarks/fastrnns/custom_lstms.py``). With
+  ``proj_size`` P > 0 (torch's LSTM with projections) ``h' = W_hr (sig(o) * tanh(LN(c')))`` has P
+  features, and W_hh is (4H, P).
 * GRU (eq. 26-28), gates (r, z, n). Four LNs: over the 2H (r, z) block and over the H (n) block,
   separately for the input and the recurrent projections (so ``ln_ih_weight`` has 3H entries,
   normalized in two groups [2H | H])::
@@ -100,11 +102,13 @@ def _ln_groups(z: Tensor, w: Tensor, b: Tensor, eps: float, split: int) -> Tenso
 class _Params:
     """The tensors of one direction of one layer (or of a cell); None where absent."""
 
-    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b")
+    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w",
+                 "ln_c_b")
 
     def __init__(self, module: nn.Module, sfx: str, layer_norm: bool, mode: str):
         g = lambda n: getattr(module, n + sfx, None)  # noqa: E731
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh")
+        self.w_hr = g("weight_hr")  # the LSTM's projection (proj_size > 0), else None
         if layer_norm and mode in ("LSTM", "GRU"):
             self.ln_ih_w, self.ln_ih_b = g("ln_ih_weight"), g("ln_ih_bias")
             self.ln_hh_w, self.ln_hh_b = g("ln_hh_weight"), g("ln_hh_bias")
@@ -194,6 +198,8 @@ def _step(gx: Tensor, h: Tensor, c: Tensor | None, p: _Params, opt: _Options):
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_out = _ln(c_new, p.ln_c_w, p.ln_c_b, opt.eps) if opt.layer_norm else c_new
         h_new = torch.sigmoid(o) * torch.tanh(c_out)
+        if p.w_hr is not None:
+            h_new = F.linear(h_new, p.w_hr)
         if opt.normalized_cell:
             c_new = c_out
         c_new = _zoneout(c_new, c, opt.zoneout_cell, opt.training)
@@ -251,7 +257,7 @@ def _direction_torch(gx, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse
 def _kernel_weights(p: _Params, opt: _Options) -> RecurrentWeights | None:
     """The fused kernels' record of this direction, or None where they do not cover the options."""
     if opt.mode not in ("LSTM", "GRU") or not opt.layer_norm or opt.normalized_cell \
-            or opt.zoneout or opt.zoneout_cell:
+            or opt.zoneout or opt.zoneout_cell or p.w_hr is not None:  # no kernel projects h
         return None
     return RecurrentWeights(opt.mode, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.ln_ih_w, p.ln_ih_b,
                             p.ln_hh_w, p.ln_hh_b, p.ln_c_w, p.ln_c_b, opt.eps)
@@ -271,14 +277,16 @@ def _direction(x, batch_sizes, h0, c0, p: _Params, opt: _Options, reverse: bool)
 
 
 def _register(module: nn.Module, mode: str, input_size: int, hidden_size: int, bias: bool,
-              layer_norm: bool, sfx: str, factory_kwargs: dict) -> None:
+              layer_norm: bool, sfx: str, factory_kwargs: dict, proj_size: int = 0) -> None:
     G = _MODES[mode]
     H = hidden_size
     e = lambda *shape: nn.Parameter(torch.empty(*shape, **factory_kwargs))  # noqa: E731
     module.register_parameter("weight_ih" + sfx, e(G * H, input_size))
-    module.register_parameter("weight_hh" + sfx, e(G * H, H))
+    module.register_parameter("weight_hh" + sfx, e(G * H, proj_size or H))
     module.register_parameter("bias_ih" + sfx, e(G * H) if bias else None)
     module.register_parameter("bias_hh" + sfx, e(G * H) if bias else None)
+    if proj_size:
+        module.register_parameter("weight_hr" + sfx, e(proj_size, H))
     if not layer_norm:
         return
     if mode in ("LSTM", "GRU"):
@@ -333,6 +341,16 @@ def _split_hx(name: str, hx, is_lstm: bool) -> tuple[Tensor, Tensor | None]:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: {what} must be a Tensor, got {type(t).__name__}")
     return h, c
+
+
+def _check_proj_size(proj_size, hidden_size: int, mode: str) -> int:
+    proj_size = V.check_int(proj_size, "proj_size", minimum=0)
+    if proj_size and mode != "LSTM":
+        raise ValueError(f"proj_size={proj_size} applies to LSTM only, not {mode}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+                         f"hidden_size={hidden_size}")
+    return proj_size
 
 
 def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> None:
@@ -477,13 +495,14 @@ class _LayerNormRNNBase(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  layer_norm: bool = True, eps: float = 1e-5, cell_state: str = "raw",
-                 zoneout: float = 0.0, zoneout_cell: float = 0.0, device=None, dtype=None,
-                 _mode: str | None = None) -> None:
+                 zoneout: float = 0.0, zoneout_cell: float = 0.0, proj_size: int = 0, device=None,
+                 dtype=None, _mode: str | None = None) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         mode = _mode or self._mode
         _set_common_options(self, mode, input_size, hidden_size, bias, layer_norm, eps, cell_state, zoneout,
                             zoneout_cell)
+        self.proj_size = _check_proj_size(proj_size, self.hidden_size, mode)
         self.num_layers = V.check_int(num_layers, "num_layers")
         self.batch_first = V.check_bool(batch_first, "batch_first")
         self.bidirectional = V.check_bool(bidirectional, "bidirectional")
@@ -493,14 +512,19 @@ class _LayerNormRNNBase(nn.Module):
                 f"element being zeroed, got {dropout!r}"
             )
         self.dropout = float(dropout)
-        self.proj_size = 0  # torch's attribute, for code that reads it
         D = 2 if bidirectional else 1
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else self.hidden_size * D
+            layer_input = self.input_size if layer == 0 else self._output_size * D
             for d in range(D):
                 sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                _register(self, mode, layer_input, self.hidden_size, bias, layer_norm, sfx, factory_kwargs)
+                _register(self, mode, layer_input, self.hidden_size, bias, layer_norm, sfx, factory_kwargs,
+                          self.proj_size)
         self.reset_parameters()
+
+    @property
+    def _output_size(self) -> int:
+        """Features of h (and of each direction's output): proj_size when projecting, else H."""
+        return self.proj_size or self.hidden_size
 
     def reset_parameters(self) -> None:
         _reset(self, self.hidden_size)
@@ -517,18 +541,40 @@ class _LayerNormRNNBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s + _option_repr(self)
 
+    # torch's weight lists: the torch-named parameters only, in torch's order (the LN parameters
+    # are not in them, so code written for nn.LSTM that walks them sees what it expects)
+
     @property
-    def _flat_weights_names(self) -> list[str]:
+    def _all_weights(self) -> list[list[str]]:
         names = []
         for layer in range(self.num_layers):
             for d in range(2 if self.bidirectional else 1):
                 sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                names += ["weight_ih" + sfx, "weight_hh" + sfx]
+                names.append(["weight_ih" + sfx, "weight_hh" + sfx])
                 if self.bias:
-                    names += ["bias_ih" + sfx, "bias_hh" + sfx]
+                    names[-1] += ["bias_ih" + sfx, "bias_hh" + sfx]
+                if self.proj_size:
+                    names[-1].append("weight_hr" + sfx)
         return names
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op, as torch's is off cuDNN: the parameters are used as they are."""
 
     def _torch_equivalent(self) -> bool:
         # layer_norm=False without zoneout is exactly torch's layer: run torch's own kernel
@@ -546,7 +592,7 @@ class _LayerNormRNNBase(nn.Module):
         name = type(self).__name__
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
-        L, H = self.num_layers, self.hidden_size
+        L, H, P = self.num_layers, self.hidden_size, self._output_size
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
@@ -571,10 +617,10 @@ class _LayerNormRNNBase(nn.Module):
             sorted_indices = unsorted_indices = None
             x = x.reshape(T * B, self.input_size)
 
-        # initial state, as (L*D, B, H)
+        # initial state, as (L*D, B, P) for h and (L*D, B, H) for c
         if hx is None:
-            z = x.new_zeros(L * D, B, H)
-            h0, c0 = (z, z) if is_lstm else (z, None)
+            h0 = x.new_zeros(L * D, B, P)
+            c0 = x.new_zeros(L * D, B, H) if is_lstm else None
         else:
             h0, c0 = _split_hx(name, hx, is_lstm)
             if not batched:
@@ -583,8 +629,8 @@ class _LayerNormRNNBase(nn.Module):
                         raise ValueError(f"{name}: For unbatched 2-D input, {what} should also be 2-D but got a {t.dim()}-D tensor")
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
-            for what, t in (("h_0", h0), ("c_0", c0)) if is_lstm else (("hx", h0),):
-                self._check_hidden(name, t, (L * D, B, H), what)
+            for what, t, size in (("h_0", h0, P), ("c_0", c0, H)) if is_lstm else (("hx", h0, H),):
+                self._check_hidden(name, t, (L * D, B, size), what)
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
@@ -602,7 +648,7 @@ class _LayerNormRNNBase(nn.Module):
                 h_n = h_n.index_select(1, unsorted_indices)
                 c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
         else:
-            output = out.reshape(len(batch_sizes), B, D * H)
+            output = out.reshape(len(batch_sizes), B, D * P)
             if self.batch_first:
                 output = output.transpose(0, 1)
             if not batched:
@@ -661,7 +707,9 @@ class LayerNormLSTM(_LayerNormRNNBase):
 
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device,
-            dtype: as :class:`torch.nn.LSTM` (no ``proj_size``).
+            dtype: as :class:`torch.nn.LSTM`.
+        proj_size: as :class:`torch.nn.LSTM`: if > 0, ``h_t = W_{hr} (\sigma(o) \odot
+            \tanh(LN(c_t)))`` has ``proj_size`` features (0 <= proj_size < hidden_size).
         layer_norm: False computes exactly :class:`torch.nn.LSTM` and has no LN parameters.
         eps: added to the variance inside the square root of each LN (default 1e-5).
         cell_state: ``"raw"`` (default) carries the un-normalized c_t, ``"normalized"`` carries
@@ -672,11 +720,14 @@ class LayerNormLSTM(_LayerNormRNNBase):
     Parameters: torch's ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
     ``bias_hh_l{k}`` (``_reverse`` for the backward direction) unchanged, plus
     ``ln_ih_weight_l{k}``, ``ln_ih_bias_l{k}``, ``ln_hh_weight_l{k}``, ``ln_hh_bias_l{k}`` (4H)
-    and ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` (H), gains initialised to 1, biases to 0.
+    and ``ln_cell_weight_l{k}``, ``ln_cell_bias_l{k}`` (H), gains initialised to 1, biases to 0;
+    with ``proj_size`` P > 0 also torch's ``weight_hr_l{k}`` (P, H), and ``weight_hh_l{k}`` is
+    (4H, P).
 
     Shape: input (T, B, I), (B, T, I) with ``batch_first``, (T, I) unbatched, or a
-    PackedSequence; ``hx = (h_0, c_0)`` each (L*D, B, H) or (L*D, H), zeros if None. Returns
-    ``output, (h_n, c_n)`` with output (T, B, D*H) (or packed) like torch.
+    PackedSequence; ``hx = (h_0, c_0)`` each (L*D, B, H) or (L*D, H) (h_0 (L*D, B, P) with
+    ``proj_size``), zeros if None. Returns ``output, (h_n, c_n)`` with output (T, B, D*H) (D*P
+    with ``proj_size``; or packed) like torch.
 
     Example::
 
@@ -685,6 +736,14 @@ class LayerNormLSTM(_LayerNormRNNBase):
     """
 
     _mode = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, *, layer_norm: bool = True, eps: float = 1e-5, cell_state: str = "raw",
+                 zoneout: float = 0.0, zoneout_cell: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         layer_norm=layer_norm, eps=eps, cell_state=cell_state, zoneout=zoneout,
+                         zoneout_cell=zoneout_cell, proj_size=proj_size, device=device, dtype=dtype)
 
 
 class LayerNormGRU(_LayerNormRNNBase):

@@ -1,0 +1,286 @@
+"""The rest of the ``nn.LSTM`` API on LayerNormLSTM / GRU / RNN: ``flatten_parameters``,
+``all_weights`` / ``_flat_weights``, and ``proj_size`` (LSTM with projections): parity with
+``nn.LSTM(proj_size=...)`` with layer norm off, a hand-written reference with it on."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import lnorm
+from lnorm._backend import numba_available
+from lnorm.nn import LayerNormGRU, LayerNormLSTM, LayerNormRNN
+from tolerances import assert_close
+
+D64 = torch.float64
+BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]
+KINDS = {
+    "lstm": (LayerNormLSTM, nn.LSTM, {}),
+    "lstm_proj": (LayerNormLSTM, nn.LSTM, {"proj_size": 3}),
+    "gru": (LayerNormGRU, nn.GRU, {}),
+    "rnn_relu": (LayerNormRNN, nn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with lnorm.use_backend(request.param):
+        yield request.param
+
+
+def _data(out):
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def _loss(out, h, c):
+    # weights so every element of every output matters differently
+    total = 0
+    for t in (_data(out), h, c):
+        total = total + (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)).sum()
+    return total
+
+
+# ----------------------------------------------------------------- all_weights and friends
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_weight_lists_as_torch(kind, bias, layer_norm):
+    ours_cls, torch_cls, extra = KINDS[kind]
+    ours = ours_cls(5, 6, num_layers=2, bias=bias, bidirectional=True, layer_norm=layer_norm, **extra)
+    ref = torch_cls(5, 6, num_layers=2, bias=bias, bidirectional=True, **extra)
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert ours._all_weights == ref._all_weights
+    assert [[tuple(w.shape) for w in ws] for ws in ours.all_weights] == \
+        [[tuple(w.shape) for w in ws] for ws in ref.all_weights]
+    # the very parameter objects, so code that initialises through them changes the module
+    named = dict(ours.named_parameters())
+    assert all(w is named[n] for n, w in zip(ours._flat_weights_names, ours._flat_weights, strict=True))
+    assert all(w is named[n] for ns, ws in zip(ours._all_weights, ours.all_weights, strict=True)
+               for n, w in zip(ns, ws, strict=True))
+    assert not any(n.startswith("ln_") for n in ours._flat_weights_names)
+
+
+def test_flatten_parameters_is_a_noop():
+    m = LayerNormLSTM(4, 6, num_layers=2)
+    x = torch.randn(5, 2, 4)
+    before = m(x)[0]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.flatten_parameters() is None
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    assert torch.equal(m(x)[0], before)
+
+
+def test_all_weights_init_loop_as_for_nn_lstm():
+    # the usual nn.LSTM recipe: forget-gate bias 1 through all_weights / _all_weights
+    m = LayerNormLSTM(4, 6)
+    for names in m._all_weights:
+        for name in filter(lambda n: "bias" in n, names):
+            getattr(m, name).data[6:12].fill_(1.0)
+    assert torch.equal(m.bias_ih_l0[6:12], torch.ones(6))
+    assert torch.equal(m.ln_ih_bias_l0, torch.zeros(24))  # LN parameters are not in the lists
+
+
+# ---------------------------------------------------------------------------- proj_size
+
+
+@pytest.mark.parametrize("bad, err", [(-1, ValueError), (6, ValueError), (7, ValueError),
+                                      (1.5, TypeError), (True, TypeError), ("2", TypeError)],
+                         ids=["negative", "equal", "above", "float", "bool", "str"])
+def test_proj_size_validation(bad, err):
+    with pytest.raises(err, match="proj_size"):
+        LayerNormLSTM(4, 6, proj_size=bad)
+    if err is ValueError:  # torch refuses the same values
+        with pytest.raises(ValueError):
+            nn.LSTM(4, 6, proj_size=bad)
+
+
+def test_proj_size_is_lstm_only():
+    with pytest.raises(TypeError):
+        LayerNormGRU(4, 6, proj_size=2)
+    with pytest.raises(TypeError):
+        LayerNormRNN(4, 6, proj_size=2)
+
+
+def test_proj_size_positional_as_torch():
+    m = LayerNormLSTM(4, 6, 1, True, False, 0.0, False, 2)
+    assert m.proj_size == 2 and m.weight_hr_l0.shape == (2, 6) and m.weight_hh_l0.shape == (24, 2)
+    assert "proj_size=2" in repr(m)
+    assert "proj_size" not in repr(LayerNormLSTM(4, 6))
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True), (3, False)],
+                         ids=["1uni", "2bi", "3uni"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_proj_parameter_names_and_shapes_match_torch(layers, bidirectional, bias):
+    ours = LayerNormLSTM(5, 7, layers, bias, bidirectional=bidirectional, proj_size=3, layer_norm=False)
+    ref = nn.LSTM(5, 7, layers, bias, bidirectional=bidirectional, proj_size=3)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict())  # strict
+    ln = LayerNormLSTM(5, 7, layers, bias, bidirectional=bidirectional, proj_size=3)
+    res = ln.load_state_dict(ref.state_dict(), strict=False)
+    assert res.unexpected_keys == [] and all(k.startswith("ln_") for k in res.missing_keys)
+
+
+def _torch_and_ours(layers, bidirectional, batch_first, bias, dtype=D64):
+    ref = nn.LSTM(5, 7, layers, bias, batch_first, bidirectional=bidirectional, proj_size=3).to(dtype)
+    ours = LayerNormLSTM(5, 7, layers, bias, batch_first, bidirectional=bidirectional, proj_size=3,
+                         layer_norm=False, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _run_both(ref, ours, x, hx):
+    """Outputs, states and every gradient (parameters, input, h0, c0) of both layers."""
+    results = []
+    for m in (ref, ours):
+        xi = x.detach().clone().requires_grad_()
+        hxi = tuple(t.detach().clone().requires_grad_() for t in hx) if hx is not None else None
+        out, (h, c) = m(xi, hxi)
+        leaves = [xi, *(hxi or ()), *m.parameters()]
+        grads = torch.autograd.grad(_loss(out, h, c), leaves)
+        results.append([out, h, c, *grads])
+    return results
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)], ids=["1uni", "2bi"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tb", "bt"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["zeros", "hx"])
+def test_proj_matches_nn_lstm(backend, layers, bidirectional, batch_first, bias, with_hx):
+    ref, ours = _torch_and_ours(layers, bidirectional, batch_first, bias)
+    D = 2 if bidirectional else 1
+    x = torch.randn(4, 6, 5, dtype=D64)
+    hx = (torch.randn(layers * D, 4 if batch_first else 6, 3, dtype=D64),
+          torch.randn(layers * D, 4 if batch_first else 6, 7, dtype=D64)) if with_hx else None
+    want, got = _run_both(ref, ours, x, hx)
+    assert got[0].shape == (4, 6, 3 * D) and got[1].shape == (layers * D, 4 if batch_first else 6, 3)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        # torch's own kernel: bit-identical where it sees the same memory layout (time-major)
+        if backend == "numba" and not batch_first:
+            assert torch.equal(a, b), f"item {i}: max diff {(a - b).abs().max()}"
+        else:
+            assert_close(a, b, name=f"item {i}")
+
+
+def test_proj_matches_nn_lstm_packed_and_unbatched(backend):
+    ref, ours = _torch_and_ours(2, True, True, True)
+    x = torch.randn(4, 6, 5, dtype=D64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 5, 1]), batch_first=True, enforce_sorted=False)
+    for inp in (packed, x[0]):
+        (o1, (h1, c1)), (o2, (h2, c2)) = ref(inp), ours(inp)
+        if isinstance(inp, PackedSequence):
+            assert torch.equal(o2.batch_sizes, o1.batch_sizes)
+        for a, b in ((_data(o2), _data(o1)), (h2, h1), (c2, c1)):
+            assert_close(a, b)
+    assert _data(o2).shape[-1] == 6 and h2.shape == (4, 3) and c2.shape == (4, 7)
+
+
+def test_proj_state_sizes_checked():
+    m = LayerNormLSTM(5, 7, proj_size=3)
+    x = torch.randn(4, 2, 5)
+    with pytest.raises(ValueError, match="h_0"):
+        m(x, (torch.zeros(1, 2, 7), torch.zeros(1, 2, 7)))  # h_0 has proj_size features
+    with pytest.raises(ValueError, match="c_0"):
+        m(x, (torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)))  # c_0 keeps hidden_size
+
+
+# ---------------------------------------------------- proj_size with layer norm: the reference
+
+
+def _reference_lstm_proj(m: LayerNormLSTM, x, h0, c0):
+    """The equations written out: (T, B, I) time-major, all layers and directions, torch only."""
+    D = 2 if m.bidirectional else 1
+    H, P, T = m.hidden_size, m.proj_size, x.shape[0]
+    ln = lambda z, w, b: F.layer_norm(z, (z.shape[-1],), w, b, m.eps)  # noqa: E731
+    h_n, c_n = [], []
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            g = lambda n, sfx=sfx: getattr(m, n + sfx)  # noqa: E731
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            out = [None] * T
+            for t in reversed(range(T)) if d else range(T):
+                gates = (ln(h @ g("weight_hh").T, g("ln_hh_weight"), g("ln_hh_bias"))
+                         + ln(x[t] @ g("weight_ih").T, g("ln_ih_weight"), g("ln_ih_bias"))
+                         + g("bias_ih") + g("bias_hh"))
+                i, f, gg, o = gates.split(H, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h = (torch.sigmoid(o) * torch.tanh(ln(c, g("ln_cell_weight"), g("ln_cell_bias")))) @ g("weight_hr").T
+                out[t] = h
+            outs.append(torch.stack(out))
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outs, dim=-1)
+    assert x.shape[-1] == D * P
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)], ids=["1uni", "2bi"])
+def test_proj_with_layer_norm_matches_reference(backend, layers, bidirectional):
+    m = LayerNormLSTM(5, 7, layers, bidirectional=bidirectional, proj_size=3, dtype=D64)
+    with torch.no_grad():  # non-trivial LN parameters, so a swapped or ignored one shows
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    D = 2 if bidirectional else 1
+    x = torch.randn(6, 4, 5, dtype=D64, requires_grad=True)
+    h0 = torch.randn(layers * D, 4, 3, dtype=D64, requires_grad=True)
+    c0 = torch.randn(layers * D, 4, 7, dtype=D64, requires_grad=True)
+    got = m(x, (h0, c0))
+    want = _reference_lstm_proj(m, x, h0, c0)
+    got = [got[0], *got[1]]
+    leaves = [x, h0, c0, *m.parameters()]
+    g_got = torch.autograd.grad(_loss(*got), leaves)
+    g_want = torch.autograd.grad(_loss(*want), leaves)
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, [*got, *g_got], [*want, *g_want], strict=True):
+        assert_close(a, b, name=name)
+
+
+def test_proj_with_layer_norm_skips_the_fused_kernels(monkeypatch):
+    if not numba_available():
+        pytest.skip("the fused path needs Numba")
+    from lnorm.ops import rnn_fused
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused recurrence ran an LSTM with projections")
+
+    monkeypatch.setattr(rnn_fused, "recurrence", boom)
+    m = LayerNormLSTM(5, 7, proj_size=3)
+    x = torch.randn(6, 4, 5)
+    with lnorm.use_backend("numba"):
+        out, (h, c) = m(x)
+    with lnorm.use_backend("torch"):
+        want, (hw, cw) = m(x)
+    assert out.shape == (6, 4, 3) and h.shape == (1, 4, 3) and c.shape == (1, 4, 7)
+    for a, b in ((out, want), (h, hw), (c, cw)):
+        assert_close(a, b)
+    # and without the projection the same layer does take the fused path (the patch is live)
+    with lnorm.use_backend("numba"), pytest.raises(AssertionError, match="fused recurrence"):
+        LayerNormLSTM(5, 7)(x)
+
+
+def test_proj_zoneout_and_normalized_cell_run(backend):
+    m = LayerNormLSTM(5, 7, proj_size=3, cell_state="normalized", zoneout=0.2, zoneout_cell=0.1).eval()
+    out, (h, c) = m(torch.randn(6, 4, 5))
+    assert out.shape == (6, 4, 3) and h.shape == (1, 4, 3) and c.shape == (1, 4, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_proj_deepcopy_and_state_dict_round_trip():
+    m = LayerNormLSTM(5, 7, 2, bidirectional=True, proj_size=3)
+    twin = copy.deepcopy(m)
+    x = torch.randn(6, 4, 5)
+    assert torch.equal(twin(x)[0], m(x)[0])
+    other = LayerNormLSTM(5, 7, 2, bidirectional=True, proj_size=3)
+    other.load_state_dict(m.state_dict())
+    assert torch.equal(other(x)[0], m(x)[0])
