@@ -249,8 +249,7 @@ def test_lstm_inside_a_model_and_ln_changes_the_function():
     assert not torch.allclose(after, before, atol=1e-4)  # LN is not the identity function
 
 
-def test_lstm_projection_refused():
-    with pytest.raises(ValueError, match="proj_size=3"):
-        lstm_to_layernorm(nn.LSTM(4, 6, proj_size=3))
+def test_lstm_to_layernorm_refuses_a_non_module():
+    # (proj_size converts now: tests/test_convert_coverage.py)
     with pytest.raises(TypeError, match="model must be"):
         lstm_to_layernorm("lstm")

@@ -2,10 +2,14 @@
 
 * :func:`convert_norms`: swap one kind of normalization for another (batch norm -> layer, group
   or RMS norm, ...), in whatever layout each layer sees (CNN channels or MLP features).
-* :func:`use_lnorm`: swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` for lnorm's
-  (same parameters, same outputs, lnorm's kernels).
-* :func:`lstm_to_layernorm` / :func:`layernorm_to_lstm`: ``nn.LSTM``/``nn.GRU``/``nn.RNN`` <->
-  :class:`lnorm.nn.LayerNormLSTM`/``GRU``/``RNN`` with the weights copied.
+* :func:`use_lnorm`: swap every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` (and hand-written
+  layer norms that compute the same) for lnorm's (same parameters, same outputs, lnorm's kernels).
+* :func:`lstm_to_layernorm` / :func:`layernorm_to_lstm`: ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and
+  their cells <-> :class:`lnorm.nn.LayerNormLSTM`/``GRU``/``RNN`` and cells, weights copied.
+
+``use_lnorm`` and ``lstm_to_layernorm`` never skip silently: a module of the kind they convert
+that they cannot convert exactly is left as it is and named, with the reason, in a
+:class:`ConversionWarning`.
 
 Every converter recurses over ``named_children``, replaces matching submodules in place, copies
 weights under ``torch.no_grad()``, keeps ``training``, ``requires_grad``, device and dtype, keeps
@@ -15,10 +19,14 @@ matches, else the same (modified) one.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from lnorm.nn.factory import (
     NORM_KINDS,
@@ -29,10 +37,17 @@ from lnorm.nn.factory import (
     make_norm,
 )
 from lnorm.nn.normalization import LayerNorm, RMSNorm
-from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM, LayerNormRNN
+from lnorm.nn.rnn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 from lnorm.utils import ModelState, first_tensor
 
-__all__ = ["convert_norms", "use_lnorm", "lstm_to_layernorm", "layernorm_to_lstm"]
+__all__ = ["ConversionWarning", "convert_norms", "use_lnorm", "lstm_to_layernorm", "layernorm_to_lstm"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def _source_layout(module: nn.Module, name: str, layout, seen: dict[str, int]) -
 
 def _watch_input_dims(model: nn.Module, example_input, source) -> dict[str, int]:
     """Run ``example_input`` once (no grad, state restored) and record each source's input dim."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, source)}
+    names = {m: n for n, m in model.named_modules() if _is_source(m, source)}
     seen: dict[str, set[int]] = {}
 
     def hook(mod, args):
@@ -147,6 +162,92 @@ def _watch_input_dims(model: nn.Module, example_input, source) -> dict[str, int]
             raise ValueError(f"{n} received inputs with different numbers of dims {sorted(dims)}; "
                              "pass layout=... for it")
     return {n: dims.pop() for n, dims in seen.items()}
+
+
+def _check_convert_args(model, source, target, layout, num_groups) -> tuple[tuple[type, ...], str]:
+    """The arguments of :func:`convert_norms`, checked: (source as a tuple, target lower-cased)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(source, type):
+        source = (source,)
+    if not (isinstance(source, tuple) and source and all(isinstance(t, type) and issubclass(t, nn.Module)
+                                                          for t in source)):
+        raise TypeError(f"source must be a module type or a tuple of them, got {source!r}")
+    if not isinstance(target, str) or target.lower() not in NORM_KINDS:
+        raise ValueError(f"target must be one of {NORM_KINDS}, got {target!r}")
+    target = target.lower()
+    if layout is not None and not (layout in ("last", "channels") or (
+            isinstance(layout, dict) and all(v in ("last", "channels") for v in layout.values()))):
+        raise ValueError(f"layout must be 'last', 'channels', a dict of them, or None, got {layout!r}")
+    if num_groups is not None and target != "group":
+        raise ValueError(f"num_groups is for target='group', got target={target!r}")
+    return source, target
+
+
+def _is_source(module: nn.Module, source: tuple[type, ...]) -> bool:
+    """An instance of a source type, or a lazy module that becomes one (``nn.LazyBatchNorm1d``
+    turns into a ``BatchNorm1d`` at its first forward)."""
+    if isinstance(module, source):
+        return True
+    becomes = getattr(module, "cls_to_become", None) if isinstance(module, LazyModuleMixin) else None
+    return isinstance(becomes, type) and issubclass(becomes, source)
+
+
+def _refuse_uninitialized(model: nn.Module, source: tuple[type, ...]) -> None:
+    """A lazy norm that has not seen an input has no size yet, so nothing can replace it."""
+    lazy = [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules()
+            if _is_source(m, source) and isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"cannot convert {', '.join(lazy)}: a lazy norm learns its number of features "
+                         "from its first input; run the model once on an example batch before "
+                         "converting (or build the norm with its size)")
+
+
+def _target_options(module: nn.Module, label: str, C: int, lay: str, target: str, eps, num_groups) -> dict:
+    """``make_norm`` keyword arguments for the norm that replaces ``module``."""
+    if target == "none":
+        return {}
+    options: dict = {}
+    src_eps = getattr(module, "eps", None)
+    if eps is not None or src_eps is not None:
+        options["eps"] = eps if eps is not None else src_eps
+    affine = getattr(module, "weight", None) is not None
+    if target in ("layer", "rms") and lay == "last":
+        options["elementwise_affine"] = affine
+        if target == "layer":
+            # a bias-free nn.LayerNorm stays bias-free; from anything else the bias starts at 0
+            options["bias"] = affine and not (isinstance(module, nn.LayerNorm) and module.bias is None)
+    else:
+        options["affine"] = affine
+    if target == "group":
+        groups = num_groups if num_groups is not None else default_groups(C)
+        if C % groups:
+            raise ValueError(f"cannot convert {label} to group norm: its {C} channels are not "
+                             f"divisible by num_groups={groups}")
+        options["num_groups"] = groups
+    if target == "batch":
+        for key in ("momentum", "track_running_stats"):
+            if hasattr(module, key):
+                options[key] = getattr(module, key)
+    return options
+
+
+def _copy_norm_state(new: nn.Module, module: nn.Module, label: str, target: str, drop_bias: bool) -> None:
+    """The affine parameters (and, batch norm to batch norm, the running statistics)."""
+    bias = getattr(module, "bias", None)
+    with torch.no_grad():
+        _copy(getattr(new, "weight", None), getattr(module, "weight", None))
+        new_bias = getattr(new, "bias", None)
+        if bias is not None and new_bias is None and target != "none" and bool((bias != 0).any()):
+            if not drop_bias:
+                raise ValueError(f"cannot convert {label} to {target!r} without losing its nonzero "
+                                 "bias (that norm has none); pass drop_bias=True to drop it")
+        _copy(new_bias, bias)
+        if target == "batch" and getattr(module, "running_mean", None) is not None \
+                and getattr(new, "running_mean", None) is not None:
+            new.running_mean.copy_(module.running_mean)
+            new.running_var.copy_(module.running_var)
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
 
 
 def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer", *,
@@ -185,7 +286,8 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
     Raises:
         ValueError: a conversion that cannot be done (unknown layout, multi-dim
             ``normalized_shape``, channels not divisible by ``num_groups``, a nonzero bias with
-            no place to go), naming the layer.
+            no place to go, a lazy norm such as ``nn.LazyBatchNorm1d`` that has not yet seen an
+            input and so has no size), naming the layer.
 
     Example::
 
@@ -197,80 +299,159 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
         >>> type(mlp[1]).__name__
         'LayerNorm'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(source, type):
-        source = (source,)
-    if not (isinstance(source, tuple) and source and all(isinstance(t, type) and issubclass(t, nn.Module)
-                                                          for t in source)):
-        raise TypeError(f"source must be a module type or a tuple of them, got {source!r}")
-    if not isinstance(target, str) or target.lower() not in NORM_KINDS:
-        raise ValueError(f"target must be one of {NORM_KINDS}, got {target!r}")
-    target = target.lower()
-    if layout is not None and not (layout in ("last", "channels") or (
-            isinstance(layout, dict) and all(v in ("last", "channels") for v in layout.values()))):
-        raise ValueError(f"layout must be 'last', 'channels', a dict of them, or None, got {layout!r}")
-    if num_groups is not None and target != "group":
-        raise ValueError(f"num_groups is for target='group', got target={target!r}")
+    source, target = _check_convert_args(model, source, target, layout, num_groups)
+    _refuse_uninitialized(model, source)
     seen = _watch_input_dims(model, example_input, source) if example_input is not None else {}
 
     def convert(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, source):
+        if not _is_source(module, source):
             return None
         label = name or "<model>"
         C, lay = _source_layout(module, name, layout, seen)
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        affine = weight is not None
-        options: dict = {}
-        src_eps = getattr(module, "eps", None)
-        if eps is not None or src_eps is not None:
-            options["eps"] = eps if eps is not None else src_eps
-        if target in ("layer", "rms") and lay == "last":
-            options["elementwise_affine"] = affine
-            if target == "layer":
-                # a bias-free nn.LayerNorm stays bias-free; from anything else the bias starts at 0
-                options["bias"] = affine and not (isinstance(module, nn.LayerNorm) and bias is None)
-        elif target != "none":
-            options["affine"] = affine
-        if target == "group":
-            groups = num_groups if num_groups is not None else default_groups(C)
-            if C % groups:
-                raise ValueError(f"cannot convert {label} to group norm: its {C} channels are not "
-                                 f"divisible by num_groups={groups}")
-            options["num_groups"] = groups
-        if target == "batch":
-            for key in ("momentum", "track_running_stats"):
-                if hasattr(module, key):
-                    options[key] = getattr(module, key)
-        if target == "none":
-            options = {}
+        options = _target_options(module, label, C, lay, target, eps, num_groups)
         try:
             new = make_norm(target, C, layout=lay, **options)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot convert {label} ({type(module).__name__}) to {target!r}: {exc}") from None
         new = _like(new, module)
-        with torch.no_grad():
-            _copy(getattr(new, "weight", None), weight)
-            new_bias = getattr(new, "bias", None)
-            if bias is not None and new_bias is None and target != "none" and bool((bias != 0).any()):
-                if not drop_bias:
-                    raise ValueError(f"cannot convert {label} to {target!r} without losing its nonzero "
-                                     "bias (that norm has none); pass drop_bias=True to drop it")
-            _copy(new_bias, bias)
-            if target == "batch" and getattr(module, "running_mean", None) is not None \
-                    and getattr(new, "running_mean", None) is not None:
-                new.running_mean.copy_(module.running_mean)
-                new.running_var.copy_(module.running_var)
-                new.num_batches_tracked.copy_(module.num_batches_tracked)
+        _copy_norm_state(new, module, label, target, drop_bias)
         return new
 
     return _replace(model, convert)
 
 
 # --------------------------------------------------------------------------------------------
+# what a converter leaves: reported, never skipped silently
+# --------------------------------------------------------------------------------------------
+
+
+class ConversionWarning(UserWarning):
+    """A converter left a module it could not convert exactly; the message names it and says why.
+    ``warnings.simplefilter("error", ConversionWarning)`` turns a partial conversion into an error."""
+
+
+class _Left(Exception):
+    """Why a converter leaves a module as it is."""
+
+
+def _warn_left(func: str, left: list[tuple[str, str]]) -> None:
+    for name, why in left:
+        warnings.warn(f"{func} left {name} unconverted: {why}", ConversionWarning, stacklevel=3)
+
+
+# what every class has, and what does not change what a module computes
+_INERT = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                    "__firstlineno__", "__static_attributes__", "__init__", "extra_repr", "reset_parameters"})
+
+
+def _check_class_adds_nothing(m: nn.Module, base: type, also_inert: tuple[str, ...] = ()) -> None:
+    """Raise _Left when ``type(m)`` defines anything on the way down to ``base`` (forward, other
+    methods, class attributes) that a replacement of another class would lose."""
+    mro = type(m).__mro__
+    added = [f"{cls.__name__}.{k}" for cls in mro[: mro.index(base) if base in mro else -1]
+             for k in vars(cls) if k not in _INERT and k not in also_inert]
+    if added:
+        raise _Left(f"its class {type(m).__name__} defines {', '.join(added)}, which a replacement would lose")
+
+
+def _check_own_tensors(m: nn.Module, params: set[str]) -> None:
+    """Raise _Left when ``m`` holds parameters other than ``params``, buffers or submodules."""
+    extra = [n for n, _ in m.named_parameters(recurse=False) if n not in params]
+    extra += [n for n, _ in m.named_buffers(recurse=False)] + [n for n, _ in m.named_children()]
+    if extra:
+        raise _Left(f"it holds {', '.join(extra)}, which a replacement would lose")
+
+
+def _label(name: str, m: nn.Module) -> str:
+    return f"{name or '<model>'} ({type(m).__name__})"
+
+
+# --------------------------------------------------------------------------------------------
 # use_lnorm
 # --------------------------------------------------------------------------------------------
+
+# class names of hand-written layer / RMS norms (nanoGPT's LayerNorm, LlamaRMSNorm, T5LayerNorm)
+_NORM_NAME = re.compile(r"(layer|rms)_?norm", re.IGNORECASE)
+_EPS_ATTRS = ("eps", "epsilon", "variance_epsilon", "norm_eps")
+_PROBE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _lnorm_twin(m: nn.Module, kind: str, weight, bias, eps) -> nn.Module:
+    """lnorm's module over the last ``weight.shape`` dims, sharing ``m``'s very Parameters (so
+    optimizers and tied weights keep pointing at them) and keeping its mode."""
+    shape = tuple(weight.shape) if weight is not None else tuple(m.normalized_shape)
+    try:
+        if kind == "layer":
+            new = LayerNorm(shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
+                            device="meta")
+            new.bias = bias
+        else:
+            new = RMSNorm(shape, eps=eps, elementwise_affine=weight is not None, device="meta")
+    except (TypeError, ValueError) as exc:
+        raise _Left(f"lnorm's {kind} norm refuses its options: {exc}") from None
+    new.weight = weight
+    new.train(m.training)
+    return new
+
+
+def _probe_input(C: int, eps: float, like: Tensor) -> Tensor:
+    """(2, 6, C): rows of variance 1 (two far from zero mean, which tells layer from RMS norm)
+    and rows of variance 9 eps, eps and eps / 9, where the value of eps decides the output."""
+    z = torch.randn(2, 6, C, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scale = torch.tensor([1.0, 1.0, 1.0, 3 * eps**0.5, eps**0.5, eps**0.5 / 3], dtype=torch.float64)
+    shift = torch.tensor([0.0, 2.0, -3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    return (z * scale[:, None] + shift[:, None]).to(like)
+
+
+def _probed_twin(m: nn.Module) -> nn.Module:
+    """lnorm's module for a hand-written norm whose parameters are a layer norm's (``weight`` (C,),
+    optional ``bias`` (C,)) and whose forward, run on a probe input with random parameters, gives
+    ``F.layer_norm`` or ``F.rms_norm`` over the last dim; else raise _Left saying why not."""
+    _check_own_tensors(m, {"weight", "bias"})
+    _check_class_adds_nothing(m, nn.Module, also_inert=("forward",))
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1 or (b is not None and b.shape != w.shape):
+        raise _Left("its parameters are not a layer norm's (weight of shape (C,), optional bias (C,))")
+    if w.is_meta or not w.is_floating_point():
+        raise _Left(f"its weight ({w.dtype} on {w.device}) cannot be probed")
+    eps_attr = next((getattr(m, a) for a in _EPS_ATTRS if isinstance(getattr(m, a, None), float)), None)
+    epss = [eps_attr] if eps_attr is not None else [1e-5, 1e-6]  # F.layer_norm's default, RMSNorm's usual
+    g = torch.Generator().manual_seed(1)
+    params = {k: torch.randn(w.shape, generator=g, dtype=torch.float64).to(w)
+              for k in ("weight", "bias") if getattr(m, k, None) is not None}
+    p64 = {k: v.double() for k, v in params.items()}
+    tol = _PROBE_TOL.get(w.dtype, 3e-2)
+    for eps in epss:
+        x = _probe_input(w.shape[0], eps, w)
+        try:
+            with torch.no_grad():
+                y = torch.func.functional_call(m, params, (x,))
+        except Exception as exc:  # noqa: BLE001 (user code: any failure means "not a norm we know")
+            raise _Left(f"its forward raised {type(exc).__name__} on a probe input: {exc}") from None
+        refs = {"layer": F.layer_norm(x.double(), w.shape, p64["weight"], p64.get("bias"), eps)}
+        if b is None:
+            refs["rms"] = F.rms_norm(x.double(), w.shape, p64["weight"], eps)
+        for kind, ref in refs.items():
+            if isinstance(y, Tensor) and y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=tol, atol=tol):
+                return _lnorm_twin(m, kind, w, b, eps)
+    raise _Left(f"on a probe input its forward is neither F.layer_norm nor F.rms_norm over the last dim "
+                f"with eps in {epss}")
+
+
+def _use_lnorm_one(m: nn.Module) -> nn.Module | None:
+    """lnorm's module for ``m``; None for a module that is not a layer or RMS norm (recurse into
+    it); _Left for one that is but cannot be replaced exactly."""
+    if type(m).__module__.split(".")[0] == "lnorm":
+        return None  # lnorm's own
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        base = nn.LayerNorm if isinstance(m, nn.LayerNorm) else nn.RMSNorm
+        _check_class_adds_nothing(m, base)
+        _check_own_tensors(m, {"weight", "bias"})
+        kind = "layer" if base is nn.LayerNorm else "rms"
+        return _lnorm_twin(m, kind, m.weight, getattr(m, "bias", None), m.eps)
+    if _NORM_NAME.search(type(m).__name__):
+        return _probed_twin(m)
+    return None
 
 
 def use_lnorm(model: nn.Module) -> nn.Module:
@@ -279,8 +460,20 @@ def use_lnorm(model: nn.Module) -> nn.Module:
 
     Exact: lnorm's modules compute the same function with the same parameter names (they
     subclass torch's), so outputs match up to float round-off and ``state_dict`` keys do not
-    change. Subclasses of torch's norms (including lnorm's own) are left alone. In place; returns
-    a new root when ``model`` itself is a ``nn.LayerNorm``/``nn.RMSNorm``.
+    change. Also converted, where that is exact:
+
+    * subclasses of torch's norms that add nothing but ``__init__`` (no ``forward``, no other
+      methods, parameters or submodules);
+    * hand-written norms whose class name says layer or RMS norm (nanoGPT's ``LayerNorm(ndim,
+      bias)``, ``LlamaRMSNorm``, ``T5LayerNorm``) with a layer norm's parameters (``weight``
+      (C,), optional ``bias`` (C,)) and a forward that, run once on a small probe input with
+      random parameters, computes ``F.layer_norm`` (or ``F.rms_norm``) over the last dim with
+      their ``eps`` attribute (or 1e-5, 1e-6).
+
+    Every norm left as it is (a subclass with its own ``forward``, a hand-written norm that
+    computes something else, options lnorm refuses) is reported in a :class:`ConversionWarning`
+    that names it and says why. lnorm's own modules are left alone. In place; returns a new root
+    when ``model`` itself is converted.
 
     Example::
 
@@ -291,33 +484,42 @@ def use_lnorm(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    left: list[tuple[str, str]] = []
 
     def convert(name: str, m: nn.Module) -> nn.Module | None:
-        if type(m) is nn.LayerNorm:
-            new = LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
-                            bias=m.bias is not None, device="meta")
-        elif type(m) is nn.RMSNorm:
-            new = RMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, device="meta")
-        else:
+        try:
+            return _use_lnorm_one(m)
+        except _Left as why:
+            left.append((_label(name, m), str(why)))
             return None
-        # reuse the very parameter objects: optimizers and tied weights keep pointing at them
-        new.weight = m.weight
-        if isinstance(m, nn.LayerNorm):
-            new.bias = m.bias
-        new.train(m.training)
-        return new
 
-    return _replace(model, convert)
+    model = _replace(model, convert)
+    _warn_left("use_lnorm", left)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
-# recurrent layers: nn.LSTM / GRU / RNN <-> LayerNormLSTM / GRU / RNN
+# recurrent layers: nn.LSTM / GRU / RNN (and cells) <-> LayerNormLSTM / GRU / RNN (and cells)
 # --------------------------------------------------------------------------------------------
 
 _TORCH_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+_CELL_ARGS = ("input_size", "hidden_size", "bias")
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-_RNN_CLASSES = {nn.LSTM: LayerNormLSTM, nn.GRU: LayerNormGRU, nn.RNN: LayerNormRNN}
+_RNN_CLASSES = {nn.LSTM: LayerNormLSTM, nn.GRU: LayerNormGRU, nn.RNN: LayerNormRNN,
+                nn.LSTMCell: LayerNormLSTMCell, nn.GRUCell: LayerNormGRUCell, nn.RNNCell: LayerNormRNNCell}
+
+
+def _rnn_config(m: nn.Module, torch_cls: type) -> dict:
+    """The constructor arguments shared by a torch recurrent module and lnorm's."""
+    is_cell = issubclass(torch_cls, nn.RNNCellBase)
+    kwargs = {k: getattr(m, k) for k in (_CELL_ARGS if is_cell else _TORCH_ARGS)}
+    if torch_cls in (nn.RNN, nn.RNNCell):
+        kwargs["nonlinearity"] = m.nonlinearity
+    if torch_cls is nn.LSTM and m.proj_size:
+        kwargs["proj_size"] = m.proj_size
+    return kwargs
 
 
 def _copy_rnn_weights(dst: nn.Module, src: nn.Module) -> None:
@@ -329,30 +531,47 @@ def _copy_rnn_weights(dst: nn.Module, src: nn.Module) -> None:
                 p.copy_(src_params[name])
                 p.requires_grad_(src_params[name].requires_grad)
             else:  # an LN parameter: trainable when the torch weights are
-                p.requires_grad_(src.weight_ih_l0.requires_grad)
+                p.requires_grad_(next(iter(src_params.values())).requires_grad)
+
+
+def _torch_rnn_class(m: nn.Module, classes: dict[type, type]) -> type | None:
+    """The torch class ``m`` is, or is a plain subclass of (one that adds only ``__init__``);
+    None for a module that is not a torch recurrent layer or cell; _Left for one that cannot be
+    converted exactly."""
+    if type(m) in classes:
+        return type(m)
+    if not isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        return None
+    base = next((cls for cls in type(m).__mro__ if cls in classes), None)
+    if base is None:
+        raise _Left(f"lnorm has no layer-normalized {type(m).__name__} (mode {getattr(m, 'mode', '?')!r})")
+    _check_class_adds_nothing(m, base)
+    _check_own_tensors(m, set(m._flat_weights_names) if isinstance(m, nn.RNNBase) else set(_CELL_WEIGHTS))
+    return base
 
 
 def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float = 1e-5,
                       **options) -> nn.Module:
     """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` by :class:`lnorm.nn.LayerNormLSTM` /
-    ``LayerNormGRU`` / ``LayerNormRNN`` with the same configuration and the weights copied.
+    ``LayerNormGRU`` / ``LayerNormRNN``, and every ``nn.LSTMCell`` / ``GRUCell`` / ``RNNCell`` by
+    ``LayerNormLSTMCell`` / ``GRUCell`` / ``RNNCell``, with the same configuration (``proj_size``
+    included) and the weights copied.
 
     The torch parameters (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``,
-    ``..._reverse``) keep their names and values; the layer-norm parameters are added with gain
-    1 and bias 0, as close to the identity as the equations allow. Layer norm still changes the
-    function (it rescales each pre-activation vector to zero mean and unit variance), so the
-    outputs differ from the original layer's and the model needs training or fine-tuning. With
-    ``layer_norm=False`` the new layer computes exactly what the torch layer did. In place;
-    returns a new root when ``model`` itself is a recurrent layer.
+    ``weight_hr_l0``, ``..._reverse``) keep their names and values; the layer-norm parameters are
+    added with gain 1 and bias 0, as close to the identity as the equations allow. Layer norm still
+    changes the function (it rescales each pre-activation vector to zero mean and unit variance),
+    so the outputs differ from the original layer's and the model needs training or fine-tuning.
+    With ``layer_norm=False`` the new layer computes exactly what the torch layer did. Subclasses
+    that add only ``__init__`` convert too; any other recurrent module is left as it is and
+    reported in a :class:`ConversionWarning` that names it and says why. In place; returns a new
+    root when ``model`` itself is converted.
 
     Args:
-        model: a recurrent layer or a model containing some.
+        model: a recurrent layer or cell, or a model containing some.
         layer_norm: add layer normalization (default) or not (an exact, torch-equivalent copy).
         eps: the layer norms' eps.
-        **options: passed to the new layers (``cell_state``, ``zoneout``, ``zoneout_cell``).
-
-    Raises:
-        ValueError: an ``nn.LSTM`` with ``proj_size > 0`` (no layer-normalized equivalent).
+        **options: passed to the new modules (``cell_state``, ``zoneout``, ``zoneout_cell``).
 
     Example::
 
@@ -364,29 +583,31 @@ def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float =
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     classes = _RNN_CLASSES
+    left: list[tuple[str, str]] = []
 
     def convert(name: str, m: nn.Module) -> nn.Module | None:
-        cls = classes.get(type(m))
-        if cls is None:
+        try:
+            torch_cls = _torch_rnn_class(m, classes)
+        except _Left as why:
+            left.append((_label(name, m), str(why)))
             return None
-        if getattr(m, "proj_size", 0):
-            raise ValueError(f"cannot convert {name or '<model>'}: nn.LSTM with proj_size={m.proj_size} "
-                             "has no layer-normalized equivalent")
-        kwargs = {k: getattr(m, k) for k in _TORCH_ARGS}
-        if type(m) is nn.RNN:
-            kwargs["nonlinearity"] = m.nonlinearity
-        ref = m.weight_ih_l0
-        new = cls(**kwargs, layer_norm=layer_norm, eps=eps, **options, device=ref.device, dtype=ref.dtype)
+        if torch_cls is None:
+            return None
+        ref = m.weight_ih_l0 if isinstance(m, nn.RNNBase) else m.weight_ih
+        new = classes[torch_cls](**_rnn_config(m, torch_cls), layer_norm=layer_norm, eps=eps, **options,
+                                 device=ref.device, dtype=ref.dtype)
         _copy_rnn_weights(new, m)
         new.train(m.training)
         return new
 
-    return _replace(model, convert)
+    model = _replace(model, convert)
+    _warn_left("lstm_to_layernorm", left)
+    return model
 
 
 def layernorm_to_lstm(model: nn.Module) -> nn.Module:
-    """The reverse of :func:`lstm_to_layernorm`: every ``LayerNormLSTM``/``GRU``/``RNN`` becomes
-    the torch layer with the same configuration and the torch-named weights copied.
+    """The reverse of :func:`lstm_to_layernorm`: every ``LayerNormLSTM``/``GRU``/``RNN`` (and
+    cell) becomes the torch module with the same configuration and the torch-named weights copied.
 
     The layer-norm parameters (and zoneout, and the ``cell_state`` variant) have no place in a
     torch layer and are dropped: the result computes exactly the original only when it had
@@ -408,11 +629,8 @@ def layernorm_to_lstm(model: nn.Module) -> nn.Module:
         cls = back.get(type(m))
         if cls is None:
             return None
-        kwargs = {k: getattr(m, k) for k in _TORCH_ARGS}
-        if cls is nn.RNN:
-            kwargs["nonlinearity"] = m.nonlinearity
-        ref = m.weight_ih_l0
-        new = cls(**kwargs, device=ref.device, dtype=ref.dtype)
+        ref = m.weight_ih_l0 if hasattr(m, "num_layers") else m.weight_ih
+        new = cls(**_rnn_config(m, cls), device=ref.device, dtype=ref.dtype)
         _copy_rnn_weights(new, m)
         new.train(m.training)
         return new
