@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm import numba_available
 from lnorm.nn import LayerNormGRU, LayerNormLSTM, LayerNormRNN
 from tolerances import assert_close
 
