@@ -16,7 +16,13 @@ from torch import nn
 
 import lnorm
 from lnorm import convert
-from lnorm.convert import ConversionWarning, convert_norms, layernorm_to_lstm, lstm_to_layernorm, use_lnorm
+from lnorm.convert import (
+    ConversionWarning,
+    convert_norms,
+    layernorm_to_lstm,
+    lstm_to_layernorm,
+    use_lnorm,
+)
 from lnorm.nn import LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell, LayerNormRNNCell
 
 
@@ -190,13 +196,20 @@ def test_use_lnorm_reports_what_it_leaves(module, why):
     assert out is model and model[1][0] is module
 
 
+class PreLayerNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = NanoGPTLayerNorm(4, True)
+        self.fc = nn.Linear(4, 4)
+
+
 def test_use_lnorm_is_quiet_on_models_without_norms_and_on_lnorm_modules():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), lnorm.LayerNorm(4), lnorm.AddRMSNorm(4),
-                          nn.GRU(4, 4))
+                          nn.GRU(4, 4), PreLayerNormBlock())
     first = model[2]
     with _no_conversion_warning():
         use_lnorm(model)
-    assert model[2] is first
+    assert model[2] is first and type(model[5].norm) is lnorm.LayerNorm
 
 
 def test_conversion_warning_can_be_an_error():

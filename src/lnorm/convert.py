@@ -449,8 +449,8 @@ def _use_lnorm_one(m: nn.Module) -> nn.Module | None:
         _check_own_tensors(m, {"weight", "bias"})
         kind = "layer" if base is nn.LayerNorm else "rms"
         return _lnorm_twin(m, kind, m.weight, getattr(m, "bias", None), m.eps)
-    if _NORM_NAME.search(type(m).__name__):
-        return _probed_twin(m)
+    if _NORM_NAME.search(type(m).__name__) and next(m.children(), None) is None:
+        return _probed_twin(m)  # (a block with submodules, "PreLayerNormBlock", is not a norm)
     return None
 
 
