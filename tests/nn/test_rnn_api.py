@@ -163,8 +163,7 @@ def test_proj_matches_nn_lstm(backend, layers, bidirectional, batch_first, bias,
     want, got = _run_both(ref, ours, x, hx)
     assert got[0].shape == (4, 6, 3 * D) and got[1].shape == (layers * D, 4 if batch_first else 6, 3)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        # torch's own kernel: bit-identical where it sees the same memory layout (time-major)
-        if backend == "numba" and not batch_first:
+        if backend == "numba":  # torch's own kernel: bit-identical
             assert torch.equal(a, b), f"item {i}: max diff {(a - b).abs().max()}"
         else:
             assert_close(a, b, name=f"item {i}")
@@ -284,3 +283,24 @@ def test_proj_deepcopy_and_state_dict_round_trip():
     other = LayerNormLSTM(5, 7, 2, bidirectional=True, proj_size=3)
     other.load_state_dict(m.state_dict())
     assert torch.equal(other(x)[0], m(x)[0])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_layer_norm_off_batch_first_is_nn_lstm_to_the_bit(kind):
+    if not numba_available():
+        pytest.skip("the fast backend runs torch's own kernel; the torch backend is checked to tolerance")
+    ours_cls, torch_cls, extra = KINDS[kind]
+    ref = torch_cls(5, 7, 2, batch_first=True, bidirectional=True, **extra).double()
+    ours = ours_cls(5, 7, 2, batch_first=True, bidirectional=True, layer_norm=False, dtype=D64, **extra)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 6, 5, dtype=D64)
+    with lnorm.use_backend("numba"):
+        results = []
+        for m in (ref, ours):
+            xi = x.clone().requires_grad_()
+            out, state = m(xi)
+            states = state if isinstance(state, tuple) else (state, state)
+            grads = torch.autograd.grad(_loss(out, *states), [xi, *m.parameters()])
+            results.append([out, *states, *grads])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), f"item {i}: max diff {(a - b).abs().max()}"

@@ -685,11 +685,15 @@ class _LayerNormRNNBase(nn.Module):
         if batch_sizes_t is not None:
             res = fn(x, batch_sizes_t, hx, weights, self.bias, self.num_layers, self.dropout,
                      self.training, self.bidirectional)
+            out = res[0]
         else:
             xs = x.reshape(T, B, -1)
+            if self.batch_first:  # torch's kernel on torch's layout: nn.LSTM's result to the bit
+                xs = xs.transpose(0, 1).contiguous()
             res = fn(xs, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
-                     self.bidirectional, False)
-        out = res[0].reshape(-1, res[0].shape[-1])
+                     self.bidirectional, self.batch_first)
+            out = res[0].transpose(0, 1) if self.batch_first else res[0]
+        out = out.reshape(-1, out.shape[-1])
         if self.mode == "LSTM":
             return out, res[1], res[2]
         return out, res[1], None
