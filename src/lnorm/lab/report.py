@@ -21,7 +21,13 @@ from pathlib import Path
 
 from lnorm.lab import experiments
 from lnorm.lab.claims import CLAIMS, claim_key
-from lnorm.lab.runner import DamagedRunError, load_json, load_results, load_run_config, write_json_atomic
+from lnorm.lab.runner import (
+    DamagedRunError,
+    load_json,
+    load_results,
+    load_run_config,
+    write_json_atomic,
+)
 from lnorm.utils import json_safe
 
 VERDICT_MARK = {"supported": "supported", "not supported": "NOT supported", "inconclusive": "inconclusive"}
