@@ -141,11 +141,14 @@ def test_damaged_runs_are_named_and_redone(tmp_path, capsys):
         assert runner.finished_record(p.parent)["status"] == "ok"
 
 
-def test_wrong_fields_in_a_result_name_the_runs(tmp_path, capsys):
+@pytest.mark.parametrize("result", [{"test_acc": None, "batch_dependence": None},
+                                    {"test_acc": "high", "batch_dependence": "low", "final_loss": "none"}],
+                         ids=["nulls", "strings"])
+def test_wrong_fields_in_a_result_name_the_runs(tmp_path, capsys, result):
     out = tmp_path / "run"
     assert run_cli(capsys, "run", "e1", *TINY, "--out", out)[0] == 0
     (p,) = _results(out)
-    p.write_text(json.dumps({"status": "ok", "result": {}}))  # a record, but with none of e1's numbers
+    p.write_text(json.dumps({"status": "ok", "result": result}))  # a run record, but not e1's numbers
     code, _, err = run_cli(capsys, "report", out)
     assert code == 2 and one_line_error(err, "report"), err
     assert str(out / "runs" / "e1") in err

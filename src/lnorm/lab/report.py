@@ -43,7 +43,7 @@ def analyze(run_dir: Path) -> dict:
         mod = experiments.get(name)
         try:
             a = mod.analyze(cfgs[name], results)
-        except (KeyError, TypeError, IndexError) as exc:  # records that passed read_record's check
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # records that passed read_record's check
             raise DamagedRunError(f"the records under {run_dir / 'runs' / name} do not have the fields the "
                                   f"{name} analysis reads ({type(exc).__name__}: {exc}); a damaged result.json? "
                                   "delete it and rerun `lnorm lab run` to redo that run") from None
