@@ -2,15 +2,17 @@
 
 Run directory layout (the contract the report reads)::
 
-    RUN_DIR/config.json                       resolved config of every selected experiment
+    RUN_DIR/config.json                       resolved config of every experiment in the directory
+    RUN_DIR/.lock                             flock held by the run in progress (holds its pid)
     RUN_DIR/env.json                          lnorm/torch version, git commit, threads, device
     RUN_DIR/runs/<exp>/<unit-id>/metrics.jsonl  curves of one run
-    RUN_DIR/runs/<exp>/<unit-id>/result.json    its outcome; present = done (resume skips it)
+    RUN_DIR/runs/<exp>/<unit-id>/result.json    its outcome; present and intact = done (resume skips it)
     RUN_DIR/results.json, results.csv, plots/*.png, report.md, report.html   (lnorm.lab.report)
 
 A unit's id holds a hash of its experiment config, parameters and seed, so a changed config never
 reuses stale results. Files are written to a temporary name and renamed, so an interruption
-leaves either a finished unit or none.
+leaves either a finished unit or none. A later run into the same directory adds its experiments
+(:func:`merge_config`) and is refused if it would drop finished ones from the report.
 """
 
 from __future__ import annotations
