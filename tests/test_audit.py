@@ -229,7 +229,7 @@ def test_ctrl_c_prints_one_line_and_exits_2(tmp_path):
                             env={**os.environ, "LNORM_AUDIT_TEST_MARKER": str(marker),
                                  "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
-        for _ in range(2400):  # the model is running: its forward has started
+        for _ in range(6000):  # the model is running: its forward has started
             if marker.exists() or proc.poll() is not None:
                 break
             time.sleep(0.05)

@@ -195,7 +195,7 @@ def test_killed_run_takes_its_workers_along_and_locks_out_a_second_run(tmp_path,
     workers: set[int] = set()
     try:
         try:
-            for _ in range(2400):  # both workers are training: each has its metrics file open
+            for _ in range(6000):  # both workers are training: each has its metrics file open
                 if len(list(out.glob("runs/e1/*/metrics.jsonl.tmp"))) == 2 or proc.poll() is not None:
                     break
                 time.sleep(0.05)
