@@ -41,7 +41,8 @@ def test_cnn_with_batch_norm(capsys):
     assert lv["train-eval-gap"] == "flag" and lv["small-batch"] == "ok"
     gap = next(f for f in r["findings"] if f["id"] == "train-eval-gap")
     assert gap["evidence"]["layers"][0]["input_gap"] == 0.0 and gap["evidence"]["layers"][0]["output_gap"] > 0.1
-    assert gap["claims"] == ["C2"] and "convert_norms" in gap["advice"][0]
+    # a CNN at batch size 16: the article's advice keeps batch norm (C7), never layer norm
+    assert gap["claims"] == ["C2"] and "Keep batch norm" in gap["advice"][0] and "'layer'" not in gap["advice"][0]
     train = next(f for f in r["findings"] if f["id"] == "batch-dependence-train")
     assert [s["name"] for s in train["evidence"]["sources"]] == ["1"]
 
@@ -135,3 +136,170 @@ def test_console_entry_point_runs_as_module():
                            "--input-shape", "6,8", "--batch-size", "4"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "FLAG  recurrent layers without normalization  [C4]" in proc.stdout
+
+
+# the exit-status contract: 0 ran and flagged nothing, 1 findings only, 2 anything else
+
+
+def _one_paragraph_error(code, out, err):
+    assert code == 2 and out == "", (code, out, err)
+    assert err.startswith("lnorm audit: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_model_failing_only_in_training_mode_is_a_finding(capsys):
+    code, r = audit_json(capsys, f"{MODELS}/hostile.py:make_bn_mlp", "--input-shape", "8", "--batch-size", "1")
+    assert code == 1
+    lv = levels(r)
+    assert lv["train-mode-fails"] == "flag" and lv["small-batch"] == "flag"
+    fail = next(f for f in r["findings"] if f["id"] == "train-mode-fails")
+    assert "Expected more than 1 value per channel" in fail["summary"] and fail["claims"] == ["C3"]
+    assert "train-eval-gap" not in lv and "gradient-scale" not in lv  # they need training mode
+
+
+@pytest.mark.parametrize("factory, needle", [
+    ("hostile.py:make_exit0", "make_exit0() from {M}/hostile.py failed: the code called sys.exit(0)"),
+    ("hostile.py:make_exit7", "the code called sys.exit(7)"),
+    ("exits_on_import.py:make_model", "importing {M}/exits_on_import.py failed: the code called sys.exit(0)"),
+    ("hostile.py:make_breaks_in_backward", "the audit could not run the model: RuntimeError: this backward fails"),
+], ids=["factory-exit-0", "factory-exit-7", "import-exit-0", "fails-in-a-probe"])
+def test_sys_exit_and_failures_in_the_audit_exit_2(capsys, factory, needle):
+    code, out, err = audit(capsys, f"{MODELS}/{factory}", "--input-shape", "8")
+    _one_paragraph_error(code, out, err)
+    assert needle.format(M=MODELS) in err
+
+
+def test_non_python_target_file_exits_2(capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    for target in [f"{notes}:make", *(["/etc/passwd:make"] if Path("/etc/passwd").is_file() else [])]:
+        code, out, err = audit(capsys, target, "--input-shape", "8")
+        _one_paragraph_error(code, out, err)
+        assert "is not a Python source file" in err
+
+
+def test_input_too_large_to_allocate_exits_2(capsys):
+    code, out, err = audit(capsys, f"{MODELS}/cnn_bn.py:make_model", "--input-shape", "100000,100000,100000")
+    _one_paragraph_error(code, out, err)
+    assert "could not create an input of shape [32, 100000, 100000, 100000]" in err
+
+
+@pytest.mark.parametrize("shape", ["3,,4", "8,", ",8", "8x", "x8", "3, ,4", "-3", "3.5"])
+def test_malformed_input_shape_exits_2(capsys, shape):
+    code, out, err = audit(capsys, f"{MODELS}/cnn_bn.py:make_model", "--input-shape", shape)
+    _one_paragraph_error(code, out, err)
+    assert "--input-shape must be comma-separated positive ints" in err and repr(shape) in err
+
+
+def test_text_file_as_input_exits_2(capsys, tmp_path):
+    text = tmp_path / "batch.txt"
+    text.write_text("hello, this is not a tensor\n")
+    code, out, err = audit(capsys, f"{MODELS}/cnn_bn.py:make_model", "--input", text)
+    _one_paragraph_error(code, out, err)
+    assert f"could not load --input {str(text)!r}: it must be a file written by torch.save" in err
+
+
+def test_timeout_ends_a_model_that_never_returns(capsys):
+    code, out, err = audit(capsys, f"{MODELS}/hostile.py:make_hang", "--input-shape", "8", "--timeout", "0.5")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "did not finish within --timeout 0.5 s" in err
+
+
+def test_timeout_has_a_default_and_is_checked(capsys):
+    import argparse
+
+    from lnorm.audit import DEFAULT_TIMEOUT, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["audit", "m.py:f"]).timeout == DEFAULT_TIMEOUT > 0
+    code, out, err = audit(capsys, f"{MODELS}/cnn_bn.py:make_model", "--input-shape", "3,8,8", "--timeout", "-1")
+    _one_paragraph_error(code, out, err)
+    assert "--timeout must be" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_prints_one_line_and_exits_2(tmp_path):
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "in_forward"
+    proc = subprocess.Popen([sys.executable, "-m", "lnorm", "audit", f"{MODELS}/hostile.py:make_hang",
+                             "--input-shape", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LNORM_AUDIT_TEST_MARKER": str(marker),
+                                 "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        for _ in range(6000):  # the model is running: its forward has started
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 2 and out == "", (proc.returncode, out, err)
+    assert err == "lnorm audit: interrupted (Ctrl-C); nothing was audited\n"
+
+
+def test_help_and_readme_say_that_the_target_is_imported_and_run(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["audit", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "imports that file or module, which runs its code, and calls ``factory()``" in text
+    assert "audit only code you trust" in text
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "imports the target's file or module, which runs its code, and calls the named callable" in readme
+
+
+# advice follows the architecture and the batch size
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return (self.bn2(self.conv2(self.bn1(self.conv1(x)).relu())) + x).relu()
+
+
+def small_resnet() -> nn.Module:
+    """resnet18's pattern (conv-BN stem, residual blocks with batch norm, pooled linear head), small."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         _Block(16), _Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def _advice(result) -> str:
+    return " ".join(a for f in result["findings"] for a in f["advice"])
+
+
+def test_cnn_with_batch_norm_at_normal_batch_size_is_not_advised_layer_norm():
+    torch.manual_seed(0)
+    r = audit_model(small_resnet(), torch.randn(32, 3, 16, 16))
+    assert r["architecture"] == "CNN"
+    advice = _advice(r)
+    assert "target='layer'" not in advice and "add layer norm" not in advice, advice
+    assert "Keep batch norm" in advice  # the train/eval gap of a fresh model: settle the statistics
+    arch = next(f for f in r["findings"] if f["id"] == "architecture")
+    assert arch["claims"] == ["C7"]
+
+
+def test_cnn_with_small_batches_is_advised_group_norm():
+    torch.manual_seed(0)
+    r = audit_model(small_resnet(), torch.randn(4, 3, 16, 16))
+    assert "small-batch" in r["flagged_ids"]
+    advice = _advice(r)
+    assert "target='group'" in advice and "target='layer'" not in advice, advice
+
+
+def test_mlp_with_batch_norm_keeps_it_at_normal_batch_size_and_converts_when_small():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    big = audit_model(model, torch.randn(32, 8) * 3 + 1)
+    assert "Keep batch norm" in _advice(big) and "(C6)" in _advice(big)
+    small = audit_model(model, torch.randn(4, 8) * 3 + 1)
+    assert "target='layer'" in _advice(small) and "Keep batch norm" not in _advice(small)

@@ -245,3 +245,15 @@ def test_activation_stats_jsonl_and_reset(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 8 and rows[0]["step"] == 1 and rows[-1]["step"] == 2
     assert {"module", "mean", "std", "max_abs", "type"} <= set(rows[0])
+
+
+def test_the_tools_long_functions_are_split_into_named_steps():
+    """Issue 12: audit_model, check_batch_independence and the lab's run read in one screen."""
+    import inspect
+
+    from lnorm import audit, diagnostics
+    from lnorm.lab import runner
+
+    for fn in (audit.audit_model, diagnostics.check_batch_independence, runner.run):
+        lines = len(inspect.getsourcelines(fn)[0])
+        assert lines <= 80, f"{fn.__module__}.{fn.__name__}: {lines} lines"

@@ -220,130 +220,147 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         raise ValueError(f"mode must be 'train', 'eval' or 'current', got {mode!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
-    B = x.shape[batch_dim]
-    h = B // 2
-    sizes = (h, B - h)
-    everyone = torch.arange(B, device=x.device)
     state = ModelState(model)
-    errors: dict[str, str] = {}
-    probes: dict[str, float] = {}
-    worst: dict[str, list[float]] = {}  # module -> [out abs, out rel, in abs, in rel], over probes
-    out_abs_worst = 0.0
     try:
         if mode != "current":
             set_mode(model, mode)
         mode_used = "train" if model.training else "eval"
-
-        def forward(probe: str, inp: Tensor):
-            snapshot = ModelState(model)  # every probe starts from the same running statistics
-            try:
-                return _run(model, inp)
-            except Exception as exc:  # noqa: BLE001 - failing on another batch is itself evidence
-                errors.setdefault(probe, f"{type(exc).__name__}: {exc}")
-                return None, None
-            finally:
-                snapshot.restore()
-
-        ref_out, ref = _run(model, x)
-        state.restore()
-        if mode != "current":
-            set_mode(model, mode)
-        if ref_out is None:
-            raise TypeError("the model's output holds no tensor to compare")
-
-        # split first: which dim halves tells each tensor's batch dim
-        (o1, r1), (o2, r2) = forward("split", x.narrow(batch_dim, 0, h)), \
-            forward("split", x.narrow(batch_dim, h, B - h))
-        out_bdim = batch_dim if ref_out.dim() > batch_dim and ref_out.shape[batch_dim] == B else None
-        bd_out: dict[str, int | None] = {}
-        bd_in: dict[str, int | None] = {}
-        if r1 is not None and r2 is not None:
-            out_bdim = _batch_dim_of(ref_out, [o1, o2], sizes) if o1 is not None and o2 is not None else None
-            for n in ref.outputs:
-                bd_out[n] = _first_batch_dim(ref.outputs[n], r1.outputs.get(n, []), r2.outputs.get(n, []), sizes)
-                bd_in[n] = _first_batch_dim(ref.inputs[n], r1.inputs.get(n, []), r2.inputs.get(n, []), sizes)
-
-        def compare(probe: str, out: Tensor | None, ins: dict, outs: dict, keep: Tensor) -> None:
-            nonlocal out_abs_worst
-            if out is None or out_bdim is None:
-                errors.setdefault(probe, "the output's batch dim could not be matched")
-                probes[probe] = math.inf
-                return
-            a, b = ref_out.index_select(out_bdim, keep), out.index_select(out_bdim, keep)
-            d = _max_diff(a, b)
-            out_abs_worst = max(out_abs_worst, d)
-            probes[probe] = _relative(d, a)
-            for n in ref.outputs:
-                w = worst.setdefault(n, [0.0, 0.0, 0.0, 0.0])
-                for refs, got, bd, slot in ((ref.outputs[n], outs.get(n), bd_out.get(n), 0),
-                                            (ref.inputs[n], ins.get(n), bd_in.get(n), 2)):
-                    if got is None or bd is None or len(got) != len(refs):
-                        continue
-                    for r_t, p_t in zip(refs, got, strict=False):
-                        if r_t is None or p_t is None or r_t.shape != p_t.shape or not r_t.is_floating_point():
-                            continue
-                        r_k, p_k = r_t.index_select(bd, keep), p_t.index_select(bd, keep)
-                        dd = _max_diff(r_k, p_k)
-                        w[slot] = max(w[slot], dd)
-                        w[slot + 1] = max(w[slot + 1], _relative(dd, r_k))
-
-        def realign(rec: _Recorder, fn) -> tuple[dict, dict]:
-            ins = {n: [None if t is None or bd_in.get(n) is None else fn(t, bd_in[n]) for t in lst]
-                   for n, lst in rec.inputs.items()}
-            outs = {n: [None if t is None or bd_out.get(n) is None else fn(t, bd_out[n]) for t in lst]
-                    for n, lst in rec.outputs.items()}
-            return ins, outs
-
-        if r1 is not None and r2 is not None:
-            def cat(seq1, seq2, bd):
-                if bd is None or len(seq1) != len(seq2):
-                    return None
-                return [None if a is None or b is None else torch.cat([a, b], bd) for a, b in zip(seq1, seq2, strict=False)]
-            ins = {n: cat(r1.inputs.get(n, []), r2.inputs.get(n, []), bd_in.get(n)) for n in ref.inputs}
-            outs = {n: cat(r1.outputs.get(n, []), r2.outputs.get(n, []), bd_out.get(n)) for n in ref.outputs}
-            out = None if out_bdim is None else torch.cat([o1, o2], out_bdim)
-            compare("split", out, ins, outs, everyone)
-        else:
-            probes["split"] = math.inf
-
-        # permute: roll by one so no sample keeps its place
-        perm = torch.roll(everyone, 1)
-        inv = torch.argsort(perm)
-        o, r = forward("permute", x.index_select(batch_dim, perm))
-        if r is not None:
-            ins, outs = realign(r, lambda t, bd: t.index_select(bd, inv))
-            compare("permute", None if o is None or out_bdim is None else o.index_select(out_bdim, inv),
-                    ins, outs, everyone)
-        else:
-            probes["permute"] = math.inf
-
-        # replace: the second half drawn from x's own values, the first half compared
-        g = torch.Generator().manual_seed(seed)
-        tail = x.narrow(batch_dim, h, B - h)
-        idx = torch.randint(0, x.numel(), tuple(tail.shape), generator=g).to(x.device)
-        x_rep = torch.cat([x.narrow(batch_dim, 0, h), x.reshape(-1)[idx]], batch_dim)
-        o, r = forward("replace", x_rep)
-        if r is not None:
-            compare("replace", o, r.inputs, r.outputs, torch.arange(h, device=x.device))
-        else:
-            probes["replace"] = math.inf
+        probes = _Probes(model, x, batch_dim, state, mode)
+        probes.split()
+        probes.permute()
+        probes.replace(seed)
     finally:
         state.restore()
-
-    # the modules that introduce the change: their output moved while their input did not
-    types = {(n or "<model>"): type(m).__name__ for n, m in model.named_modules()}
-    sources = [ModuleChange(n, types.get(n, "?"), w[0], w[1], w[2], w[3])
-               for n, w in worst.items() if w[1] > rtol and w[3] <= rtol]
-    names = [s.name for s in sources]
-    # keep the innermost: drop a container when one of its descendants is already a source
-    sources = [s for s in sources if not any(
-        o != s.name and (s.name == "<model>" or o.startswith(s.name + ".")) for o in names)]
-    sources.sort(key=lambda s: -s.output_relative)
-    max_rel = max(probes.values(), default=0.0)
+    max_rel = max(probes.changes.values(), default=0.0)
     return BatchIndependenceReport(
-        independent=not errors and max_rel <= rtol, max_change=out_abs_worst,
-        max_relative_change=max_rel, mode=mode_used, batch_size=B, rtol=float(rtol),
-        probes=probes, sources=sources, errors=errors)
+        independent=not probes.errors and max_rel <= rtol, max_change=probes.out_abs_worst,
+        max_relative_change=max_rel, mode=mode_used, batch_size=probes.B, rtol=float(rtol),
+        probes=probes.changes, sources=probes.sources(rtol), errors=probes.errors)
+
+
+class _Probes:
+    """The three probes of :func:`check_batch_independence` and what they share: the reference
+    run on the whole batch, each recorded tensor's batch dim, and the worst change per module."""
+
+    def __init__(self, model: nn.Module, x: Tensor, batch_dim: int, state: ModelState, mode: str) -> None:
+        self.model, self.x, self.batch_dim = model, x, batch_dim
+        self.B = x.shape[batch_dim]
+        self.h = self.B // 2
+        self.everyone = torch.arange(self.B, device=x.device)
+        self.errors: dict[str, str] = {}
+        self.changes: dict[str, float] = {}  # probe -> max relative output change
+        self.worst: dict[str, list[float]] = {}  # module -> [out abs, out rel, in abs, in rel], over probes
+        self.out_abs_worst = 0.0
+        self.ref_out, self.ref = _run(model, x)
+        state.restore()  # every probe starts from the running statistics the model had
+        if mode != "current":
+            set_mode(model, mode)
+        if self.ref_out is None:
+            raise TypeError("the model's output holds no tensor to compare")
+        out_bdim = batch_dim
+        self.out_bdim = out_bdim if self.ref_out.dim() > out_bdim and self.ref_out.shape[out_bdim] == self.B else None
+        self.bd_out: dict[str, int | None] = {}
+        self.bd_in: dict[str, int | None] = {}
+
+    def forward(self, probe: str, inp: Tensor):
+        snapshot = ModelState(self.model)  # every probe starts from the same running statistics
+        try:
+            return _run(self.model, inp)
+        except Exception as exc:  # noqa: BLE001 - failing on another batch is itself evidence
+            self.errors.setdefault(probe, f"{type(exc).__name__}: {exc}")
+            return None, None
+        finally:
+            snapshot.restore()
+
+    def split(self) -> None:
+        """The two halves run separately; which dim halves tells each tensor's batch dim."""
+        x, bd, h, B = self.x, self.batch_dim, self.h, self.B
+        (o1, r1), (o2, r2) = self.forward("split", x.narrow(bd, 0, h)), self.forward("split", x.narrow(bd, h, B - h))
+        if r1 is None or r2 is None:
+            self.changes["split"] = math.inf
+            return
+        sizes, ref = (h, B - h), self.ref
+        self.out_bdim = _batch_dim_of(self.ref_out, [o1, o2], sizes) if o1 is not None and o2 is not None else None
+        for n in ref.outputs:
+            self.bd_out[n] = _first_batch_dim(ref.outputs[n], r1.outputs.get(n, []), r2.outputs.get(n, []), sizes)
+            self.bd_in[n] = _first_batch_dim(ref.inputs[n], r1.inputs.get(n, []), r2.inputs.get(n, []), sizes)
+
+        def cat(seq1, seq2, d):
+            if d is None or len(seq1) != len(seq2):
+                return None
+            return [None if a is None or b is None else torch.cat([a, b], d) for a, b in zip(seq1, seq2, strict=False)]
+
+        ins = {n: cat(r1.inputs.get(n, []), r2.inputs.get(n, []), self.bd_in.get(n)) for n in ref.inputs}
+        outs = {n: cat(r1.outputs.get(n, []), r2.outputs.get(n, []), self.bd_out.get(n)) for n in ref.outputs}
+        out = None if self.out_bdim is None else torch.cat([o1, o2], self.out_bdim)
+        self.compare("split", out, ins, outs, self.everyone)
+
+    def permute(self) -> None:
+        """The batch rolled by one so that no sample keeps its place, then put back in order."""
+        perm = torch.roll(self.everyone, 1)
+        inv = torch.argsort(perm)
+        o, r = self.forward("permute", self.x.index_select(self.batch_dim, perm))
+        if r is None:
+            self.changes["permute"] = math.inf
+            return
+
+        def back(t, d):
+            return t.index_select(d, inv)
+
+        ins = {n: [None if t is None or self.bd_in.get(n) is None else back(t, self.bd_in[n]) for t in lst]
+               for n, lst in r.inputs.items()}
+        outs = {n: [None if t is None or self.bd_out.get(n) is None else back(t, self.bd_out[n]) for t in lst]
+                for n, lst in r.outputs.items()}
+        self.compare("permute", None if o is None or self.out_bdim is None else back(o, self.out_bdim),
+                     ins, outs, self.everyone)
+
+    def replace(self, seed: int) -> None:
+        """The second half drawn from x's own values (token ids stay token ids), the first half compared."""
+        x, bd, h = self.x, self.batch_dim, self.h
+        g = torch.Generator().manual_seed(seed)
+        tail = x.narrow(bd, h, self.B - h)
+        idx = torch.randint(0, x.numel(), tuple(tail.shape), generator=g).to(x.device)
+        o, r = self.forward("replace", torch.cat([x.narrow(bd, 0, h), x.reshape(-1)[idx]], bd))
+        if r is None:
+            self.changes["replace"] = math.inf
+            return
+        self.compare("replace", o, r.inputs, r.outputs, torch.arange(h, device=x.device))
+
+    def compare(self, probe: str, out: Tensor | None, ins: dict, outs: dict, keep: Tensor) -> None:
+        """The kept samples of ``out`` and of every module's input and output against the reference."""
+        if out is None or self.out_bdim is None:
+            self.errors.setdefault(probe, "the output's batch dim could not be matched")
+            self.changes[probe] = math.inf
+            return
+        a, b = self.ref_out.index_select(self.out_bdim, keep), out.index_select(self.out_bdim, keep)
+        d = _max_diff(a, b)
+        self.out_abs_worst = max(self.out_abs_worst, d)
+        self.changes[probe] = _relative(d, a)
+        for n in self.ref.outputs:
+            w = self.worst.setdefault(n, [0.0, 0.0, 0.0, 0.0])
+            for refs, got, bd, slot in ((self.ref.outputs[n], outs.get(n), self.bd_out.get(n), 0),
+                                        (self.ref.inputs[n], ins.get(n), self.bd_in.get(n), 2)):
+                if got is None or bd is None or len(got) != len(refs):
+                    continue
+                for r_t, p_t in zip(refs, got, strict=False):
+                    if r_t is None or p_t is None or r_t.shape != p_t.shape or not r_t.is_floating_point():
+                        continue
+                    r_k, p_k = r_t.index_select(bd, keep), p_t.index_select(bd, keep)
+                    dd = _max_diff(r_k, p_k)
+                    w[slot] = max(w[slot], dd)
+                    w[slot + 1] = max(w[slot + 1], _relative(dd, r_k))
+
+    def sources(self, rtol: float) -> list[ModuleChange]:
+        """The modules that introduce the change: their output moved while their input did not."""
+        types = {(n or "<model>"): type(m).__name__ for n, m in self.model.named_modules()}
+        found = [ModuleChange(n, types.get(n, "?"), w[0], w[1], w[2], w[3])
+                 for n, w in self.worst.items() if w[1] > rtol and w[3] <= rtol]
+        names = [s.name for s in found]
+        # keep the innermost: drop a container when one of its descendants is already a source
+        found = [s for s in found if not any(
+            o != s.name and (s.name == "<model>" or o.startswith(s.name + ".")) for o in names)]
+        found.sort(key=lambda s: -s.output_relative)
+        return found
 
 
 # --------------------------------------------------------------------------------------------

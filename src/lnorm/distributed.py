@@ -41,6 +41,7 @@ import contextlib
 import copy
 import datetime
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -172,15 +173,28 @@ def _save_atomic(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _first_failure(result_dir: str, fallback: tuple[int, str]) -> tuple[int, str]:
-    failures = []
+def _failures(result_dir: str) -> dict[int, tuple[float, str]]:
+    """``{rank: (time, traceback)}`` of the workers that raised."""
+    out = {}
     for name in os.listdir(result_dir):
         if name.endswith(".error.pt"):
             rec = torch.load(os.path.join(result_dir, name), weights_only=False)
-            failures.append((rec["time"], int(name[4:-9]), rec["traceback"]))
+            out[int(name[4:-9])] = (rec["time"], rec["traceback"])
+    return out
+
+
+def _blame(result_dir: str, nproc: int, fallback: tuple[int, str]) -> tuple[int, str]:
+    """The rank to report: the earliest failure, unless that is a collective timing out while
+    other ranks were still running outside it; then the first of those, which never arrived."""
+    failures = _failures(result_dir)
     if not failures:
         return fallback
-    _, rank, tb = min(failures)
+    rank, (_, tb) = min(failures.items(), key=lambda kv: kv[1])
+    hung = _silent(result_dir, nproc)
+    if _is_timeout(tb) and hung:
+        return hung[0], (f"hung: still running outside the collective that rank {rank} waited for until it "
+                         f"timed out (ranks that never arrived: {', '.join(map(str, hung))}); rank {rank}'s "
+                         f"error:\n{tb}")
     return rank, tb
 
 
@@ -257,14 +271,10 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
         ctx = mp.start_processes(_worker, args=(int(nproc), backend, store.port, float(pg_timeout),
                                                 int(threads), result_dir, os.getpid()),
                                  nprocs=int(nproc), join=False, start_method=start_method)
-        deadline = time.monotonic() + timeout
         try:
-            while not ctx.join(timeout=0.1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed job ({nproc} processes) still running after "
-                                       f"{timeout:g} s (timeout); workers killed")
+            _join(ctx, result_dir, nproc, time.monotonic() + timeout, timeout, pg_timeout)
         except mp.ProcessRaisedException as exc:
-            raise WorkerError(*_first_failure(result_dir, (exc.error_index, str(exc))), nproc=nproc) from None
+            raise WorkerError(*_blame(result_dir, nproc, (exc.error_index, str(exc))), nproc=nproc) from None
         except mp.ProcessExitedException as exc:
             raise WorkerError(exc.error_index, detail=f"exited with code {exc.exit_code}"
                               + (f" ({exc.signal_name})" if exc.signal_name else ""), nproc=nproc) from None
@@ -273,9 +283,41 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
         results = []
         for rank in range(nproc):
             path = os.path.join(result_dir, f"rank{rank}.pt")
+            if not os.path.exists(path):  # sys.exit(0) or os._exit(0) inside fn
+                detail = _failures(result_dir).get(rank, (0, ""))[1]
+                raise WorkerError(rank, "exited with code 0 without returning a result (sys.exit or os._exit "
+                                        "in fn?)" + (f"\n{detail}" if detail else ""), nproc=nproc)
             results.append(torch.load(path, weights_only=False))
     del store
     return results
+
+
+def _join(ctx, result_dir: str, nproc: int, deadline: float, timeout: float, pg_timeout: float) -> None:
+    """Wait for the workers. When a rank's collective times out, the peers that waited in the
+    same collective time out about as soon: give them a short grace before torch's join tears
+    the job down, so that the ranks still silent after it are the ones that never got there."""
+    grace_end = None
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"distributed job ({nproc} processes) still running after "
+                               f"{timeout:g} s (timeout); workers killed")
+        if grace_end is None and any(_is_timeout(tb) for _, tb in _failures(result_dir).values()):
+            grace_end = time.monotonic() + min(pg_timeout, 10.0)
+        if grace_end is not None and time.monotonic() < grace_end and _silent(result_dir, nproc):
+            time.sleep(0.1)
+            continue
+        if ctx.join(timeout=0.1):
+            return
+
+
+def _is_timeout(tb: str) -> bool:
+    return re.search(r"timed out|timeout", tb, re.IGNORECASE) is not None
+
+
+def _silent(result_dir: str, nproc: int) -> list[int]:
+    """Ranks that have neither returned nor failed."""
+    failed = _failures(result_dir)
+    return [r for r in range(nproc) if r not in failed and not os.path.exists(os.path.join(result_dir, f"rank{r}.pt"))]
 
 
 def _kill(processes) -> None:

@@ -91,11 +91,11 @@ def cmd_run(args) -> int:
                                  device=args.device, sets=args.sets + ([f"nproc={args.nproc}"] if args.nproc is not None else []),
                                  progress=not args.no_progress,
                                  backend=args.backend, threads=args.threads)
-    except ValueError as exc:
+        wall = time.perf_counter() - t0
+        a = report.build(out)
+    except ValueError as exc:  # usage errors, a run directory in use, damaged run files
         print(f"lnorm lab run: error: {exc}", file=sys.stderr)
         return 2
-    wall = time.perf_counter() - t0
-    a = report.build(out)
     print()
     print(report.claims_table_text(a["claims"]))
     done = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "total" and v)

@@ -9,6 +9,7 @@ Unknown suites, experiments and keys are errors that list the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -96,4 +97,22 @@ def resolve(module, suite: str, raw_sets: dict[str, str] | None = None):
     cfg = dataclasses.replace(cfg, **module.SUITES.get(suite, {}))
     types = _field_types(module.Config)
     parsed = {k: parse_value(v, types[k], k) for k, v in (raw_sets or {}).items()}
+    for k, v in parsed.items():
+        check_range(k, v)
     return dataclasses.replace(cfg, **parsed)
+
+
+# Fields where 0 means "none" or "all" (see their comments in the experiments' Config).
+ZERO_ALLOWED = frozenset({"max_steps", "seq_embed", "warmups", "train_images", "eval_images",
+                          "margin", "within", "grad_tol"})
+
+
+def check_range(key: str, value) -> None:
+    """Sizes, step counts and rates are > 0 (>= 0 where 0 has a meaning) and finite."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ValueError(f"--set {key}: expected a finite number, got {v!r}")
+        if v < 0 or (v == 0 and key not in ZERO_ALLOWED):
+            raise ValueError(f"--set {key}: expected a number {'>= 0' if key in ZERO_ALLOWED else '> 0'}, got {v!r}")

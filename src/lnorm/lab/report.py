@@ -21,7 +21,13 @@ from pathlib import Path
 
 from lnorm.lab import experiments
 from lnorm.lab.claims import CLAIMS, claim_key
-from lnorm.lab.runner import load_json, load_results, load_run_config, write_json_atomic
+from lnorm.lab.runner import (
+    DamagedRunError,
+    load_json,
+    load_results,
+    load_run_config,
+    write_json_atomic,
+)
 from lnorm.utils import json_safe
 
 VERDICT_MARK = {"supported": "supported", "not supported": "NOT supported", "inconclusive": "inconclusive"}
@@ -35,7 +41,12 @@ def analyze(run_dir: Path) -> dict:
     sections, claims = [], []
     for name in conf["experiments"]:
         mod = experiments.get(name)
-        a = mod.analyze(cfgs[name], results)
+        try:
+            a = mod.analyze(cfgs[name], results)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # records that passed read_record's check
+            raise DamagedRunError(f"the records under {run_dir / 'runs' / name} do not have the fields the "
+                                  f"{name} analysis reads ({type(exc).__name__}: {exc}); a damaged result.json? "
+                                  "delete it and rerun `lnorm lab run` to redo that run") from None
         recs = results[name]
         status = {}
         for r in recs:

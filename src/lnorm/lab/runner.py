@@ -2,27 +2,33 @@
 
 Run directory layout (the contract the report reads)::
 
-    RUN_DIR/config.json                       resolved config of every selected experiment
+    RUN_DIR/config.json                       resolved config of every experiment in the directory
+    RUN_DIR/.lock                             flock held by the run in progress (holds its pid)
     RUN_DIR/env.json                          lnorm/torch version, git commit, threads, device
     RUN_DIR/runs/<exp>/<unit-id>/metrics.jsonl  curves of one run
-    RUN_DIR/runs/<exp>/<unit-id>/result.json    its outcome; present = done (resume skips it)
+    RUN_DIR/runs/<exp>/<unit-id>/result.json    its outcome; present and intact = done (resume skips it)
     RUN_DIR/results.json, results.csv, plots/*.png, report.md, report.html   (lnorm.lab.report)
 
 A unit's id holds a hash of its experiment config, parameters and seed, so a changed config never
 reuses stale results. Files are written to a temporary name and renamed, so an interruption
-leaves either a finished unit or none.
+leaves either a finished unit or none. A later run into the same directory adds its experiments
+(:func:`merge_config`) and is refused if it would drop finished ones from the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -124,14 +130,50 @@ def resolve_all(names: list[str], suite: str, sets: list[str] | None) -> dict:
     return {n: C.resolve(mods[n], suite, raw[n]) for n in names}
 
 
+class DamagedRunError(ValueError):
+    """A run file that cannot be trusted: truncated, not JSON, or not a run record."""
+
+
 def load_run_config(run_dir: Path) -> tuple[dict, dict]:
     """``(run config, {exp: Config})`` from RUN_DIR/config.json."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a lab run directory (no config.json)")
-    conf = load_json(path)
-    cfgs = {n: C.coerce(experiments.get(n).Config, d) for n, d in conf["configs"].items()}
+    try:
+        conf = load_json(path)
+        missing = [k for k in ("suite", "seeds", "experiments", "configs") if k not in conf]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        cfgs = {n: C.coerce(experiments.get(n).Config, d) for n, d in conf["configs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedRunError(f"damaged run file {path}: {type(exc).__name__}: {exc}") from None
     return conf, cfgs
+
+
+_DONE = ("ok", "diverged", "cannot_train")
+
+
+def read_record(path: Path, statuses=_DONE) -> dict:
+    """A unit's ``result.json`` (or ``error.json``), checked; :class:`DamagedRunError` names the file."""
+    try:
+        rec = load_json(path)
+    except (OSError, ValueError) as exc:
+        raise DamagedRunError(f"damaged run file {path}: {exc}") from None
+    if not (isinstance(rec, dict) and rec.get("status") in statuses and isinstance(rec.get("result", {}), dict)):
+        raise DamagedRunError(f"damaged run file {path}: not a run record (a dict with a status in "
+                              f"{', '.join(statuses)} and a result dict)")
+    return rec
+
+
+def finished_record(unit_dir: Path) -> dict | None:
+    """The unit's record if it finished and its files are intact; None if it has not run yet."""
+    path = unit_dir / "result.json"
+    if not path.exists():
+        return None
+    rec = read_record(path)
+    if not (unit_dir / "metrics.jsonl").exists():
+        raise DamagedRunError(f"damaged run {unit_dir}: result.json without its metrics.jsonl")
+    return rec
 
 
 def load_results(run_dir: Path, conf: dict, cfgs: dict) -> dict[str, list[dict]]:
@@ -142,9 +184,9 @@ def load_results(run_dir: Path, conf: dict, cfgs: dict) -> dict[str, list[dict]]
         for u in plan(exp, cfg, conf["seeds"]):
             path = u.dir(run_dir) / "result.json"
             if path.exists():
-                rec = load_json(path)
+                rec = read_record(path)
             elif (u.dir(run_dir) / "error.json").exists():
-                rec = load_json(u.dir(run_dir) / "error.json")
+                rec = read_record(u.dir(run_dir) / "error.json", ("error",))
             else:
                 rec = {"status": "missing", "result": {}}
             rec.update(params=u.params, seed=u.seed, uid=u.uid)
@@ -265,6 +307,137 @@ def execute(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int,
     return rec
 
 
+# the run directory: one run at a time, merged with what earlier runs finished
+
+def make_run_dir(out) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the run directory: {exc.strerror} ({exc.filename})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the run directory is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def lock_run_dir(out: Path):
+    """Hold ``out/.lock`` for the block; a second run on the same directory is refused (ValueError).
+
+    An flock ends with the process that holds it, so a killed run never leaves a stale lock."""
+    path = Path(out) / ".lock"
+    try:
+        f = open(path, "a+")
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there: {exc.strerror}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(f"--out {out} is in use by another `lnorm lab run` (pid {holder}); "
+                             "wait for it to end or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _changes(old: dict, new: dict, most: int = 3) -> str:
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(diff[:most]) + (", ..." if len(diff) > most else "")
+
+
+def merge_config(out: Path, conf: dict) -> dict:
+    """``conf`` plus the experiments that an earlier run finished in ``out`` and this one does not select.
+
+    Refuses (ValueError) a run whose plan leaves out finished units (another config, fewer seeds)
+    or that would relabel kept experiments (another suite or seed count): their results would
+    silently drop out of the report or be misreported."""
+    if not (out / "config.json").exists():
+        return conf
+    old, old_cfgs = load_run_config(out)
+    kept, clashes = {}, []
+    for n, cfg in old_cfgs.items():
+        done = {u.uid for u in plan(n, cfg, old["seeds"]) if (u.dir(out) / "result.json").exists()}
+        before, now = dataclasses.asdict(cfg), conf["configs"].get(n)
+        if not done:
+            continue  # nothing finished under that config: nothing to lose
+        if now is None:
+            kept[n] = before
+        elif now != before:
+            clashes.append(f"{n}: {_changes(before, now)}")
+        elif done - {u.uid for u in plan(n, cfg, conf["seeds"])}:
+            clashes.append(f"{n}: seeds {old['seeds']} -> {conf['seeds']}")
+    if kept:
+        clashes += [f"{k} {old[k]!r} -> {conf[k]!r}" for k in ("suite", "seeds") if old[k] != conf[k]]
+    if clashes:
+        raise ValueError(f"--out {out} holds finished runs made with other settings ({'; '.join(clashes)}); "
+                         f"this run would drop them from the report: use another --out, or the settings "
+                         f"recorded in {out / 'config.json'}")
+    names = set(conf["experiments"]) | set(kept)
+    return {**conf, "experiments": [n for n in experiments.names() if n in names],
+            "configs": {**kept, **conf["configs"]}}
+
+
+def pending(units: list[Unit], out: Path, log=print) -> list[Unit]:
+    """The units still to run. A damaged finished unit runs again, and the log names its files."""
+    todo = []
+    for u in units:
+        try:
+            if finished_record(u.dir(out)) is not None:
+                continue
+        except DamagedRunError as exc:
+            log(f"{exc}: running it again")
+            (u.dir(out) / "result.json").unlink(missing_ok=True)
+        todo.append(u)
+    return todo
+
+
+# worker processes
+
+_worker_progress = None  # in a pool worker: the queue its runs report their steps to
+
+
+def _init_worker(parent: int, progress) -> None:
+    """Pool initializer: the worker ends with the run that started it, even a ``kill -9``-ed one,
+    so no orphan trains on and writes into a run directory that a new run has taken over."""
+    global _worker_progress
+    _worker_progress = progress
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="lnorm-lab-exit-with-parent",
+                     daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """The fallback where there is no PR_SET_PDEATHSIG: wait on the parent's sentinel pipe."""
+    import multiprocessing
+
+    watch = multiprocessing.parent_process()
+    if watch is not None:
+        watch.join()  # returns when the parent's end of the pipe closes: the parent is gone
+    else:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+    os._exit(1)
+
+
+def _execute_in_worker(unit: Unit, cfg_dict: dict, run_dir: str, device: str, threads: int, backend: str) -> dict:
+    return execute(unit, cfg_dict, run_dir, device, threads, _worker_progress or False, backend)
+
+
 # the whole run
 
 def default_jobs() -> int:
@@ -272,115 +445,136 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
-        sets: list[str] | None, progress: bool = True, backend: str = "auto", threads: int = 1, log=print) -> tuple[Path, dict]:
-    """Run the selected experiments into ``out``, skipping finished units. Returns (out, counts)."""
+def _check_run_options(suite: str, jobs: int, seeds: int | None, backend: str, threads: int) -> None:
     C.check_suite(suite)
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    if seeds is not None and seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    for flag, value in (("--jobs", jobs), ("--seeds", seeds), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if backend not in choices():
         raise ValueError(f"--backend must be one of {choices()}, got {backend!r}")
+
+
+def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
+        sets: list[str] | None, progress: bool = True, backend: str = "auto", threads: int = 1, log=print) -> tuple[Path, dict]:
+    """Run the selected experiments into ``out``, skipping finished units. Returns (out, counts).
+
+    ``out`` is locked while the run lasts; experiments finished there earlier stay in its
+    config and report. Usage problems (options, ``--set`` values, ``out``) raise ValueError."""
+    _check_run_options(suite, jobs, seeds, backend, threads)
     names = with_requirements(names)
     cfgs = resolve_all(names, suite, sets)
     seeds = seeds or C.DEFAULT_SEEDS[suite]
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    conf = {"suite": suite, "seeds": seeds, "experiments": names, "device": device, "jobs": jobs, "backend": backend,
-            "sets": list(sets or []), "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
-    write_json_atomic(out / "config.json", json_safe(conf))
-    write_json_atomic(out / "env.json", {**environment(device, threads, jobs), "backend": backend})
+    out = make_run_dir(out)
+    with lock_run_dir(out):
+        conf = {"suite": suite, "seeds": seeds, "experiments": names, "device": device, "jobs": jobs,
+                "backend": backend, "sets": list(sets or []),
+                "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
+        write_json_atomic(out / "config.json", json_safe(merge_config(out, conf)))
+        write_json_atomic(out / "env.json", {**environment(device, threads, jobs), "backend": backend})
+        units = {n: plan(n, cfgs[n], seeds) for n in names}
+        todo = {n: pending(us, out, log) for n, us in units.items()}
+        counts = {"total": sum(map(len, units.values())), "skipped": sum(len(units[n]) - len(todo[n]) for n in names),
+                  "ok": 0, "diverged": 0, "cannot_train": 0, "error": 0}
+        if counts["skipped"]:
+            log(f"resuming {out}: {counts['skipped']} of {counts['total']} runs already done")
 
-    units = {n: plan(n, cfgs[n], seeds) for n in names}
-    todo = {n: [u for u in us if not (u.dir(out) / "result.json").exists()] for n, us in units.items()}
-    counts = {"total": sum(map(len, units.values())), "skipped": sum(len(units[n]) - len(todo[n]) for n in names),
-              "ok": 0, "diverged": 0, "cannot_train": 0, "error": 0}
-    if counts["skipped"]:
-        log(f"resuming {out}: {counts['skipped']} of {counts['total']} runs already done")
-    bar_mod = None
-    if progress:
-        from tqdm import tqdm as bar_mod
-    cfg_dicts = {n: dataclasses.asdict(c) for n, c in cfgs.items()}
+        def note(rec, unit):
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            if rec["status"] == "error":
+                log(f"\nerror in {unit.exp}/{unit.uid}: {rec['reason']}")
 
-    def note(rec, unit):
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-        if rec["status"] == "error":
-            log(f"\nerror in {unit.exp}/{unit.uid}: {rec['reason']}")
-
-    if jobs == 1:
-        for n in names:
-            if not units[n]:
-                continue
-            bar = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=0, unit="run",
-                          desc=f"{n:>10}", dynamic_ncols=True) if bar_mod else None
-            for u in todo[n]:
-                note(execute(u, cfg_dicts[n], str(out), device, threads, progress, backend), u)
-                if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-    else:  # every pending unit of every experiment goes to the pool at once; one bar per experiment
-        import multiprocessing
-
-        bars, overall = {}, None
-        if bar_mod:  # runs of several experiments overlap: the time left is the overall bar's
-            n_todo = sum(map(len, todo.values()))
-            overall = bar_mod(total=n_todo, position=0, unit="run", desc=f"{'all':>10}", dynamic_ncols=True)
-            for i, n in enumerate(x for x in names if units[x]):
-                bars[n] = bar_mod(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i + 1,
-                                  desc=f"{n:>10}", dynamic_ncols=True,
-                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs")
-        ctx = multiprocessing.get_context("spawn")
-        manager = ctx.Manager() if bar_mod else None
-        queue = manager.Queue() if manager else False
-        run_bars: dict[str, object] = {}  # one step bar per run in flight, below the experiment bars
-        first_free = len(bars) + 1
-
-        def drain():
-            while queue is not False and not queue.empty():
-                desc, i, total = queue.get()
-                if i is None:  # the run ended (also early: cannot train, diverged, error)
-                    if desc in run_bars:
-                        run_bars.pop(desc).close()
-                    continue
-                if desc not in run_bars:
-                    used = {b.pos for b in run_bars.values()}
-                    pos = next(p for p in range(first_free, first_free + jobs + 8) if p not in used and -p not in used)
-                    run_bars[desc] = bar_mod(total=total, desc=f"  {desc}", position=pos, leave=False, unit="step",
-                                             dynamic_ncols=True)
-                b = run_bars[desc]
-                b.update(i - b.n)
-                if i >= total:
-                    b.close()
-                    del run_bars[desc]
-
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futs = {pool.submit(execute, u, cfg_dicts[n], str(out), device, threads, queue, backend): u
-                    for n in names for u in todo[n]}
-            pending = set(futs)
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                    drain()
-                    for f in done:
-                        u = futs[f]
-                        note(f.result(), u)
-                        if u.exp in bars:
-                            bars[u.exp].update(1)
-                            overall.update(1)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            finally:
-                for b in run_bars.values():
-                    b.close()
-                if manager is not None:
-                    manager.shutdown()
-        for b in [*bars.values(), overall]:
-            if b is not None:
-                b.close()
+        call = {n: (conf["configs"][n], str(out), device, threads) for n in names}
+        if jobs == 1:
+            _run_here(units, todo, call, progress, backend, note)
+        else:
+            _run_in_pool(units, todo, call, jobs, progress, backend, note)
     sys.stdout.flush()
     return out, counts
+
+
+def _bar(**kw):
+    from tqdm import tqdm
+
+    return tqdm(dynamic_ncols=True, **kw)
+
+
+def _run_here(units, todo, call, progress, backend, note) -> None:
+    """One unit after another in this process, one bar per experiment."""
+    for n, us in units.items():
+        if not us:
+            continue
+        bar = _bar(total=len(us), initial=len(us) - len(todo[n]), position=0, unit="run", desc=f"{n:>10}") \
+            if progress else None
+        for u in todo[n]:
+            note(execute(u, *call[n], progress, backend), u)
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+
+
+class _PoolBars:
+    """The bars of a pool run: overall (its time left is the run's), one per experiment, and one
+    step bar per run in flight below them, fed by the workers' ``(desc, step, total)`` messages."""
+
+    def __init__(self, units, todo, jobs: int) -> None:
+        self.overall = _bar(total=sum(map(len, todo.values())), position=0, unit="run", desc=f"{'all':>10}")
+        self.exp = {n: _bar(total=len(units[n]), initial=len(units[n]) - len(todo[n]), position=i + 1,
+                            desc=f"{n:>10}", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs")
+                    for i, n in enumerate(x for x in units if units[x])}
+        self.runs: dict[str, object] = {}
+        self.first_free, self.jobs = len(self.exp) + 1, jobs
+
+    def unit_done(self, unit: Unit) -> None:
+        self.exp[unit.exp].update(1)
+        self.overall.update(1)
+
+    def step(self, desc: str, i: int | None, total: int | None) -> None:
+        if i is None:  # the run ended (also early: cannot train, diverged, error)
+            if desc in self.runs:
+                self.runs.pop(desc).close()
+            return
+        if desc not in self.runs:
+            used = {b.pos for b in self.runs.values()}
+            pos = next(p for p in range(self.first_free, self.first_free + self.jobs + 8)
+                       if p not in used and -p not in used)
+            self.runs[desc] = _bar(total=total, desc=f"  {desc}", position=pos, leave=False, unit="step")
+        b = self.runs[desc]
+        b.update(i - b.n)
+        if i >= total:
+            self.runs.pop(desc).close()
+
+    def close(self) -> None:
+        for b in [*self.runs.values(), *self.exp.values(), self.overall]:
+            b.close()
+
+
+def _run_in_pool(units, todo, call, jobs: int, progress, backend, note) -> None:
+    """Every pending unit of every experiment goes to a pool of ``jobs`` spawned workers at once."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    steps = ctx.Queue() if progress else None
+    bars = _PoolBars(units, todo, jobs) if progress else None
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), steps)) as pool:
+        futs = {pool.submit(_execute_in_worker, u, *call[n], backend): u for n in units for u in todo[n]}
+        pending_futs = set(futs)
+        try:
+            while pending_futs:
+                done, pending_futs = wait(pending_futs, timeout=0.25, return_when=FIRST_COMPLETED)
+                while bars is not None:
+                    try:
+                        bars.step(*steps.get_nowait())
+                    except queue.Empty:
+                        break
+                for f in done:
+                    note(f.result(), futs[f])
+                    if bars is not None:
+                        bars.unit_done(futs[f])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            if bars is not None:
+                bars.close()
