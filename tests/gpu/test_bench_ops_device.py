@@ -89,3 +89,22 @@ def test_cli_writes_strict_json(tmp_path):
     assert data["environment"]["device"] == "cpu"
     assert {r["mode"] for r in data["rows"]} == {"fwd", "fwd+bwd"}
     assert all(r["liger_ms"] is None and r["peak_share"] > 0 for r in data["rows"])
+
+
+def test_a_failing_case_is_reported_and_the_rest_still_timed(tmp_path, monkeypatch, capsys):
+    original = bench_ops.bench_case
+
+    def flaky(op, *args, **kwargs):
+        if op == "rms_norm":
+            raise AssertionError("lnorm rms_norm: max abs error 1 against float64")
+        return original(op, *args, **kwargs)
+
+    monkeypatch.setattr(bench_ops, "bench_case", flaky)
+    out = tmp_path / "ops.json"
+    args = ["bench", "ops", "--shapes", "4x24", "--ops", "rms_norm", "layer_norm", "--modes", "fwd",
+            "--dtypes", "float32", "--repeats", "1", "--json", str(out)]
+    assert main(args) == 1
+    data = json.loads(out.read_text())
+    assert [r["op"] for r in data["rows"]] == ["layer_norm"] and data["complete"]
+    assert data["errors"][0]["case"][0] == "rms_norm" and "max abs error" in data["errors"][0]["error"]
+    assert "1 of 2 cases failed" in capsys.readouterr().err

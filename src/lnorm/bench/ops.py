@@ -403,12 +403,28 @@ def run(args: argparse.Namespace) -> int:
         it = tqdm(cases, desc="bench ops", unit="case", file=sys.stderr, leave=False)
     except ImportError:  # progress bars are optional in the core install
         it = cases
-    rows = [bench_case(*case, repeats=args.repeats, device=device, peak=peak, liger=liger) for case in it]
+    rows, errors = [], []
+    for case in it:
+        try:
+            rows.append(bench_case(*case, repeats=args.repeats, device=device, peak=peak, liger=liger))
+        except Exception as exc:  # a wrong result or a failing kernel: report it, time the rest
+            errors.append({"case": list(case), "error": repr(exc)})
+            print(f"FAILED {case}: {exc!r}", file=sys.stderr, flush=True)
+        if args.json:  # after every case, so a run cut short still leaves its rows
+            _write_json(args.json, env, rows, None, errors)
     summary = summarize(rows)
     print(format_table(rows, summary))
     if args.json:
-        result = {"environment": env, "rows": [asdict(r) for r in rows], "summary": summary}
-        with open(args.json, "w") as f:
-            json.dump(_json_safe(result), f, indent=2)
+        _write_json(args.json, env, rows, summary, errors)
         print(f"wrote {args.json}")
+    if errors:
+        print(f"{len(errors)} of {len(cases)} cases failed (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_json(path, env, rows, summary, errors) -> None:
+    result = {"environment": env, "rows": [asdict(r) for r in rows], "summary": summary,
+              "errors": errors, "complete": summary is not None}
+    with open(path, "w") as f:
+        json.dump(_json_safe(result), f, indent=2)
