@@ -31,6 +31,7 @@ import lnorm
 from lnorm import functional as LF
 from lnorm.bench.timing import interleaved
 from lnorm.ops.backend import choices as backend_choices
+from lnorm.utils import json_safe
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "fwd+bwd")
@@ -312,17 +313,6 @@ def format_table(rows: list[Row], summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
-    """NaN (no Liger, unknown peak) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def environment(device: torch.device | None = None, peak: float | None = None) -> dict:
     device = device or torch.device("cpu")
     env = {
@@ -427,4 +417,4 @@ def _write_json(path, env, rows, summary, errors) -> None:
     result = {"environment": env, "rows": [asdict(r) for r in rows], "summary": summary,
               "errors": errors, "complete": summary is not None}
     with open(path, "w") as f:
-        json.dump(_json_safe(result), f, indent=2)
+        json.dump(json_safe(result), f, indent=2)
