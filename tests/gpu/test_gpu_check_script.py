@@ -27,6 +27,9 @@ case "$*" in
     if [ "$FAKE_MODE" = hang ]; then sleep 600; fi
     for last; do :; done
     echo '{"rows": []}' > "$last"; echo "bench table" ;;
+  *triton_launch_sweep*)
+    if [ "$FAKE_MODE" = fail_sweep ]; then echo "sweep broke"; exit 1; fi
+    echo "sweep rows" ;;
   *) echo "environment ok" ;;
 esac
 """
@@ -54,7 +57,7 @@ def test_all_steps_pass(fake, tmp_path):
     proc, out = fake("ok")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    assert [line.split(":")[0] for line in summary.splitlines()] == ["env", "tests", "bench_ops"]
+    assert [line.split(":")[0] for line in summary.splitlines()] == ["env", "tests", "bench_ops", "launch_sweep"]
     assert all(": exit 0," in line for line in summary.splitlines())
     # three test ids over two shards, round robin, passed as arguments (brackets unglobbed)
     calls = (tmp_path / "pytest_calls.log").read_text().splitlines()
@@ -76,4 +79,13 @@ def test_a_failing_test_fails_the_run_and_is_shown(fake):
 def test_a_hanging_step_is_cut_off_within_the_budget(fake):
     proc, out = fake("hang", budget=8)
     assert proc.returncode == 1
-    assert "(timed out after" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "bench_ops: exit 124" in summary and "(timed out after" in summary
+    assert "launch_sweep: not run (budget of 8s spent)" in summary  # optional: not the cause of rc 1
+
+
+def test_the_optional_sweep_does_not_fail_the_run(fake):
+    proc, out = fake("fail_sweep")
+    assert proc.returncode == 0, proc.stdout
+    assert "launch_sweep: exit 1" in (out / "summary.txt").read_text()
+    assert "(optional)" in (out / "summary.txt").read_text()

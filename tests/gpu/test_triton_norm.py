@@ -231,3 +231,57 @@ def test_functional_names_the_mixed_device_argument(triton_device):
         LF.layer_norm(x, 8, torch.ones(8))
     with pytest.raises(ValueError, match=r"residual is on cpu but x is on cuda"):
         LF.add_rms_norm(x, torch.randn(2, 8), 8)
+
+
+# ---------------------------------------------------------------- the torch.library path
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+@pytest.mark.parametrize("case", ["f32-layer-res", "bf16-rms", "bf16-layer-res-fp32"])
+def test_opcheck_norm_fwd(triton_device, launches, case):
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    center, with_res = "layer" in case, "res" in case
+
+    def t(*shape, dt=dtype):
+        return torch.randn(*shape, dtype=torch.float64).to(dt).to(triton_device).requires_grad_(True)
+
+    args = (t(5, 24), t(5, 24) if with_res else None, t(24, dt=torch.float32),
+            t(24) if center else None, 1e-5, center, case.endswith("fp32"))
+    result = torch.library.opcheck(torch.ops.lnorm.norm_fwd.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    assert launches["fwd"] > 0 and launches["bwd"] > 0, launches
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_opcheck_norm_bwd(triton_device, launches, dtype):
+    # the kernel may write dx in dy's dtype; the op returns it as its fake says, in float32
+    R, H = 5, 24
+    src = torch.randn(R, H, device=triton_device).to(dtype)
+    mean = src.float().mean(-1)
+    rstd = torch.rand(R, device=triton_device) + 0.5
+    args = (torch.randn(R, H, device=triton_device).to(dtype), src, torch.randn(H, device=triton_device),
+            mean, rstd, True, True, True, torch.randn(R, H, device=triton_device).to(dtype))
+    result = torch.library.opcheck(torch.ops.lnorm.norm_bwd.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    assert torch.ops.lnorm.norm_bwd(*args)[0].dtype == torch.float32
+    assert launches["bwd"] > 0, launches
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_compiled_model_matches_eager(triton_device, launches):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), lnorm.RMSNorm(32), torch.nn.Linear(32, 32),
+                                lnorm.LayerNorm(32)).to(triton_device)
+    x = torch.randn(6, 16, device=triton_device)
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert_close(out, eager, name="compiled out")
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert_close(p.grad, g, name="compiled grad")
+    assert launches["fwd"] >= 4 and launches["bwd"] >= 4, launches
