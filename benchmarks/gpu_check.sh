@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh          (from anywhere; or `make gpu-check`)
 #
-# Then, optional, benchmarks/triton_launch_sweep.py with what is left of the budget.
+# Then, optional, with what is left of the budget: `lnorm bench rnn --device cuda` (a baseline: the
+# recurrent layers' pure-torch path on CUDA) and benchmarks/triton_launch_sweep.py.
 # Made for a bare machine without network: nothing is installed; python3 needs torch (CUDA build),
 # triton, numpy and pytest; lnorm runs from src/ (PYTHONPATH), installed or not.
 # Environment: OUT (results folder; default benchmarks/out/gpu-check-<UTC time>), PYTHON (default
@@ -108,6 +109,12 @@ cat "$OUT/tests.log"
 
 step bench_ops 240 "$PY" -m lnorm bench ops --device cuda --repeats 5 --json "$OUT/bench_ops.json"
 cat "$OUT/bench_ops.log"
+
+# the recurrent layers on the GPU (lnorm's pure-torch path there) against cuDNN and the naive cell,
+# at the issue's B=64, T=100, I=H=512: a baseline, optional
+OPTIONAL=1 step bench_rnn 90 "$PY" -m lnorm bench rnn --device cuda --batch 64 --input-size 512 \
+    --hidden-size 512 --repeats 3 --json "$OUT/bench_rnn.json"
+cat "$OUT/bench_rnn.log"
 
 # launch settings measured for later tuning, in what is left of the budget (its JSON is written
 # after every case, so a cut-off run still reports; the log is not echoed, to keep the tables last)

@@ -108,3 +108,9 @@ def test_a_failing_case_is_reported_and_the_rest_still_timed(tmp_path, monkeypat
     assert [r["op"] for r in data["rows"]] == ["layer_norm"] and data["complete"]
     assert data["errors"][0]["case"][0] == "rms_norm" and "max abs error" in data["errors"][0]["error"]
     assert "1 of 2 cases failed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_rnn_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["bench", "rnn", "--quick", "--device", "cuda"]) == 2
+    assert "--device cuda but torch sees no CUDA device" in capsys.readouterr().err

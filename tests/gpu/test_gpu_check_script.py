@@ -57,7 +57,7 @@ def test_all_steps_pass(fake, tmp_path):
     proc, out = fake("ok")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    assert [line.split(":")[0] for line in summary.splitlines()] == ["env", "tests", "bench_ops", "launch_sweep"]
+    assert [line.split(":")[0] for line in summary.splitlines()] == ["env", "tests", "bench_ops", "bench_rnn", "launch_sweep"]
     assert all(": exit 0," in line for line in summary.splitlines())
     # three test ids over two shards, round robin, passed as arguments (brackets unglobbed)
     calls = (tmp_path / "pytest_calls.log").read_text().splitlines()
