@@ -68,6 +68,8 @@ print("cuda available:", torch.cuda.is_available())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu:", p.name, "|", p.multi_processor_count, "SMs |", round(p.total_memory / 2**30), "GiB")
+import shutil
+print("C compiler (triton builds its launchers with it):", shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
 import lnorm
 print("lnorm", lnorm.__version__, "from", lnorm.__file__, "| backend for cuda:", lnorm.get_backend("cuda"))
 '
