@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lnorm-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test smoke bench lint clean
+.PHONY: lab test smoke bench lint clean gpu-check
 
 $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine, as it is (no venv, no network): the CUDA tests and `lnorm bench ops --device
+# cuda`, logs and JSON in $(OUT) (default benchmarks/out/gpu-check-<time>); under 8 minutes.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

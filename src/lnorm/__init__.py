@@ -19,7 +19,13 @@ from lnorm.nn.rnn import (  # noqa: E402
     LayerNormRNN,
     LayerNormRNNCell,
 )
-from lnorm.ops.backend import get_backend, numba_available, set_backend, use_backend  # noqa: E402
+from lnorm.ops.backend import (  # noqa: E402
+    get_backend,
+    numba_available,
+    set_backend,
+    triton_available,
+    use_backend,
+)
 
 __all__ = [
     "AddLayerNorm",
@@ -40,5 +46,6 @@ __all__ = [
     "numba_available",
     "rms_norm",
     "set_backend",
+    "triton_available",
     "use_backend",
 ]

@@ -171,7 +171,7 @@ def test_a_registered_backend_is_chosen_per_device():
         for name in ("fake", "gone"):
             if name in backend.choices():
                 backend.unregister_backend(name)
-    assert backend.choices() == ("auto", "torch", "numba")
+    assert backend.choices() == ("auto", "torch", "triton", "numba")
     with pytest.raises(ValueError, match="unregister"):
         backend.unregister_backend("torch")
 

@@ -20,6 +20,9 @@ float64 run of the same layer as the naive cell's output is. Modes: ``train``
 counts the bytes of the unique storages autograd keeps for backward (saved-tensor hooks).
 Cases: the main one (``--batch --seq-len --input-size --hidden-size``, 1 layer), 2 layers
 bidirectional, and a packed batch of mixed lengths (uniform between T/4 and T).
+``--device cuda`` runs every candidate on the GPU (``torch`` is then cuDNN; timing synchronizes
+before every clock read; the matmul floor uses plain ``torch.mm``); lnorm's recurrent layers take
+their pure-torch path there.
 """
 
 from __future__ import annotations
@@ -173,19 +176,21 @@ def _randomize_ln(m: nn.Module) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool):
+def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device: str = "cpu"):
     """A callable doing only the matrix products of one layer over (T, B, I) input (see above)."""
     try:
+        if device != "cpu":
+            raise ImportError  # MKL's packed GEMM is a CPU thing
         from lnorm.ops.rnn_fused import StepGemm
-    except ImportError:  # no Numba: the layer's torch path uses plain matmuls
+    except ImportError:  # no Numba (or a GPU): the layer's torch path uses plain matmuls
         def StepGemm(w, batch):
             return lambda a: torch.mm(a, w.t())
 
     G = (4 if cell == "lstm" else 3) * H
     N = B * T
     g = torch.Generator().manual_seed(0)
-    x, w_ih, w_hh = (torch.randn(*s, generator=g) for s in ((N, I), (G, I), (G, H)))
-    h, dg, hs = (torch.randn(*s, generator=g) for s in ((B, H), (N, G), (N, H)))
+    x, w_ih, w_hh = (torch.randn(*s, generator=g).to(device) for s in ((N, I), (G, I), (G, H)))
+    h, dg, hs = (torch.randn(*s, generator=g).to(device) for s in ((B, H), (N, G), (N, H)))
 
     def f():
         F.linear(x, w_ih)
@@ -220,17 +225,18 @@ def _check_against_float64(cell: str, ours: nn.Module, naive: nn.Module, x: torc
                              f"more than twice the naive cell's ({naive_err:.3g}) + 1e-4; not timing it")
 
 
-def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, modes) -> list[Row]:
+def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, modes, device: str = "cpu") -> list[Row]:
     torch_cls, ln_cls, naive_cls = {
         "lstm": (nn.LSTM, LayerNormLSTM, NaiveLNLSTM),
         "gru": (nn.GRU, LayerNormGRU, NaiveLNGRU),
     }[cell]
     layers, bidir = (2, True) if case == "2-layer-bidir" else (1, False)
-    ref = torch_cls(I, H, num_layers=layers, bidirectional=bidir)
+    ref = torch_cls(I, H, num_layers=layers, bidirectional=bidir).to(device)
     ours = ln_cls(I, H, num_layers=layers, bidirectional=bidir)
     _randomize_ln(ours)
+    ours = ours.to(device)
     naive = None
-    x = torch.randn(T, B, I)
+    x = torch.randn(T, B, I).to(device)
     if case == "packed":
         g = torch.Generator().manual_seed(1)
         lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
@@ -239,7 +245,7 @@ def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, mo
     else:
         inp = x
     if case == "main":
-        naive = naive_cls(I, H)
+        naive = naive_cls(I, H).to(device)
         _copy_to_naive(naive, ours, cell)
         _check_against_float64(cell, ours, naive, x)
     mods = {"torch": ref, "lnorm": ours}
@@ -262,8 +268,9 @@ def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, mo
     for mode in modes:
         fns = {k: (train if mode == "train" else infer)(m) for k, m in mods.items()}
         if case == "main":
-            fns["matmul"] = matmul_floor(cell, B, T, I, H, mode == "train")
-        res = interleaved(fns, repeats=repeats, warmup=1, target_s=0.0)
+            fns["matmul"] = matmul_floor(cell, B, T, I, H, mode == "train", device)
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        res = interleaved(fns, repeats=repeats, warmup=1, target_s=0.0, sync=sync)
         t = {k: v["median"] * 1e3 for k, v in res.items()}
         nan = float("nan")
         rows.append(Row(
@@ -326,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per candidate; the median is reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for torch and the Numba kernels (default: their own choice)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where modules and inputs live (cuda: the first GPU, synchronized timing)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (a smoke run in seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON to PATH")
 
@@ -347,6 +356,9 @@ def run(args: argparse.Namespace) -> int:
         B, T, I, H, repeats = 4, 6, 8, 16, 2
     if min(B, T, I, H, repeats) < 1:
         raise SystemExit("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
         if lnorm.numba_available():
@@ -355,14 +367,15 @@ def run(args: argparse.Namespace) -> int:
             numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.manual_seed(0)
     settings = dict(batch=B, seq_len=T, input_size=I, hidden_size=H, repeats=repeats, dtype="float32",
-                    backend=lnorm.get_backend(), threads=torch.get_num_threads(), torch=torch.__version__,
+                    backend=lnorm.get_backend(args.device), threads=torch.get_num_threads(), torch=torch.__version__,
+                    device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                     machine=platform.machine(), processor=platform.processor(), command=" ".join(sys.argv))
-    print(f"lnorm bench rnn: B={B} T={T} I={I} H={H}, float32, backend {settings['backend']}, "
+    print(f"lnorm bench rnn: B={B} T={T} I={I} H={H}, float32 on {settings['gpu'] or 'cpu'}, backend {settings['backend']}, "
           f"{settings['threads']} threads, median of {repeats}")
     rows: list[Row] = []
     for cell in cells:
         for case in cases:
-            rows += _case(cell, case, B, T, I, H, repeats, modes)
+            rows += _case(cell, case, B, T, I, H, repeats, modes, args.device)
     print(_table(rows))
     for line in _targets(rows):
         print(line)

@@ -12,10 +12,16 @@ import time
 from collections.abc import Callable
 
 
-def _calibrate(fn: Callable[[], object], target_s: float) -> int:
+def _no_sync() -> None:
+    pass
+
+
+def _calibrate(fn: Callable[[], object], target_s: float, sync: Callable[[], None]) -> int:
     """Calls per sample so one sample lasts about ``target_s`` (at least 1)."""
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     dt = time.perf_counter() - t0
     if dt <= 0:
         return 1000
@@ -27,12 +33,18 @@ def interleaved(
     repeats: int = 7,
     warmup: int = 2,
     target_s: float = 0.02,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Time each callable ``repeats`` times, interleaved; returns per name median/min/max seconds."""
+    """Time each callable ``repeats`` times, interleaved; returns per name median/min/max seconds.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize`` for CUDA): it runs before
+    the clock starts and before it is read, so a sample is the time of the work, not of queueing it.
+    """
+    sync = sync or _no_sync
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    calls = {name: _calibrate(fn, target_s) for name, fn in fns.items()}
+    calls = {name: _calibrate(fn, target_s, sync) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     gc_was = gc.isenabled()
     gc.disable()
@@ -40,9 +52,11 @@ def interleaved(
         for _ in range(repeats):
             for name, fn in fns.items():
                 n = calls[name]
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()
+                sync()
                 samples[name].append((time.perf_counter() - t0) / n)
     finally:
         if gc_was:

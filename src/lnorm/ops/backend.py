@@ -1,6 +1,10 @@
 """Which implementation runs the kernels, chosen per device from a registry of backends.
 
 * ``"numba"``: fused CPU kernels compiled by Numba (``pip install lnorm[fast]``).
+* ``"triton"``: Triton kernels for CUDA tensors (``pip install lnorm[gpu]``). CPU tensors take them
+  only when ``"triton"`` is chosen explicitly and ``TRITON_INTERPRET=1`` was set before triton was
+  imported (Triton's interpreter: slow, a way to run the GPU code path on a machine without one);
+  under the interpreter "auto" leaves CUDA tensors to torch too.
 * ``"torch"``: pure PyTorch (torch's own fused layer-norm kernel, composites for the rest); runs
   on every device and under ``torch.compile`` tracing of the fake implementations.
 
@@ -32,6 +36,8 @@ __all__ = [
     "numba_available",
     "register_backend",
     "set_backend",
+    "triton_available",
+    "triton_interpreted",
     "unregister_backend",
     "use_backend",
 ]
@@ -64,6 +70,40 @@ def numba_available() -> bool:
         except Exception:  # ImportError, or a broken llvmlite: fall back to torch quietly
             _numba_ok = False
     return _numba_ok
+
+
+_triton_ok: bool | None = None
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels import (triton installed and working)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            from lnorm.ops import _triton_norm  # noqa: F401
+
+            _triton_ok = True
+        except Exception:  # ImportError, or a triton that fails on import: torch serves CUDA
+            _triton_ok = False
+    return _triton_ok
+
+
+def triton_interpreted() -> bool:
+    """True when the Triton kernels run under Triton's interpreter (on CPU tensors)."""
+    if not triton_available():
+        return False
+    from lnorm.ops import _triton_norm
+
+    return _triton_norm.INTERPRETED
+
+
+def _triton_supports(device: torch.device) -> bool:
+    # the interpreter (a test tool, far slower than torch) only where triton is chosen by name
+    if device.type not in ("cuda", "cpu"):
+        return False
+    if triton_interpreted():
+        return (getattr(_local, "override", None) or _default) == "triton"
+    return device.type == "cuda"
 
 
 _registry: dict[str, Backend] = {}
@@ -116,6 +156,7 @@ def _checked(name) -> str:
         raise RuntimeError(
             f"backend {name!r} requested but it is not available here"
             + (" (numba is not importable; install it with `pip install lnorm[fast]`)" if name == "numba" else "")
+            + (" (triton is not importable; install it with `pip install lnorm[gpu]`)" if name == "triton" else "")
             + "; choose backend 'torch' or 'auto'"
         )
     return name
@@ -158,14 +199,16 @@ def backend_for(device: torch.device | str) -> str:
     return "torch"  # unreachable while "torch" is registered: it supports every device
 
 
-def get_backend() -> str:
-    """The backend that CPU tensors use now, in this thread: ``"numba"`` or ``"torch"``."""
-    return backend_for(_CPU)
+def get_backend(device: torch.device | str = "cpu") -> str:
+    """The backend that tensors on ``device`` (default: CPU) use now, in this thread."""
+    return backend_for(_CPU if device == "cpu" else device)
 
 
 _CPU = torch.device("cpu")
 
 register_backend(Backend("torch", available=lambda: True, supports=lambda device: True))
+# triton before numba: "auto" asks numba first, so CPU tensors never import triton to choose
+register_backend(Backend("triton", available=triton_available, supports=_triton_supports))
 register_backend(Backend("numba", available=numba_available, supports=lambda device: device.type == "cpu"))
 
 try:  # a known name that is not available here falls back as "auto" does

@@ -55,7 +55,18 @@ def delegates_to_torch(x: Tensor, features: int) -> bool:
         x.dtype in (torch.float32, torch.float64)
         and features >= NATIVE_LAYER_NORM_MIN_FEATURES
         and not _use_numba(x, plain_layer_norm=True)
+        and not _use_triton(x, features)
     )
+
+
+def _use_triton(x: Tensor, features: int) -> bool:
+    # the Triton kernels where the backend picks them for x's device and they take x (dtype,
+    # width); float64 and very wide rows go on to the torch launchers
+    if backend.backend_for(x.device) != "triton":
+        return False
+    from lnorm.ops import _triton_norm
+
+    return _triton_norm.supports(x, features)
 
 
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
@@ -236,12 +247,20 @@ def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
 
 
 def _fwd(x, residual, weight, bias, eps, center, res_dtype):
+    if _use_triton(x, x.shape[1]):
+        from lnorm.ops import _triton_norm
+
+        return _triton_norm.norm_fwd(x, residual, weight, bias, eps, center, res_dtype)
     impl = _fwd_numba if _use_numba(x, center and residual is None) else _fwd_torch
     return impl(x, residual, weight, bias, eps, center, res_dtype)
 
 
 def _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
     # Either backward is right for either forward's statistics; the choice is only speed.
+    if _use_triton(src, src.shape[1]):
+        from lnorm.ops import _triton_norm
+
+        return _triton_norm.norm_bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
     impl = _bwd_numba if _use_numba(src, center and dres is None) else _bwd_torch
     return impl(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
 
@@ -288,6 +307,7 @@ def norm_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
     cdt = rstd.dtype
+    dx = dx.to(cdt)  # the Triton launcher may return dx already in dy's dtype
     dw = dw if dw is not None else torch.zeros(0, dtype=cdt, device=src.device)
     db = db if db is not None else torch.zeros(0, dtype=cdt, device=src.device)
     return dx, dw, db
