@@ -147,7 +147,11 @@ def run(
         b2 = b_.to(src.dtype) if b_ is not None and src.dtype not in LOW_PRECISION else b_
         with warnings.catch_warnings():  # "Mismatch dtype between input and weight" (expected)
             warnings.simplefilter("ignore", UserWarning)
-            if center:
+            if center and src.is_cuda and src.dtype in LOW_PRECISION and w2 is not None and w2.dtype != src.dtype:
+                # torch's CUDA kernel refuses half input with float32 params; its CPU kernel takes
+                # them and computes in float32: do that here
+                out = F.layer_norm(src.float(), shape, w2, b2, eps)
+            elif center:
                 out = F.layer_norm(src, shape, w2, b2, eps)
             else:
                 out = F.rms_norm(src, shape, w2, eps)

@@ -54,7 +54,7 @@ def _rounded(v, dtype: tl.constexpr):
 def _norm_fwd_kernel(
     X, RES, W, B,  # inputs: (R, H), (R, H) or None, (H,) or None, (H,) or None
     Y, RES_OUT, MEAN, RSTD,  # outputs: (R, H), (R, H) or None, (R,) or None, (R,)
-    N, eps,
+    N, inv_n, eps,  # inv_n = 1 / N from the host: the GPU's fp32 `/` is not correctly rounded
     CENTER: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -71,12 +71,12 @@ def _norm_fwd_kernel(
         x = s.to(tl.float32)
         first = _rounded(first + tl.load(RES + start).to(tl.float32), RES_OUT.dtype.element_ty).to(tl.float32)
     if CENTER:
-        mean = first + tl.sum(tl.where(mask, x - first, 0.0), axis=0) / N
+        mean = first + tl.sum(tl.where(mask, x - first, 0.0), axis=0) * inv_n
         tl.store(MEAN + row, mean)
         d = tl.where(mask, x - mean, 0.0)
     else:
         d = x  # masked lanes were loaded as 0
-    var = tl.sum(d * d, axis=0) / N
+    var = tl.sum(d * d, axis=0) * inv_n
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(RSTD + row, rstd)
     y = d * rstd
@@ -91,7 +91,7 @@ def _norm_fwd_kernel(
 def _norm_bwd_kernel(
     DY, SRC, W, MEAN, RSTD, DRES,  # (R, H), (R, H), (H,) or None, (R,) or None, (R,), (R, H) or None
     DX, DW_PART, DB_PART,  # (R, H); (programs, H) float32 or None
-    M, N, rows_per_program,
+    M, N, inv_n, rows_per_program,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_DRES: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -111,13 +111,13 @@ def _norm_bwd_kernel(
         rstd = tl.load(RSTD + row)
         if CENTER:
             d = tl.where(mask, s - tl.load(MEAN + row), 0.0)
-            xhat = tl.where(mask, (d - tl.sum(d, axis=0) / N) * rstd, 0.0)
+            xhat = tl.where(mask, (d - tl.sum(d, axis=0) * inv_n) * rstd, 0.0)
         else:
             xhat = s * rstd
         g = dy * w if HAS_W else dy
-        c1 = tl.sum(g * xhat, axis=0) / N
+        c1 = tl.sum(g * xhat, axis=0) * inv_n
         if CENTER:
-            dx = (g - xhat * c1 - tl.sum(g, axis=0) / N) * rstd
+            dx = (g - xhat * c1 - tl.sum(g, axis=0) * inv_n) * rstd
         else:
             dx = (g - xhat * c1) * rstd
         if HAS_DRES:
@@ -250,7 +250,7 @@ def norm_fwd(x, residual, weight, bias, eps, center, res_dtype):
         _norm_fwd_kernel[(R,)](
             x, residual, weight, bias,
             y, res_out if residual is not None else None, mean if center else None, rstd,
-            H, float(eps),
+            H, 1.0 / H, float(eps),
             CENTER=center, HAS_RES=residual is not None, HAS_W=weight is not None,
             HAS_B=bias is not None, BLOCK_N=block, num_warps=_num_warps(block),
         )
@@ -289,7 +289,7 @@ def norm_bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
         _norm_bwd_kernel[(programs,)](
             dy, src, weight, mean if center else None, rstd, dres,
             dx, dw_part, db_part,
-            R, H, triton.cdiv(R, programs),
+            R, H, 1.0 / H, triton.cdiv(R, programs),
             CENTER=center, HAS_W=weight is not None, HAS_DRES=dres is not None,
             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=block, num_warps=_num_warps(block),
         )
