@@ -28,3 +28,29 @@ def test_mnist_eval_batches_mix_classes():
     assert len(torch.unique(yte[:64])) >= 8  # the batch-independence probe's batch
     assert torch.bincount(yte, minlength=10).tolist() == [100] * 10  # still stratified
     assert torch.equal(mnist()[3], yte)  # a fixed order
+
+
+def test_group_norm_default_is_not_layer_norm_for_odd_channel_counts():
+    assert make_norm("group", 25, layout="channels").num_groups == 5
+    assert make_norm("group", 25).num_groups == 5
+    assert make_norm("group", 9).num_groups == 3
+    assert make_norm("group", 64).num_groups == 32  # powers of two as before
+    with pytest.warns(UserWarning, match=r"make_norm\('group', 7\).*one group and is layer norm"):
+        assert make_norm("group", 7).num_groups == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_norm("group", 25)
+        make_norm("group", 7, num_groups=7)  # an explicit choice is not second-guessed
+
+
+def test_e5_mnist1d_group_row_is_not_the_layer_row():
+    # E5's MNIST-1D CNN has 25 channels: "group" used to be GroupNorm(1, 25), i.e. layer norm
+    groups = [m.num_groups for m in CNN1d("group").modules() if isinstance(m, GroupNorm)]
+    assert len(groups) == 3 and all(g > 1 for g in groups), groups
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    group = CNN1d("group")
+    torch.manual_seed(0)
+    layer = CNN1d("layer")
+    with torch.no_grad():
+        assert not torch.allclose(group(x), layer(x), atol=1e-4)
