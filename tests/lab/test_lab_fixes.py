@@ -54,3 +54,33 @@ def test_e5_mnist1d_group_row_is_not_the_layer_row():
     layer = CNN1d("layer")
     with torch.no_grad():
         assert not torch.allclose(group(x), layer(x), atol=1e-4)
+
+
+def _e4_rec(seed: int, bpc: float, status: str = "ok") -> dict:
+    params = {"variant": "postln", "warmup": 0, "lr": 1e-3}
+    return {"params": params, "seed": seed, "status": status,
+            "result": {"final_bpc": bpc, "init_bpc": 6.5, "ms_per_step": 1.0}}
+
+
+def test_e4_counts_a_stalled_seed_as_diverged():
+    # a full-suite post-LN seed ended at 4.65 bpc (below the 6.5 at initialisation) against 2.4-2.7
+    # for its peers, and counted as a finished run
+    recs = [_e4_rec(0, 2.4), _e4_rec(1, 2.7), _e4_rec(2, 4.65), _e4_rec(3, 2.5)]
+    cfg = e4.Config(variants=("postln",), warmups=(0,), lrs=(1e-3,))
+    out = e4.analyze(cfg, {"e4": recs})
+    row = out["tables"][0]["rows"][0]
+    assert row[4] == "1/4", row
+    assert "4.65" not in row[3] and row[3].startswith("2.5"), row  # mean of the three that trained
+    marked = e4.mark_stalled(recs)
+    assert [r["status"] for r in marked] == ["ok", "ok", "diverged", "ok"]
+    assert marked[2]["result"]["final_bpc"] == math.inf and marked[2]["result"]["stalled_bpc"] == 4.65
+    assert recs[2]["status"] == "ok"  # the input records are not modified
+
+
+def test_e4_divergence_rule_keeps_ordinary_spread_and_flags_non_finite():
+    spread = [_e4_rec(0, 2.4), _e4_rec(1, 2.4 * e4.STALL_FACTOR)]  # at the bound: still ok
+    assert [r["status"] for r in e4.mark_stalled(spread)] == ["ok", "ok"]
+    nan = [_e4_rec(0, 2.4), _e4_rec(1, math.nan), _e4_rec(2, math.inf, status="diverged")]
+    assert [r["status"] for r in e4.mark_stalled(nan)] == ["ok", "diverged", "diverged"]
+    other = [_e4_rec(0, 2.4), {**_e4_rec(1, 4.65), "params": {"variant": "none", "warmup": 0, "lr": 1e-3}}]
+    assert [r["status"] for r in e4.mark_stalled(other)] == ["ok", "ok"]  # peers are the same setting only
