@@ -84,3 +84,23 @@ def test_e4_divergence_rule_keeps_ordinary_spread_and_flags_non_finite():
     assert [r["status"] for r in e4.mark_stalled(nan)] == ["ok", "diverged", "diverged"]
     other = [_e4_rec(0, 2.4), {**_e4_rec(1, 4.65), "params": {"variant": "none", "warmup": 0, "lr": 1e-3}}]
     assert [r["status"] for r in e4.mark_stalled(other)] == ["ok", "ok"]  # peers are the same setting only
+
+
+def _e1_title(suite: str) -> tuple[str, e1.Config]:
+    cfg = LC.resolve(e1, suite)
+    return e1.analyze(cfg, {"e1": []})["figures"][0]["title"], cfg
+
+
+def test_e1_title_states_the_examples_each_batch_size_saw():
+    title, cfg = _e1_title("quick")
+    assert "same examples" not in title  # the min_steps floor binds at large batches
+    assert "1k at batch 1" in title and "12.8k at batch 128" in title, title
+    seen = {b: e1.steps_for(cfg, b) * b for b in cfg.batch_sizes}
+    assert seen == {1: 1000, 4: 1000, 32: 3200, 128: 12_800}
+
+
+def test_e1_full_suite_sees_the_same_examples_at_every_batch_size():
+    title, cfg = _e1_title("full")
+    seen = {b: e1.steps_for(cfg, b) * b for b in cfg.batch_sizes}
+    assert set(seen.values()) == {12_800}, seen
+    assert title.endswith("(same examples seen: 12.8k)"), title
