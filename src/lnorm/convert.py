@@ -277,8 +277,8 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
             name to layout.
         example_input: a tensor (or tuple of positional args) run once through the model, with
             its state restored, to see what each ``BatchNorm1d`` receives.
-        num_groups: for ``target="group"``; default the largest of 32, 16, 8, 4, 2 that divides
-            the channels leaving at least 2 per group.
+        num_groups: for ``target="group"``; default :func:`lnorm.nn.factory.default_groups` of the
+            channels (groups of at least 2 channels).
         eps: the new layers' eps; default each replaced layer's own.
         drop_bias: allow ``target="rms"`` (which has no bias) to replace a layer whose bias is
             not zero, dropping the bias. Default False: that raises.

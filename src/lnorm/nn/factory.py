@@ -26,6 +26,8 @@ none       :class:`NoNorm`                        :class:`NoNorm`
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -165,12 +167,27 @@ class ChannelRMSNorm(nn.Module):
 
 
 def default_groups(num_features: int) -> int:
-    """The group count of ``make_norm("group")``: the largest of 32, 16, ..., 1 dividing
-    ``num_features`` into groups of at least 2 channels (1 if none does)."""
-    for g in (32, 16, 8, 4, 2, 1):
-        if num_features % g == 0 and num_features // g >= 2 or g == 1:
+    """The group count of ``make_norm("group")``: the largest of 32, 16, 8, 4, 2 dividing
+    ``num_features`` into groups of at least 2 channels; failing that (an odd count), the largest
+    divisor up to 32 that does (25 channels: 5 groups of 5). 1 only when no count above 1 does
+    (``num_features`` prime or below 4): one group is layer norm, and ``make_norm`` warns."""
+    for g in (32, 16, 8, 4, 2):
+        if num_features % g == 0 and num_features // g >= 2:
+            return g
+    # an odd count: a single group would make "group" norm layer norm under another name
+    for g in range(min(32, num_features // 2), 1, -1):
+        if num_features % g == 0:
             return g
     return 1
+
+
+def _groups_or_warn(num_features: int) -> int:
+    groups = default_groups(num_features)
+    if groups == 1:
+        warnings.warn(f"make_norm('group', {num_features}): {num_features} channels cannot be split into groups of "
+                      "2 or more, so this group norm has one group and is layer norm; pass num_groups to choose",
+                      UserWarning, stacklevel=3)
+    return groups
 
 
 def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) -> nn.Module:
@@ -206,7 +223,7 @@ def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) 
                 return RMSNorm(num_features, **options)
             if kind == "batch":
                 return MaskedBatchNorm(num_features, **options)
-            groups = options.pop("num_groups", default_groups(num_features))
+            groups = options.pop("num_groups") if "num_groups" in options else _groups_or_warn(num_features)
             return GroupNorm(groups, num_features, channels_last=True, **options)
         if kind == "layer":
             return GroupNorm(1, num_features, **options)
@@ -214,7 +231,7 @@ def make_norm(kind: str, num_features: int, *, layout: str = "last", **options) 
             return ChannelRMSNorm(num_features, **options)
         if kind == "batch":
             return ChannelBatchNorm(num_features, **options)
-        groups = options.pop("num_groups", default_groups(num_features))
+        groups = options.pop("num_groups") if "num_groups" in options else _groups_or_warn(num_features)
         return GroupNorm(groups, num_features, **options)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):

@@ -1,0 +1,106 @@
+"""Regressions of the lab's design bugs (issue 18, item 6): class-sorted evaluation batches, a
+"group" norm that was layer norm, E4's divergence rule, and E1's budget title."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lnorm.lab import config as LC
+from lnorm.lab.data import mnist
+from lnorm.lab.experiments import e1_batch_size as e1
+from lnorm.lab.experiments import e2_train_eval as e2
+from lnorm.lab.experiments import e4_transformer as e4
+from lnorm.lab.models import CNN1d
+from lnorm.nn import GroupNorm, make_norm
+
+
+def test_mnist_eval_batches_mix_classes():
+    # E2 runs the test set through the model in training mode in slices of eval_batch: with the test
+    # set sorted by class, every slice was one digit and batch norm saw single-class statistics
+    _, _, _, yte = mnist()
+    bs = e2.Config().eval_batch
+    per_batch = [len(torch.unique(yte[i:i + bs])) for i in range(0, len(yte), bs)]
+    assert min(per_batch) >= 8, per_batch
+    assert len(torch.unique(yte[:64])) >= 8  # the batch-independence probe's batch
+    assert torch.bincount(yte, minlength=10).tolist() == [100] * 10  # still stratified
+    assert torch.equal(mnist()[3], yte)  # a fixed order
+
+
+def test_group_norm_default_is_not_layer_norm_for_odd_channel_counts():
+    assert make_norm("group", 25, layout="channels").num_groups == 5
+    assert make_norm("group", 25).num_groups == 5
+    assert make_norm("group", 9).num_groups == 3
+    assert make_norm("group", 64).num_groups == 32  # powers of two as before
+    with pytest.warns(UserWarning, match=r"make_norm\('group', 7\).*one group and is layer norm"):
+        assert make_norm("group", 7).num_groups == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_norm("group", 25)
+        make_norm("group", 7, num_groups=7)  # an explicit choice is not second-guessed
+
+
+def test_e5_mnist1d_group_row_is_not_the_layer_row():
+    # E5's MNIST-1D CNN has 25 channels: "group" used to be GroupNorm(1, 25), i.e. layer norm
+    groups = [m.num_groups for m in CNN1d("group").modules() if isinstance(m, GroupNorm)]
+    assert len(groups) == 3 and all(g > 1 for g in groups), groups
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    group = CNN1d("group")
+    torch.manual_seed(0)
+    layer = CNN1d("layer")
+    with torch.no_grad():
+        assert not torch.allclose(group(x), layer(x), atol=1e-4)
+
+
+def _e4_rec(seed: int, bpc: float, status: str = "ok") -> dict:
+    params = {"variant": "postln", "warmup": 0, "lr": 1e-3}
+    return {"params": params, "seed": seed, "status": status,
+            "result": {"final_bpc": bpc, "init_bpc": 6.5, "ms_per_step": 1.0}}
+
+
+def test_e4_counts_a_stalled_seed_as_diverged():
+    # a full-suite post-LN seed ended at 4.65 bpc (below the 6.5 at initialisation) against 2.4-2.7
+    # for its peers, and counted as a finished run
+    recs = [_e4_rec(0, 2.4), _e4_rec(1, 2.7), _e4_rec(2, 4.65), _e4_rec(3, 2.5)]
+    cfg = e4.Config(variants=("postln",), warmups=(0,), lrs=(1e-3,))
+    out = e4.analyze(cfg, {"e4": recs})
+    row = out["tables"][0]["rows"][0]
+    assert row[4] == "1/4", row
+    assert "4.65" not in row[3] and row[3].startswith("2.5"), row  # mean of the three that trained
+    marked = e4.mark_stalled(recs)
+    assert [r["status"] for r in marked] == ["ok", "ok", "diverged", "ok"]
+    assert marked[2]["result"]["final_bpc"] == math.inf and marked[2]["result"]["stalled_bpc"] == 4.65
+    assert recs[2]["status"] == "ok"  # the input records are not modified
+
+
+def test_e4_divergence_rule_keeps_ordinary_spread_and_flags_non_finite():
+    spread = [_e4_rec(0, 2.4), _e4_rec(1, 2.4 * e4.STALL_FACTOR)]  # at the bound: still ok
+    assert [r["status"] for r in e4.mark_stalled(spread)] == ["ok", "ok"]
+    nan = [_e4_rec(0, 2.4), _e4_rec(1, math.nan), _e4_rec(2, math.inf, status="diverged")]
+    assert [r["status"] for r in e4.mark_stalled(nan)] == ["ok", "diverged", "diverged"]
+    other = [_e4_rec(0, 2.4), {**_e4_rec(1, 4.65), "params": {"variant": "none", "warmup": 0, "lr": 1e-3}}]
+    assert [r["status"] for r in e4.mark_stalled(other)] == ["ok", "ok"]  # peers are the same setting only
+
+
+def _e1_title(suite: str) -> tuple[str, e1.Config]:
+    cfg = LC.resolve(e1, suite)
+    return e1.analyze(cfg, {"e1": []})["figures"][0]["title"], cfg
+
+
+def test_e1_title_states_the_examples_each_batch_size_saw():
+    title, cfg = _e1_title("quick")
+    assert "same examples" not in title  # the min_steps floor binds at large batches
+    assert "1k at batch 1" in title and "12.8k at batch 128" in title, title
+    seen = {b: e1.steps_for(cfg, b) * b for b in cfg.batch_sizes}
+    assert seen == {1: 1000, 4: 1000, 32: 3200, 128: 12_800}
+
+
+def test_e1_full_suite_sees_the_same_examples_at_every_batch_size():
+    title, cfg = _e1_title("full")
+    seen = {b: e1.steps_for(cfg, b) * b for b in cfg.batch_sizes}
+    assert set(seen.values()) == {12_800}, seen
+    assert title.endswith("(same examples seen: 12.8k)"), title
