@@ -11,7 +11,8 @@ normalized op's input, never the normalized tensor.
 
 The custom ops make ``torch.compile`` treat the kernels as opaque ops with known output shapes;
 in eager mode :func:`fused_norm` calls the same launchers through an ``autograd.Function`` to
-skip the dispatcher's Python overhead, which is a large share of the time at small sizes.
+skip the dispatcher's Python overhead, which is a large share of the time at small sizes. Under
+``torch.export`` it emits standard aten ops instead (:mod:`lnorm.ops.export`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lnorm.ops import backend
+from lnorm.ops.export import norm_in_standard_ops
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -404,6 +406,11 @@ def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: 
     Returns ``(y, new_residual, mean, rstd)``; ``new_residual`` is empty when ``residual`` is None.
     """
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
+            # standard ops in exported programs: portable, and ONNX has operators for them
+            res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+            return norm_in_standard_ops(x, residual, weight, bias, eps, center, res_dtype,
+                                        _compute_dtype(x.dtype))
         return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
     if center and residual is None and delegates_to_torch(x, x.shape[1]):
         # Plain layer norm where torch's kernel is the faster one: call it with torch's own
