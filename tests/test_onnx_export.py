@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 from tolerances import assert_close
 
 BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]

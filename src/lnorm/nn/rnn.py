@@ -41,7 +41,7 @@ c) keeps its previous value during training; in eval mode the update is the expe
 Reads top to bottom: option checks -> pure-torch steps -> one direction of one layer over a packed
 batch -> the cells -> the layers. The fused paths (on the CPU: Numba kernels and hand-written
 backward through time, :mod:`lnorm.ops.rnn_fused`) are reached through :mod:`lnorm.ops.rnn`; the
-pure-torch path here runs anywhere (CUDA, no Numba, ``torch.compile``) and is the spec the fused
+pure-torch path here runs anywhere (CUDA, no Numba, ``torch.export``) and is the spec the fused
 paths are tested against.
 """
 

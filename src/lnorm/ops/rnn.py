@@ -39,8 +39,10 @@ _rnn_fused = None
 
 def fused_applies(x: Tensor, w: RecurrentWeights) -> bool:
     """Whether a fused path computes this direction for the packed rows ``x`` (N, I)."""
+    # under torch.compile the Numba path runs as opaque torch.library ops; under torch.export
+    # the layer's pure-torch loop runs, so exported programs hold standard ops only
     return (
-        not torch.compiler.is_compiling()
+        not torch.compiler.is_exporting()
         and x.dtype in (torch.float32, torch.float64)
         and x.shape[0] > 0
         and w.w_hh.dtype == x.dtype

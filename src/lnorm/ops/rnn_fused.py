@@ -22,6 +22,9 @@ at step t only the first ``batch_sizes[t]`` rows advance, the others keep their 
 sequence gets exactly what it gets alone. ``_Schedule`` holds the order of steps and, for every
 row, where its previous state lives (``prev``: a row of the packed buffers or ``-1 - b`` for the
 initial state of batch row b).
+
+Under ``torch.compile`` each direction runs as one ``torch.library`` op (``lnorm::lstm_recurrence``,
+``lnorm::gru_recurrence``, with backward ops), which the compiler treats as opaque.
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         return (dx, dw_ih, dhs, dcs, dw_hh, acc_g[2], acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
-def lstm_recurrence(x, h0, c0, p, eps, sched):
+def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
     """``x`` is the layer's input rows (N, I): W_ih x is computed here, its layer norm in the step
     kernels. All biases (both LNs' and b_ih + b_hh) are added to the gates as one vector."""
     g0, g1, g3, b3 = p.ln_ih_w, p.ln_hh_w, p.ln_c_w, p.ln_c_b
@@ -308,7 +311,11 @@ def lstm_recurrence(x, h0, c0, p, eps, sched):
         b1 = b1 + p.b_ih + p.b_hh
     x = x.contiguous()
     tensors = (x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        return lstm_recurrence_op(*tensors, batch_sizes, reverse, eps, needs_grad)[:3]
+    sched = _Schedule(batch_sizes, reverse)
+    if needs_grad:
         return _LSTMRecurrence.apply(x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps)
     with torch.no_grad():
         px = torch.mm(x, p.w_ih.t())
@@ -383,7 +390,7 @@ class _GRURecurrence(torch.autograd.Function):
         return (dx_rz, dx_n, dhs, dw, dg1, db1, dx_n.sum(0), None, None)
 
 
-def gru_recurrence(gx, h0, p, eps, sched):
+def gru_recurrence(gx, h0, p, eps, batch_sizes, reverse):
     """``gx`` is ``(LN(W_ih x)_{r,z}, LN(W_ih x)_n)`` without biases (see ``_gru_input_groups``).
 
     The kernel takes two bias vectors: ``b1`` (3H) added to the normalized recurrent part (r, z:
@@ -398,11 +405,159 @@ def gru_recurrence(gx, h0, p, eps, sched):
     else:
         b_in = torch.zeros(H, dtype=gx_rz.dtype)
     tensors = (gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        return gru_recurrence_op(*tensors, batch_sizes, reverse, eps, needs_grad)[:2]
+    sched = _Schedule(batch_sizes, reverse)
+    if needs_grad:
         return _GRURecurrence.apply(gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in, sched, eps)
     with torch.no_grad():
         out, hn, _ = _gru_forward(gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in, sched, eps, False)
     return out, hn
+
+
+# ------------------------------------------------------------------- torch.library ops (compile)
+
+# Under torch.compile each direction of a layer is one opaque op (its fake implementation gives
+# the output shapes), so the compiler neither traces nor unrolls the time loop and the compiled
+# model runs the same kernels as eager. The ops return what backward needs as extra outputs
+# (empty-batch scratch when nothing needs gradients); their backward ops call the Functions'
+# backward with an _OpContext, so both routes share one backward through time.
+
+
+class _OpContext:
+    """The part of an autograd ctx that the Functions' backward reads."""
+
+    __slots__ = ("saved_tensors", "needs_input_grad", "sched")
+
+    def __init__(self, saved_tensors, needs_input_grad, sched):
+        self.saved_tensors, self.needs_input_grad, self.sched = saved_tensors, needs_input_grad, sched
+
+
+def _fresh(t: Tensor) -> Tensor:
+    # a custom op's outputs may not alias each other (the backward returns views of one buffer)
+    return t.clone() if t._base is not None else t
+
+
+@torch.library.custom_op("lnorm::lstm_recurrence", mutates_args=())
+def lstm_recurrence_op(
+    x: Tensor, w_ih: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g0: Tensor, g1: Tensor,
+    b1: Tensor, g3: Tensor, b3: Tensor, batch_sizes: list[int], reverse: bool, eps: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, h_n, c_n, px, ghat, c_all, stat)``: the outputs, then what backward reads."""
+    px = torch.mm(x, w_ih.t())
+    sched = _Schedule(batch_sizes, reverse)
+    out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
+    return out, hn, cn, px, *saved
+
+
+@lstm_recurrence_op.register_fake
+def _(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, batch_sizes, reverse, eps, save):
+    N, G, B = x.shape[0], w_ih.shape[0], h0.shape[0]
+    H = G // 4
+    rows = N if save else B
+    e = x.new_empty
+    return e(N, H), e(B, H), e(B, H), e(N, G), e(rows, G), e(rows, H), e(rows, 5)
+
+
+@torch.library.custom_op("lnorm::lstm_recurrence_backward", mutates_args=())
+def lstm_recurrence_backward_op(
+    dout: Tensor | None, dhn: Tensor | None, dcn: Tensor | None, x: Tensor, w_ih: Tensor, px: Tensor, h0: Tensor,
+    c0: Tensor, w_hh: Tensor, g0: Tensor, g1: Tensor, b1: Tensor, g3: Tensor, b3: Tensor,
+    out: Tensor, ghat: Tensor, c_all: Tensor, stat: Tensor, batch_sizes: list[int], reverse: bool,
+    need_x: bool, need_w_ih: bool, need_w_hh: bool,
+) -> list[Tensor]:
+    """The gradients of ``x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3``; empty where not needed."""
+    saved = (x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
+    needs = (need_x, need_w_ih, False, False, need_w_hh)
+    ctx = _OpContext(saved, needs, _Schedule(batch_sizes, reverse))
+    grads = _LSTMRecurrence.backward(ctx, dout, dhn, dcn)[:10]
+    return [_fresh(g) if g is not None else x.new_empty(0) for g in grads]
+
+
+@lstm_recurrence_backward_op.register_fake
+def _(dout, dhn, dcn, x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat,
+      batch_sizes, reverse, need_x, need_w_ih, need_w_hh):
+    e = x.new_empty
+    like = [e(x.shape) if need_x else e(0), e(w_ih.shape) if need_w_ih else e(0), e(h0.shape),
+            e(c0.shape), e(w_hh.shape) if need_w_hh else e(0)]
+    return like + [e(t.shape) for t in (g0, g1, b1, g3, b3)]
+
+
+def _lstm_op_setup_context(ctx, inputs, output):
+    x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, batch_sizes, reverse, _, _ = inputs
+    out, _, _, px, ghat, c_all, stat = output
+    ctx.save_for_backward(x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
+    ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+
+
+def _lstm_op_backward(ctx, dout, dhn, dcn, *_):
+    need = ctx.needs_input_grad
+    grads = lstm_recurrence_backward_op(dout, dhn, dcn, *ctx.saved_tensors, ctx.batch_sizes,
+                                        ctx.reverse, need[0], need[1], need[4])
+    grads = [g if n else None for g, n in zip(grads, need[:10], strict=True)]
+    return (*grads, None, None, None, None)
+
+
+lstm_recurrence_op.register_autograd(_lstm_op_backward, setup_context=_lstm_op_setup_context)
+
+
+@torch.library.custom_op("lnorm::gru_recurrence", mutates_args=())
+def gru_recurrence_op(
+    gx_rz: Tensor, gx_n: Tensor, h0: Tensor, w_hh: Tensor, g1: Tensor, b1: Tensor, b_in: Tensor,
+    batch_sizes: list[int], reverse: bool, eps: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, h_n, ghat, act, stat)``: the outputs, then what backward reads."""
+    sched = _Schedule(batch_sizes, reverse)
+    out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, save)
+    return out, hn, *saved
+
+
+@gru_recurrence_op.register_fake
+def _(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, batch_sizes, reverse, eps, save):
+    N, H, B = gx_n.shape[0], gx_n.shape[1], h0.shape[0]
+    rows = N if save else B
+    e = gx_n.new_empty
+    return e(N, H), e(B, H), e(rows, 3 * H), e(rows, 4 * H), e(rows, 2)
+
+
+@torch.library.custom_op("lnorm::gru_recurrence_backward", mutates_args=())
+def gru_recurrence_backward_op(
+    dout: Tensor | None, dhn: Tensor | None, h0: Tensor, w_hh: Tensor, g1: Tensor, out: Tensor, ghat: Tensor,
+    act: Tensor, stat: Tensor, batch_sizes: list[int], reverse: bool, need_w_hh: bool,
+) -> list[Tensor]:
+    """The gradients of ``gx_rz, gx_n, h0, w_hh, g1, b1, b_in``; ``w_hh``'s empty if not needed."""
+    saved = (h0, w_hh, g1, out, ghat, act, stat)
+    ctx = _OpContext(saved, (False, False, False, need_w_hh), _Schedule(batch_sizes, reverse))
+    grads = _GRURecurrence.backward(ctx, dout, dhn)[:7]
+    return [_fresh(g) if g is not None else h0.new_empty(0) for g in grads]
+
+
+@gru_recurrence_backward_op.register_fake
+def _(dout, dhn, h0, w_hh, g1, out, ghat, act, stat, batch_sizes, reverse, need_w_hh):
+    N, H = out.shape
+    e = out.new_empty
+    return [e(N, 2 * H), e(N, H), e(h0.shape), e(w_hh.shape) if need_w_hh else e(0), e(3 * H),
+            e(3 * H), e(H)]
+
+
+def _gru_op_setup_context(ctx, inputs, output):
+    _, _, h0, w_hh, g1, _, _, batch_sizes, reverse, _, _ = inputs
+    out, _, ghat, act, stat = output
+    ctx.save_for_backward(h0, w_hh, g1, out, ghat, act, stat)
+    ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+
+
+def _gru_op_backward(ctx, dout, dhn, *_):
+    need = ctx.needs_input_grad
+    grads = gru_recurrence_backward_op(dout, dhn, *ctx.saved_tensors, ctx.batch_sizes, ctx.reverse,
+                                       need[3])
+    grads = [g if n else None for g, n in zip(grads, need[:7], strict=True)]
+    return (*grads, None, None, None, None)
+
+
+gru_recurrence_op.register_autograd(_gru_op_backward, setup_context=_gru_op_setup_context)
+
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -431,8 +586,7 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
-    sched = _Schedule(batch_sizes, reverse)
     if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
-        return lstm_recurrence(x, h0, c0, w, w.eps, sched)
-    out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, sched)
+        return lstm_recurrence(x, h0, c0, w, w.eps, batch_sizes, reverse)
+    out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, batch_sizes, reverse)
     return out, hn, None

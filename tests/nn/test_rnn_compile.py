@@ -1,0 +1,171 @@
+"""``torch.compile`` of LayerNormLSTM / LayerNormGRU: the fused recurrence as opaque custom ops.
+
+Under ``torch.compile`` each direction of a layer is one ``torch.ops.lnorm.lstm_recurrence`` /
+``gru_recurrence`` call (fake implementation, registered autograd whose backward is the
+``*_backward`` op), so the compiler does not unroll the time loop and the compiled model runs the
+same kernels as eager. These tests check the ops (opcheck), that the compiled graph holds them
+instead of an unrolled loop, and that compiled outputs and gradients match eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lnorm
+from lnorm.ops.backend import numba_available
+from tolerances import assert_close
+
+pytestmark = [
+    pytest.mark.skipif(not numba_available(), reason="the fused path needs numba"),
+    # opcheck and torch.compile go through torch internals that still call torch.jit.script_method
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated"),
+]
+
+D64 = torch.float64
+LAYERS = {"lstm": lnorm.LayerNormLSTM, "gru": lnorm.LayerNormGRU}
+
+
+def _ops():
+    from lnorm.ops import rnn_fused  # noqa: F401  (registers torch.ops.lnorm.*_recurrence)
+
+    return torch.ops.lnorm
+
+
+def _make(kind, *args, dtype=D64, **kw):
+    m = LAYERS[kind](*args, dtype=dtype, **kw)
+    with torch.no_grad():  # non-trivial LN parameters, so a swapped or ignored one shows
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _leaves(res) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(res) if t is not None]
+
+
+def _loss(res):
+    # weights so every element of every output matters differently
+    total = 0
+    for t in _leaves(res):
+        total = total + (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)).sum()
+    return total
+
+
+# ------------------------------------------------------------------------------------ opcheck
+
+
+def _t(*shape, grad=True):
+    return torch.randn(*shape, dtype=D64).requires_grad_(grad)
+
+
+def _lstm_args(batch_sizes, reverse, save=True, I=3, H=2):
+    N, B, G = sum(batch_sizes), batch_sizes[0], 4 * H
+    tensors = [_t(N, I), _t(G, I), _t(B, H), _t(B, H), _t(G, H), _t(G), _t(G), _t(G), _t(H), _t(H)]
+    return (*tensors, batch_sizes, reverse, 1e-5, save)
+
+
+def _gru_args(batch_sizes, reverse, save=True, H=2):
+    N, B = sum(batch_sizes), batch_sizes[0]
+    tensors = [_t(N, 2 * H), _t(N, H), _t(B, H), _t(3 * H, H), _t(3 * H), _t(3 * H), _t(H)]
+    return (*tensors, batch_sizes, reverse, 1e-5, save)
+
+
+CASES = {"full": ([2, 2, 2], False), "packed-reverse": ([3, 2, 1], True)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_opcheck_recurrence(kind, case):
+    op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
+    args = (_lstm_args if kind == "lstm" else _gru_args)(*CASES[case])
+    result = torch.library.opcheck(op.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradcheck_recurrence_op(kind):
+    # the op's registered autograd (its backward op) against finite differences
+    op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
+    args = (_lstm_args if kind == "lstm" else _gru_args)([3, 2, 2], True)
+    n = 10 if kind == "lstm" else 7
+    tensors, rest = args[:n], args[n:]
+
+    def fn(*ts):
+        res = op(*ts, *rest)
+        return res[:3] if kind == "lstm" else res[:2]
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- the compiled graph
+
+
+class _Recorder:
+    """A torch.compile backend that keeps the graphs it is given and runs them as they are."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def targets(self) -> list[str]:
+        return [str(n.target) for gm in self.graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compiled_graph_calls_the_fused_op(kind):
+    # one op per direction and layer, not T unrolled steps of sigmoid/tanh/layer norm
+    m = _make(kind, 3, 4, num_layers=2, bidirectional=True)
+    rec = _Recorder()
+    res = torch.compile(m, backend=rec, fullgraph=True)(torch.randn(7, 2, 3, dtype=D64))
+    targets = rec.targets()
+    assert sum(f"lnorm.{kind}_recurrence" in t for t in targets) == 4, targets
+    assert not any("sigmoid" in t or "tanh" in t for t in targets), targets
+    assert len(_leaves(res)) == (3 if kind == "lstm" else 2)
+
+
+# --------------------------------------------------------------------- compiled matches eager
+
+
+def _compare(m, compiled, x, hx=None, name=""):
+    args = (x,) if hx is None else (x, hx)
+    res = m(*args)
+    xc = x.detach().clone().requires_grad_(x.requires_grad)
+    res_c = compiled(xc) if hx is None else compiled(xc, hx)
+    for i, (a, e) in enumerate(zip(_leaves(res_c), _leaves(res), strict=True)):
+        assert_close(a, e, name=f"{name} output {i}")
+    if not x.requires_grad:
+        return
+    wrt = [x, *m.parameters()]
+    g = torch.autograd.grad(_loss(res), wrt)
+    g_c = torch.autograd.grad(_loss(res_c), [xc, *m.parameters()])
+    names = ["input"] + [n for n, _ in m.named_parameters()]
+    for n, a, e in zip(names, g_c, g, strict=True):
+        assert_close(a, e, name=f"{name} grad of {n}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compiled_matches_eager_aot(kind):
+    # aot_eager: AOTAutograd traces forward and backward through the ops' fake implementations
+    m = _make(kind, 3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 3, dtype=D64, requires_grad=True)
+    _compare(m, compiled, x, name="train")
+    h0 = torch.randn(4, 2, 4, dtype=D64)
+    hx = (h0, torch.randn(4, 2, 4, dtype=D64)) if kind == "lstm" else h0
+    _compare(m, compiled, x, hx, name="with hx")
+    with torch.no_grad():  # inference: the ops keep no per-step state for backward
+        _compare(m, compiled, torch.randn(2, 6, 3, dtype=D64), name="no_grad")
+
+
+@pytest.mark.slow
+def test_compiled_lstm_inductor_matches_eager():
+    # the default backend, float32 and the shapes changing as in training with a last short batch
+    m = _make("lstm", 8, 16, num_layers=2, dtype=torch.float32)
+    compiled = torch.compile(m)
+    for T, B in [(6, 4), (6, 3), (9, 4)]:
+        _compare(m, compiled, torch.randn(T, B, 8, requires_grad=True), name=f"T={T} B={B}")
