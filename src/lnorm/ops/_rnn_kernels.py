@@ -51,8 +51,10 @@ def _ftanh(x):
         lim = np.float32(_TANH_CLAMP)
 
         def impl(x):
-            y = x if x < lim else lim
-            y = y if y > -lim else -lim
+            # clamped so that NaN fails both tests and passes through (``x if x < lim`` would
+            # turn NaN into lim, a finite gate from a NaN input)
+            y = lim if x > lim else x
+            y = -lim if y < -lim else y
             y2 = y * y
             p = y2 * a13 + a11
             p = y2 * p + a9
