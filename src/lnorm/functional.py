@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lnorm import validation as V
-from lnorm.ops.norm import delegates_to_torch, fused_norm
+from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
@@ -46,8 +46,11 @@ def _run(x, residual, normalized_shape, weight, bias, eps, *, center: bool, resi
     H = shape[0] if len(shape) == 1 else math.prod(shape)
     if center and residual is None and not with_residual and delegates_to_torch(x, H):
         # Torch's own kernel is the faster one here (see lnorm.ops.norm): call it directly, as
-        # F.layer_norm would be called, with nothing in between.
-        return torch.layer_norm(x, shape, weight, bias, eps)
+        # F.layer_norm would be called, with nothing in between (but a check of its statistics:
+        # where a row's squares overflowed, the kernels below compute it).
+        y = torch_layer_norm(x, shape, weight, bias, eps)
+        if y is not None:
+            return y
     # The reshapes cost microseconds each, a visible share at small sizes: skip them when the
     # input already is (rows, features).
     flat = x.dim() == 2 and len(shape) == 1

@@ -81,3 +81,19 @@ def test_nan_in_a_weight_propagates(kind):
     assert torch.isnan(out_f[1:]).any()
     for name in g_t:
         _same_nonfinite(g_f[name], g_t[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_huge_input_gets_the_float64_answer(kind):
+    # W_ih x of |x| ~ 1e25 overflows the square sums of the input's layer norm inside the fused
+    # LSTM's step kernel (it returned NaN); the layer norm makes the answer scale-free
+    torch.manual_seed(0)
+    m = LAYERS[kind](4, 8)
+    m64 = LAYERS[kind](4, 8, dtype=torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    x = torch.randn(3, 2, 4)
+    x[1, 1] *= 1e25
+    out, _ = _run(m, x, "numba")
+    out64, g64 = _run(m64, x.double(), "numba")
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(m.weight_hh_l0.grad).all()

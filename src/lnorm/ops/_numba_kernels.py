@@ -3,7 +3,8 @@
 Notation: R rows, H normalized features per row (the trailing dims flattened). ``center=True`` is
 layer norm (subtract the row mean), ``center=False`` is RMS norm. Statistics are two-pass (mean,
 shifted by the row's first value, then the variance of ``x - mean``), so constant rows and large
-offsets such as ``1e4 + noise`` stay accurate.
+offsets such as ``1e4 + noise`` stay accurate. A finite row whose squares overflow (float32 values
+past about 1e19) is redone on a copy scaled by a power of two, so it gets the float64 answer.
 Accumulators take the array's dtype: float32 for float32 data, float64 for float64 data. Mind
 Numba's typing rules here: ``x * 0`` or ``1.0 / x`` with a float32 ``x`` is float64 (an int or
 Python-float literal promotes), which halves the vector width and was 2x slower; constants are
@@ -81,6 +82,43 @@ def _st_ov(v, like):
     return lambda v, like: v
 
 
+@njit(fastmath=_FASTMATH, cache=True, nogil=True)
+def _rescaled_row(src, w, b, eps, inv_h, center, one, yi, mean, rstd, i):  # pragma: no cover
+    # Row i's statistics and output when its sum or sum of squares overflowed: computed on the
+    # row times s, a power of two (exact) that brings max |x| under 2**40, so the squares of
+    # float32 rows up to its largest value stay finite. Returns False (nothing written) when the
+    # row holds NaN or inf, whose non-finite statistics are the answer, as torch's.
+    H = src.shape[0]
+    zero = one * np.float32(0)
+    m = zero
+    for j in range(H):
+        a = abs(_f(src[j]))
+        if not (a <= m):  # NaN too
+            m = a
+    if not (m < np.inf):
+        return False
+    s = one
+    while m * s > np.float32(2.0**40):
+        s = s * np.float32(2.0**-16)
+    mu = zero
+    if center:
+        shift = _f(src[0]) * s
+        acc = zero
+        for j in range(H):
+            acc += _f(src[j]) * s - shift
+        mu = shift + acc * inv_h
+        mean[i] = mu / s
+    var = zero
+    for j in range(H):
+        d = _f(src[j]) * s - mu
+        var += d * d
+    # eps scales with the data's square; eps * s * s may underflow to 0, negligible next to var
+    r = one / np.sqrt(var * inv_h + eps * s * s)
+    rstd[i] = r * s
+    for j in range(H):
+        yi[j] = _st((_f(src[j]) * s - mu) * r * w[j] + b[j], yi)
+    return True
+
 
 def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # pragma: no cover
     # x, res, res_out, y: (R, H); w, b: (H,); mean, rstd: (R,) (mean is (0,) for RMS norm)
@@ -114,16 +152,20 @@ def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # prag
         mu = zero
         if center:
             mu = shift + acc * inv_h
-            mean[i] = mu
         var = zero
         for j in range(H):
             d = _f(src[j]) - mu
             var += d * d
         r = one / np.sqrt(var * inv_h + eps)
-        rstd[i] = r
         yi = y[i]
-        for j in range(H):
-            yi[j] = _st((_f(src[j]) - mu) * r * w[j] + b[j], yi)
+        # var is inf or NaN only when a square or a sum overflowed or the row is not finite: one
+        # test per row, and the rare finite row is redone on a scaled copy
+        if var < np.inf or not _rescaled_row(src, w, b, eps, inv_h, center, one, yi, mean, rstd, i):
+            if center:
+                mean[i] = mu
+            rstd[i] = r
+            for j in range(H):
+                yi[j] = _st((_f(src[j]) - mu) * r * w[j] + b[j], yi)
 
 
 def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part):  # pragma: no cover

@@ -82,6 +82,32 @@ def _fsig(x):
 # --------------------------------------------------------------------------- row statistics
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _scaled_mean_rstd(a, r, lo, hi, inv, eps, one):  # pragma: no cover
+    # _mean_rstd of a finite row whose squares overflow: on the row times a power of two (exact)
+    # that brings max |a| under 2**40; a row holding NaN or inf gets NaN, as on the torch path
+    zero = one * np.float32(0)
+    m = zero
+    for q in range(lo, hi):
+        v = abs(a[r, q])
+        if not (v <= m):  # NaN too
+            m = v
+    if not (m < np.inf):
+        return m - m, m - m
+    s = one
+    while m * s > np.float32(2.0**40):
+        s = s * np.float32(2.0**-16)
+    mu = zero
+    for q in range(lo, hi):
+        mu += a[r, q] * s
+    mu = mu * inv
+    var = zero
+    for q in range(lo, hi):
+        d = a[r, q] * s - mu
+        var += d * d
+    return mu / s, s / np.sqrt(var * inv + eps * s * s)
+
+
 @njit(inline="always")
 def _mean_rstd(a, r, lo, hi, inv, eps, one):  # pragma: no cover
     # mean and 1/sqrt(var + eps) of a[r, lo:hi] (inv = 1 / (hi - lo)), two passes, in a's dtype
@@ -94,6 +120,8 @@ def _mean_rstd(a, r, lo, hi, inv, eps, one):  # pragma: no cover
     for q in range(lo, hi):
         d = a[r, q] - mu
         var += d * d
+    if not (var < np.inf):  # one test per row: overflow (or a non-finite row), rare
+        return _scaled_mean_rstd(a, r, lo, hi, inv, eps, one)
     return mu, one / np.sqrt(var * inv + eps)
 
 

@@ -71,6 +71,20 @@ def _use_triton(x: Tensor, features: int) -> bool:
     return _triton_norm.supports(x, features)
 
 
+def overflowed(rstd: Tensor) -> bool:
+    """Whether torch's layer norm overflowed on some row: it gives a finite row whose squares
+    overflow (float32 past about 1e19) rstd 0 and returns 0 or NaN there; lnorm's paths then
+    compute the row on a scaled copy. (NaN rows count too; they stay NaN either way.)"""
+    return not bool((rstd > 0).all())
+
+
+def torch_layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float) -> Tensor | None:
+    """torch's own layer norm of ``x`` (where :func:`delegates_to_torch`), or None where it
+    overflowed on a row, for the caller to run :func:`fused_norm`."""
+    y, _, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    return None if overflowed(rstd) else y
+
+
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
     if x.numel() == 0 or backend.backend_for(x.device) != "numba":
         return False
@@ -219,7 +233,36 @@ def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
             y = y + bias.to(cdt)
         y = y.to(x.dtype)
         mean = torch.empty(0, dtype=cdt, device=x.device)
+    # a finite row whose squares overflow gets rstd 0 (or NaN); checked on the CPU only (on a
+    # GPU the check would wait for the device on every call)
+    overflowed = ~(rstd > 0)
+    if src.device.type == "cpu" and overflowed.any():
+        _redo_scaled_rows(src, weight, bias, eps, center, overflowed, y, mean, rstd)
     return y, res_out, mean, rstd
+
+
+def _redo_scaled_rows(src, weight, bias, eps, center, rows, y, mean, rstd) -> None:
+    """Recompute ``rows`` (a mask) of ``y``, ``mean``, ``rstd`` on the rows times a power of two
+    (exact) that brings max |x| under 2**40, as the Numba kernel does: torch's kernels return 0
+    or NaN where the squares overflow (float32 past about 1e19). Rows holding NaN or inf come
+    out NaN, as before."""
+    cdt = rstd.dtype
+    s = src[rows].to(cdt)
+    m = s.abs().amax(-1, keepdim=True)
+    scale = torch.ldexp(torch.ones_like(m), (40 - torch.frexp(m).exponent).clamp(max=0))
+    xs = s * scale
+    mu = xs.mean(-1, keepdim=True) if center else torch.zeros_like(m)
+    d = xs - mu
+    r = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps * scale * scale)
+    out = d * r
+    if weight is not None:
+        out = out * weight.to(cdt)
+    if bias is not None:
+        out = out + bias.to(cdt)
+    y[rows] = out.to(y.dtype)
+    rstd[rows] = (r * scale).squeeze(-1)
+    if center:
+        mean[rows] = (mu / scale).squeeze(-1)
 
 
 def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
@@ -416,8 +459,9 @@ def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: 
         # Plain layer norm where torch's kernel is the faster one: call it with torch's own
         # autograd (no Python Function in between; double backward works there too).
         y, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], weight, bias, eps)
-        R = x.shape[0]
-        return y, x.new_empty(0), mean.view(R), rstd.view(R)
+        if not overflowed(rstd):
+            R = x.shape[0]
+            return y, x.new_empty(0), mean.view(R), rstd.view(R)
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or (residual is not None and residual.requires_grad)

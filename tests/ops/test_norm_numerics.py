@@ -1,0 +1,121 @@
+"""The norm ops at the edges of floating point: rows whose squares overflow, NaN and inf, type
+promotion of the residual stream, gradients that must not share memory, and the bounded cache
+of constant weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from norm_cases import OPS, is_add, make_inputs, run
+
+import lnorm.functional as LF
+from lnorm.ops import norm as norm_op
+from tolerances import assert_close
+
+# a power of two whose square overflows the dtype (float32 and bfloat16 share float32's range)
+HUGE_EXP = {torch.float32: 66, torch.bfloat16: 66, torch.float64: 530}
+NEAR_MAX = {torch.float32: 3.0e38, torch.bfloat16: 3.0e38, torch.float64: 1.5e308}
+DT = {"f32": torch.float32, "bf16": torch.bfloat16, "f64": torch.float64}
+
+
+def _huge_inputs(op, dtype, rows=4, H=33, seed=0):
+    """Rows of |x| ~ 2**HUGE_EXP: a pattern, random, random with an offset, and two elements near
+    the dtype's largest value; residual 0, so the normalized sum is x exactly; no gradient on
+    the new residual."""
+    inputs = make_inputs(op, (rows,), (H,), dtype, seed=seed)
+    x = inputs["x"].double().clone()
+    x[0] = torch.tensor([1.0, -1.0, 2.0] + [0.0] * (H - 3))
+    x[2] += 3
+    x *= 2.0 ** HUGE_EXP[dtype]
+    x[3, :2] = torch.tensor([NEAR_MAX[dtype], -NEAR_MAX[dtype]], dtype=torch.float64)
+    inputs["x"] = x.to(dtype)
+    if inputs["residual"] is not None:
+        inputs["residual"] = inputs["residual"] * 0
+    inputs["dres"] = inputs["dres"] * 0  # dx is then all through the norm, and scales with it
+    return inputs
+
+
+def _reference(op, inputs, shape, dtype, grads=True):
+    """The float64 reference on x scaled down by 2**HUGE_EXP (exact): a norm does not see the scale
+    but for eps, which is negligible next to these rows' variance. Gradients w.r.t. x scale back."""
+    k = 2.0 ** -HUGE_EXP[dtype]
+    x = inputs["x"].double() * k
+    res = inputs["residual"].double() * k if inputs["residual"] is not None else None
+    ref = run("ref64", op, x, res, inputs["weight"], inputs["bias"], shape, dy=inputs["dy"],
+              dres=inputs["dres"], grads=grads)
+    for name in ("dx", "dresidual"):
+        if name in ref:
+            ref[name] = ref[name] * k
+    return ref
+
+
+def _scaled(t: torch.Tensor, ref: torch.Tensor):
+    # gradients of huge rows are tiny (dx ~ rstd): compare in units of the reference's size
+    s = ref.double().abs().amax().clamp_min(1e-300)
+    return t.double() / s, ref.double() / s
+
+
+def _check_rows_against_ref(op, inputs, shape, dtype, grads=True):
+    args = (inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], shape)
+    ours = run("ours", op, *args, dy=inputs["dy"], dres=inputs["dres"], grads=grads)
+    ref = _reference(op, inputs, shape, dtype, grads)
+    tol = {"atol": 4e-2, "rtol": 4e-2} if dtype is torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+    for name in ref:
+        if name == "new_residual":
+            continue
+        a, e = _scaled(ours[name], ref[name]) if name != "out" else (ours[name].double(), ref[name])
+        assert_close(a, e, name=f"{op} {name}", **tol)
+
+
+# ------------------------------------------------------------------------------------ overflow
+
+
+@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
+@pytest.mark.parametrize("op", OPS)
+def test_rows_whose_squares_overflow_get_the_float64_answer(backend, op, dtype):
+    # Before, float32 rows of |x| ~ 1e20 overflowed the variance: add_layer_norm and bfloat16
+    # layer_norm returned exactly the bias, RMS norm 0 (finite and wrong).
+    inputs = _huge_inputs(op, dtype)
+    _check_rows_against_ref(op, inputs, (inputs["x"].shape[-1],), dtype)
+
+
+@pytest.mark.parametrize("op", ["layer", "rms"])
+def test_overflowing_rows_in_a_large_float32_norm(backend, op):
+    # above 4M elements the plain layer norm runs lnorm's kernel (the threaded build): it
+    # returned NaN there
+    H = 8
+    x = torch.randn(1 << 19, H)
+    x[7] = torch.tensor([1e20, -1e20, 2e20, 0, 0, 0, 0, 0])
+    x[11] *= 1e30
+    x.requires_grad_()
+    fn = LF.layer_norm if op == "layer" else LF.rms_norm
+    y = fn(x, H)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach()[[0, 7, 11]].double().requires_grad_()
+    y64 = fn(x64, H)
+    y64.backward(dy[[0, 7, 11]].double())
+    assert_close(y[[0, 7, 11]].detach().double(), y64.detach(), atol=1e-5, rtol=1e-5, name="out")
+    assert_close(*_scaled(x.grad[[0, 7, 11]], x64.grad), atol=1e-4, rtol=1e-4, name="dx")
+
+
+# --------------------------------------------------------------------------------- NaN and inf
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
+@pytest.mark.parametrize("op", OPS)
+def test_nonfinite_rows_stay_nonfinite(backend, op, dtype, value):
+    # NaN exactly where torch's own ops (on x + residual) give NaN, in the output and every
+    # gradient; the other rows are unaffected
+    inputs = make_inputs(op, (3,), (40,), dtype)
+    inputs["x"][1, 5] = value
+    shape = (40,)
+    args = (inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], shape)
+    ours = run("ours", op, *args, dy=inputs["dy"], dres=inputs["dres"])
+    ref = run("torch", op, *args, dy=inputs["dy"], dres=inputs["dres"])
+    assert not torch.isfinite(ours["out"][1]).all()
+    assert torch.isfinite(ours["out"][[0, 2]]).all()
+    for name in ref:
+        if name != "new_residual":
+            assert torch.equal(torch.isnan(ours[name]), torch.isnan(ref[name])), name
