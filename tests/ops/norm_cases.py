@@ -192,7 +192,7 @@ def run(
 def _res_dtype(x, residual, residual_in_fp32):
     if residual_in_fp32 and x.dtype != torch.float64:
         return torch.float32
-    return residual.dtype if residual is not None else x.dtype
+    return torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
 
 
 def check_against_torch_and_ref(

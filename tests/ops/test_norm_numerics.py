@@ -9,7 +9,7 @@ import torch
 from norm_cases import OPS, is_add, make_inputs, run
 
 import lnorm.functional as LF
-from lnorm.ops import norm as norm_op
+from lnorm._backend import numba_available
 from tolerances import assert_close
 
 # a power of two whose square overflows the dtype (float32 and bfloat16 share float32's range)
@@ -119,3 +119,68 @@ def test_nonfinite_rows_stay_nonfinite(backend, op, dtype, value):
     for name in ref:
         if name != "new_residual":
             assert torch.equal(torch.isnan(ours[name]), torch.isnan(ref[name])), name
+
+
+# ------------------------------------------------------------------- the residual stream's dtype
+
+
+@pytest.mark.parametrize("op", ["add_layer", "add_rms"])
+def test_float64_x_with_float32_residual_sums_in_float64(backend, op):
+    # torch's `x + residual` promotes to float64; the sum was taken and normalized in float32
+    x = torch.randn(4, 37, dtype=torch.float64) * 1e-3 + 1.0
+    residual = torch.randn(4, 37, dtype=torch.float32)
+    x.requires_grad_()
+    residual.requires_grad_()
+    fn = LF.add_layer_norm if op == "add_layer" else LF.add_rms_norm
+    out, new_res = fn(x, residual, 37)
+    s = x.detach() + residual.detach()  # float64
+    expected = (torch.nn.functional.layer_norm(s, (37,)) if op == "add_layer"
+                else torch.nn.functional.rms_norm(s, (37,), eps=torch.finfo(torch.float64).eps))
+    assert new_res.dtype == torch.float64 and out.dtype == torch.float64
+    torch.testing.assert_close(new_res, s, atol=0, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    (out.sum() + new_res.square().sum()).backward()
+    assert x.grad.dtype == torch.float64 and residual.grad.dtype == torch.float32
+
+
+# -------------------------------------------------------------------------- gradients' memory
+
+
+@pytest.mark.parametrize("dims", [2, 3], ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
+@pytest.mark.parametrize("op", ["add_layer", "add_rms"])
+def test_x_and_residual_gradients_do_not_share_memory(backend, op, dtype, dims):
+    shape = (2, 3, 16) if dims == 3 else (6, 16)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    residual = torch.randn(shape, dtype=dtype, requires_grad=True)
+    fn = LF.add_layer_norm if op == "add_layer" else LF.add_rms_norm
+    out, new_res = fn(x, residual, 16)
+    (out.float().square().sum() + new_res.float().sum()).backward()
+    assert x.grad.untyped_storage().data_ptr() != residual.grad.untyped_storage().data_ptr()
+    before = residual.grad.clone()
+    x.grad.zero_()
+    torch.testing.assert_close(residual.grad, before, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------- cache of constants
+
+
+@pytest.mark.skipif(not numba_available(), reason="the kernels' cache")
+def test_cache_of_constant_weights_is_bounded_in_bytes():
+    # weight-less calls at many large hidden sizes kept one ones/zeros array per size (12 calls at
+    # H ~ 1e6 kept 48 MB of float32 alive)
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(12):  # on the Numba backend (the default where numba imports)
+            LF.rms_norm(torch.randn(1, 1_000_000 + i), 1_000_000 + i)
+            LF.add_layer_norm(torch.randn(1, 1_000_000 + i), torch.randn(1, 1_000_000 + i), 1_000_000 + i)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert kept < 16 * 2**20, f"{kept / 2**20:.1f} MB kept after the calls"

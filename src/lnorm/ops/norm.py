@@ -36,9 +36,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _residual_dtype(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    # the dtype of torch's `x + residual` (float64 x with a float32 residual sums in float64)
     if residual_in_fp32:
         return torch.float32 if x.dtype != torch.float64 else torch.float64
-    return residual.dtype if residual is not None else x.dtype
+    return torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
 
 
 # Below this many elements a plain float32/float64 layer norm (no residual) runs torch's own fused
@@ -124,10 +125,20 @@ def _in(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return _bits(t) if t.dtype is torch.bfloat16 else _arr(t, dtype)
 
 
-@functools.lru_cache(maxsize=256)
+# Constant weight/bias vectors are cached up to this size (64 of them: at most 16 MB); larger ones
+# are made per call, which costs little next to a norm over rows of that size.
+_CONST_CACHE_MAX_BYTES = 1 << 18
+
+
 def _const(value: float, n: int, dtype) -> np.ndarray:
-    a = np.full(n, value, dtype=dtype)
-    return a
+    if n * np.dtype(dtype).itemsize > _CONST_CACHE_MAX_BYTES:
+        return np.full(n, value, dtype=dtype)
+    return _const_cached(value, n, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _const_cached(value: float, n: int, dtype) -> np.ndarray:
+    return np.full(n, value, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -392,9 +403,13 @@ def _grads(ctx, dy, dres_out, bwd) -> tuple:
     if dy is None:  # only the new residual was used (the eager Function does not materialize zeros)
         dy = src.new_zeros(src.shape, dtype=ctx.x_dtype)
     dx, dw, db = bwd(dy.contiguous(), src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
+    d_x = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    d_res = dx.to(ctx.res_dtype) if ctx.has_residual and ctx.needs_input_grad[1] else None
+    if d_x is not None and d_res is not None and d_res.data_ptr() == d_x.data_ptr():
+        d_res = d_res.clone()  # the two gradients must not share memory (an in-place edit of one)
     return (
-        dx.to(ctx.x_dtype),
-        dx.to(ctx.res_dtype) if ctx.has_residual else None,
+        d_x,
+        d_res,
         dw.to(ctx.w_dtype) if need_dw else None,
         db.to(ctx.b_dtype) if need_db else None,
         None,

@@ -23,7 +23,8 @@ def add_rms_norm_ref(
     if residual_in_fp32 and x.dtype != torch.float64:
         res_dtype = torch.float32
     else:
-        res_dtype = residual.dtype if residual is not None else x.dtype
+        # torch's type promotion of `x + residual`
+        res_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     # the norm reads the residual stream as stored, the sum rounded to res_dtype (see add_layer_norm)
     s = x.to(res_dtype) if residual is None else x.to(res_dtype) + residual.to(res_dtype)
     y, rstd = rms_norm_ref(s, normalized_shape, weight, eps, upcast)
