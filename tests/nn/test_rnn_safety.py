@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 from lnorm.nn import LayerNormGRU, LayerNormLSTM
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="the fused path needs numba")

@@ -9,7 +9,7 @@ import torch
 from norm_cases import OPS, is_add, make_inputs, run
 
 import lnorm.functional as LF
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 from tolerances import assert_close
 
 # a power of two whose square overflows the dtype (float32 and bfloat16 share float32's range)
