@@ -3,6 +3,10 @@ and every shape, dtype and device the kernels trust is checked before they run."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -97,3 +101,81 @@ def test_huge_input_gets_the_float64_answer(kind):
     out64, g64 = _run(m64, x.double(), "numba")
     torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(m.weight_hh_l0.grad).all()
+
+
+# ------------------------------------------------------------------------- shapes the kernels trust
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter: a crash of the kernels fails the test, not pytest."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_packed_data_with_the_wrong_number_of_rows_is_an_error():
+    # 5 or 12 rows for batch_sizes summing to 9 reached the kernels: a segfault, a double free or
+    # uninitialized memory in the output
+    res = _run_isolated("""
+        import torch, lnorm
+        from torch.nn.utils.rnn import PackedSequence
+        for backend in ("numba", "torch"):
+            for cls in (lnorm.LayerNormLSTM, lnorm.LayerNormGRU):
+                m = cls(3, 8)
+                for rows in (5, 12, 0):
+                    with lnorm.use_backend(backend):
+                        try:
+                            m(PackedSequence(torch.randn(rows, 3), torch.tensor([3, 3, 2, 1])))
+                        except ValueError as e:
+                            assert "sum(batch_sizes) = 9" in str(e) and f"[{rows}, 3]" in str(e), e
+                        else:
+                            raise SystemExit(f"no error: {backend} {cls.__name__} {rows} rows")
+        print("ok")
+    """)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stdout, res.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_malformed_packed_sequence_is_an_error(kind, backend):
+    m = LAYERS[kind](3, 8)
+    bad = {
+        "3-D data": PackedSequence(torch.randn(9, 2, 3), torch.tensor([3, 3, 2, 1])),
+        "2-D batch_sizes": PackedSequence(torch.randn(9, 3), torch.tensor([[3, 3, 2, 1]])),
+        "float batch_sizes": PackedSequence(torch.randn(9, 3), torch.tensor([3.0, 3, 2, 1])),
+    }
+    with lnorm.use_backend(backend):
+        for what, packed in bad.items():
+            with pytest.raises(ValueError, match="PackedSequence"):
+                m(packed)  # noqa: PT012 - one case per kind of damage
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_hidden_state_on_another_device_is_an_error(kind, backend):
+    # a meta hx gave "can't convert meta device type tensor to numpy"
+    m = LAYERS[kind](3, 8)
+    h = torch.zeros(1, 2, 8, device="meta")
+    hx = (h, torch.zeros(1, 2, 8)) if kind == "lstm" else h
+    with lnorm.use_backend(backend), pytest.raises(ValueError, match="not at the same device.*meta"):
+        m(torch.randn(4, 2, 3), hx)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("weight_hh_l0", lambda G, H: torch.randn(G, H + 1), "weight_hh must have shape"),
+        ("ln_hh_weight_l0", lambda G, H: torch.ones(G - 1), "ln_hh_weight must have shape"),
+        ("ln_ih_bias_l0", lambda G, H: torch.zeros(G + 5), "ln_ih_bias must have shape"),
+        ("bias_hh_l0", lambda G, H: torch.zeros(G, dtype=torch.float64), "bias_hh is a torch.float64"),
+    ],
+    ids=["weight_hh", "ln_hh_weight", "ln_ih_bias", "bias-dtype"],
+)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_parameters_of_the_wrong_shape_are_an_error_before_the_kernels(kind, name, value, match):
+    # a parameter replaced by one of another shape was read out of bounds by the kernels
+    H = 8
+    m = LAYERS[kind](3, H)
+    G = (4 if kind == "lstm" else 3) * H
+    setattr(m, name, torch.nn.Parameter(value(G, H)))
+    with lnorm.use_backend("numba"), pytest.raises(ValueError, match=match):
+        m(torch.randn(4, 2, 3))

@@ -367,6 +367,20 @@ def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> No
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the parameters' dtype {dtype}")
 
 
+def _check_packed(name: str, data: Tensor, batch_sizes_t) -> list[int]:
+    """The batch sizes of a PackedSequence, checked against its data: the fused kernels index the
+    data's rows by them, so a mismatch would read or write out of bounds."""
+    if not isinstance(batch_sizes_t, Tensor) or batch_sizes_t.dim() != 1 or batch_sizes_t.is_floating_point():
+        raise ValueError(f"{name}: PackedSequence batch_sizes must be a 1-D integer tensor, got {batch_sizes_t!r}")
+    batch_sizes = [int(b) for b in batch_sizes_t.tolist()]
+    if any(b1 < b2 for b1, b2 in zip(batch_sizes, batch_sizes[1:], strict=False)) or (batch_sizes and batch_sizes[-1] <= 0):
+        raise ValueError(f"{name}: PackedSequence batch_sizes must be positive and non-increasing, got {batch_sizes}")
+    if data.dim() != 2 or data.shape[0] != sum(batch_sizes):
+        raise ValueError(f"{name}: PackedSequence data must have sum(batch_sizes) = {sum(batch_sizes)} rows "
+                         f"of input_size features, got data of shape {list(data.shape)}")
+    return batch_sizes
+
+
 # ----------------------------------------------------------------------------------- cells
 
 
@@ -597,9 +611,7 @@ class _LayerNormRNNBase(nn.Module):
         if packed:
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             _check_input_tensor(name, data, self.input_size, self.weight_ih_l0.dtype)
-            batch_sizes = [int(b) for b in batch_sizes_t.tolist()]
-            if any(b1 < b2 for b1, b2 in zip(batch_sizes, batch_sizes[1:], strict=False)) or (batch_sizes and batch_sizes[-1] <= 0):
-                raise ValueError(f"{name}: PackedSequence batch_sizes must be positive and non-increasing, got {batch_sizes}")
+            batch_sizes = _check_packed(name, data, batch_sizes_t)
             B = batch_sizes[0] if batch_sizes else 0
             batched = True
             x = data
@@ -631,6 +643,9 @@ class _LayerNormRNNBase(nn.Module):
                 c0 = c0.unsqueeze(1) if c0 is not None else None
             for what, t, size in (("h_0", h0, P), ("c_0", c0, H)) if is_lstm else (("hx", h0, H),):
                 self._check_hidden(name, t, (L * D, B, size), what)
+                if t.device != x.device:
+                    raise ValueError(f"{name}: Input and hidden tensors are not at the same device, found "
+                                     f"input tensor at {x.device} and {what} at {t.device}")
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from lnorm.ops import _rnn_kernels as K
 from lnorm.ops._numba_kernels import num_threads
-from lnorm.ops.norm import delegates_to_torch, fused_norm
+from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights
 
 # ----------------------------------------------------------------------------------- schedule
@@ -563,10 +563,49 @@ gru_recurrence_op.register_autograd(_gru_op_backward, setup_context=_gru_op_setu
 # ------------------------------------------------------------------------------- entry point
 
 
+def check_shapes(x: Tensor, h0: Tensor, c0: Tensor | None, p: RecurrentWeights, batch_sizes: list[int]) -> None:
+    """Every tensor the kernels index by raw offsets (or that makes one they do), checked for the
+    shape, dtype and device they assume before any of them runs (a wrong one would read or write
+    out of bounds): a ValueError naming it."""
+    mode = p.mode
+    first = batch_sizes[0] if batch_sizes else 0
+    if h0.dim() != 2 or h0.shape[1] == 0 or h0.shape[0] != first:
+        raise ValueError(f"fused {mode}: h_0 must have shape [{first}, hidden_size] (the first step's "
+                         f"batch), got {list(h0.shape)}")
+    B, H = h0.shape
+    G = (4 if mode == "LSTM" else 3) * H
+    I = p.w_ih.shape[1] if p.w_ih.dim() == 2 else -1
+    want = {
+        "h_0": (h0, (B, H)),
+        "c_0": (c0, (B, H)),
+        "weight_ih": (p.w_ih, (G, I)),
+        "weight_hh": (p.w_hh, (G, H)),
+        "bias_ih": (p.b_ih, (G,)),
+        "bias_hh": (p.b_hh, (G,)),
+        "ln_ih_weight": (p.ln_ih_w, (G,)),
+        "ln_ih_bias": (p.ln_ih_b, (G,)),
+        "ln_hh_weight": (p.ln_hh_w, (G,)),
+        "ln_hh_bias": (p.ln_hh_b, (G,)),
+        "ln_cell_weight": (p.ln_c_w, (H,)),
+        "ln_cell_bias": (p.ln_c_b, (H,)),
+        "input rows": (x, (sum(batch_sizes), I)),
+    }
+    for name, (t, shape) in want.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != x.dtype:
+            raise ValueError(f"fused {mode}: {name} is a {t.dtype} tensor on {t.device}, expected "
+                             f"{x.dtype} on cpu like the input")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"fused {mode}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
 def _layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     """``lnorm.functional.layer_norm`` of the rows of a valid 2-D ``z``."""
     if delegates_to_torch(z, z.shape[1]):
-        return torch.layer_norm(z, (z.shape[1],), w, b, eps)
+        y = torch_layer_norm(z, (z.shape[1],), w, b, eps)
+        if y is not None:  # else a row overflowed torch's kernel: fused_norm handles it
+            return y
     return fused_norm(z, None, w, b, eps, True)[0]
 
 
@@ -586,6 +625,7 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
+    check_shapes(x, h0, c0, w, batch_sizes)
     if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
         return lstm_recurrence(x, h0, c0, w, w.eps, batch_sizes, reverse)
     out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, batch_sizes, reverse)
