@@ -31,6 +31,8 @@ from numba import njit, prange
 from numba import types as nt
 from numba.core.extending import intrinsic, overload
 
+from lnorm.ops._numba_threads import guard, threads_allowed
+
 # reassoc lets LLVM vectorize the reductions; NaN and inf keep their IEEE meaning.
 _FASTMATH = {"reassoc", "contract", "arcp"}
 
@@ -232,7 +234,7 @@ norm_fwd = njit(parallel=True, **_JIT)(_norm_fwd)
 norm_bwd = njit(parallel=True, **_JIT)(_norm_bwd)
 
 
-def _twin(fn, name: str):
+def twin(fn, name: str):
     """A copy of ``fn`` under another name: Numba's disk cache is keyed by the function's name,
     not by its compile flags, so the serial build needs a name of its own."""
     twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
@@ -240,8 +242,8 @@ def _twin(fn, name: str):
     return twin
 
 
-norm_fwd_serial = njit(**_JIT)(_twin(_norm_fwd, "_norm_fwd_serial"))
-norm_bwd_serial = njit(**_JIT)(_twin(_norm_bwd, "_norm_bwd_serial"))
+norm_fwd_serial = njit(**_JIT)(twin(_norm_fwd, "_norm_fwd_serial"))
+norm_bwd_serial = njit(**_JIT)(twin(_norm_bwd, "_norm_bwd_serial"))
 
 
 def num_threads() -> int:
@@ -249,7 +251,8 @@ def num_threads() -> int:
 
 
 def pick(parallel_kernel, serial_kernel, elements: int):
-    """The threaded build for big problems on several threads, else the serial one."""
-    if elements >= PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1:
-        return parallel_kernel
+    """The threaded build for big problems on several threads (guarded, see ``_numba_threads``),
+    else the serial one; always the serial one in a child forked after the pool started."""
+    if elements >= PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1 and threads_allowed():
+        return guard(parallel_kernel)
     return serial_kernel

@@ -15,9 +15,14 @@ in the data's dtype), never from ``x * 0``, which Numba types float64 for float3
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+
+from lnorm.ops._numba_kernels import twin
+from lnorm.ops._numba_threads import guard, threads_allowed
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 # error_model="numpy": no ZeroDivisionError branch, so the divisions in the loops vectorize
@@ -408,3 +413,22 @@ def colsum_prod(a, b, out):  # pragma: no cover
                 acc[kk] += a[r, lo + kk] * b[r, lo + kk]
         for kk in range(w):
             out[lo + kk] = acc[kk]
+
+
+# ------------------------------------------------------------------------------------- builds
+# Each kernel also in a serial build (prange is a plain range), for a process forked after its
+# parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
+
+_KERNELS = (lstm_fwd_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step, colsum_prod)
+_SERIAL_OPTS = dict(_OPTS, parallel=False)
+_SERIAL = SimpleNamespace(**{
+    k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS
+})
+
+
+def builds() -> SimpleNamespace:
+    """The kernels to call now, by name: the threaded builds (each guarded for the threading
+    layer), or the serial ones in a child forked after the pool started."""
+    if not threads_allowed():
+        return _SERIAL
+    return SimpleNamespace(**{k.__name__: guard(k) for k in _KERNELS})

@@ -197,7 +197,7 @@ def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
     cdt = rstd.dtype
     npdt = _NP[cdt]
     kernel = K.pick(K.norm_bwd, K.norm_bwd_serial, R * H)
-    chunks = max(1, min(R, 4 * K.num_threads())) if kernel is K.norm_bwd else 1
+    chunks = max(1, min(R, 4 * K.num_threads())) if kernel is not K.norm_bwd_serial else 1
     dx = np.empty((R, H), dtype=npdt)
     dw_part = np.zeros((chunks, H if need_dw else 0), dtype=npdt)
     db_part = np.zeros((chunks, H if need_db else 0), dtype=npdt)

@@ -229,9 +229,10 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     k = _consts(px_n.dtype, eps, G, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
     gh_n = _np(gh)
+    step = K.builds().lstm_fwd_step
     for off, bs in sched.steps:
         gemm.into(hs[:bs], gh[:bs])
-        K.lstm_fwd_step(off, off if save else 0, gh_n[:bs], px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
+        step(off, off if save else 0, gh_n[:bs], px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
                         hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
     return out, hs, cs, (ghat, c_all, stat)
 
@@ -286,9 +287,10 @@ class _LSTMRecurrence(torch.autograd.Function):
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
         k = _consts(dout_n.dtype, 1.0, G, H)
         h0d = h0.detach()
+        step = K.builds().lstm_bwd_step
         for lo, hi, steps in runs:
             for off, bs in steps:
-                K.lstm_bwd_step(off, lo, bs, dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
+                step(off, lo, bs, dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
                                 px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
                 gemm.into(dgh[off - lo : off - lo + bs], dhs[:bs])  # the previous h's gradient
             m = hi - lo
@@ -345,9 +347,10 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
     gh_n = _np(gh)
+    step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
         gemm.into(hs[:bs], gh[:bs])
-        K.gru_fwd_step(off, off if save else 0, gh_n[:bs], xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
+        step(off, off if save else 0, gh_n[:bs], xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
                        out_n, ghat_n, act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
@@ -376,16 +379,17 @@ class _GRURecurrence(torch.autograd.Function):
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dxrz_n, dxn_n, dgh_n, dyn_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn)
         k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
+        kernels = K.builds()
         for off, bs in reversed(sched.steps):
-            K.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
+            kernels.gru_bwd_step(off, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
                            g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n)
             gemm.into(dgh[off : off + bs], dhs[:bs], accumulate=True)  # dhs: z dh + dgh W_hh
         dw = None
         if ctx.needs_input_grad[3]:
             dw = sched.add_weight_grad(torch.zeros(G, H, dtype=dt), dgh, h0.detach(), out, 0, N)
         dg1 = torch.empty(G, dtype=dt)
-        K.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
-        K.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])
+        kernels.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
+        kernels.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])
         db1 = torch.cat([dx_rz.sum(0), dyn.sum(0)])
         return (dx_rz, dx_n, dhs, dw, dg1, db1, dx_n.sum(0), None, None)
 
