@@ -81,7 +81,10 @@ def overflowed(rstd: Tensor) -> bool:
 
 def torch_layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float) -> Tensor | None:
     """torch's own layer norm of ``x`` (where :func:`delegates_to_torch`), or None where it
-    overflowed on a row, for the caller to run :func:`fused_norm`."""
+    overflowed on a row, for the caller to run :func:`fused_norm`. Under ``torch.compile`` the
+    check (data-dependent) is left out: compiled graphs keep torch's kernel as it is."""
+    if torch.compiler.is_compiling():
+        return torch.layer_norm(x, normalized_shape, weight, bias, eps)
     y, _, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
     return None if overflowed(rstd) else y
 
@@ -405,7 +408,7 @@ def _grads(ctx, dy, dres_out, bwd) -> tuple:
     dx, dw, db = bwd(dy.contiguous(), src, weight, mean, rstd, ctx.center, need_dw, need_db, dres)
     d_x = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     d_res = dx.to(ctx.res_dtype) if ctx.has_residual and ctx.needs_input_grad[1] else None
-    if d_x is not None and d_res is not None and d_res.data_ptr() == d_x.data_ptr():
+    if d_res is not None and d_res is d_x:  # both `.to` returned dx itself
         d_res = d_res.clone()  # the two gradients must not share memory (an in-place edit of one)
     return (
         d_x,
