@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from norm_cases import OPS, is_add, make_inputs, run
+from norm_cases import OPS, make_inputs, run
 
 import lnorm.functional as LF
 from lnorm.ops.backend import numba_available
