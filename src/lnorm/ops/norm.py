@@ -314,13 +314,14 @@ def _fwd(x, residual, weight, bias, eps, center, res_dtype):
     return impl(x, residual, weight, bias, eps, center, res_dtype)
 
 
-def _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
-    # Either backward is right for either forward's statistics; the choice is only speed.
+def _bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres, *, add_op=False):
+    # Either backward is right for either forward's statistics; the choice is only speed. An add
+    # + norm whose new residual got no gradient (dres None) still chooses as an add + norm does.
     if _use_triton(src, src.shape[1]):
         from lnorm.ops import _triton_norm
 
         return _triton_norm.norm_bwd(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
-    impl = _bwd_numba if _use_numba(src, center and dres is None) else _bwd_torch
+    impl = _bwd_numba if _use_numba(src, center and dres is None and not add_op) else _bwd_torch
     return impl(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
 
 
@@ -454,7 +455,7 @@ class _FusedNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward is not supported: it raises rather than mislead
     def backward(ctx, dy, dres_out, dmean, drstd):
-        return _grads(ctx, dy, dres_out, _bwd)
+        return _grads(ctx, dy, dres_out, functools.partial(_bwd, add_op=ctx.has_residual))
 
 
 # ------------------------------------------------------------------------------ entry point
