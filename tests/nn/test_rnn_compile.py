@@ -23,6 +23,17 @@ pytestmark = [
 ]
 
 D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # the layers' forward is one code object for every test of the suite that compiles them:
+    # start from an empty cache so earlier tests' graphs do not count against the recompile limit
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 LAYERS = {"lstm": lnorm.LayerNormLSTM, "gru": lnorm.LayerNormGRU}
 
 
