@@ -11,7 +11,7 @@ import torch
 from norm_cases import check_against_torch_and_ref, make_inputs
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 
 pytestmark = [pytest.mark.skipif(not numba_available(), reason="numba is not importable"),
               pytest.mark.usefixtures("own_layer_norm")]
