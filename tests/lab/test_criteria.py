@@ -68,6 +68,8 @@ CASES = [
     ("e8-c13-not", e8.verdict_c13, ([2.0, 2.2, 2.1], [0.3, 0.35, 0.32], hi3), NOT),
     ("e8-c13-not-trains", e8.verdict_c13, ([0.3, 0.35, 0.32], [2.0, 2.2, 2.1], [0.1, 0.11, 0.1]), NOT),
     ("e8-c13-inc", e8.verdict_c13, ([0.3], [2.0], [0.9]), INC),
+    ("e8-c13-not-trains-at-1.5x-chance", e8.verdict_c13, ([0.3, 0.35, 0.32], [2.0, 2.2, 2.1], [0.15, 0.16, 0.17]), NOT),
+    ("e2-c2-not-bn-gap-too-small", e2.verdict_c2, ([0.0, 1e-7], [5e-3, 6e-3]), NOT),  # < 100 tol: blind probe
     ("e7-c10-not-random-better", e7.verdict_c10, ([2.0, 2.05, 2.02], {"0.1": [2.5, 2.55, 2.52], "random": [1.5, 1.55, 1.52]}), NOT),
     ("ddp-c1-sup", ddp.verdict_c1, ([1e-7, 3e-6], [0.1, 0.2], 1e-4), SUP),
     ("ddp-c1-not", ddp.verdict_c1, ([1e-7, 2e-4], [0.1, 0.2], 1e-4), NOT),  # one LN run off is enough
