@@ -13,7 +13,7 @@ import pytest
 
 from lnorm.lab import experiments
 from lnorm.lab import stats as S
-from lnorm.lab.experiments import ddp
+from lnorm.lab.experiments import ddp, sanity
 from lnorm.lab.experiments import e1_batch_size as e1
 from lnorm.lab.experiments import e2_train_eval as e2
 from lnorm.lab.experiments import e3_rnn as e3
@@ -23,7 +23,6 @@ from lnorm.lab.experiments import e6_overhead as e6
 from lnorm.lab.experiments import e7_practice as e7
 from lnorm.lab.experiments import e8_gradient_scale as e8
 from lnorm.lab.experiments import retrieval as R
-from lnorm.lab.experiments import sanity
 
 SUP, NOT, INC = S.SUPPORTED, S.NOT_SUPPORTED, S.INCONCLUSIVE
 SEEDS = (0, 1, 2)
