@@ -59,8 +59,9 @@ MUTATIONS = [
              "if hi <= margin:", "if hi <= margin + 0.05:",
              ("tests/lab/test_stats.py",), "decide's 'not supported' threshold moved by 0.05"),
     Mutation("convert-skips-weight-features-last", "src/lnorm/convert.py",
-             '_copy(getattr(new, "weight", None), weight)',
-             '_copy(getattr(new, "weight", None), weight) if lay != "last" else None',
+             '_copy(getattr(new, "weight", None), getattr(module, "weight", None))',
+             '_copy(getattr(new, "weight", None), getattr(module, "weight", None)) '
+             'if not isinstance(new, (LayerNorm, RMSNorm, MaskedBatchNorm)) else None',
              ("tests/test_convert.py",), "convert_norms does not copy the weight in the features-last layout"),
     Mutation("fused-gru-no-bias-is-half", "src/lnorm/ops/rnn_fused.py",
              "b_in = torch.zeros(H, dtype=gx_rz.dtype)", "b_in = torch.full((H,), 0.5, dtype=gx_rz.dtype)",
