@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lnorm-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test smoke bench lint clean gpu-check
+.PHONY: lab test smoke bench lint clean gpu-check mutate
 
 $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 # cuda`, logs and JSON in $(OUT) (default benchmarks/out/gpu-check-<time>); under 8 minutes.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Named mutations (tools/mutate.py): each breaks the code on purpose in a temporary copy and must
+# make its tests fail. Minutes, not part of CI; MUTATE_ARGS="name ..." runs a few.
+MUTATE_ARGS ?=
+mutate: $(STAMP)
+	$(PY) tools/mutate.py $(MUTATE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

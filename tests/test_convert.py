@@ -98,13 +98,71 @@ def test_mlp_batchnorm1d_needs_layout():
 
 
 def test_batchnorm1d_on_sequences_from_example_input():
-    model = nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = randomize_affine(nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU()))
+    bn = model[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
     out = convert_norms(model, example_input=torch.randn(4, 3, 10), target="layer")
     assert type(out[1]) is GroupNorm and out[1].num_groups == 1
-    # watching the example input changed no running statistics (they moved with the old module)
-    assert torch.equal(before["1.running_mean"], torch.zeros(8))
+    # watching the example input (a forward in training mode) left the old module as it was
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
     assert out(torch.randn(2, 3, 10)).shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_example_input_probe_restores_the_state_it_found(train):
+    # to batch norm the running statistics are copied: they must be the ones from before the
+    # probe, not statistics updated by the example input
+    model = randomize_affine(nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(),
+                                           nn.Unflatten(1, (4, 3)), nn.BatchNorm1d(4))).train(train)
+    first = model[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 6)
+    conv = convert_norms(model, example_input=x, target="batch")
+    assert type(conv[1]) is MaskedBatchNorm
+    after = conv.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert first.training == train and conv[1].training == train
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, before["1." + k]), k
+
+
+def _source(kind: str, C: int) -> tuple[nn.Module, torch.Size]:
+    """A source norm with random affine parameters and the input shape it sees."""
+    if kind == "bn1d-last":
+        return nn.BatchNorm1d(C), (4, C)
+    if kind == "bn1d-channels":
+        return nn.BatchNorm1d(C), (4, C, 5)
+    if kind == "bn2d":
+        return nn.BatchNorm2d(C), (4, C, 3, 3)
+    if kind == "layernorm":
+        return nn.LayerNorm(C), (4, 5, C)
+    if kind == "groupnorm":
+        return nn.GroupNorm(2, C), (4, C, 5)
+    return nn.RMSNorm(C), (4, 5, C)
+
+
+SOURCES = ["bn1d-last", "bn1d-channels", "bn2d", "layernorm", "groupnorm", "rmsnorm"]
+
+
+@pytest.mark.parametrize("target", ["layer", "rms", "group", "batch"])
+@pytest.mark.parametrize("kind", SOURCES)
+def test_affine_parameters_are_copied_in_every_layout(kind, target):
+    src, shape = _source(kind, 8)
+    randomize_affine(src)
+    with torch.no_grad():
+        src.weight.uniform_(0.5, 1.5)  # RMSNorm is not a randomize_affine type
+    model = nn.Sequential(src)
+    x = torch.randn(shape)
+    new = convert_norms(model, source=type(src), target=target, drop_bias=True, example_input=x)[0]
+    assert torch.equal(new.weight, src.weight)
+    if getattr(src, "bias", None) is not None and getattr(new, "bias", None) is not None:
+        assert torch.equal(new.bias, src.bias)
+    if target == "batch" and isinstance(src, nn.modules.batchnorm._BatchNorm):
+        assert torch.equal(new.running_mean, src.running_mean)
+        assert torch.equal(new.running_var, src.running_var)
+    assert new(x).shape == x.shape
 
 
 def test_root_matches_returns_new_module_and_keeps_everything():

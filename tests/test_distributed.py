@@ -257,14 +257,12 @@ def test_collective_clock_counts_sync_batch_norm_collectives():
 
 
 def test_failing_worker_ends_job_with_its_error():
-    # pg_timeout is long: the job must end because the parent reacts to the failure, not because
-    # rank 0's collective times out.
-    t0 = time.perf_counter()
+    # The job must end because the parent reacts to the failure: rank 0 waits in a collective
+    # whose pg_timeout (300 s) is longer than launch's own timeout (240 s), so a parent that waited
+    # for rank 0 would raise TimeoutError, and rank 0 timing out would be rank 0's error.
     with pytest.raises(WorkerError, match="rank one fails on purpose") as info:
         launch(_fail_on_rank1, NPROC, timeout=240, pg_timeout=300)
-    elapsed = time.perf_counter() - t0
     assert info.value.rank == 1 and "ValueError" in str(info.value)
-    assert elapsed < 120, f"the job took {elapsed:.0f} s to end after a worker failed"
     assert not multiprocessing.active_children(), "workers left running"
 
 
@@ -303,22 +301,39 @@ def test_killed_launcher_leaves_no_workers(tmp_path):
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_distributed as T; "
             f"from lnorm.distributed import launch; launch(T._write_pid_and_sleep, 2, ({str(tmp_path)!r},))")
     proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        deadline = time.monotonic() + 120
+    try:  # wait for the workers' pid files (events, not a deadline: the test's timeout bounds it)
         while not all((tmp_path / f"pid{r}").exists() for r in range(NPROC)):
-            assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.1)
+            assert proc.poll() is None, "the launcher ended before its workers started"
+            time.sleep(0.05)
     finally:
         proc.kill()
         proc.wait()
     pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(NPROC)]
-    deadline = time.monotonic() + 30
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = [p for p in pids if _alive(p)]
-    for p in left:  # do not leave them behind if the assertion fails
-        os.kill(p, 9)
-    assert not left, f"workers {left} outlived their launcher by 30 s"
+    try:  # the workers end (each watches its launcher); wait for that, not for a fixed time
+        for pid in pids:
+            _wait_for_exit(pid)
+    finally:
+        for p in filter(_alive, pids):  # do not leave them behind if this fails or times out
+            os.kill(p, 9)
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Block until process ``pid`` (not our child) has ended: its pidfd turns readable then."""
+    import os
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+        while _alive(pid):
+            time.sleep(0.05)
+        return
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
 
 
 def test_launch_timeout_kills_workers():

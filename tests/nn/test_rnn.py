@@ -271,21 +271,35 @@ def test_packed_equals_each_sequence_alone(backend, kind, bidirectional):
     seqs = [torch.randn(n, 4, dtype=D64, requires_grad=True) for n in lengths]
     D = 2 if bidirectional else 1
     hx = hx_for(kind, 2 * D, len(lengths), 5)
+    hx = tuple(h.requires_grad_() for h in hx) if kind == "lstm" else hx.requires_grad_()
+    hx_list = list(hx) if kind == "lstm" else [hx]
     packed = pack_sequence(seqs, enforce_sorted=False)
     out, st_ = m(packed, hx)
     assert isinstance(out, PackedSequence)
     padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
     final = states(kind, (out, st_))
-    g_packed = grads(loss_of(kind, (out, st_)), seqs)
+    # a loss that is a sum of one term per sequence, each with its own weights on the sequence's
+    # outputs and final states: its gradient w.r.t. a sequence (and its initial state) is that
+    # sequence's own, which the sequence alone must give
+    w_out = [torch.randn(n, D * 5, dtype=D64) for n in lengths]
+    w_fin = [[torch.randn(2 * D, 5, dtype=D64) for _ in final] for _ in lengths]
+    loss = sum((padded[: lengths[b], b] * w_out[b]).sum()
+               + sum((f[:, b] * w).sum() for f, w in zip(final, w_fin[b], strict=True)) for b in range(len(lengths)))
+    g_packed = grads(loss, seqs + hx_list)
     for b, s in enumerate(seqs):
-        hb = (hx[0][:, b], hx[1][:, b]) if kind == "lstm" else hx[:, b]
+        hb = tuple(h[:, b].detach().requires_grad_() for h in hx) if kind == "lstm" else hx[:, b].detach().requires_grad_()
+        hb_list = list(hb) if kind == "lstm" else [hb]
         o_b, st_b = m(s, hb)  # unbatched
         assert_close(padded[: lengths[b], b], o_b, name=f"output of sequence {b}")
         assert_close(padded[lengths[b] :, b], torch.zeros_like(padded[lengths[b] :, b]), name="padding")
-        for a, e in zip([f[:, b] for f in final], states(kind, (o_b, st_b)), strict=True):
+        fin_b = states(kind, (o_b, st_b))
+        for a, e in zip([f[:, b] for f in final], fin_b, strict=True):
             assert_close(a, e, name=f"final state of sequence {b}")
-    # the gradient of the packed loss w.r.t. each sequence equals its share computed alone
-    assert all(g is not None and torch.isfinite(g).all() for g in g_packed)
+        loss_b = (o_b * w_out[b]).sum() + sum((f * w).sum() for f, w in zip(fin_b, w_fin[b], strict=True))
+        g_alone = grads(loss_b, [s] + hb_list)
+        assert_close(g_packed[b], g_alone[0], name=f"grad of sequence {b}")
+        for k, (gp, ga) in enumerate(zip(g_packed[len(seqs):], g_alone[1:], strict=True)):
+            assert_close(gp[:, b], ga, name=f"grad of initial state {k} of sequence {b}")
 
 
 def test_padded_batch_via_pack_padded_equals_alone(backend):
@@ -369,6 +383,86 @@ def test_fused_path_equals_torch_path(kind, dtype, packed):
     with torch.no_grad(), lnorm.use_backend("numba"):
         res = m(inp, hx)
     assert_close(data(res[0]), results["torch"][0][0], name="no_grad output", **tol)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_fused_path_without_bias_batch_first_equals_torch_path(kind):
+    # the options the property test below draws, pinned: bias=False (the fused kernels then add
+    # only the LN biases) and batch_first, packed, with initial states that require grad
+    m = make(kind, 4, 5, num_layers=2, bias=False, batch_first=True, bidirectional=True, dtype=D64)
+    x = torch.randn(3, 6, 4, dtype=D64, requires_grad=True)
+    hx = hx_for(kind, 4, 3, 5)
+    hx = tuple(h.requires_grad_() for h in hx) if kind == "lstm" else hx.requires_grad_()
+    leaves = [x, *(hx if kind == "lstm" else [hx]), *m.parameters()]
+    results = {}
+    for b in ("numba", "torch"):
+        inp = pack_padded_sequence(x, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False)
+        with lnorm.use_backend(b):
+            res = m(inp, hx)
+        if b == "numba":
+            assert any("Recurrence" in n for n in graph_nodes(data(res[0]))), graph_nodes(data(res[0]))
+        results[b] = [data(res[0])] + states(kind, res) + list(grads(loss_of(kind, res), leaves))
+    names = (["output"] + [f"final state {i}" for i in range(len(hx) if kind == "lstm" else 1)] + ["grad x"]
+             + [f"grad of initial state {i}" for i in range(len(hx) if kind == "lstm" else 1)]
+             + [f"grad {n}" for n, _ in m.named_parameters()])
+    for a, e, n in zip(results["numba"], results["torch"], names, strict=True):
+        assert_close(a, e, name=n)
+
+
+@st.composite
+def fused_cases(draw):
+    T, B = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    packed = draw(st.booleans())
+    return {
+        "kind": draw(st.sampled_from(["lstm", "gru"])),
+        "num_layers": draw(st.integers(1, 3)),
+        "bidirectional": draw(st.booleans()),
+        "batch_first": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "T": T, "B": B, "I": draw(st.integers(1, 5)), "H": draw(st.integers(1, 5)),
+        # uneven lengths, one of them the longest (pack_padded_sequence needs it to match T)
+        "lengths": [T] + draw(st.lists(st.integers(1, T), min_size=B - 1, max_size=B - 1)) if packed else None,
+        "with_hx": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@settings(max_examples=25, deadline=None)
+@given(case=fused_cases())
+def test_fused_equals_torch_property(case):
+    """The fused CPU path (layer norm on: the only case it runs) against the pure-torch path in
+    float64: outputs, final states and every gradient, the initial states' included."""
+    kind, H, B = case["kind"], case["H"], case["B"]
+    torch.manual_seed(case["seed"])
+    m = make(kind, case["I"], H, num_layers=case["num_layers"], bias=case["bias"], batch_first=case["batch_first"],
+             bidirectional=case["bidirectional"], dtype=D64)
+    L = case["num_layers"] * (2 if case["bidirectional"] else 1)
+    shape = (B, case["T"], case["I"]) if case["batch_first"] else (case["T"], B, case["I"])
+    x = torch.randn(shape, dtype=D64, requires_grad=True)
+    hx = None
+    if case["with_hx"]:
+        hx = hx_for(kind, L, B, H)
+        hx = tuple(h.requires_grad_() for h in hx) if kind == "lstm" else hx.requires_grad_()
+    leaves = [x] + ([] if hx is None else list(hx) if kind == "lstm" else [hx]) + list(m.parameters())
+    results = {}
+    for b in ("numba", "torch"):
+        inp = x
+        if case["lengths"] is not None:
+            inp = pack_padded_sequence(x, torch.tensor(case["lengths"]), batch_first=case["batch_first"],
+                                       enforce_sorted=False)
+        with lnorm.use_backend(b):
+            res = m(inp, hx)
+        if b == "numba":  # the fused autograd Functions really ran
+            assert any("Recurrence" in n for n in graph_nodes(data(res[0]))), graph_nodes(data(res[0]))
+        results[b] = [data(res[0])] + states(kind, res) + list(grads(loss_of(kind, res), leaves))
+    n_hx = len(leaves) - 1 - len(list(m.parameters()))
+    names = (["output"] + [f"state {i}" for i in range(len(states(kind, res)))] + ["grad x"]
+             + [f"grad of initial state {i}" for i in range(n_hx)] + [f"grad {n}" for n, _ in m.named_parameters()])
+    for a, e, n in zip(results["numba"], results["torch"], names, strict=True):
+        assert a is not None and e is not None, n
+        assert_close(a, e, name=n)
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")

@@ -191,3 +191,25 @@ def test_torch_compile_follows_the_backend_of_each_call():
         assert g(x).tolist() == [2.0, 2.0]
     with lnorm.use_backend("torch"):
         assert g(x).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(("rows", "features", "delegated"), [(4, 64, True), (4, 8, False)],
+                         ids=["H64-torch-kernel", "H8-ours"])
+def test_small_plain_layer_norm_delegates_to_torch(calls, rows, features, delegated):
+    # the delegation rule of lnorm.ops.norm: a small float32 layer norm over >= 32 features is
+    # torch's own kernel (no launcher of ours runs); below 32 features it is ours
+    if not lnorm.numba_available():
+        pytest.skip("numba is not importable")
+    x = torch.randn(rows, features, requires_grad=True)
+    with lnorm.use_backend("numba"):
+        y = LF.layer_norm(x, features, torch.ones(features), torch.zeros(features))
+        y.sum().backward()
+    ran = sum(calls.values())
+    assert (ran == 0) == delegated, calls
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x.detach(), (features,)))
+
+
+def test_own_layer_norm_fixture_turns_delegation_off(calls, own_layer_norm, backend):
+    x = torch.randn(4, 64, requires_grad=True)
+    LF.layer_norm(x, 64).sum().backward()
+    assert calls[f"{backend}_fwd"] == 1 and calls[f"{backend}_bwd"] == 1, calls

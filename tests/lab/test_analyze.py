@@ -1,0 +1,307 @@
+"""Every experiment's ``analyze`` on synthetic unit records whose verdicts are known.
+
+The criteria themselves are tested on numbers in ``test_criteria.py``; here the records go through
+``analyze``, so a claim wired to the wrong runs (LN and baseline swapped, the wrong key, the wrong
+batch size) gives the wrong verdict. Each experiment has three scenarios: LN clearly as the paper
+says (every claim supported), clearly against it (not supported), and seeds too noisy to tell
+(inconclusive).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lnorm.lab import experiments
+from lnorm.lab import stats as S
+from lnorm.lab.experiments import ddp, sanity
+from lnorm.lab.experiments import e1_batch_size as e1
+from lnorm.lab.experiments import e2_train_eval as e2
+from lnorm.lab.experiments import e3_rnn as e3
+from lnorm.lab.experiments import e4_transformer as e4
+from lnorm.lab.experiments import e5_cnn as e5
+from lnorm.lab.experiments import e6_overhead as e6
+from lnorm.lab.experiments import e7_practice as e7
+from lnorm.lab.experiments import e8_gradient_scale as e8
+from lnorm.lab.experiments import retrieval as R
+
+SUP, NOT, INC = S.SUPPORTED, S.NOT_SUPPORTED, S.INCONCLUSIVE
+SEEDS = (0, 1, 2)
+# per-seed values: clearly high, clearly low, and two noisy samples whose difference straddles 0
+HIGH = (0.95, 0.96, 0.955)
+LOW = (0.80, 0.81, 0.79)
+NOISY_A, NOISY_B = (0.5, 0.9, 0.1), (0.5, 0.1, 0.9)
+
+
+def shift(vals, by):
+    return tuple(v + by for v in vals)
+
+
+def recs(params: dict, per_seed: dict[str, tuple], status: str = "ok") -> list[dict]:
+    """One record per seed; ``per_seed[key][i]`` is seed i's ``result[key]``."""
+    out = []
+    for i, s in enumerate(SEEDS):
+        result = {k: v[i] for k, v in per_seed.items()} if status == "ok" else {}
+        out.append({"params": dict(params), "seed": s, "status": status, "result": result})
+    return out
+
+
+def curve(final):
+    """A logged curve ending at ``final`` (the tables and figures read these keys)."""
+    return tuple([[0, 5, 10]] * 3), tuple([2 * f, 1.5 * f, f] for f in final)
+
+
+def verdicts(mod, cfg, results) -> list[tuple[str, str]]:
+    out = mod.analyze(cfg, results)
+    assert set(out) >= {"claims", "tables", "figures"}
+    return [(c["claim"], c["verdict"]) for c in out["claims"]]
+
+
+# ---------------------------------------------------------------------------------------- e1
+
+
+def e1_results(scenario):
+    cfg = e1.Config(norms=("none", "batch", "layer"), batch_sizes=(1, 4, 32))
+
+    def unit(norm, bs, acc, dep=0.0, status="ok"):
+        return recs({"norm": norm, "batch_size": bs},
+                    {"test_acc": acc, "final_loss": shift(acc, 0.5), "ms_per_step": HIGH,
+                     "batch_dependence": (dep,) * 3}, status)
+
+    r = [unit("none", b, HIGH) for b in (1, 4, 32)]
+    if scenario == "sup":  # BN cannot train at 1 and loses 15 points at 4; LN is flat
+        r += [unit("batch", 1, HIGH, status="cannot_train"), unit("batch", 4, LOW, 0.5),
+              unit("batch", 32, shift(HIGH, 0.005), 0.5)]
+        r += [unit("layer", b, HIGH, 1e-7) for b in (1, 4, 32)]
+    elif scenario == "not":  # BN trains at 1 but is worse than LN at 32; LN depends on the batch
+        r += [unit("batch", b, LOW, 0.5) for b in (1, 4, 32)]
+        r += [unit("layer", b, HIGH, 1e-2) for b in (1, 4, 32)]
+    else:  # the probe does not see BN; drops and accuracies too noisy
+        r += [unit("batch", 1, HIGH, status="cannot_train"), unit("batch", 4, NOISY_B, 1e-7),
+              unit("batch", 32, NOISY_A, 1e-7)]
+        r += [unit("layer", b, HIGH, 1e-7) for b in (1, 4, 32)]
+    return cfg, {"e1": [rec for unit_recs in r for rec in unit_recs]}
+
+
+# ---------------------------------------------------------------------------------------- e2
+
+
+def e2_results(scenario):
+    cfg = e2.Config(norms=("batch", "layer"))
+
+    def unit(norm, gap, change, status="ok"):
+        return recs({"norm": norm}, {"test_acc": HIGH, "max_output_gap": (gap,) * 3, "relative_gap": (gap,) * 3,
+                                     "acc_train_mode": HIGH, "acc_eval_mode": LOW,
+                                     "batch_max_relative_change": (change,) * 3}, status)
+
+    if scenario == "sup":
+        r = unit("layer", 1e-7, 1e-7) + unit("batch", 0.5, 0.5)
+    elif scenario == "not":  # LN's outputs move with the mode and with the batch
+        r = unit("layer", 1e-2, 1e-2) + unit("batch", 0.5, 0.5)
+    else:  # every BN run failed: nothing to compare with
+        r = unit("layer", 1e-7, 1e-7) + unit("batch", 0, 0, status="diverged")
+    return cfg, {"e2": r}
+
+
+# ---------------------------------------------------------------------------------------- e3
+
+
+def e3_results(scenario):
+    cfg = e3.Config()
+    good, bad = {"sup": (2.0, 3.0), "not": (3.0, 2.0)}.get(scenario, (None, None))
+
+    def lm(model, ln: bool):
+        if scenario == "inc":
+            bpc, cv = (NOISY_A if ln else NOISY_B), (NOISY_A if ln else NOISY_B)
+        else:
+            bpc = shift(LOW, good if ln else bad)  # lower is better
+            cv = shift(LOW, -0.7) if (ln == (scenario == "sup")) else LOW
+        steps, curves = curve(bpc)
+        return recs({"task": "lm", "model": model},
+                    {"final_bpc": bpc, "mean_bpc": shift(bpc, 0.3), "steps_to_target": (5, 5, 5),
+                     "wall_to_target": (1.0, 1.0, 1.0), "hidden_norm_cv": cv, "gate_saturation": LOW,
+                     "ms_per_step": HIGH, "curve_bpc": curves, "curve_step": steps, "curve_wall": steps})
+
+    def seq(model, ln: bool):
+        acc = (NOISY_A if ln else NOISY_B) if scenario == "inc" else (HIGH if ln == (scenario == "sup") else LOW)
+        steps, curves = curve(acc)
+        return recs({"task": "mnist1d", "model": model},
+                    {"test_acc": acc, "final_loss": LOW, "ms_per_step": HIGH, "curve_acc": curves,
+                     "curve_step": steps})
+
+    r = lm("lstm", False) + lm("lnlstm", True) + lm("gru", False) + lm("lngru", True)
+    r += seq("gru", False) + seq("lngru", True)
+    return cfg, {"e3": r}
+
+
+# ---------------------------------------------------------------------------------------- e4
+
+
+def e4_results(scenario):
+    cfg = e4.Config(variants=("none", "preln", "prebn"), warmups=(0,), lrs=(1e-3, 1e-2))
+    if scenario == "sup":  # pre-LN best at the higher lr and below pre-BN; no norm best at the lower
+        bpc = {("preln", 1e-3): 3.0, ("preln", 1e-2): 2.0, ("prebn", 1e-3): 3.0, ("prebn", 1e-2): 3.2,
+               ("none", 1e-3): 2.5, ("none", 1e-2): 3.5}
+    elif scenario == "not":  # pre-BN better; pre-LN's best lr is no-norm's
+        bpc = {("preln", 1e-3): 3.0, ("preln", 1e-2): 3.5, ("prebn", 1e-3): 2.0, ("prebn", 1e-2): 2.2,
+               ("none", 1e-3): 2.5, ("none", 1e-2): 3.5}
+    else:
+        bpc = None
+    r = []
+    for v in cfg.variants:
+        for lr in cfg.lrs:
+            if bpc is None:  # noise; pre-LN best at the higher lr by a hair, no norm tied (first lr wins)
+                vals = shift(NOISY_A if v == "preln" else NOISY_B, 2.0 - (lr == 1e-2) * 0.01 * (v == "preln"))
+            else:
+                vals = shift((0.0, 0.01, -0.01), bpc[v, lr])
+            r += recs({"variant": v, "warmup": 0, "lr": lr}, {"final_bpc": vals, "ms_per_step": HIGH})
+    return cfg, {"e4": r}
+
+
+# ---------------------------------------------------------------------------------------- e5
+
+
+def e5_results(scenario):
+    cfg = e5.Config(datasets=("mnist",), norms=("none", "batch", "layer"))
+    acc = {"sup": {"batch": shift(HIGH, 0.02), "layer": HIGH, "none": LOW},
+           "not": {"batch": shift(HIGH, 0.02), "layer": LOW, "none": HIGH},
+           "inc": {"batch": shift(HIGH, 0.02), "layer": HIGH, "none": shift(NOISY_A, 0.4)}}[scenario]
+    r = []
+    for n in cfg.norms:
+        steps, curves = curve(acc[n])
+        r += recs({"data": "mnist", "norm": n}, {"test_acc": acc[n], "final_loss": LOW, "ms_per_step": HIGH,
+                                                 "curve_acc": curves, "curve_step": steps})
+    return cfg, {"e5": r}
+
+
+# ---------------------------------------------------------------------------------------- e6
+
+
+def e6_results(scenario):
+    ms = {"sup": {"layer": (3.0, 3.1, 3.05), "none": (2.0, 2.1, 2.05), "batch": (2.5, 2.6, 2.55)},
+          "not": {"layer": (2.0, 2.1, 2.05), "none": (3.0, 3.1, 3.05), "batch": (2.5, 2.6, 2.55)},
+          "inc": {"layer": (2.0, 9.0, 1.0), "none": (3.0, 3.1, 3.05), "batch": (2.5, 2.6, 2.55)}}[scenario]
+    r = []
+    for n, v in ms.items():
+        r += recs({"norm": n, "batch_size": 32}, {"ms_per_step": v})
+        r += recs({"norm": n, "batch_size": 1}, {"ms_per_step": (1.0, 1.0, 1.0)})  # not the largest batch
+    return e6.Config(), {"e1": r}
+
+
+# ---------------------------------------------------------------------------------------- e7
+
+
+def e7_results(scenario):
+    cfg = e7.Config(gains=("one", "0.1"), lrs=(0.01, 0.3), norms=("none", "layer"))
+    if scenario == "sup":
+        bpc = {"one": (2.0, 2.05, 2.02), "0.1": (2.5, 2.55, 2.52)}
+        acc = {("layer", 0.01): LOW, ("layer", 0.3): HIGH, ("none", 0.01): HIGH, ("none", 0.3): LOW}
+    elif scenario == "not":
+        bpc = {"one": (2.5, 2.55, 2.52), "0.1": (2.0, 2.05, 2.02)}
+        acc = {("layer", 0.01): HIGH, ("layer", 0.3): LOW, ("none", 0.01): HIGH, ("none", 0.3): LOW}
+    else:  # LN's best lr is the higher one, but not significantly better than at the other
+        bpc = {"one": (2.0, 2.5, 2.2), "0.1": (2.1, 2.6, 2.0)}
+        acc = {("layer", 0.01): NOISY_B, ("layer", 0.3): (0.55, 0.9, 0.2), ("none", 0.01): HIGH,
+               ("none", 0.3): LOW}
+    r = []
+    for g in cfg.gains:
+        steps, curves = curve(bpc[g])
+        r += recs({"part": "gain", "gain": g}, {"final_bpc": bpc[g], "mean_bpc": bpc[g], "hidden_norm_cv": LOW,
+                                                "curve_bpc": curves, "curve_step": steps})
+    for n in cfg.norms:
+        for lr in cfg.lrs:
+            r += recs({"part": "lr", "norm": n, "lr": lr}, {"test_acc": acc[n, lr]})
+    return cfg, {"e7": r}
+
+
+# ---------------------------------------------------------------------------------------- e8
+
+
+def e8_results(scenario):
+    cfg = e8.Config(norms=("none", "layer"))
+    spread = {"sup": {"layer": (0.3, 0.35, 0.32), "none": (2.0, 2.2, 2.1)},
+              "not": {"layer": (2.0, 2.2, 2.1), "none": (0.3, 0.35, 0.32)},
+              "inc": {"layer": (0.3, 2.5, 1.0), "none": (2.0, 0.2, 1.5)}}[scenario]
+    r = []
+    for n in cfg.norms:
+        r += recs({"norm": n}, {"log10_spread_init": spread[n], "log10_spread_trained": spread[n],
+                                "test_acc": HIGH, "grad_init": ([1.0, 2.0],) * 3, "grad_trained": ([1.0, 3.0],) * 3})
+    return cfg, {"e8": r}
+
+
+# --------------------------------------------------------------------------------------- ddp
+
+
+def ddp_results(scenario):
+    cfg = ddp.Config(models=("mlp",), norms=("batch", "sync", "layer"), batch_sizes=(8,), nproc=2)
+    if scenario == "sup":  # per-process BN: different gradient, 15 points lost; LN: same gradient, no loss
+        gap = {"batch": 0.1, "sync": 1e-7, "layer": 1e-7}
+        acc = {("batch", 1): HIGH, ("batch", 2): LOW, ("layer", 1): HIGH, ("layer", 2): HIGH}
+    elif scenario == "not":  # LN's DDP gradient differs and LN loses the accuracy
+        gap = {"batch": 0.1, "sync": 1e-7, "layer": 1e-2}
+        acc = {("batch", 1): HIGH, ("batch", 2): HIGH, ("layer", 1): HIGH, ("layer", 2): LOW}
+    else:  # the check does not see BN's gap either; drops too noisy
+        gap = {"batch": 1e-7, "sync": 1e-7, "layer": 1e-7}
+        acc = {("batch", 1): NOISY_A, ("batch", 2): NOISY_B, ("layer", 1): HIGH, ("layer", 2): HIGH}
+    r = []
+    for (n, procs), a in [*acc.items(), (("sync", 2), HIGH)]:
+        r += recs({"model": "mlp", "norm": n, "batch": 8, "procs": procs},
+                  {"test_acc": a, "curve_step": ([4],) * 3, "curve_loss": ([1.0],) * 3,
+                   "grad_gap": (gap[n],) * 3, "ms_per_step": HIGH, "comm_share": LOW})
+    return cfg, {"ddp": r}
+
+
+# --------------------------------------------------------------------------------- retrieval
+
+
+def retrieval_results(scenario):
+    cfg = R.Config(models=(R.BASE, R.LN))
+    hi, lo = (560.0, 562.0, 561.0), (540.0, 541.0, 539.0)
+    rsum = {"sup": {R.LN: hi, R.BASE: lo}, "not": {R.LN: lo, R.BASE: hi},
+            "inc": {R.LN: (500.0, 560.0, 530.0), R.BASE: (530.0, 500.0, 560.0)}}[scenario]
+    r = []
+    for m in cfg.models:
+        r += recs({"model": m}, {"test_rsum": rsum[m], "mean_val_rsum": rsum[m], "best_step": (100, 150, 150),
+                                 "best_time_s": (1.0, 2.0, 1.5), "curve_val_rsum": ([100.0, 500.0],) * 3,
+                                 "curve_step": ([0, 150],) * 3, "curve_time": ([0.0, 2.0],) * 3})
+    return cfg, {"retrieval": r}
+
+
+SCENARIOS = {
+    # experiment: (builder, module, the claims in analyze's order)
+    "e1": (e1_results, e1, ["C1", "C3", "C6"]),
+    "e2": (e2_results, e2, ["C2", "C1"]),
+    "e3": (e3_results, e3, ["C4", "C9", "C4", "C9", "C9"]),
+    "e4": (e4_results, e4, ["C5", "C11"]),
+    "e5": (e5_results, e5, ["C7"]),
+    "e6": (e6_results, e6, ["C8", "C8"]),
+    "e7": (e7_results, e7, ["C10", "C11"]),
+    "e8": (e8_results, e8, ["C13"]),
+    "ddp": (ddp_results, ddp, ["C1", "C3"]),
+    "retrieval": (retrieval_results, R, ["C12"]),
+}
+
+
+@pytest.mark.parametrize("scenario,verdict", [("sup", SUP), ("not", NOT), ("inc", INC)],
+                         ids=["supported", "not-supported", "inconclusive"])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_analyze_gives_the_known_verdicts(name, scenario, verdict):
+    build, mod, claims = SCENARIOS[name]
+    cfg, results = build(scenario)
+    got = verdicts(mod, cfg, results)
+    assert got == [(c, verdict) for c in claims], got
+
+
+def test_every_experiment_with_claims_has_scenarios():
+    for name in experiments.names():
+        if experiments.get(name).CLAIMS:
+            assert name in SCENARIOS, name
+            assert set(SCENARIOS[name][2]) == set(experiments.get(name).CLAIMS), name
+
+
+@pytest.mark.parametrize("mlp_acc,within", [(0.67, "yes"), (0.50, "no")])
+def test_sanity_compares_with_the_published_accuracies(mlp_acc, within):
+    results = {"sanity": recs({"model": "MLP"}, {"test_acc": (mlp_acc,) * 3})}
+    (table,) = sanity.analyze(sanity.Config(), results)["tables"]
+    rows = {row[0]: row for row in table["rows"]}
+    assert rows["MLP"][-1] == within
+    assert rows["CNN"][-1] == "-" and rows["CNN"][2] == "not run"
