@@ -22,10 +22,10 @@ import functools
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lnorm.ops import backend
 from lnorm.ops.export import norm_in_standard_ops
+from lnorm.ops.guards import use_torch_path
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -438,6 +438,18 @@ norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------- eager autograd.Function
 
 
+def _bwd_recomputed(eps, dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
+    """:func:`_bwd_torch` with the statistics recomputed from ``src`` in torch ops, so that the
+    gradients are a differentiable function of the inputs (backward with ``create_graph=True``):
+    second derivatives are exact on either backend and at every size."""
+    s = src.to(rstd.dtype)
+    if center:
+        mean = s.mean(-1)
+        s = s - mean[:, None]
+    rstd = torch.rsqrt(s.square().mean(-1) + eps)
+    return _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
+
+
 class _FusedNorm(torch.autograd.Function):
     """Eager path: the same launchers as the custom ops, without the dispatcher round trip."""
 
@@ -446,6 +458,7 @@ class _FusedNorm(torch.autograd.Function):
         res_dtype = _residual_dtype(x, residual, residual_in_fp32)
         y, res_out, mean, rstd = _fwd(x, residual, weight, bias, eps, center, res_dtype)
         _save(ctx, x, residual, weight, bias, center, res_out, mean, rstd)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, rstd)
         # no zero tensors for the outputs backward ignores (mean, rstd, an unused residual): on a
         # GPU their allocation and fill were a large share of a step's host time (measured)
@@ -453,8 +466,10 @@ class _FusedNorm(torch.autograd.Function):
         return y, res_out, mean, rstd
 
     @staticmethod
-    @once_differentiable  # double backward is not supported: it raises rather than mislead
     def backward(ctx, dy, dres_out, dmean, drstd):
+        # grad mode is on in backward only with create_graph=True (a second derivative may follow)
+        if torch.is_grad_enabled():
+            return _grads(ctx, dy, dres_out, functools.partial(_bwd_recomputed, ctx.eps))
         return _grads(ctx, dy, dres_out, functools.partial(_bwd, add_op=ctx.has_residual))
 
 
@@ -474,6 +489,10 @@ def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: 
             return norm_in_standard_ops(x, residual, weight, bias, eps, center, res_dtype,
                                         _compute_dtype(x.dtype))
         return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+    if use_torch_path():
+        # traced or under a torch.func transform: torch ops that the tracer and the transforms
+        # see through (see lnorm.ops.guards)
+        return _fwd_torch(x, residual, weight, bias, eps, center, _residual_dtype(x, residual, residual_in_fp32))
     if center and residual is None and delegates_to_torch(x, x.shape[1]):
         # Plain layer norm where torch's kernel is the faster one: call it with torch's own
         # autograd (no Python Function in between; double backward works there too).

@@ -1,0 +1,94 @@
+"""When lnorm's fast paths may run, and what they do when a second derivative is asked of them.
+
+A fast path (the Numba kernels behind a Python ``autograd.Function``: the norm ops, the fused
+LSTM/GRU recurrence) is an opaque box to anything that records or transforms the computation:
+
+* ``torch.jit.trace`` (and the legacy ONNX exporter, which traces) records a kernel call on numpy
+  views as a constant, so the trace would ignore its input;
+* ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``) and forward-mode
+  AD need rules the Functions do not have (a batching rule, a jvp);
+* CPU autocast asks for lower-precision matmuls that the fused recurrence, which runs its own
+  float32/float64 loop, would not do.
+
+:func:`use_torch_path` is the one place that decides: while it is True, the callers
+(:func:`lnorm.ops.norm.fused_norm`, the recurrent layers' dispatch in :mod:`lnorm.nn.rnn`) run
+their pure-torch path, differentiable composites of torch ops that every transform understands.
+``torch.compile`` is not listed: it has its own route, the ``torch.library`` custom ops.
+
+Second derivatives: the norm ops compute them (their backward is differentiable when
+``create_graph=True``); the fused recurrences do not, and :func:`first_order_only` makes any
+second derivative through them raise :data:`SECOND_ORDER_MESSAGE` instead of returning a silently
+incomplete gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd import forward_ad
+
+__all__ = ["SECOND_ORDER_MESSAGE", "first_order_only", "is_tracing", "use_torch_path"]
+
+
+def is_tracing() -> bool:
+    """True under ``torch.jit.trace`` and the legacy (TorchScript-based) ONNX exporter."""
+    return torch.jit.is_tracing()
+
+
+def use_torch_path(autocast_sensitive: bool = False) -> bool:
+    """Whether a fast path must give way to the pure-torch path now (see the module docstring).
+
+    ``autocast_sensitive``: the caller's fast path would ignore CPU autocast (the fused
+    recurrence); the norm kernels honour it already (they keep the input's dtype, as torch's
+    norms do under autocast), so they pass False.
+    """
+    return (
+        torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or (autocast_sensitive and torch.is_autocast_enabled("cpu"))
+    )
+
+
+SECOND_ORDER_MESSAGE = (
+    "lnorm: the fused CPU path of LayerNormLSTM/LayerNormGRU computes first derivatives only, and "
+    "a second derivative (a gradient of a gradient, e.g. a gradient penalty with "
+    "create_graph=True) went through it. Run the model under lnorm.use_backend(\"torch\") (or "
+    "lnorm.set_backend(\"torch\") / LNORM_BACKEND=torch) for second derivatives."
+)
+
+
+class _SecondDerivativeError(torch.autograd.Function):
+    """Identity on the gradients a first-order backward returned; its own backward raises, so a
+    second derivative that reaches them fails loudly instead of treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, message, *grads):
+        ctx.message = message
+        return tuple(g.view_as(g) if g is not None else None for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(backward):
+    """Decorate a custom Function's ``backward`` that is not differentiable (it runs kernels on
+    numpy views). With ``create_graph=True`` the gradients it returns carry a node that raises
+    :data:`SECOND_ORDER_MESSAGE` when differentiated; plain backward is unaffected.
+
+    Unlike ``torch.autograd.function.once_differentiable``, the gradients are attached to the
+    error node even when the incoming gradients do not require grad, so no part of a second
+    derivative is silently dropped."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        attached = [g.detach().requires_grad_() if isinstance(g, torch.Tensor) else None for g in grads]
+        return _SecondDerivativeError.apply(SECOND_ORDER_MESSAGE, *attached)
+
+    return wrapper

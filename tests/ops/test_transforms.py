@@ -1,0 +1,183 @@
+"""The norm ops under autograd's and torch.func's transforms, on both backends, against the float64
+references (plain PyTorch, which every transform understands).
+
+Second derivatives (a gradient penalty) are exact at every size and on both backends: the eager
+Function's backward is differentiable under ``create_graph=True``. ``torch.func`` transforms take
+the pure-torch path (``lnorm.ops.guards.use_torch_path``).
+"""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+
+import lnorm
+import lnorm.functional as LF
+from lnorm.reference import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
+from tolerances import assert_close
+
+OPS = ("layer", "rms", "add_layer", "add_rms")
+# H=8 is below the 32 features from which a plain layer norm calls torch's own kernel, H=64 above
+SIZES = (8, 64)
+
+
+def _inputs(op, H, R=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x = t(R, H)
+    residual = t(R, H) if op.startswith("add") else None
+    weight = t(H)
+    bias = t(H) if op in ("layer", "add_layer") else None
+    return x, residual, weight, bias
+
+
+def _lnorm(op, x, residual, weight, bias):
+    """The op's normalized output (the sum as well for the add ops, so both are differentiated)."""
+    H = x.shape[-1]
+    if op == "layer":
+        return LF.layer_norm(x, H, weight, bias)
+    if op == "rms":
+        return LF.rms_norm(x, H, weight)
+    if op == "add_layer":
+        y, s = LF.add_layer_norm(x, residual, H, weight, bias)
+    else:
+        y, s = LF.add_rms_norm(x, residual, H, weight)
+    return y + 0.5 * s.tanh()
+
+
+def _ref(op, x, residual, weight, bias):
+    H = (x.shape[-1],)
+    if op == "layer":
+        return layer_norm_ref(x, H, weight, bias)[0]
+    if op == "rms":
+        return rms_norm_ref(x, H, weight)[0]
+    if op == "add_layer":
+        y, s, *_ = add_layer_norm_ref(x, residual, H, weight, bias)
+    else:
+        y, s, *_ = add_rms_norm_ref(x, residual, H, weight)
+    return y + 0.5 * s.tanh()
+
+
+def _penalty_grads(fn, op, inputs):
+    """d/d(inputs) of |d loss / d(inputs)|^2, a gradient penalty: a second derivative."""
+    leaves = [t for t in inputs if t is not None]
+    loss = fn(op, *inputs).sin().sum()
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    return torch.autograd.grad(penalty, leaves)
+
+
+# ------------------------------------------------------------------------------- double backward
+
+
+@pytest.mark.parametrize("H", SIZES)
+@pytest.mark.parametrize("op", OPS)
+def test_second_derivative_matches_reference(backend, op, H):
+    # Regression: double backward raised ("marked with @once_differentiable") except for a plain
+    # layer norm of 32+ features under 4M elements, which delegated to torch's kernel.
+    inputs = _inputs(op, H)
+    got = _penalty_grads(_lnorm, op, inputs)
+    want = _penalty_grads(_ref, op, [t.detach().requires_grad_() if t is not None else None for t in inputs])
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_close(a, b, dtype=torch.float64, name=f"{op} H={H} second derivative {i}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradgradcheck(backend, op):
+    inputs = [t for t in _inputs(op, 5, R=2) if t is not None]
+    has_res = op.startswith("add")
+
+    def fn(*ts):
+        x, rest = ts[0], list(ts[1:])
+        residual = rest.pop(0) if has_res else None
+        weight = rest.pop(0)
+        bias = rest.pop(0) if rest else None
+        return _lnorm(op, x, residual, weight, bias)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_first_order_backward_still_takes_the_kernels(monkeypatch):
+    # create_graph=False must not pay for the differentiable backward
+    import lnorm.ops.norm as N
+
+    def fail(*a, **k):
+        raise AssertionError("differentiable backward used without create_graph")
+
+    monkeypatch.setattr(N, "_bwd_recomputed", fail)
+    x, _, w, _ = _inputs("rms", 8)
+    LF.rms_norm(x, 8, w).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+# ------------------------------------------------------------------------------------- torch.func
+
+
+def _fn(op, weight, bias, residual=None):
+    """x (H,) or (R, H) -> the op's output, for torch.func (params closed over)."""
+    return lambda x: _lnorm(op, x, residual, weight, bias)
+
+
+def _ref_fn(op, weight, bias, residual=None):
+    return lambda x: _ref(op, x, residual, weight, bias)
+
+
+@pytest.mark.parametrize("H", SIZES)
+@pytest.mark.parametrize("op", OPS)
+def test_func_grad_vmap_jacrev_jvp(backend, op, H):
+    # Regression: rms_norm, the add ops and small layer norms failed with cryptic errors under
+    # torch.func (no vmap rule for an autograd.Function, a jvp it does not have).
+    x, residual, weight, bias = (t.detach() if t is not None else None for t in _inputs(op, H))
+    residual = residual[0] if residual is not None else None
+    f, r = _fn(op, weight, bias, residual), _ref_fn(op, weight, bias, residual)
+    scalar = lambda fn: lambda v: fn(v).sin().sum()  # noqa: E731
+    name = f"{op} H={H}"
+    assert_close(grad(scalar(f))(x[0]), grad(scalar(r))(x[0]), dtype=torch.float64, name=f"{name} grad")
+    assert_close(vmap(f)(x), vmap(r)(x), dtype=torch.float64, name=f"{name} vmap")
+    assert_close(jacrev(f)(x[0]), jacrev(r)(x[0]), dtype=torch.float64, name=f"{name} jacrev")
+    t = torch.randn_like(x[0])
+    (ya, ta), (yb, tb) = jvp(f, (x[0],), (t,)), jvp(r, (x[0],), (t,))
+    assert_close(ya, yb, dtype=torch.float64, name=f"{name} jvp primal")
+    assert_close(ta, tb, dtype=torch.float64, name=f"{name} jvp tangent")
+    assert_close(hessian(scalar(f))(x[0]), hessian(scalar(r))(x[0]), dtype=torch.float64, name=f"{name} hessian")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [lambda: lnorm.LayerNorm(8), lambda: lnorm.LayerNorm(64), lambda: lnorm.RMSNorm(8),
+     lambda: lnorm.AddLayerNorm(8), lambda: lnorm.AddRMSNorm(8)],
+    ids=["LayerNorm8", "LayerNorm64", "RMSNorm", "AddLayerNorm", "AddRMSNorm"],
+)
+def test_per_sample_gradients_via_functional_call(backend, module):
+    # torch.func's per-sample-gradient recipe: vmap(grad(loss)) over functional_call
+    m = module().double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    H = m.normalized_shape[0]
+    x = torch.randn(4, 3, H, dtype=torch.float64)
+
+    def loss(params, sample):
+        out = functional_call(m, params, (sample,))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.sin().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        m.zero_grad()
+        loss(dict(m.named_parameters()), x[i]).backward()
+        for k, p in m.named_parameters():
+            assert_close(per_sample[k][i], p.grad, dtype=torch.float64, name=f"per-sample d{k}[{i}]")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad(backend, op):
+    import torch.autograd.forward_ad as fwAD
+
+    x, residual, weight, bias = (t.detach() if t is not None else None for t in _inputs(op, 8))
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = _lnorm(op, fwAD.make_dual(x, t), residual, weight, bias)
+        tangent = fwAD.unpack_dual(out).tangent
+    _, want = jvp(lambda v: _ref(op, v, residual, weight, bias), (x,), (t,))
+    assert_close(tangent, want, dtype=torch.float64, name=f"{op} forward-mode tangent")
