@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ from lnorm import functional as LF
 from lnorm import validation as V
 from lnorm.ops import backend
 from lnorm.ops.rnn import RecurrentWeights, fused_applies, fused_recurrence
+from lnorm.ops.guards import is_tracing
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -82,13 +84,33 @@ def _option_repr(m) -> str:
     return s
 
 
+def _refuse_trace(name: str) -> None:
+    """A trace of the layers' Python time loop would be fixed to the traced length and batch
+    (and packing), and silently wrong for any other input: refuse, and say what works."""
+    how = (
+        "the legacy ONNX exporter (torch.onnx.export(..., dynamo=False)) traces the model with "
+        "torch.jit.trace" if torch.onnx.is_in_onnx_export() else "torch.jit.trace"
+    )
+    raise RuntimeError(
+        f"{name} cannot be traced: {how}, which would fix its time loop to the traced input's "
+        f"length and batch size and give wrong results for any other. Export with "
+        f"torch.export.export(model, args) or torch.onnx.export(model, args, dynamo=True), or "
+        f"loop over its cells, which trace correctly."
+    )
+
+
 # ----------------------------------------------------------------------------- pure-torch steps
 
 
 def _ln(z: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
     # lnorm's own layer norm: torch's kernel below 4M elements, the faster Numba one above (the
     # hoisted input part of a whole sequence, e.g. 3200 x 2048, is above).
-    return LF.layer_norm(z, (z.shape[-1],), w, b, eps)
+    n = z.shape[-1]
+    if isinstance(n, Tensor):  # torch.jit.trace records sizes as tensors; this one is a constant
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            n = int(n)
+    return LF.layer_norm(z, (n,), w, b, eps)
 
 
 def _ln_groups(z: Tensor, w: Tensor, b: Tensor, eps: float, split: int) -> Tensor:
@@ -604,6 +626,8 @@ class _LayerNormRNNBase(nn.Module):
 
     def forward(self, input, hx=None):
         name = type(self).__name__
+        if is_tracing():
+            _refuse_trace(name)
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
         L, H, P = self.num_layers, self.hidden_size, self._output_size

@@ -43,6 +43,8 @@ def use_torch_path(autocast_sensitive: bool = False) -> bool:
     recurrence); the norm kernels honour it already (they keep the input's dtype, as torch's
     norms do under autocast), so they pass False.
     """
+    if torch.compiler.is_compiling():  # the callers' torch.library ops; only autocast applies
+        return autocast_sensitive and torch.is_autocast_enabled("cpu")
     return (
         torch.jit.is_tracing()
         or torch._C._are_functorch_transforms_active()

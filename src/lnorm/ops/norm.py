@@ -90,7 +90,7 @@ def torch_layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float) -> T
 
 
 def _use_numba(x: Tensor, plain_layer_norm: bool = False) -> bool:
-    if x.numel() == 0 or backend.backend_for(x.device) != "numba":
+    if use_torch_path() or x.numel() == 0 or backend.backend_for(x.device) != "numba":
         return False
     # Small plain layer norms run torch's kernel (float32/64, see delegates_to_torch) or the torch
     # launchers; bfloat16 always takes the kernels, which read it directly (torch's path

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lnorm.ops import backend
+from lnorm.ops.guards import use_torch_path
 from lnorm.ops.rnn_weights import RecurrentWeights
 
 __all__ = ["RecurrentWeights", "fused_applies", "fused_recurrence"]
@@ -43,6 +44,7 @@ def fused_applies(x: Tensor, w: RecurrentWeights) -> bool:
     # the layer's pure-torch loop runs, so exported programs hold standard ops only
     return (
         not torch.compiler.is_exporting()
+        and not use_torch_path(autocast_sensitive=True)
         and x.dtype in (torch.float32, torch.float64)
         and x.shape[0] > 0
         and w.w_hh.dtype == x.dtype
