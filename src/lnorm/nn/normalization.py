@@ -5,16 +5,36 @@ names, ``reset_parameters``, ``extra_repr`` and ``state_dict`` are the same in b
 only ``forward`` runs lnorm's kernels. Every module takes an optional ``mask`` in forward and
 ignores it (per-sample statistics need none), so models built with :func:`lnorm.nn.make_norm`
 can pass a padding mask whatever the norm.
+
+``torch.jit.script`` compiles each module to torch's own ops (``F.layer_norm``, ``F.rms_norm``,
+the add then the norm): the same function, scriptable and saveable as ``nn.LayerNorm`` is; in
+Python the modules call lnorm's kernels.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lnorm import functional as LF
 from lnorm import validation as V
 
 __all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"]
+
+
+def _residual_sum(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) -> Tensor:
+    """The new residual stream of the add modules in torch ops (their TorchScript form): the sum
+    in the residual dtype, as :func:`lnorm.functional.add_layer_norm` forms it."""
+    if residual_in_fp32 and x.dtype != torch.float64:
+        dtype = torch.float32
+    elif residual is not None:
+        dtype = residual.dtype
+    else:
+        dtype = x.dtype
+    if residual is None:
+        return x.to(dtype)
+    return x.to(dtype) + residual.to(dtype)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -49,6 +69,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._lnorm(input)
+
+    @torch.jit.unused
+    def _lnorm(self, input: Tensor) -> Tensor:
         return LF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -74,6 +100,12 @@ class RMSNorm(nn.RMSNorm):
         super().__init__(shape, eps, elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return self._lnorm(input)
+
+    @torch.jit.unused
+    def _lnorm(self, input: Tensor) -> Tensor:
         return LF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
@@ -102,6 +134,13 @@ class AddLayerNorm(LayerNorm):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            s = _residual_sum(x, residual, self.residual_in_fp32)
+            return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype), s
+        return self._lnorm_add(x, residual)
+
+    @torch.jit.unused
+    def _lnorm_add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         return LF.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias,
                                  self.eps, self.residual_in_fp32)
 
@@ -120,6 +159,16 @@ class AddRMSNorm(RMSNorm):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            s = _residual_sum(x, residual, self.residual_in_fp32)
+            eps = self.eps
+            if eps is None:  # lnorm's default: the compute dtype's, as for the sum's rms_norm
+                eps = 2.220446049250313e-16 if x.dtype == torch.float64 else 1.1920928955078125e-07
+            return F.rms_norm(s, self.normalized_shape, self.weight, eps).to(x.dtype), s
+        return self._lnorm_add(x, residual)
+
+    @torch.jit.unused
+    def _lnorm_add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         return LF.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
                                self.residual_in_fp32)
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +58,8 @@ from torch.nn.utils.rnn import PackedSequence
 from lnorm import functional as LF
 from lnorm import validation as V
 from lnorm.ops import backend
+from lnorm.ops.guards import is_tracing, static_size
 from lnorm.ops.rnn import RecurrentWeights, fused_applies, fused_recurrence
-from lnorm.ops.guards import is_tracing
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -105,12 +104,7 @@ def _refuse_trace(name: str) -> None:
 def _ln(z: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
     # lnorm's own layer norm: torch's kernel below 4M elements, the faster Numba one above (the
     # hoisted input part of a whole sequence, e.g. 3200 x 2048, is above).
-    n = z.shape[-1]
-    if isinstance(n, Tensor):  # torch.jit.trace records sizes as tensors; this one is a constant
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            n = int(n)
-    return LF.layer_norm(z, (n,), w, b, eps)
+    return LF.layer_norm(z, (static_size(z.shape[-1]),), w, b, eps)
 
 
 def _ln_groups(z: Tensor, w: Tensor, b: Tensor, eps: float, split: int) -> Tensor:

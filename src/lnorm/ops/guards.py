@@ -24,16 +24,29 @@ incomplete gradient.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch.autograd import forward_ad
 
-__all__ = ["SECOND_ORDER_MESSAGE", "first_order_only", "is_tracing", "use_torch_path"]
+__all__ = ["SECOND_ORDER_MESSAGE", "first_order_only", "is_tracing", "static_size", "use_torch_path"]
 
 
 def is_tracing() -> bool:
     """True under ``torch.jit.trace`` and the legacy (TorchScript-based) ONNX exporter."""
     return torch.jit.is_tracing()
+
+
+def static_size(n) -> int:
+    """A size that is a constant of the model (a normalized size), as a Python int.
+
+    ``torch.jit.trace`` records sizes as tensors; a normalized size passed on as one would be a
+    traced value where ops (and ONNX's LayerNormalization) need a constant."""
+    if isinstance(n, torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return int(n)
+    return n
 
 
 def use_torch_path(autocast_sensitive: bool = False) -> bool:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lnorm.ops import backend
 from lnorm.ops.export import norm_in_standard_ops
-from lnorm.ops.guards import use_torch_path
+from lnorm.ops.guards import static_size, use_torch_path
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -220,7 +220,7 @@ def _bwd_numba(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
 
 
 def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
-    R, H = x.shape
+    R, H = x.shape[0], static_size(x.shape[1])  # H: a constant also in a trace
     cdt = _compute_dtype(x.dtype)
     if residual is not None:
         src = x.to(res_dtype) + residual.to(res_dtype)
