@@ -247,12 +247,20 @@ norm_bwd_serial = njit(**_JIT)(twin(_norm_bwd, "_norm_bwd_serial"))
 
 
 def num_threads() -> int:
-    return numba.get_num_threads()
+    """The threads the kernels use, made to follow ``torch.get_num_threads()`` (at most Numba's
+    pool size, ``NUMBA_NUM_THREADS``), so ``torch.set_num_threads`` limits lnorm as it limits
+    torch. Numba's setting is per calling thread; it is set before each launch."""
+    import torch
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads_allowed() and numba.get_num_threads() != n:  # not in a forked child (see pick)
+        numba.set_num_threads(n)
+    return n
 
 
 def pick(parallel_kernel, serial_kernel, elements: int):
     """The threaded build for big problems on several threads (guarded, see ``_numba_threads``),
     else the serial one; always the serial one in a child forked after the pool started."""
-    if elements >= PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1 and threads_allowed():
+    if elements >= PARALLEL_MIN_ELEMENTS and threads_allowed() and num_threads() > 1:
         return guard(parallel_kernel)
     return serial_kernel
