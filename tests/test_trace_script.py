@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import lnorm
-from lnorm._backend import numba_available
 from tolerances import assert_close
 
-BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]
 
 MODULES = {
     # 8 features: below the 32 from which a plain layer norm calls torch's kernel; 64 above
@@ -30,12 +28,6 @@ MODULES = {
     "AddRMSNorm8": lambda: lnorm.AddRMSNorm(8),
     "AddLayerNorm8-fp32": lambda: lnorm.AddLayerNorm(8, residual_in_fp32=True),
 }
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with lnorm.use_backend(request.param):
-        yield request.param
 
 
 def _module(name):

@@ -20,20 +20,13 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 import lnorm
-from lnorm._backend import numba_available
+from lnorm.ops.backend import numba_available
 from lnorm.nn import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell, LayerNormRNN, LayerNormRNNCell
 from tolerances import assert_close
 
-BACKENDS = ["numba", "torch"] if numba_available() else ["torch"]
 FUSED = {"lstm": LayerNormLSTM, "gru": LayerNormGRU}
 LAYERS = {**FUSED, "rnn": LayerNormRNN}
 CELLS = {"lstm": LayerNormLSTMCell, "gru": LayerNormGRUCell, "rnn": LayerNormRNNCell}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with lnorm.use_backend(request.param):
-        yield request.param
 
 
 def _out(result):
