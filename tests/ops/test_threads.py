@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lnorm
-from lnorm.ops.backend import numba_available
+from lnorm import numba_available
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 
