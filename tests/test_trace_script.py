@@ -16,7 +16,6 @@ import torch
 import lnorm
 from tolerances import assert_close
 
-
 MODULES = {
     # 8 features: below the 32 from which a plain layer norm calls torch's kernel; 64 above
     "LayerNorm8": lambda: lnorm.LayerNorm(8),

@@ -21,7 +21,14 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import lnorm
 from lnorm import numba_available
-from lnorm.nn import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell, LayerNormRNN, LayerNormRNNCell
+from lnorm.nn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 from tolerances import assert_close
 
 FUSED = {"lstm": LayerNormLSTM, "gru": LayerNormGRU}
