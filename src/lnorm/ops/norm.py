@@ -83,7 +83,7 @@ def torch_layer_norm(x: Tensor, normalized_shape, weight, bias, eps: float) -> T
     """torch's own layer norm of ``x`` (where :func:`delegates_to_torch`), or None where it
     overflowed on a row, for the caller to run :func:`fused_norm`. Under ``torch.compile`` the
     check (data-dependent) is left out: compiled graphs keep torch's kernel as it is."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or use_torch_path():  # traced or under torch.func: no check
         return torch.layer_norm(x, normalized_shape, weight, bias, eps)
     y, _, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
     return None if overflowed(rstd) else y
@@ -248,9 +248,10 @@ def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
         y = y.to(x.dtype)
         mean = torch.empty(0, dtype=cdt, device=x.device)
     # a finite row whose squares overflow gets rstd 0 (or NaN); checked on the CPU only (on a
-    # GPU the check would wait for the device on every call)
+    # GPU the check would wait for the device on every call), and not where the check itself
+    # would be data-dependent control flow to a trace or a torch.func transform
     overflowed = ~(rstd > 0)
-    if src.device.type == "cpu" and overflowed.any():
+    if src.device.type == "cpu" and not use_torch_path() and overflowed.any():
         _redo_scaled_rows(src, weight, bias, eps, center, overflowed, y, mean, rstd)
     return y, res_out, mean, rstd
 
