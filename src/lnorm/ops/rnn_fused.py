@@ -635,7 +635,8 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
     check_shapes(x, h0, c0, w, batch_sizes)
-    num_threads()  # the step kernels' threads follow torch.set_num_threads
+    if not torch.compiler.is_compiling():  # (a host call dynamo cannot trace; compiled, left as is)
+        num_threads()  # the step kernels' threads follow torch.set_num_threads
     if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
         return lstm_recurrence(x, h0, c0, w, w.eps, batch_sizes, reverse)
     out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, batch_sizes, reverse)
