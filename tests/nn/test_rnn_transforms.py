@@ -17,9 +17,10 @@ import warnings
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, jvp
 
 import lnorm
+from func_checks import assert_per_sample_grads_match_loop
 from lnorm import numba_available
 from lnorm.nn import (
     LayerNormGRU,
@@ -111,18 +112,8 @@ def test_torch_backend_second_derivative_is_exact(kind):
 def test_per_sample_gradients(backend, kind):
     # Regression: under torch.func the fused Functions (no vmap rule) failed
     m = LAYERS[kind](3, 8).double()
-    params = {k: v.detach() for k, v in m.named_parameters()}
     xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)  # 3 samples of (T=4, B=2, I=3)
-
-    def loss(p, sample):
-        return _out(functional_call(m, p, (sample,))).sin().sum()
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
-    for i in range(xs.shape[0]):
-        m.zero_grad()
-        loss(dict(m.named_parameters()), xs[i]).backward()
-        for k, p in m.named_parameters():
-            assert_close(per_sample[k][i], p.grad, dtype=torch.float64, name=f"{kind} per-sample d{k}[{i}]")
+    assert_per_sample_grads_match_loop(m, xs, name=f"{kind} ")
 
 
 @pytest.mark.parametrize("kind", LAYERS)

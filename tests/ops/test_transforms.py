@@ -8,10 +8,11 @@ the pure-torch path (``lnorm.ops.guards.use_torch_path``).
 
 import pytest
 import torch
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import lnorm
 import lnorm.functional as LF
+from func_checks import assert_per_sample_grads_match_loop
 from lnorm.reference import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from tolerances import assert_close
 
@@ -153,21 +154,8 @@ def test_per_sample_gradients_via_functional_call(backend, module):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p))
-    params = {k: v.detach() for k, v in m.named_parameters()}
     H = m.normalized_shape[0]
-    x = torch.randn(4, 3, H, dtype=torch.float64)
-
-    def loss(params, sample):
-        out = functional_call(m, params, (sample,))
-        out = out[0] if isinstance(out, tuple) else out
-        return out.sin().sum()
-
-    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
-    for i in range(x.shape[0]):
-        m.zero_grad()
-        loss(dict(m.named_parameters()), x[i]).backward()
-        for k, p in m.named_parameters():
-            assert_close(per_sample[k][i], p.grad, dtype=torch.float64, name=f"per-sample d{k}[{i}]")
+    assert_per_sample_grads_match_loop(m, torch.randn(4, 3, H, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("op", OPS)
