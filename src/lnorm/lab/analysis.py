@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lnorm.lab import stats as S
+from lnorm.lab.claims import PRIMARY, ROLES
 
 
 def values(recs: list[dict], key: str, status: str | None = "ok", **match) -> list[float]:
@@ -23,6 +26,50 @@ def statuses(recs: list[dict], **match) -> list[str]:
 def by_seed(recs: list[dict], key: str, **match) -> dict[int, float]:
     return {r["seed"]: r["result"][key] for r in recs if r["status"] == "ok" and key in r["result"]
             and all(r["params"].get(k) == v for k, v in match.items())}
+
+
+FAILED = ("diverged", "cannot_train")  # outcomes of the method: scored, never dropped
+
+
+def scored(recs: list[dict], key: str, fail_score: float | None, **match) -> dict[int, float | None]:
+    """``{seed: result[key]}`` of every run of the config ``match``, for :func:`lnorm.lab.stats.compare`.
+
+    A diverged or cannot-train run gets ``fail_score`` (None when it is None, which ``compare``
+    reports as undecidable); a NaN/inf value is left for ``compare`` to score. Runs that crashed
+    (``error``) or have not run (``missing``) say nothing about the method and are left out.
+    """
+    out = {}
+    for r in recs:
+        if not all(r["params"].get(k) == v for k, v in match.items()):
+            continue
+        if r["status"] in FAILED:
+            out[r["seed"]] = fail_score
+        elif r["status"] == "ok" and key in r.get("result", {}):
+            out[r["seed"]] = r["result"][key]
+    return out
+
+
+def claim_row(exp: str, claim: str, key: str, effect: S.Effect | None, criterion: str, *, evidence: str = "",
+              role: str = "secondary", caveats: Sequence[str] = (), verdict: str | None = None) -> dict:
+    """A claim row of ``analyze``: the verdict is ``effect``'s unless a composite rule or a caveat
+    that leaves the test unable to decide gives another (``verdict``; required without an effect,
+    as in a ``by construction`` check). The row registered in :data:`lnorm.lab.claims.PRIMARY`
+    for ``claim`` is the primary one (or keeps ``by construction``), whatever ``role`` says."""
+    if effect is None and verdict is None:
+        raise ValueError(f"claim_row: {exp}/{key} has neither an effect nor a verdict")
+    if role not in ROLES:
+        raise ValueError(f"claim_row: role must be one of {', '.join(ROLES)}, got {role!r}")
+    if PRIMARY.get(claim) == (exp, key):
+        role = "by construction" if role == "by construction" else "primary"
+    elif role == "primary":
+        raise ValueError(f"claim_row: {exp}/{key} is not the registered primary test of {claim} "
+                         f"(claims.PRIMARY has {PRIMARY.get(claim)})")
+    row = {"claim": claim, "key": key, "role": role, "verdict": verdict or effect.verdict,
+           "criterion": criterion, "evidence": evidence, "caveats": list(caveats)}
+    if effect is not None:
+        row["effect"] = effect.as_dict()
+        row["evidence"] = f"{evidence}; {effect.text()}" if evidence else effect.text()
+    return row
 
 
 def paired(recs, key, a: dict, b: dict) -> tuple[list[float], list[float]]:

@@ -1,21 +1,31 @@
-"""Confidence intervals and the three-way verdict used by every claim criterion.
+"""The lab's decision rules: effect sizes with 95% intervals, and the three-way verdict.
 
-A claim is decided from the seeds of each configuration, never by eye:
+A claim is decided from the seeds of each configuration, never by eye. :func:`compare` measures
+the effect ``a - b``, oriented so the claim predicts a positive effect, and decides:
 
-* ``supported``: the 95% interval of the effect lies entirely on the side the claim predicts;
-* ``not supported``: the interval rules out an effect larger than ``margin`` in the predicted
-  direction (the effect is absent, negligible, or the other way round);
-* ``inconclusive``: anything else (too few seeds, or an interval that straddles the margin).
+* ``supported``: the 95% interval excludes 0 on the predicted side (``lo > 0``, a one-sided test
+  at 0.025) and the estimate is at least ``min_effect``, the smallest effect the claim cares about;
+* ``not supported``: the interval rules out an effect of ``margin`` or more (``hi < margin``:
+  equivalence to zero within ``margin``, or the opposite direction); ``margin <= min_effect``;
+* ``inconclusive``: anything else, with the reason (too few seeds, an interval that straddles,
+  no spread and no resolution, a censored side, a failed run without a score).
+
+Runs of the same seed share data order (and initialisation where shapes match), so seeds are
+compared paired (a t interval of the per-seed differences) whenever both sides have them; lists
+are compared unpaired (Welch). A diverged run is scored (``fail_score``), never dropped.
+:func:`holm` adjusts a family of p-values; the report applies it to each claim's secondary rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
 INCONCLUSIVE = "inconclusive"
+ALPHA = 0.025  # one-sided; the two one-sided tests at 0.025 are the two ends of the 95% interval
 
 
 def _t975(df: float) -> float:
@@ -26,6 +36,225 @@ def _t975(df: float) -> float:
 
 def _clean(xs: Sequence[float]) -> list[float]:
     return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+# ------------------------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True)
+class Effect:
+    """The effect ``a - b`` of one comparison, oriented so the claim predicts a positive value.
+
+    ``lo``/``hi`` bound the 95% interval (NaN when it cannot be computed, infinite on a side a
+    censored value leaves open); ``n`` counts seed pairs when ``paired`` and runs otherwise;
+    ``p_positive`` is the one-sided p of "effect <= 0", ``p_equivalent`` that of "effect >=
+    margin"; ``reason`` says why a verdict is inconclusive and what was scored or censored.
+    """
+
+    estimate: float
+    lo: float
+    hi: float
+    n: int
+    paired: bool
+    unit: str
+    min_effect: float
+    margin: float
+    p_positive: float
+    p_equivalent: float
+    verdict: str
+    reason: str = ""
+    n_failed: int = 0  # non-finite values replaced by fail_score
+    n_censored_a: int = 0  # values of a at or above cap (true value >= cap)
+    n_censored_b: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self, digits: int = 3) -> str:
+        """``+0.031 acc points [95% CI +0.012, +0.050], paired n=5; <reason>`` for evidence strings."""
+        return effect_text(self.as_dict(), digits)
+
+
+def effect_text(e: Mapping, digits: int = 3) -> str:
+    """:meth:`Effect.text` of an effect dict (the ``effect`` of a claim row)."""
+    est = e["estimate"]
+    if est is None or math.isnan(est):
+        return f"no effect ({e.get('reason') or 'no values'})"
+    unit = f" {e['unit']}" if e.get("unit") else ""
+    bound = "≥ " if e.get("n_censored_a") and not e.get("n_censored_b") else ""
+    if math.isnan(e["lo"]) or math.isnan(e["hi"]):
+        ci = " (no interval)"
+    else:
+        ci = f" [95% CI {e['lo']:+.{digits}g}, {e['hi']:+.{digits}g}]"
+    kind = f"paired n={e['n']}" if e["paired"] else f"unpaired (Welch) n={e['n']}"
+    return f"{bound}{est:+.{digits}g}{unit}{ci}, {kind}" + (f"; {e['reason']}" if e.get("reason") else "")
+
+
+def verdict_of(estimate: float, p_positive: float, p_equivalent: float, min_effect: float,
+               alpha: float = ALPHA) -> str:
+    """The three-way verdict from the two one-sided p-values (``p < alpha`` is the interval's
+    end clearing 0, or the margin); the report re-decides with Holm-adjusted p-values."""
+    if p_positive < alpha and estimate >= min_effect:
+        return SUPPORTED
+    if p_equivalent < alpha:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def _scored(xs: Sequence, fail_score: float | None) -> tuple[list, int]:
+    """Non-finite values (diverged runs) replaced by ``fail_score``; None stays when it is None."""
+    out, failed = [], 0
+    for x in xs:
+        if x is None or not math.isfinite(float(x)):
+            failed += 1
+            out.append(fail_score)
+        else:
+            out.append(float(x))
+    return out, failed
+
+
+def _sides(a, b, paired: bool | None) -> tuple[list, list, bool, str]:
+    """The two samples, as aligned per-seed lists when paired; a note on unpaired seeds."""
+    dicts = isinstance(a, Mapping), isinstance(b, Mapping)
+    if paired is None:
+        paired = all(dicts)
+    if not paired:
+        return (list(a.values()) if dicts[0] else list(a)), (list(b.values()) if dicts[1] else list(b)), False, ""
+    if not all(dicts):
+        raise TypeError(f"compare(paired=True) needs {{seed: value}} dicts for a and b, got "
+                        f"{type(a).__name__} and {type(b).__name__}")
+    seeds = sorted(set(a) & set(b))
+    left = sorted(set(a) ^ set(b))
+    note = f"seeds {left} ran on one side only and are left out of the pairs" if left else ""
+    return [a[s] for s in seeds], [b[s] for s in seeds], True, note
+
+
+def _interval(va: list[float], vb: list[float], paired: bool, resolution: float | None):
+    """Estimate, standard error and degrees of freedom (paired t or Welch); a known resolution
+    adds the variance of rounding to it (``k**2 / 12`` per value), so ties never give se = 0."""
+    q = (resolution or 0.0) ** 2 / 12
+
+    def var(v):
+        m = sum(v) / len(v)
+        return sum((x - m) ** 2 for x in v) / (len(v) - 1)
+
+    if paired:
+        d = [x - y for x, y in zip(va, vb, strict=True)]
+        return sum(d) / len(d), math.sqrt((var(d) + 2 * q) / len(d)), len(d) - 1.0
+    sa, sb = (var(va) + q) / len(va), (var(vb) + q) / len(vb)
+    est = sum(va) / len(va) - sum(vb) / len(vb)
+    se2 = sa + sb
+    if se2 == 0:
+        return est, 0.0, float(len(va) + len(vb) - 2)
+    df = se2**2 / ((sa**2 / (len(va) - 1) if sa else 0) + (sb**2 / (len(vb) - 1) if sb else 0))
+    return est, math.sqrt(se2), df
+
+
+def _check_thresholds(min_effect: float, margin: float | None) -> float:
+    for name, v in (("min_effect", min_effect), ("margin", margin)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise ValueError(f"compare: {name} must be a finite number >= 0, got {v!r}")
+    margin = min_effect if margin is None else margin
+    if margin > min_effect:
+        raise ValueError(f"compare: margin ({margin!r}) must not exceed min_effect ({min_effect!r}): an effect "
+                         "could then be both ruled out and large enough to matter")
+    return float(margin)
+
+
+def compare(a, b, *, min_effect: float, margin: float | None = None, paired: bool | None = None,
+            unit: str = "", fail_score: float | None = None, resolution: float | None = None,
+            cap: float | None = None) -> Effect:
+    """The effect ``a - b`` (the claim predicts ``a > b``) with its 95% interval and verdict.
+
+    ``a``, ``b``: lists (unpaired, Welch) or ``{seed: value}`` dicts (paired on the seeds both
+    have; ``paired=None`` pairs whenever both are dicts). For "lower is better" pass ``b, a``.
+    ``min_effect``: the smallest effect worth "supported"; ``margin`` (default ``min_effect``):
+    "not supported" when the interval rules out an effect this large. ``fail_score`` replaces
+    None/NaN/inf values (a diverged run); without it such a value makes the result inconclusive.
+    ``resolution``: the step of a quantised metric (an evaluation every k steps, one test example
+    of accuracy); ``cap``: values at or above it are censored (a run that hit the step cap).
+    """
+    margin = _check_thresholds(min_effect, margin)
+    xa, xb, paired, note = _sides(a, b, paired)
+    (va, fa), (vb, fb) = _scored(xa, fail_score), _scored(xb, fail_score)
+    failed = fa + fb
+    n = len(va) if paired else len(va) + len(vb)
+    notes = [note] if note else []
+    if failed:
+        notes.append(f"{failed} failed run(s) scored {fail_score:g}" if fail_score is not None
+                     else f"{failed} failed run(s) and no fail_score to score them")
+    cens_a = sum(1 for v in va if cap is not None and v is not None and v >= cap)
+    cens_b = sum(1 for v in vb if cap is not None and v is not None and v >= cap)
+    if cens_a or cens_b:
+        notes.append(f"censored at the cap {cap:g} (true value ≥ {cap:g}): {cens_a} of a, {cens_b} of b")
+    base = dict(n=n, paired=paired, unit=unit, min_effect=float(min_effect), margin=margin, n_failed=failed,
+                n_censored_a=cens_a, n_censored_b=cens_b)
+
+    def undecided(why: str, est: float = math.nan) -> Effect:
+        return Effect(estimate=est, lo=math.nan, hi=math.nan, p_positive=math.nan, p_equivalent=math.nan,
+                      verdict=INCONCLUSIVE, reason="; ".join([why, *notes]), **base)
+
+    if failed and fail_score is None:
+        return undecided("a run failed (None/NaN/inf) and no fail_score says how bad that is")
+    if not va or not vb:
+        return undecided("no values on one side")
+    if min(len(va), len(vb)) < 2:
+        est = sum(va) / len(va) - sum(vb) / len(vb)
+        return undecided("fewer than two seeds: no interval", est)
+    est, se, df = _interval(va, vb, paired, resolution)
+    if se == 0:
+        return undecided("no spread between seeds and no resolution given: a zero-width interval would claim "
+                         "infinite precision", est)
+    return _decided(est, se, df, base, notes)
+
+
+def _decided(est: float, se: float, df: float, base: dict, notes: list[str]) -> Effect:
+    from scipy.stats import t
+
+    h = float(t.ppf(0.975, df)) * se
+    lo, hi = est - h, est + h
+    p_pos, p_eq = float(t.sf(est / se, df)), float(t.cdf((est - base["margin"]) / se, df))
+    if base["n_censored_a"]:  # a's true values may be larger: no upper bound on the effect
+        hi, p_eq = math.inf, 1.0
+    if base["n_censored_b"]:
+        lo, p_pos = -math.inf, 1.0
+    verdict = verdict_of(est, p_pos, p_eq, base["min_effect"])
+    why = []
+    if verdict == INCONCLUSIVE:
+        why.append(f"the effect is real but below the minimum effect {base['min_effect']:g}" if p_pos < ALPHA
+                   else "the interval neither excludes 0 nor rules out the minimum effect")
+    return Effect(estimate=est, lo=lo, hi=hi, p_positive=p_pos, p_equivalent=p_eq, verdict=verdict,
+                  reason="; ".join(why + notes), **base)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order; NaN counts as 1)."""
+    p = [1.0 if (v is None or math.isnan(v)) else float(v) for v in pvalues]
+    order = sorted(range(len(p)), key=p.__getitem__)
+    out, running = [1.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def fmt_values(xs: Sequence[float], digits: int = 3, resolution: float | None = None,
+               cap: float | None = None) -> str:
+    """A table cell for one configuration that never shows a silent ``± 0``: censored values as
+    ``≥ cap (cap)``, and values without spread as equal (or ``± resolution/2``)."""
+    v = _clean(xs)
+    if cap is not None and v and any(x >= cap for x in v):
+        k = sum(1 for x in v if x >= cap)
+        if k == len(v):
+            return f"≥ {cap:.{digits}g} (cap, n={k})"
+        return f"≥ {sum(v) / len(v):.{digits}g} ({k} of {len(v)} at the cap {cap:.{digits}g})"
+    m, lo, hi, n = mean_ci(v)
+    if n >= 2 and hi == lo and resolution:
+        return f"{m:.{digits}g} ± {resolution / 2:.{digits - 1}g} (all {n} equal; resolution {resolution:g})"
+    return fmt_ci(v, digits)
+
+
+# ---------------------------------------------- older helpers (experiments are moving to compare)
 
 
 def mean_ci(xs: Sequence[float]) -> tuple[float, float, float, int]:
@@ -99,12 +328,15 @@ def all_of(*verdicts: str) -> str:
 
 
 def fmt_ci(xs: Sequence[float], digits: int = 3) -> str:
-    """``mean ± half-width (n)`` for tables; ``mean (n=1)`` with one value; ``-`` with none."""
+    """``mean ± half-width`` for tables; ``mean (n=1)`` with one value, ``mean (all n equal)``
+    without spread, ``-`` with none."""
     m, lo, hi, n = mean_ci(xs)
     if n == 0:
         return "-"
     if n == 1:
         return f"{m:.{digits}g} (n=1)"
+    if hi == lo:  # a "± 0" would read as infinite precision; the seeds merely agree
+        return f"{m:.{digits}g} (all {n} equal)"
     return f"{m:.{digits}g} ± {(hi - lo) / 2:.{digits - 1}g}"
 
 
