@@ -305,3 +305,96 @@ def test_sanity_compares_with_the_published_accuracies(mlp_acc, within):
     rows = {row[0]: row for row in table["rows"]}
     assert rows["MLP"][-1] == within
     assert rows["CNN"][-1] == "-" and rows["CNN"][2] == "not run"
+
+
+# ------------------------------------------------------------- the report's claim summary (issue 18)
+
+from lnorm.lab import analysis as A  # noqa: E402
+from lnorm.lab import claims as CL  # noqa: E402
+from lnorm.lab import report  # noqa: E402
+
+
+def _eff(shift_by, noise=(0.0, 0.004, -0.004, 0.001), min_effect=0.001):
+    base = {s: 0.8 + 0.01 * s for s in range(4)}
+    return S.compare({s: v + shift_by + noise[s] for s, v in base.items()}, base, min_effect=min_effect,
+                     unit="acc points")
+
+
+def _row(exp, claim, key, eff, **kw):
+    return {"experiment": exp, "text": CL.CLAIMS[claim], **A.claim_row(exp, claim, key, eff, "crit", **kw)}
+
+
+def synthetic_claims():
+    # e3 C4: the registered primary (supported) and three secondary rows, each supported alone
+    # (p = 0.0006, 0.013, 0.016): Holm over three keeps only the first
+    rows = [_row("e3", "C4", "C4-lstm-convergence", _eff(0.02)),
+            _row("e3", "C4", "C4-gru-convergence", _eff(0.02)),
+            _row("e3", "C4", "C4-hidden-cv", _eff(0.0065)),
+            _row("e3", "C4", "C4-gru-hidden-cv", _eff(0.006)),
+            # C9's primary: supported effect, but a caveat left the experiment unable to decide
+            _row("e3", "C9", "C9-lstm-final-bpc", _eff(0.02), caveats=["runs not converged"],
+                 verdict=S.INCONCLUSIVE),
+            _row("e2", "C1", "C1-batch-independence", None, role="by construction", verdict=S.SUPPORTED,
+                 evidence="LN max 0"),
+            # an experiment not yet on the decision rules: no key, no effect, no role
+            {"experiment": "e1", "text": CL.CLAIMS["C3"], "claim": "C3", "verdict": S.SUPPORTED,
+             "criterion": "old", "evidence": "old rule"}]
+    rows.sort(key=lambda c: (CL.claim_key(c["claim"]), c["experiment"]))
+    return CL.adjust_secondary(rows)
+
+
+def test_holm_corrects_secondary_rows_and_leaves_the_primary_alone():
+    rows = {c.get("key"): c for c in synthetic_claims()}
+    assert rows["C4-lstm-convergence"]["verdict"] == SUP and "holm" not in rows["C4-lstm-convergence"]
+    assert [rows[k]["verdict_unadjusted"] for k in ("C4-gru-convergence", "C4-hidden-cv", "C4-gru-hidden-cv")] \
+        == [SUP, SUP, SUP]
+    assert [rows[k]["verdict"] for k in ("C4-gru-convergence", "C4-hidden-cv", "C4-gru-hidden-cv")] == [SUP, INC, INC]
+    assert rows["C4-hidden-cv"]["holm"]["family"] == 3
+    assert "Holm over 3; unadjusted supported" in report.row_verdict(rows["C4-hidden-cv"])
+
+
+def test_holm_keeps_a_composite_verdict_that_is_not_its_effects():
+    # a row "not supported" by another part of its rule (the net does not train) stays so
+    rows = [_row("e8", "C13", "C13-a", _eff(0.02), verdict=S.NOT_SUPPORTED), _row("e8", "C13", "C13-b", _eff(0.006))]
+    out = CL.adjust_secondary(rows)
+    assert [r["verdict"] for r in out] == [NOT, SUP]  # 0.016 * 1 after 0.0006 * 2: still below 0.025
+
+
+def test_summary_has_one_row_per_claim_from_the_primary_test():
+    summ = {s["claim"]: s for s in CL.summary(synthetic_claims(), ["e1", "e2", "e3"])}
+    assert list(summ) == sorted(CL.CLAIMS, key=CL.claim_key)
+    assert summ["C4"]["verdict"] == SUP and summ["C4"]["decides"] == "yes"
+    assert summ["C9"]["verdict"] == INC and summ["C9"]["decides"] == "runs not converged"
+    assert summ["C1"]["role"] == "by construction" and "by construction" in summ["C1"]["decides"]
+    assert summ["C3"]["role"] == "stand-in" and summ["C3"]["effect"] is None
+    assert summ["C6"]["verdict"] == CL.NOT_RUN and "gave no C6 row" in summ["C6"]["decides"]
+    assert summ["C5"]["verdict"] == CL.NOT_RUN and "not in this run" in summ["C5"]["decides"]
+    rows = {r[0]: r for r in report.summary_rows(list(summ.values()))}
+    assert rows["C4"][3].startswith("+0.02") and "acc points" in rows["C4"][3]
+    assert rows["C3"][3] == "no effect size" and rows["C5"][3] == "-"
+    assert rows["C1"][5] == "supported (by construction)"
+
+
+def test_terminal_table_opens_with_the_summary_and_renders_rows_without_effect():
+    text = report.claims_table_text(synthetic_claims())
+    first, rest = text.split("All claim rows:")
+    assert first.count("\nC") == len(CL.CLAIMS) and "\nC3     e1         supported" in first
+    assert "old rule" in rest and "Holm over 3" in rest
+
+
+def test_forest_plot_and_report_files(tmp_path, monkeypatch):
+    claims = synthetic_claims()
+    claims.append(_row("e4", "C5", "C5-preln-vs-prebn",
+                       S.compare([150, 150, 150], [20, 30, 25], min_effect=10, cap=150)))  # hi = inf: an arrow
+    a = {"config": {"suite": "smoke", "seeds": 4, "experiments": ["e1", "e2", "e3", "e4"]}, "env": {},
+         "claims": claims, "summary": CL.summary(claims, ["e1", "e2", "e3", "e4"]), "sections": [], "results": {}}
+    monkeypatch.setattr(report, "analyze", lambda run_dir: a)
+    report.build(tmp_path)
+    png = (tmp_path / report.FOREST).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Claims summary") < md.index(report.FOREST) < md.index("## Claims\n")
+    assert "| C3 | e1 | C3-small-batch-drop | no effect size |" in md
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("Claims summary") < html.index("data:image/png;base64,")
+    assert "<td class='inconclusive'>inconclusive</td>" in html

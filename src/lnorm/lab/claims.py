@@ -1,4 +1,7 @@
-"""The article's claims (product.md), by id: the rows of the report's claims table."""
+"""The article's claims (product.md) by id, the pre-registered primary test of each, and the
+report's per-claim view of the experiments' claim rows (Holm on secondary rows, the summary)."""
+
+from lnorm.lab import stats as S
 
 CLAIMS = {
     "C1": "LN statistics are per sample: outputs do not depend on batch size or batch composition.",
@@ -40,3 +43,79 @@ ROLES = ("primary", "secondary", "by construction")
 
 def claim_key(claim_id: str) -> int:
     return int(claim_id.lstrip("C"))
+
+
+# ---------------------------------------------------------------- the report's view of the rows
+
+
+def adjust_secondary(rows: list[dict]) -> list[dict]:
+    """Holm-correct each claim's secondary rows (those with an effect) and re-decide them.
+
+    The adjustment can only weaken a verdict (adjusted p-values are larger). A row whose verdict
+    is not its effect's own (a composite rule, a caveat) keeps it unless it read "supported" and
+    the effect no longer clears 0 at the adjusted level. Returns new row dicts with
+    ``verdict_unadjusted`` and ``holm`` (family size and adjusted p-values) added to the adjusted ones.
+    """
+    out = [dict(r) for r in rows]
+    families: dict[str, list[dict]] = {}
+    for r in out:
+        if r.get("role") == "secondary" and r.get("effect"):
+            families.setdefault(r["claim"], []).append(r)
+    for fam in families.values():
+        p_pos = S.holm([r["effect"]["p_positive"] for r in fam])
+        p_eq = S.holm([r["effect"]["p_equivalent"] for r in fam])
+        for r, pp, pe in zip(fam, p_pos, p_eq, strict=True):
+            e = r["effect"]
+            redo = S.verdict_of(e["estimate"], pp, pe, e["min_effect"])
+            own = r["verdict"] == e["verdict"]
+            new = redo if own else (S.INCONCLUSIVE if r["verdict"] == S.SUPPORTED and pp >= S.ALPHA else r["verdict"])
+            r["holm"] = {"family": len(fam), "p_positive": pp, "p_equivalent": pe}
+            r["verdict_unadjusted"], r["verdict"] = r["verdict"], new
+    return out
+
+
+NOT_RUN = "not run"
+
+
+def summary(rows: list[dict], experiments_run: list[str]) -> list[dict]:
+    """One row per claim, from its pre-registered primary row (:data:`PRIMARY`).
+
+    When the primary experiment ran but emitted no row with the registered key (an experiment not
+    yet on the decision rules), its first row for the claim stands in, marked "no effect size".
+    """
+    out = []
+    for claim in sorted(CLAIMS, key=claim_key):
+        exp, key = PRIMARY[claim]
+        mine = [r for r in rows if r["claim"] == claim and r.get("experiment") == exp]
+        row = next((r for r in mine if r.get("key") == key), None)
+        s = {"claim": claim, "statement": CLAIMS[claim], "experiment": exp, "key": key, "effect": None,
+             "role": "primary", "verdict": NOT_RUN, "criterion": "", "caveats": [], "decides": ""}
+        legacy = [r for r in mine if "key" not in r]
+        if row is None and legacy:
+            row = legacy[0]
+            s["role"] = "stand-in"
+        if row is None:
+            s["decides"] = (f"{exp} ran but gave no {claim} row" if exp in experiments_run
+                            else f"primary test ({exp}) not in this run")
+            out.append(s)
+            continue
+        s.update(verdict=row["verdict"], criterion=row.get("criterion", ""), effect=row.get("effect"),
+                 caveats=list(row.get("caveats", [])))
+        if row.get("role") == "by construction":
+            s["role"] = "by construction"
+        s["decides"] = _decides(s, row)
+        out.append(s)
+    return out
+
+
+def _decides(s: dict, row: dict) -> str:
+    """Whether the data could decide, in words: the caveats, or why the test was undecided."""
+    parts = list(s["caveats"])
+    if s["role"] == "by construction":
+        parts.insert(0, "holds by construction: not evidence the experiment found")
+    elif s["effect"] is None:
+        parts.insert(0, "stand-in row: its experiment is not on the decision rules yet" if s["role"] == "stand-in"
+                     else "no effect size")
+    elif s["verdict"] == S.INCONCLUSIVE and s["effect"].get("reason"):
+        parts.append(s["effect"]["reason"])
+    return "; ".join(parts) or "yes"

@@ -6,8 +6,12 @@ A pure function of the files on disk (``lnorm lab report RUN_DIR`` rebuilds it).
 * table: ``{"title", "columns": [str], "rows": [[cell]]}``
 * figure: ``{"name", "title", "xlabel", "ylabel", "logx"?, "logy"?,
   "series": [{"label", "x": [...], "y": [...], "lo"?: [...], "hi"?: [...]}]}``
-* claim: ``{"claim": "C3", "verdict", "criterion", "evidence"}``
+* claim: ``{"claim": "C3", "verdict", "criterion", "evidence"}``, and on the decision rules
+  (``lnorm.lab.analysis.claim_row``) also ``"key", "role", "effect", "caveats"``
 * notes: ``[str]`` (published references, caveats)
+
+The report opens with one row per claim (its pre-registered primary test, ``claims.PRIMARY``)
+and a forest plot of those effects; each claim's secondary rows are Holm-corrected here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 from pathlib import Path
 
 from lnorm.lab import experiments
-from lnorm.lab.claims import CLAIMS, claim_key
+from lnorm.lab.claims import CLAIMS, NOT_RUN, adjust_secondary, claim_key, summary
 from lnorm.lab.runner import (
     DamagedRunError,
     load_json,
@@ -30,7 +34,9 @@ from lnorm.lab.runner import (
 )
 from lnorm.utils import json_safe
 
-VERDICT_MARK = {"supported": "supported", "not supported": "NOT supported", "inconclusive": "inconclusive"}
+VERDICT_MARK = {"supported": "supported", "not supported": "NOT supported", "inconclusive": "inconclusive",
+                NOT_RUN: "not run"}
+VERDICT_COLOR = {"supported": "#176317", "not supported": "#a11111", "inconclusive": "#8a6d00"}
 
 
 def analyze(run_dir: Path) -> dict:
@@ -56,18 +62,85 @@ def analyze(run_dir: Path) -> dict:
         for c in a.get("claims", []):
             claims.append({"experiment": name, "text": CLAIMS.get(c["claim"], ""), **c})
     claims.sort(key=lambda c: (claim_key(c["claim"]), c["experiment"]))
-    return {"config": conf, "env": env, "claims": claims, "sections": sections, "results": results}
+    claims = adjust_secondary(claims)
+    return {"config": conf, "env": env, "claims": claims, "summary": summary(claims, conf["experiments"]),
+            "sections": sections, "results": results}
+
+
+def effect_cell(e: dict | None) -> str:
+    """``+0.031 [+0.012, +0.050] acc points`` for the summary table, or "no effect size"."""
+    if not e:
+        return "no effect size"
+    est, lo, hi = e["estimate"], e["lo"], e["hi"]
+    if est is None or math.isnan(est):
+        return "n/a"
+    bound = "≥ " if e.get("n_censored_a") and not e.get("n_censored_b") else ""
+    ci = "(no interval)" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.3g}, {hi:+.3g}]"
+    unit = f" {e['unit']}" if e.get("unit") else ""
+    return f"{bound}{est:+.3g} {ci}{unit}"
+
+
+def threshold_cell(e: dict | None) -> str:
+    return f"{e['min_effect']:g} / {e['margin']:g}" if e else "-"
+
+
+def summary_verdict(s: dict) -> str:
+    mark = VERDICT_MARK[s["verdict"]]
+    return f"{mark} (by construction)" if s["role"] == "by construction" else mark
+
+
+SUMMARY_COLUMNS = ["claim", "experiment", "primary test", "effect [95% CI]", "min effect / margin", "verdict",
+                   "could the data decide?"]
+
+
+def summary_rows(summ: list[dict]) -> list[list[str]]:
+    return [[s["claim"], s["experiment"], s["key"], _summary_effect(s), threshold_cell(s["effect"]),
+             summary_verdict(s), s["decides"]] for s in summ]
+
+
+def _summary_effect(s: dict) -> str:
+    return "-" if s["verdict"] == NOT_RUN else effect_cell(s["effect"])
+
+
+def row_verdict(c: dict) -> str:
+    """A claim row's verdict as shown: secondary rows say they were Holm-corrected."""
+    mark = VERDICT_MARK[c["verdict"]]
+    if "holm" not in c:
+        return mark
+    was = c["verdict_unadjusted"]
+    return mark + f" (Holm over {c['holm']['family']}" + (f"; unadjusted {VERDICT_MARK[was]})" if was != c["verdict"]
+                                                          else ")")
 
 
 def claims_table_text(claims: list[dict]) -> str:
-    """The claims table for a terminal."""
-    lines = [f"{'claim':<6} {'exp':<10} {'verdict':<14} evidence"]
+    """The per-claim summary, then every claim row, for a terminal."""
+    summ = summary(claims, sorted({c["experiment"] for c in claims}))
+    lines = ["Claims (one pre-registered primary test each):",
+             f"{'claim':<6} {'exp':<10} {'verdict':<31} {'effect [95% CI]':<36} could the data decide?"]
+    for s in summ:
+        lines.append(f"{s['claim']:<6} {s['experiment']:<10} {summary_verdict(s):<31} {_summary_effect(s):<36} "
+                     f"{s['decides']}")
+    lines += ["", "All claim rows:", f"{'claim':<6} {'exp':<10} {'role':<16} {'verdict':<14} evidence"]
     for c in claims:
-        lines.append(f"{c['claim']:<6} {c['experiment']:<10} {VERDICT_MARK[c['verdict']]:<14} {c['evidence']}")
+        lines.append(f"{c['claim']:<6} {c['experiment']:<10} {c.get('role', '-'):<16} {row_verdict(c):<14} "
+                     f"{c['evidence']}")
     return "\n".join(lines)
 
 
 # plots
+
+def _save_png(fig, path: Path) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
 
 def _plot(fig_spec: dict, path: Path) -> bytes:
     import matplotlib
@@ -95,14 +168,76 @@ def _plot(fig_spec: dict, path: Path) -> bytes:
     ax.grid(alpha=0.3)
     if fig_spec["series"]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    data = buf.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
+    return _save_png(fig, path)
+
+
+FOREST = "plots/claims_forest.png"
+FOREST_LIMIT = 10.0  # effects beyond this many minimum effects are drawn at the edge, with their value
+SUMMARY_NOTE = ("One pre-registered primary test per claim (lnorm.lab.claims.PRIMARY); the claim's verdict is that "
+                "test's. Effect oriented so the claim predicts a positive value, with its 95% interval. Supported: "
+                "the interval excludes 0 and the effect is at least the minimum effect; not supported: the interval "
+                "rules out an effect as large as the margin; otherwise inconclusive. Other rows are secondary "
+                "(Holm-corrected per claim) and never change the claim's verdict.")
+
+
+def _forest_point(s: dict) -> tuple[float, float, float] | None:
+    """(effect, lo, hi) in units of the minimum effect, or None when there is nothing to draw."""
+    e = s["effect"]
+    if not e or not e["min_effect"] or e["estimate"] is None or math.isnan(e["estimate"]):
+        return None
+    m = e["min_effect"]
+    return e["estimate"] / m, e["lo"] / m, e["hi"] / m
+
+
+def _forest_note(s: dict) -> str:
+    if s["verdict"] == NOT_RUN:
+        return "not run"
+    if s["role"] == "by construction":
+        return f"{VERDICT_MARK[s['verdict']]} by construction"
+    if not s["effect"]:
+        return f"{VERDICT_MARK[s['verdict']]}, no effect size"
+    return f"{VERDICT_MARK[s['verdict']]}, min effect 0: not scaled"
+
+
+def forest_plot(summ: list[dict], path: Path) -> bytes:
+    """One line per claim: the primary effect over its minimum effect with the 95% interval (0 = no
+    effect, 1 = the smallest effect that matters), colored by verdict; claims without one are named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [_forest_point(s) for s in summ]
+    finite = [abs(v) for p in points if p for v in p if math.isfinite(v)]
+    lim = min(FOREST_LIMIT, max([2.0, *finite]) * 1.1)
+    fig, ax = plt.subplots(figsize=(7.2, 0.32 * len(summ) + 1.8), dpi=90)
+    for i, (s, pt) in enumerate(zip(summ, points, strict=True)):
+        y, color = len(summ) - 1 - i, VERDICT_COLOR.get(s["verdict"], "#777777")
+        if pt is None:
+            ax.text(0.05 * lim, y, _forest_note(s), va="center", fontsize=7, color="#555555")
+            continue
+        est, lo, hi = (max(-lim, min(lim, v)) if not math.isnan(v) else v for v in pt)
+        if not (math.isnan(lo) or math.isnan(hi)):
+            ax.plot([lo, hi], [y, y], color=color, lw=2)
+            for end, raw, mark in ((lo, pt[1], "<"), (hi, pt[2], ">")):
+                if abs(raw) > lim:
+                    ax.plot([end], [y], marker=mark, color=color, ms=6)
+        ax.plot([est], [y], marker="o", color=color, ms=6)
+        if abs(pt[0]) > lim:  # drawn at the edge: say where it is
+            ax.text(est, y + 0.3, f"{pt[0]:.3g}", ha="right" if est > 0 else "left", fontsize=7, color=color)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(1, color="#888888", lw=0.8, ls="--")
+    ax.set_yticks(range(len(summ)))
+    ax.set_yticklabels([f"{s['claim']} {s['experiment']}: {s['key']}" for s in reversed(summ)], fontsize=7)
+    ax.set_xlim(-lim - 0.5, lim + 0.5)
+    ax.set_ylim(-0.7, len(summ) - 0.3)
+    ax.set_xlabel("primary effect / minimum effect (95% CI); dashed: the minimum effect", fontsize=8)
+    ax.set_title("Claims: effect of each primary test, in minimum effects", fontsize=10)
+    for verdict, color in VERDICT_COLOR.items():
+        ax.plot([], [], color=color, lw=2, marker="o", label=verdict)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+    return _save_png(fig, path)
 
 
 # markdown and html
@@ -133,12 +268,12 @@ def _header_lines(a: dict) -> list[tuple[str, str]]:
             ("platform", env.get("platform", "?"))]
 
 
-CLAIM_COLUMNS = ["claim", "statement", "experiment", "verdict", "criterion", "evidence"]
+CLAIM_COLUMNS = ["claim", "statement", "experiment", "role", "verdict", "criterion", "evidence", "caveats"]
 
 
 def _claim_rows(claims):
-    return [[c["claim"], c["text"], c["experiment"], VERDICT_MARK[c["verdict"]], c["criterion"], c["evidence"]]
-            for c in claims]
+    return [[c["claim"], c["text"], c["experiment"], c.get("role", "-"), row_verdict(c), c["criterion"],
+             c["evidence"], "; ".join(c.get("caveats", [])) or "-"] for c in claims]
 
 
 def write_csv(path: Path, results: dict) -> None:
@@ -170,26 +305,42 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}.sup
 .notsupported{color:#a11;font-weight:bold}.inconclusive{color:#8a6d00}code{background:#f5f5f5}"""
 
 
+def _html_verdict_table(columns: list[str], rows: list[list[str]], verdicts: list[str], col: int) -> str:
+    """An html table whose column ``col`` is colored by the (raw) verdict of its row."""
+    body = "".join(
+        "<tr>" + "".join(f"<td class='{v.replace(' ', '')}'>{html.escape(str(x))}</td>" if i == col
+                         else f"<td>{html.escape(str(x))}</td>" for i, x in enumerate(r)) + "</tr>"
+        for r, v in zip(rows, verdicts, strict=True))
+    return "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in columns) + f"</tr></thead>{body}</table>"
+
+
+def _head(a: dict, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Header, the per-claim summary with its forest plot, and every claim row (markdown, html)."""
+    summ = a["summary"]
+    png = forest_plot(summ, run_dir / FOREST)
+    md = ["# lnorm lab report", ""] + [f"- **{k}**: {v}" for k, v in _header_lines(a)]
+    md += ["", "## Claims summary", "", SUMMARY_NOTE, ""] + _md_table(SUMMARY_COLUMNS, summary_rows(summ))
+    md += ["", f"![claims: effect / minimum effect]({FOREST})", "", "## Claims", ""]
+    md += _md_table(CLAIM_COLUMNS, _claim_rows(a["claims"]))
+    hd = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _header_lines(a))
+    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnorm lab report</title><style>{CSS}</style>"
+         "</head><body><h1>lnorm lab report</h1>", f"<ul>{hd}</ul><h2>Claims summary</h2>",
+         f"<p>{html.escape(SUMMARY_NOTE)}</p>",
+         _html_verdict_table(SUMMARY_COLUMNS, summary_rows(summ), [x["verdict"] for x in summ], 5),
+         f"<img alt='claims forest plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
+         "<h2>Claims</h2>",
+         _html_verdict_table(CLAIM_COLUMNS, _claim_rows(a["claims"]), [c["verdict"] for c in a["claims"]], 4)]
+    return md, h
+
+
 def build(run_dir: Path) -> dict:
     """Write every report file of ``run_dir``; returns the analysis (with ``report_md`` path)."""
     run_dir = Path(run_dir)
     a = analyze(run_dir)
-    write_json_atomic(run_dir / "results.json", json_safe({k: a[k] for k in ("config", "env", "claims", "sections")}))
+    write_json_atomic(run_dir / "results.json", json_safe({k: a[k] for k in ("config", "env", "summary", "claims", "sections")}))
     write_csv(run_dir / "results.csv", a["results"])
 
-    md = ["# lnorm lab report", ""]
-    md += [f"- **{k}**: {v}" for k, v in _header_lines(a)]
-    md += ["", "## Claims", ""]
-    md += _md_table(CLAIM_COLUMNS, _claim_rows(a["claims"]))
-    hd = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _header_lines(a))
-    hrows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r[:3])
-        + f"<td class='{r[3].replace(' ', '').lower()}'>{html.escape(r[3])}</td>"
-        + "".join(f"<td>{html.escape(str(x))}</td>" for x in r[4:]) + "</tr>"
-        for r in _claim_rows(a["claims"]))
-    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnorm lab report</title><style>{CSS}</style>"
-         "</head><body><h1>lnorm lab report</h1>", f"<ul>{hd}</ul><h2>Claims</h2>",
-         "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in CLAIM_COLUMNS) + f"</tr></thead>{hrows}</table>"]
+    md, h = _head(a, run_dir)
     for s in a["sections"]:
         st = ", ".join(f"{v} {k}" for k, v in sorted(s["status"].items()))
         title = f"{s['name']}: {s['title']}"
