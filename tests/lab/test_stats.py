@@ -178,8 +178,14 @@ def test_scored_gives_every_run_of_a_config():
             {"params": {"norm": "layer"}, "seed": 2, "status": "cannot_train", "result": {}},
             {"params": {"norm": "layer"}, "seed": 3, "status": "error", "result": {}},
             {"params": {"norm": "batch"}, "seed": 0, "status": "ok", "result": {"acc": 0.5}}]
-    assert A.scored(recs, "acc", 0.1, norm="layer") == {0: 0.9, 1: 0.1, 2: 0.1}
+    got = A.scored(recs, "acc", 0.1, norm="layer")
+    assert got == {0: 0.9, 1: 0.1, 2: 0.1} and got.failed == {1, 2}
     assert A.scored(recs, "acc", None, norm="layer") == {0: 0.9, 1: None, 2: None}
+    # compare counts the runs scored upstream once, and says so
+    other = A.scored([{**r, "status": "ok", "result": {"acc": 0.5 + 0.01 * r["seed"]}} for r in recs[:3]], "acc", 0.1)
+    e = S.compare(got, other, min_effect=0.01)
+    assert e.n_failed == 2 and "2 failed run(s) scored 0.1" in e.reason
+    assert S.compare(A.scored(recs, "acc", None, norm="layer"), other, min_effect=0.01).n_failed == 2
 
 
 def test_holm_matches_the_step_down_rule_and_changes_a_verdict():

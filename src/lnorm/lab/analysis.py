@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from lnorm.lab import stats as S
@@ -31,19 +32,21 @@ def by_seed(recs: list[dict], key: str, **match) -> dict[int, float]:
 FAILED = ("diverged", "cannot_train")  # outcomes of the method: scored, never dropped
 
 
-def scored(recs: list[dict], key: str, fail_score: float | None, **match) -> dict[int, float | None]:
+def scored(recs: list[dict], key: str, fail_score: float | None, **match) -> S.Scored:
     """``{seed: result[key]}`` of every run of the config ``match``, for :func:`lnorm.lab.stats.compare`.
 
     A diverged or cannot-train run gets ``fail_score`` (None when it is None, which ``compare``
-    reports as undecidable); a NaN/inf value is left for ``compare`` to score. Runs that crashed
-    (``error``) or have not run (``missing``) say nothing about the method and are left out.
+    reports as undecidable) and is listed in ``.failed``, so the comparison can say how many it
+    scored; a NaN/inf value is left for ``compare`` to score. Runs that crashed (``error``) or have
+    not run (``missing``) say nothing about the method and are left out.
     """
-    out = {}
+    out = S.Scored()
     for r in recs:
         if not all(r["params"].get(k) == v for k, v in match.items()):
             continue
         if r["status"] in FAILED:
             out[r["seed"]] = fail_score
+            out.failed.add(r["seed"])
         elif r["status"] == "ok" and key in r.get("result", {}):
             out[r["seed"]] = r["result"][key]
     return out
@@ -79,11 +82,14 @@ def paired(recs, key, a: dict, b: dict) -> tuple[list[float], list[float]]:
     return [va[s] for s in seeds], [vb[s] for s in seeds]
 
 
-def cell(recs, key, digits=3, **match) -> str:
-    """A table cell: mean ± CI of ``key``, or the non-ok status when no run finished."""
+def cell(recs, key, digits=3, *, cap: float | None = None, resolution: float | None = None, **match) -> str:
+    """A table cell: mean ± CI of ``key``, or the non-ok status when no run finished. With ``cap``,
+    a value at or above it (or infinite: never reached) is censored and shown as such."""
     v = values(recs, key, **match)
+    if v and cap is not None:
+        v = [x if x is not None and math.isfinite(float(x)) and x < cap else cap for x in v]
     if v:
-        return S.fmt_ci(v, digits)
+        return S.fmt_values(v, digits, resolution=resolution, cap=cap)
     st = sorted(set(statuses(recs, **match)))
     return "/".join(s.replace("_", " ") for s in st) or "-"
 

@@ -120,9 +120,9 @@ def claims_table_text(claims: list[dict]) -> str:
     for s in summ:
         lines.append(f"{s['claim']:<6} {s['experiment']:<10} {summary_verdict(s):<31} {_summary_effect(s):<36} "
                      f"{s['decides']}")
-    lines += ["", "All claim rows:", f"{'claim':<6} {'exp':<10} {'role':<16} {'verdict':<14} evidence"]
+    lines += ["", "All claim rows:", f"{'claim':<6} {'exp':<10} {'role':<16} {'verdict':<28} evidence"]
     for c in claims:
-        lines.append(f"{c['claim']:<6} {c['experiment']:<10} {c.get('role', '-'):<16} {row_verdict(c):<14} "
+        lines.append(f"{c['claim']:<6} {c['experiment']:<10} {c.get('role', '-'):<16} {row_verdict(c):<28} "
                      f"{c['evidence']}")
     return "\n".join(lines)
 

@@ -41,6 +41,15 @@ def _clean(xs: Sequence[float]) -> list[float]:
 # ------------------------------------------------------------------------------- comparisons
 
 
+class Scored(dict):
+    """``{seed: value}`` whose ``failed`` seeds (diverged, cannot train) were already given a
+    fail score (:func:`lnorm.lab.analysis.scored`); :func:`compare` counts them as failed runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failed: set = set()
+
+
 @dataclass(frozen=True)
 class Effect:
     """The effect ``a - b`` of one comparison, oriented so the claim predicts a positive value.
@@ -129,6 +138,15 @@ def _sides(a, b, paired: bool | None) -> tuple[list, list, bool, str]:
     return [a[s] for s in seeds], [b[s] for s in seeds], True, note
 
 
+def _prescored(a, b, paired: bool) -> tuple[int, float | None]:
+    """How many failed runs a :class:`Scored` side already gave a (non-None) fail score, on the
+    seeds compared, and that score."""
+    used = set(a) & set(b) if paired else None
+    hits = [side[s] for side in (a, b) for s in getattr(side, "failed", ())
+            if (used is None or s in used) and side[s] is not None]
+    return len(hits), (hits[0] if hits else None)
+
+
 def _interval(va: list[float], vb: list[float], paired: bool, resolution: float | None):
     """Estimate, standard error and degrees of freedom (paired t or Welch); a known resolution
     adds the variance of rounding to it (``k**2 / 12`` per value), so ties never give se = 0."""
@@ -177,12 +195,15 @@ def compare(a, b, *, min_effect: float, margin: float | None = None, paired: boo
     margin = _check_thresholds(min_effect, margin)
     xa, xb, paired, note = _sides(a, b, paired)
     (va, fa), (vb, fb) = _scored(xa, fail_score), _scored(xb, fail_score)
-    failed = fa + fb
+    pre, pre_score = _prescored(a, b, paired)
+    failed = fa + fb + pre
     n = len(va) if paired else len(va) + len(vb)
     notes = [note] if note else []
-    if failed:
-        notes.append(f"{failed} failed run(s) scored {fail_score:g}" if fail_score is not None
-                     else f"{failed} failed run(s) and no fail_score to score them")
+    if pre:
+        notes.append(f"{pre} failed run(s) scored {pre_score:g}")
+    if fa + fb:
+        notes.append(f"{fa + fb} failed run(s) (None/NaN/inf) scored {fail_score:g}" if fail_score is not None
+                     else f"{fa + fb} failed run(s) and no fail_score to score them")
     cens_a = sum(1 for v in va if cap is not None and v is not None and v >= cap)
     cens_b = sum(1 for v in vb if cap is not None and v is not None and v >= cap)
     if cens_a or cens_b:
@@ -194,7 +215,7 @@ def compare(a, b, *, min_effect: float, margin: float | None = None, paired: boo
         return Effect(estimate=est, lo=math.nan, hi=math.nan, p_positive=math.nan, p_equivalent=math.nan,
                       verdict=INCONCLUSIVE, reason="; ".join([why, *notes]), **base)
 
-    if failed and fail_score is None:
+    if fa + fb and fail_score is None:
         return undecided("a run failed (None/NaN/inf) and no fail_score says how bad that is")
     if not va or not vb:
         return undecided("no values on one side")
