@@ -225,6 +225,9 @@ def test_zero_spread_never_gives_a_zero_width_interval():
     e = S.compare({0: 40, 1: 40, 2: 40}, {0: 20, 1: 20, 2: 20}, min_effect=10, resolution=10)
     assert e.lo < 20 < e.hi and e.hi - e.lo > 5
     assert S.fmt_ci([150.0, 150.0, 150.0]) == "150 (all 3 equal)"
+    # a run that never reached the target is not averaged away in silence
+    assert S.fmt_ci([2.0, float("inf")]) == "2 (n=1) (+1 non-finite)"
+    assert S.fmt_ci([float("inf")] * 3) == "non-finite (all 3)"
     assert "± 5" in S.fmt_values([40, 40, 40], resolution=10)
 
 

@@ -350,15 +350,18 @@ def all_of(*verdicts: str) -> str:
 
 def fmt_ci(xs: Sequence[float], digits: int = 3) -> str:
     """``mean ± half-width`` for tables; ``mean (n=1)`` with one value, ``mean (all n equal)``
-    without spread, ``-`` with none."""
+    without spread, ``-`` with none. Non-finite values (inf: a target never reached) are not
+    averaged in, and the cell says how many there were."""
     m, lo, hi, n = mean_ci(xs)
+    bad = sum(1 for x in xs if x is None or not math.isfinite(float(x)))
     if n == 0:
-        return "-"
+        return f"non-finite (all {bad})" if bad else "-"
+    extra = f" (+{bad} non-finite)" if bad else ""
     if n == 1:
-        return f"{m:.{digits}g} (n=1)"
+        return f"{m:.{digits}g} (n=1){extra}"
     if hi == lo:  # a "± 0" would read as infinite precision; the seeds merely agree
-        return f"{m:.{digits}g} (all {n} equal)"
-    return f"{m:.{digits}g} ± {(hi - lo) / 2:.{digits - 1}g}"
+        return f"{m:.{digits}g} (all {n} equal){extra}"
+    return f"{m:.{digits}g} ± {(hi - lo) / 2:.{digits - 1}g}{extra}"
 
 
 def fmt_diff(d: tuple[float, float, float], digits: int = 3) -> str:
