@@ -404,7 +404,7 @@ def test_summary_has_one_row_per_claim_from_the_primary_test():
     rows = {r[0]: r for r in report.summary_rows(list(summ.values()))}
     assert rows["C4"][3].startswith("+0.02") and "acc points" in rows["C4"][3]
     assert rows["C3"][3] == "no effect size" and rows["C5"][3] == "-"
-    assert rows["C1"][5] == "supported (by construction)"
+    assert rows["C1"][5] == "supported (by construction)" and rows["C1"][3] == "-"
 
 
 def test_terminal_table_opens_with_the_summary_and_renders_rows_without_effect():

@@ -99,7 +99,9 @@ def summary_rows(summ: list[dict]) -> list[list[str]]:
 
 
 def _summary_effect(s: dict) -> str:
-    return "-" if s["verdict"] == NOT_RUN else effect_cell(s["effect"])
+    if s["verdict"] == NOT_RUN or (s["role"] == "by construction" and not s["effect"]):
+        return "-"
+    return effect_cell(s["effect"])
 
 
 def row_verdict(c: dict) -> str:
