@@ -189,7 +189,7 @@ def test_killed_run_takes_its_workers_along_and_locks_out_a_second_run(tmp_path,
     While it runs, a second run on the same --out is refused with one line."""
     out = tmp_path / "run"
     slow = ["run", "e1", "--suite", "smoke", "--no-progress", "--jobs", "2", "--out", str(out),
-            "--set", "e1.norms=layer,rms", "--set", "e1.batch_sizes=32", "--set", "e1.min_steps=1000000"]
+            "--set", "e1.norms=layer,rms", "--set", "e1.batch_sizes=32", "--set", "e1.examples=32000000"]
     proc = subprocess.Popen([sys.executable, "-m", "lnorm", "lab", *slow], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     workers: set[int] = set()
