@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from lnorm.lab import lrgrid
 from lnorm.lab import stats as S
 from lnorm.lab.experiments import ddp
 from lnorm.lab.experiments import e1_batch_size as e1
@@ -27,9 +28,6 @@ CASES = [
     ("e1-c1-sup", e1.verdict_c1, ([1e-7, 2e-7], [0.5, 1.0]), SUP),
     ("e1-c1-not", e1.verdict_c1, ([1e-2, 1e-7], [0.5]), NOT),
     ("e1-c1-blind", e1.verdict_c1, ([1e-7], [1e-6]), INC),
-    ("e4-c5-sup", e4.verdict_c5, ([2.0, 2.1, 2.05], [math.inf, 3.0, 3.1]), SUP),
-    ("e4-c5-not", e4.verdict_c5, ([3.0, 3.1, 3.05], [2.0, 2.1, 2.05]), NOT),
-    ("e4-c5-inc", e4.verdict_c5, ([2.0], [3.0]), INC),
     ("e5-c7-sup", e5.verdict_c7, ([0.97, 0.975, 0.972], [0.95, 0.955, 0.952], [0.90, 0.91, 0.905]), SUP),
     ("e5-c7-not", e5.verdict_c7, ([0.90, 0.91, 0.905], [0.95, 0.955, 0.952], [0.80, 0.81, 0.805]), NOT),
     ("e5-c7-inc", e5.verdict_c7, ([0.97, 0.975, 0.972], [0.95, 0.955, 0.952], [0.6, 0.99, 0.3]), INC),
@@ -187,6 +185,70 @@ FAIR_CASES = [
     ("e1-c6-inc", e1.verdict_c6, (seeds(*noisy_a), seeds(*noisy_b)), INC),
     ("e1-c6-diverged-bn-scored", e1.verdict_c6, (seeds(math.nan, math.nan, math.nan), HI3), NOT),
 ]
+
+
+# e4: C5 (pre-LN vs pre-BN at each one's best setting, test split, bpc: lower is better)
+LN_BPC, BN_BPC = seeds(2.0, 2.1, 2.05), seeds(3.0, 3.1, 3.05)
+BEST = {"preln": 2.05, "prebn": 3.05, "none": 2.5, "postln": 2.2}
+UNIFORM = 6.5  # log2 of the vocabulary: a diverged run's score
+FAIR_CASES += [
+    ("e4-c5-sup", e4.verdict_c5, (LN_BPC, BN_BPC, BEST, [], UNIFORM), SUP),
+    ("e4-c5-sup-diverged-bn-scored", e4.verdict_c5, (LN_BPC, seeds(math.inf, math.nan, math.inf), BEST, [], UNIFORM), SUP),
+    ("e4-c5-not", e4.verdict_c5, (BN_BPC, LN_BPC, BEST, [], UNIFORM), NOT),
+    ("e4-c5-not-equal", e4.verdict_c5, (LN_BPC, seeds(2.0, 2.101, 2.05), BEST, [], UNIFORM), NOT),
+    ("e4-c5-inc-noisy", e4.verdict_c5, (seeds(2.0, 3.0, 2.5), seeds(3.0, 2.0, 2.6), BEST, [], UNIFORM), INC),
+    ("e4-c5-inc-one-seed", e4.verdict_c5, ({0: 2.0}, {0: 3.0}, BEST, [], UNIFORM), INC),
+    # the positive control: no normalization is the best transformer, so the setup cannot show a benefit
+    ("e4-c5-inc-no-norm-best", e4.verdict_c5, (LN_BPC, BN_BPC, {**BEST, "none": 1.9}, [], UNIFORM), INC),
+    ("e4-c5-inc-grid-edge", e4.verdict_c5, (LN_BPC, BN_BPC, BEST, ["preln's best lr 0.1 at the grid's top edge"],
+                                            UNIFORM), INC),
+]
+
+# C11 on one lr grid (lnorm.lab.lrgrid, used by e4 and e7): scores higher is better, per lr and seed
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def grid(*means):
+    return {lr: seeds(m, m + 0.01, m - 0.01) for lr, m in zip(LRS, means, strict=True)}
+
+
+def c11(ln, none, min_effect=0.02, margin=0.01, ln_test=None, sel=(0, 1, 2), test=(0, 1, 2)):
+    v, ev, eff, caveats = lrgrid.verdict_higher_lr(ln, none, ln_test or ln, sel, test, min_effect, margin, "bpc")
+    return v, ev + "".join("; " + c for c in caveats), eff
+
+
+NONE_AT_3E3 = grid(-3.0, -2.5, -3.5, -3.8)
+FAIR_CASES += [
+    ("e4-c11-sup", c11, (grid(-3.2, -3.0, -2.0, -2.6), NONE_AT_3E3), SUP),
+    ("e4-c11-not-ln-best-lower", c11, (grid(-3.0, -2.4, -2.6, -3.5), grid(-3.0, -2.7, -2.5, -3.5)), NOT),
+    ("e4-c11-not-same-best", c11, (grid(-3.0, -2.4, -2.4005, -3.5), NONE_AT_3E3), NOT),
+    ("e4-c11-inc-ln-best-at-top-edge", c11, (grid(-3.2, -3.0, -2.6, -2.0), NONE_AT_3E3), INC),
+    ("e4-c11-inc-none-best-at-bottom-edge", c11, (grid(-3.2, -3.0, -2.0, -2.6), grid(-2.0, -2.5, -3.5, -3.8)), INC),
+    ("e4-c11-inc-two-point-grid", c11, ({1e-3: seeds(-3.0, -3.01, -2.99), 1e-2: seeds(-2.0, -2.01, -1.99)},
+                                        {1e-3: seeds(-2.0, -2.01, -1.99), 1e-2: seeds(-3.0, -3.01, -2.99)}), INC),
+    # selected on seeds 0-1, tested on 2-3: the test seeds show no gain at the lr the selection seeds liked
+    ("e4-c11-not-on-test-seeds", c11, ({**grid(-3.2, -3.0, -2.0, -2.6), 3e-3: {0: -3.0, 1: -3.0, 2: -2.0, 3: -2.01},
+                                        1e-2: {0: -2.0, 1: -2.0, 2: -2.3, 3: -2.31}}, NONE_AT_3E3, 0.02, 0.01, None,
+                                       (0, 1), (2, 3)), NOT),
+]
+
+
+def test_lrgrid_splits_seeds_when_there_are_enough():
+    assert lrgrid.split_seeds([3, 1, 0, 2, 4]) == ([0, 1], [2, 3, 4], [])
+    sel, test, caveats = lrgrid.split_seeds([0, 1, 2])
+    assert sel == test == [0, 1, 2] and "same seeds" in caveats[0]
+
+
+def test_lrgrid_edges():
+    assert lrgrid.edge(1e-3, LRS) == "bottom" and lrgrid.edge(3e-2, LRS) == "top"
+    assert lrgrid.edge(3e-3, LRS) is None
+    assert lrgrid.edge(1e-3, (1e-3, 1e-2)) == "bottom" and lrgrid.edge(1e-2, (1e-3, 1e-2)) == "top"
+
+
+def test_e4_c11_evidence_names_the_edge():
+    v, ev, _ = c11(grid(-3.2, -3.0, -2.6, -2.0), NONE_AT_3E3)
+    assert v == INC and "LN's best lr 0.03 at the grid's top edge" in ev, ev
+
 
 
 @pytest.mark.parametrize("fn,args,expected", [c[1:] for c in FAIR_CASES], ids=[c[0] for c in FAIR_CASES])

@@ -59,7 +59,7 @@ def test_e5_mnist1d_group_row_is_not_the_layer_row():
 def _e4_rec(seed: int, bpc: float, status: str = "ok") -> dict:
     params = {"variant": "postln", "warmup": 0, "lr": 1e-3}
     return {"params": params, "seed": seed, "status": status,
-            "result": {"final_bpc": bpc, "init_bpc": 6.5, "ms_per_step": 1.0}}
+            "result": {"final_bpc": bpc, "test_bpc": bpc, "init_bpc": 6.5, "ms_per_step": 1.0}}
 
 
 def test_e4_counts_a_stalled_seed_as_diverged():
@@ -68,8 +68,8 @@ def test_e4_counts_a_stalled_seed_as_diverged():
     recs = [_e4_rec(0, 2.4), _e4_rec(1, 2.7), _e4_rec(2, 4.65), _e4_rec(3, 2.5)]
     cfg = e4.Config(variants=("postln",), warmups=(0,), lrs=(1e-3,))
     out = e4.analyze(cfg, {"e4": recs})
-    row = out["tables"][0]["rows"][0]
-    assert row[4] == "1/4", row
+    row = out["tables"][0]["rows"][0]  # variant, warmup, lr, selection bpc, test bpc, diverged, ms/step
+    assert row[5] == "1/4", row
     assert "4.65" not in row[3] and row[3].startswith("2.5"), row  # mean of the three that trained
     marked = e4.mark_stalled(recs)
     assert [r["status"] for r in marked] == ["ok", "ok", "diverged", "ok"]
