@@ -30,6 +30,8 @@ SEEDS = (0, 1, 2)
 HIGH = (0.95, 0.96, 0.955)
 LOW = (0.80, 0.81, 0.79)
 NOISY_A, NOISY_B = (0.5, 0.9, 0.1), (0.5, 0.1, 0.9)
+# small seed-to-seed spreads, different per setting, so paired differences are not constant
+JITTER = ((0.0, 0.01, -0.01), (0.004, -0.006, 0.0), (-0.005, 0.0, 0.007), (0.002, 0.008, -0.004))
 
 
 def shift(vals, by):
@@ -179,12 +181,12 @@ def e4_results(scenario):
     else:
         bpc = None
     r = []
-    for v in cfg.variants:
+    for k, v in enumerate(cfg.variants):
         for i, lr in enumerate(lrs):
             if bpc is None:  # noise; pre-LN best at 1e-2 by a hair, no norm tied (first lr wins, an edge)
                 vals = shift(NOISY_A if v == "preln" else NOISY_B, 2.0 - (lr == 1e-2) * 0.01 * (v == "preln"))
-            else:
-                vals = shift((0.0, 0.01, -0.01), bpc[v][i])
+            else:  # seed-to-seed spread that differs between settings (paired differences are not constant)
+                vals = shift(JITTER[(i + 2 * k) % len(JITTER)], bpc[v][i])
             r += recs({"variant": v, "warmup": 0, "lr": lr}, {"final_bpc": vals, "test_bpc": vals, "ms_per_step": HIGH})
     return cfg, {"e4": r}
 
@@ -226,10 +228,10 @@ def e7_results(scenario):
     lrs = (0.003, 0.01, 0.03, 0.1)
     cfg = e7.Config(gains=("one", "0.1"), lrs=lrs, norms=("none", "layer"))
     if scenario == "sup":  # LN best at 0.03, none at 0.01: LN gains from the higher lr
-        bpc = {"one": (2.0, 2.05, 2.02), "0.1": (2.5, 2.55, 2.52)}
+        bpc = {"one": (2.0, 2.05, 2.02), "0.1": (2.5, 2.57, 2.51)}
         acc = {"layer": (0.80, 0.85, 0.95, 0.90), "none": (0.85, 0.95, 0.90, 0.10)}
     elif scenario == "not":  # LN best at 0.01, below none's 0.03
-        bpc = {"one": (2.5, 2.55, 2.52), "0.1": (2.0, 2.05, 2.02)}
+        bpc = {"one": (2.5, 2.57, 2.51), "0.1": (2.0, 2.05, 2.02)}
         acc = {"layer": (0.85, 0.95, 0.90, 0.80), "none": (0.80, 0.85, 0.95, 0.90)}
     else:  # gains too noisy; no norm's best at the grid's bottom edge
         bpc = {"one": (2.0, 2.5, 2.2), "0.1": (2.1, 2.6, 2.0)}
@@ -239,9 +241,9 @@ def e7_results(scenario):
         steps, curves = curve(bpc[g])
         r += recs({"part": "gain", "gain": g}, {"final_bpc": bpc[g], "mean_bpc": bpc[g], "hidden_norm_cv": LOW,
                                                 "curve_bpc": curves, "curve_step": steps})
-    for n in cfg.norms:
-        for lr, a in zip(lrs, acc[n], strict=True):
-            vals = shift((0.0, 0.01, -0.01), a)
+    for k, n in enumerate(cfg.norms):
+        for i, (lr, a) in enumerate(zip(lrs, acc[n], strict=True)):
+            vals = shift(JITTER[(i + k) % len(JITTER)], a)
             r += recs({"part": "lr", "norm": n, "lr": lr}, {"test_acc": vals, "sel_acc": vals, "heldout_acc": vals})
     return cfg, {"e7": r}
 

@@ -82,6 +82,5 @@ def verdict_higher_lr(ln_sel: Scores, none_sel: Scores, ln_test: Scores, sel_see
     pick = lambda lr: {s: ln_test[lr][s] for s in test_seeds if s in ln_test.get(lr, {})}  # noqa: E731
     eff = S.compare(pick(hi_lr), pick(lo_lr), paired=True, min_effect=min_effect, margin=margin, unit=unit,
                     fail_score=None)
-    ev += (f"; LN test score at {hi_lr:g} minus at {lo_lr:g} {S.fmt_diff((eff.estimate, eff.lo, eff.hi))} "
-           f"(n={eff.n} paired seeds)")
+    ev += f"; the effect: LN's test score at {hi_lr:g} minus at {lo_lr:g}"
     return (S.INCONCLUSIVE if caveats else eff.verdict), ev, eff, caveats

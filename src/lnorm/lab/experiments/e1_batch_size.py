@@ -25,6 +25,7 @@ from lnorm.lab.train import train_classifier
 
 TITLE = "Batch size: MLP on real MNIST"
 CHANCE = 0.1  # accuracy of a diverged run (10 classes)
+ACC_RESOLUTION = 1e-3  # one of the 1000 test digits
 CLAIMS = ("C1", "C3", "C6")
 
 
@@ -134,14 +135,14 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
     else:
         parts.append(S.INCONCLUSIVE)
         ev.append("no BN run at batch 1")
-    works = S.compare(ln_b1, none_b1, paired=True, unit="acc points", fail_score=CHANCE)
+    works = S.compare(ln_b1, none_b1, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
+                      resolution=ACC_RESOLUTION)
     parts.append(non_inferior(works, tol))
-    ev.append(f"LN@1 - none@1 {S.fmt_diff((works.estimate, works.lo, works.hi))} ({parts[-1]} at -{tol:g})")
-    eff = S.compare(bn_drop, ln_drop, paired=True, min_effect=min_effect, margin=margin, unit="acc points",
-                    fail_score=None)
+    ev.append(f"LN@1 - none@1 {works.text()} ({parts[-1]}: non-inferior by {tol:g}?)")
+    eff = S.compare(bn_drop, ln_drop, paired=True, min_effect=min_effect, margin=margin, unit="acc",
+                    fail_score=None, resolution=ACC_RESOLUTION)
     parts.append(eff.verdict)
-    ev.append(f"acc drop large->small batch, BN minus LN {S.fmt_diff((eff.estimate, eff.lo, eff.hi))} "
-              f"(n={eff.n} paired seeds)")
+    ev.append("the deciding part: accuracy drop from the largest to BN's smallest trainable batch, BN minus LN")
     return S.all_of(*parts), "; ".join(ev), eff
 
 
@@ -160,9 +161,9 @@ def non_inferior(eff: S.Effect, tol: float) -> str:
 def verdict_c6(bn_acc: dict[int, float], ln_acc: dict[int, float], margin: float = 0.01) -> tuple[str, str, S.Effect]:
     """C6 (non-inferiority at the largest batch): supported if the paired 95% interval of BN - LN
     accuracy lies above ``-margin``; not supported if it lies below ``-margin`` (BN worse by more)."""
-    eff = S.compare(bn_acc, ln_acc, paired=True, unit="acc points", fail_score=CHANCE)
-    v = non_inferior(eff, margin)
-    return v, f"BN - LN {S.fmt_diff((eff.estimate, eff.lo, eff.hi))} (n={eff.n} paired seeds)", eff
+    eff = S.compare(bn_acc, ln_acc, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
+                    resolution=ACC_RESOLUTION)
+    return non_inferior(eff, margin), f"BN - LN test accuracy (non-inferior by {margin:g}?)", eff
 
 
 def still_improving(recs: list[dict], rise: float = 0.01, **match) -> bool:
@@ -185,13 +186,13 @@ def _c3_row(cfg: Config, recs: list[dict], bss: list[int]) -> dict:
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="none", batch_size=1),
                             drops["batch"] if bn_small != big else {}, drops["layer"])
-    return {"claim": "C3", "key": "e1-c3", "role": "primary", "verdict": v, "evidence": ev, "effect": eff.as_dict(),
-            "caveats": [f"every run saw the same {cfg.examples} training digits: {steps_for(cfg, big)} steps at batch "
-                        f"{big}, {steps_for(cfg, bss[0])} at batch {bss[0]}"],
-            "criterion": f"BN cannot train at batch 1; LN at batch 1 is non-inferior to the unnormalized net at batch 1 "
-                         f"(paired 95% CI of LN - none above -2 points); BN's accuracy drop from batch {big} to batch "
-                         f"{bn_small} exceeds LN's (paired 95% CI > 0, estimate >= 1 point; not supported below "
-                         "0.5 point)."}
+    caveats = [f"every run saw the same {cfg.examples} training digits: {steps_for(cfg, big)} steps at batch {big}, "
+               f"{steps_for(cfg, bss[0])} at batch {bss[0]}"]
+    return A.claim_row("e1", "C3", "C3-small-batch-drop", eff, evidence=ev, role="primary", caveats=caveats, verdict=v,
+                       criterion=f"BN cannot train at batch 1; LN at batch 1 is non-inferior to the unnormalized net at "
+                                 f"batch 1 (paired 95% CI of LN - none above -2 points); BN's accuracy drop from batch "
+                                 f"{big} to batch {bn_small} exceeds LN's (paired 95% CI > 0, estimate >= 1 point; not "
+                                 "supported when the CI is below 0.5 point).")
 
 
 def _c6_row(cfg: Config, recs: list[dict], big: int) -> dict:
@@ -199,10 +200,10 @@ def _c6_row(cfg: Config, recs: list[dict], big: int) -> dict:
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=big))
     caveats = [f"{steps_for(cfg, big)} steps at batch {big}: {n} still improving at the end"
                for n in ("batch", "layer") if still_improving(recs, norm=n, batch_size=big)]
-    return {"claim": "C6", "key": "e1-c6", "role": "primary", "verdict": v, "evidence": f"batch {big}: {ev}",
-            "effect": eff.as_dict(), "caveats": caveats, "criterion":
-            f"at batch {big}, the paired 95% CI of BN minus LN test accuracy lies above -1 point (not supported "
-            "when it lies below -1 point)."}
+    return A.claim_row("e1", "C6", "C6-bn-vs-ln-large-batch", eff, evidence=f"batch {big}: {ev}", role="primary",
+                       caveats=caveats, verdict=v,
+                       criterion=f"at batch {big}, the paired 95% CI of BN minus LN test accuracy lies above -1 point "
+                                 "(not supported when it lies below -1 point).")
 
 
 def analyze(cfg: Config, results: dict) -> dict:
@@ -219,9 +220,9 @@ def analyze(cfg: Config, results: dict) -> dict:
     if "layer" in cfg.norms:
         v, ev = verdict_c1(A.values(recs, "batch_dependence", norm="layer"),
                            A.values(recs, "batch_dependence", norm="batch"))
-        claims.append({"claim": "C1", "key": "e1-c1", "role": "by construction", "verdict": v, "evidence": ev,
-                       "criterion": "trained LN models give outputs that differ by < 1e-4 between one batch and "
-                                    "batches of 2 (training mode), and the same check detects BN (> 1e-2)."})
+        claims.append(A.claim_row("e1", "C1", "C1-trained-mlp", None, evidence=ev, role="by construction", verdict=v,
+                                  criterion="trained LN models give outputs that differ by < 1e-4 between one batch "
+                                            "and batches of 2 (training mode), and the same check detects BN (> 1e-2)."))
     if {"batch", "layer", "none"} <= set(cfg.norms) and len(bss) >= 2:
         claims.append(_c3_row(cfg, recs, bss))
     if {"batch", "layer"} <= set(cfg.norms):

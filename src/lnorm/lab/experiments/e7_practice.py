@@ -74,7 +74,7 @@ def verdict_c10(one: dict[int, float], alternatives: dict[str, dict[int, float]]
     parts, ev, eff = [], [], None
     for name, vals in alternatives.items():
         e = S.compare(vals, one, paired=True, min_effect=min_effect, margin=margin, unit="bpc", fail_score=None)
-        ev.append(f"{name} - one {S.fmt_diff((e.estimate, e.lo, e.hi))}")
+        ev.append(f"{name} - one {e.text()}")
         if name == "0.1":
             eff = e
         if e.hi < 0:  # the alternative is significantly better than gain 1
@@ -92,15 +92,15 @@ def _c11_row(cfg: Config, recs: list[dict]) -> dict:
 
     v, ev, eff, caveats = lrgrid.verdict_higher_lr(grid("sel_acc", "layer"), grid("sel_acc", "none"),
                                                    grid("heldout_acc", "layer"), sel_seeds, test_seeds,
-                                                   min_effect=0.01, margin=0.005, unit="acc points")
+                                                   min_effect=0.01, margin=0.005, unit="acc")
     scope = ("an MLP on MNIST: the article's C11 is about transformers and RNNs (E4's transformer row is the "
              "primary)")
-    return {"claim": "C11", "key": "e7-c11", "role": "secondary", "verdict": v, "effect": eff.as_dict() if eff else None,
-            "caveats": [scope] + caveats + split_caveats, "evidence": f"MLP/SGD, accuracy (diverged = chance): {ev}",
-            "criterion": "MLP/SGD on one lr grid: no norm's best lr and LN's best lr above and at-or-below it are chosen "
-                         "on the first 500 test digits; LN's accuracy on the other 500 is higher (by 1 point or more, "
-                         "paired 95% CI) at its best lr above no norm's best than at or below it. Inconclusive when a "
-                         "best lr is at the grid's edge."}
+    return A.claim_row("e7", "C11", "C11-mlp-best-lr", eff, role="secondary", verdict=v,
+                       caveats=[scope] + caveats + split_caveats, evidence=f"MLP/SGD, accuracy (diverged = chance): {ev}",
+                       criterion="MLP/SGD on one lr grid: no norm's best lr and LN's best lr above and at-or-below it "
+                                 "are chosen on the first 500 test digits; LN's accuracy on the other 500 is higher (by "
+                                 "1 point or more, paired 95% CI; not supported below 0.5) at its best lr above no "
+                                 "norm's best than at or below it. Inconclusive when a best lr is at the grid's edge.")
 
 
 def analyze(cfg: Config, results: dict) -> dict:
@@ -118,10 +118,11 @@ def analyze(cfg: Config, results: dict) -> dict:
             fail = math.log2(text()[2])  # a diverged run scores the bpc of a uniform prediction
             alts = {g: A.scored(recs, "final_bpc", fail, part="gain", gain=g) for g in cfg.gains if g != "one"}
             v, ev, eff = verdict_c10(A.scored(recs, "final_bpc", fail, part="gain", gain="one"), alts)
-            claims.append({"claim": "C10", "key": "e7-c10", "role": "primary", "verdict": v, "evidence": f"final val bpc: {ev}",
-                           "effect": eff.as_dict() if eff else None, "criterion":
-                           "LayerNormLSTM char LM: gain 1 gives lower final bpc than 0.1 (paired 95% CI of 0.1 - one > 0, "
-                           "by 0.02 bpc or more) and no alternative initialisation is significantly better."})
+            claims.append(A.claim_row("e7", "C10", "C10-gain-one-vs-0.1", eff, role="primary", verdict=v,
+                                      evidence=f"final val bpc: {ev}", criterion=
+                                      "LayerNormLSTM char LM: gain 1 gives lower final bpc than 0.1 (paired 95% CI of "
+                                      "0.1 - one > 0, by 0.02 bpc or more; not supported below 0.01) and no "
+                                      "alternative initialisation is significantly better."))
     if cfg.lrs and cfg.norms:
         tables.append({"title": f"MLP on MNIST, SGD momentum 0.9, {cfg.mlp_steps} steps: accuracy on all 1000 test digits by lr",
                        "columns": ["lr"] + list(cfg.norms),
