@@ -211,14 +211,13 @@ def e5_results(scenario):
 
 
 def e6_results(scenario):
-    ms = {"sup": {"layer": (3.0, 3.1, 3.05), "none": (2.0, 2.1, 2.05), "batch": (2.5, 2.6, 2.55)},
-          "not": {"layer": (2.0, 2.1, 2.05), "none": (3.0, 3.1, 3.05), "batch": (2.5, 2.6, 2.55)},
-          "inc": {"layer": (2.0, 9.0, 1.0), "none": (3.0, 3.1, 3.05), "batch": (2.5, 2.6, 2.55)}}[scenario]
+    cfg = e6.Config(archs=("mlp", "lstm"), widths=(64,))
+    overhead = {"sup": (0.30, 0.35, 0.32), "not": (-0.05, -0.03, -0.06), "inc": (0.5, -0.4, 0.1)}[scenario]
     r = []
-    for n, v in ms.items():
-        r += recs({"norm": n, "batch_size": 32}, {"ms_per_step": v})
-        r += recs({"norm": n, "batch_size": 1}, {"ms_per_step": (1.0, 1.0, 1.0)})  # not the largest batch
-    return e6.Config(), {"e1": r}
+    for a in cfg.archs:
+        r += recs({"arch": a, "width": 64}, {"overhead": overhead, "ms_ln": HIGH, "ms_none": LOW,
+                                             "shared_cores": (False,) * 3})
+    return cfg, {"e6": r}
 
 
 # ---------------------------------------------------------------------------------------- e7

@@ -22,7 +22,9 @@ from lnorm.lab.train import LN2, check_finite, evaluate_bpc
 from lnorm.nn import LayerNormGRU, LayerNormLSTM
 from lnorm.nn.rnn import gate_preactivations
 
-RNN_KINDS = ("lstm", "lnlstm", "gru", "lngru")
+RNN_KINDS = ("lstm", "lnlstm", "gru", "lngru")  # torch's layers and lnorm's layer-normalized ones
+# lnorm's layers with ``layer_norm=False``: the same implementation without the norm (E6's baseline)
+NORM_OFF_KINDS = ("lnlstm_off", "lngru_off")
 
 
 @dataclass
@@ -44,11 +46,11 @@ def make_rnn(kind: str, input_size: int, hidden: int) -> nn.Module:
         return nn.LSTM(input_size, hidden, batch_first=True)
     if kind == "gru":
         return nn.GRU(input_size, hidden, batch_first=True)
-    if kind == "lnlstm":
-        return LayerNormLSTM(input_size, hidden, batch_first=True)
-    if kind == "lngru":
-        return LayerNormGRU(input_size, hidden, batch_first=True)
-    raise ValueError(f"rnn kind must be one of {RNN_KINDS}, got {kind!r}")
+    if kind in ("lnlstm", "lnlstm_off"):
+        return LayerNormLSTM(input_size, hidden, batch_first=True, layer_norm=kind == "lnlstm")
+    if kind in ("lngru", "lngru_off"):
+        return LayerNormGRU(input_size, hidden, batch_first=True, layer_norm=kind == "lngru")
+    raise ValueError(f"rnn kind must be one of {RNN_KINDS + NORM_OFF_KINDS}, got {kind!r}")
 
 
 class CharRNN(nn.Module):
@@ -92,7 +94,7 @@ def hidden_stats(model: CharRNN, ids: torch.Tensor) -> dict:
     H = h.shape[-1]
     h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
     pre = gate_preactivations(model.rnn, x, h_prev)  # (B, T, G*H)
-    sig_blocks = [slice(0, 2 * H), slice(3 * H, 4 * H)] if model.kind.endswith("lstm") else [slice(0, 2 * H)]
+    sig_blocks = [slice(0, 2 * H), slice(3 * H, 4 * H)] if "lstm" in model.kind else [slice(0, 2 * H)]
     gates = torch.sigmoid(torch.cat([pre[..., s] for s in sig_blocks], -1))
     sat = float(((gates < 0.02) | (gates > 0.98)).float().mean())
     return {"hidden_norm_cv": cv, "gate_saturation": sat, "hidden_norm_mean": float(per_step.mean())}
@@ -102,7 +104,7 @@ def train_lm(cfg: LMConfig, kind: str, seed: int, ctx) -> dict:
     train_ids, val_ids, vocab = text()
     val = text_eval_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     model = CharRNN(kind, vocab, cfg.emb, cfg.hidden).to(ctx.device)
-    if kind.startswith("ln"):
+    if kind in ("lnlstm", "lngru"):
         init_gains(model.rnn, cfg.gain_init, torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(10_000 + seed)
