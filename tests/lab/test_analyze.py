@@ -251,14 +251,15 @@ def e7_results(scenario):
 
 
 def e8_results(scenario):
-    cfg = e8.Config(norms=("none", "layer"))
-    spread = {"sup": {"layer": (0.3, 0.35, 0.32), "none": (2.0, 2.2, 2.1)},
-              "not": {"layer": (2.0, 2.2, 2.1), "none": (0.3, 0.35, 0.32)},
-              "inc": {"layer": (0.3, 2.5, 1.0), "none": (2.0, 0.2, 1.5)}}[scenario]
+    cfg = e8.Config(norms=("none", "layer"), baseline_inits=("default", "xavier"))
+    spread = {"sup": {"layer": (0.3, 0.35, 0.32), "default": (2.0, 2.2, 2.1), "xavier": (1.0, 1.2, 1.05)},
+              "not": {"layer": (2.0, 2.2, 2.1), "default": (2.5, 2.7, 2.6), "xavier": (0.3, 0.35, 0.32)},
+              "inc": {"layer": (0.3, 2.5, 1.0), "default": (2.0, 0.2, 1.5), "xavier": (2.0, 0.2, 1.5)}}[scenario]
     r = []
-    for n in cfg.norms:
-        r += recs({"norm": n}, {"log10_spread_init": spread[n], "log10_spread_trained": spread[n],
-                                "test_acc": HIGH, "grad_init": ([1.0, 2.0],) * 3, "grad_trained": ([1.0, 3.0],) * 3})
+    for params in e8.units(cfg):
+        v = spread[params["norm"] if params["norm"] == "layer" else params["init"]]
+        r += recs(params, {"log10_spread_init": v, "log10_spread_trained": v,
+                           "test_acc": HIGH, "grad_init": ([1.0, 2.0],) * 3, "grad_trained": ([1.0, 3.0],) * 3})
     return cfg, {"e8": r}
 
 
