@@ -30,8 +30,8 @@ SEEDS = (0, 1, 2)
 HIGH = (0.95, 0.96, 0.955)
 LOW = (0.80, 0.81, 0.79)
 NOISY_A, NOISY_B = (0.5, 0.9, 0.1), (0.5, 0.1, 0.9)
-# small seed-to-seed spreads, different per setting, so paired differences are not constant
-JITTER = ((0.0, 0.01, -0.01), (0.004, -0.006, 0.0), (-0.005, 0.0, 0.007), (0.002, 0.008, -0.004))
+# small seed-to-seed spreads, different per setting, so paired differences are not constant (e4, e7)
+SPREADS = ((0.0, 0.01, -0.01), (0.004, -0.006, 0.0), (-0.005, 0.0, 0.007), (0.002, 0.008, -0.004))
 
 
 def shift(vals, by):
@@ -186,7 +186,7 @@ def e4_results(scenario):
             if bpc is None:  # noise; pre-LN best at 1e-2 by a hair, no norm tied (first lr wins, an edge)
                 vals = shift(NOISY_A if v == "preln" else NOISY_B, 2.0 - (lr == 1e-2) * 0.01 * (v == "preln"))
             else:  # seed-to-seed spread that differs between settings (paired differences are not constant)
-                vals = shift(JITTER[(i + 2 * k) % len(JITTER)], bpc[v][i])
+                vals = shift(SPREADS[(i + 2 * k) % len(SPREADS)], bpc[v][i])
             r += recs({"variant": v, "warmup": 0, "lr": lr}, {"final_bpc": vals, "test_bpc": vals, "ms_per_step": HIGH})
     return cfg, {"e4": r}
 
@@ -242,7 +242,7 @@ def e7_results(scenario):
                                                 "curve_bpc": curves, "curve_step": steps})
     for k, n in enumerate(cfg.norms):
         for i, (lr, a) in enumerate(zip(lrs, acc[n], strict=True)):
-            vals = shift(JITTER[(i + k) % len(JITTER)], a)
+            vals = shift(SPREADS[(i + k) % len(SPREADS)], a)
             r += recs({"part": "lr", "norm": n, "lr": lr}, {"test_acc": vals, "sel_acc": vals, "heldout_acc": vals})
     return cfg, {"e7": r}
 

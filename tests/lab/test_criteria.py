@@ -148,6 +148,7 @@ def test_convergence_caveat_names_the_model_still_improving():
     assert "too few evaluations" in e3.convergence_caveat({"lstm": [([100], [2.5])]}, 0.025, "val bpc")
     assert math.isnan(e3.tail_improvement([100], [2.5]))
 
+
 # ------------------------------------------------------------- labfair: e1, e4, e6, e7, e8, retrieval
 # These criteria take per-seed dicts (paired) and return (verdict, evidence, effect).
 HI3, LO3 = seeds(*hi3), seeds(*lo3)
