@@ -55,7 +55,7 @@ SUITES = {"smoke": dict(archs=("mlp", "lstm"), widths=(16,), batch_size=4, seq_l
                         block_ms=1.0),
           "quick": {},
           "full": dict(archs=ARCHS, widths=(64, 128, 256, 512), repeats=12, steps=3)}
-EST_SECONDS = {"smoke": 2, "quick": 15, "full": 900}
+EST_SECONDS = {"smoke": 2, "quick": 30, "full": 900}  # quick: 27 s CPU, --jobs 1, 2-core EPYC
 
 
 def units(cfg: Config) -> list[dict]:
