@@ -331,6 +331,18 @@ def test_e8_baseline_inits_are_tanh_aware():
     assert all(float(m.bias.detach().abs().max()) == 0 for m in net.linears())
 
 
+def test_e4_positive_control_caveat_reaches_the_row():
+    assert e4.positive_control(BEST) is None
+    assert e4.positive_control({**BEST, "none": 1.9}).startswith("positive control failed")
+    cfg = e4.Config(variants=("none", "preln", "prebn"), warmups=(0,), lrs=LRS)
+    bpc = {"none": (3.0, 2.0, 3.1, 3.3), "preln": (3.2, 3.0, 2.5, 2.9), "prebn": (3.2, 2.9, 2.6, 3.0)}
+    recs = [{"params": {"variant": v, "warmup": 0, "lr": lr}, "seed": s, "status": "ok",
+             "result": {"final_bpc": b + 0.01 * s * (i + 1), "test_bpc": b + 0.01 * s * (i + 1), "ms_per_step": 1.0}}
+            for v, row in bpc.items() for i, (lr, b) in enumerate(zip(LRS, row, strict=True)) for s in range(3)]
+    c5 = e4.analyze(cfg, {"e4": recs})["claims"][0]
+    assert c5["verdict"] == INC and c5["caveats"][0].startswith("positive control failed"), c5
+
+
 def test_lrgrid_splits_seeds_when_there_are_enough():
     assert lrgrid.split_seeds([3, 1, 0, 2, 4]) == ([0, 1], [2, 3, 4], [])
     sel, test, caveats = lrgrid.split_seeds([0, 1, 2])

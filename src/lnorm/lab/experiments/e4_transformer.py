@@ -138,14 +138,22 @@ def verdict_c5(ln: dict[int, float], bn: dict[int, float], best_by_variant: dict
     benefit of normalization at all), or a caveat (a best lr at the grid's edge)."""
     eff = S.compare(bn, ln, paired=True, min_effect=min_effect, margin=margin, unit="bpc", fail_score=fail_bpc)
     ev = "test bpc BN - LN"
-    normed = {k: v for k, v in best_by_variant.items() if k != "none" and v == v}
-    if "none" in best_by_variant and normed and best_by_variant["none"] <= min(normed.values()):
-        return S.INCONCLUSIVE, ev + (f"; positive control failed: no normalization is the best transformer "
-                                     f"({best_by_variant['none']:.3g} bpc, best normalized "
-                                     f"{min(normed.values()):.3g})"), eff
+    failed = positive_control(best_by_variant)
+    if failed:
+        return S.INCONCLUSIVE, ev + "; " + failed, eff
     if caveats:
         return S.INCONCLUSIVE, ev + "; " + "; ".join(caveats), eff
     return eff.verdict, ev, eff
+
+
+def positive_control(best_by_variant: dict[str, float]) -> str | None:
+    """The reason the C5 test cannot show a benefit of normalization, or None: no normalization is
+    the best transformer (lowest mean test bpc of ``best_by_variant``)."""
+    normed = {k: v for k, v in best_by_variant.items() if k != "none" and v == v}
+    if "none" in best_by_variant and normed and best_by_variant["none"] <= min(normed.values()):
+        return (f"positive control failed: no normalization is the best transformer ({best_by_variant['none']:.3g} "
+                f"bpc, best normalized {min(normed.values()):.3g})")
+    return None
 
 
 def _scores(recs: list[dict], key: str, fail_bpc: float, **match) -> dict[int, float]:
@@ -175,7 +183,9 @@ def _claims(cfg: Config, recs: list[dict], best: dict, fail: float, sel_seeds, t
     if "preln" in best and "prebn" in best:
         ln, bn = best["preln"], best["prebn"]
         caveats = ln["caveats"] + bn["caveats"]
-        v, ev, eff = verdict_c5(ln["test"], bn["test"], {k: b["mean_test"] for k, b in best.items()}, caveats, fail)
+        means = {k: b["mean_test"] for k, b in best.items()}
+        v, ev, eff = verdict_c5(ln["test"], bn["test"], means, caveats, fail)
+        caveats = [c for c in (positive_control(means),) if c] + caveats
         claims.append(A.claim_row(
             "e4", "C5", "C5-preln-vs-prebn", eff, role="primary", verdict=v, caveats=caveats + split_caveats,
             evidence=ev + f" (pre-LN warmup {ln['warmup']} lr {ln['lr']:g}; pre-BN warmup {bn['warmup']} lr {bn['lr']:g})",
