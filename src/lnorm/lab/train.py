@@ -73,8 +73,8 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def _point(ctx, curve, step, loss, acc):
-    ctx.log(step=step, loss=loss, test_acc=acc)
+def _point(ctx, curve, step, loss, acc, eval_key="test_acc"):
+    ctx.log(step=step, loss=loss, **{eval_key: acc})
     curve["curve_step"].append(step)
     curve["curve_loss"].append(loss)
     curve["curve_acc"].append(acc)
@@ -82,13 +82,15 @@ def _point(ctx, curve, step, loss, acc):
 
 def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int, lr: float,
                      optimizer: str = "adam", eval_every: int = 0, device: str = "cpu",
-                     on_step=None) -> dict:
+                     on_step=None, eval_key: str = "test_acc") -> dict:
     """Minibatch training with cross-entropy; returns final test accuracy, losses and step time.
 
     ``data`` is ``(X_train, y_train, X_test, y_test)``. Batches are drawn by reshuffling each epoch
     (the last partial batch is dropped, so every step sees ``batch_size`` samples). ``on_step(step)``
-    runs after each optimizer step (for extra statistics). Raises :class:`Diverged` on a NaN/inf
-    loss and :class:`CannotTrain` when the model rejects the batch (batch norm on one sample).
+    runs after each optimizer step (for extra statistics). ``eval_key`` names the held-out accuracy
+    in the log and the result (``"val_acc"`` when the held-out tensors are a validation split).
+    Raises :class:`Diverged` on a NaN/inf loss and :class:`CannotTrain` when the model rejects the
+    batch (batch norm on one sample).
     """
     Xtr, ytr, Xte, yte = (t.to(device) for t in data)
     model.to(device).train()
@@ -116,16 +118,16 @@ def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int
         loss.backward()
         opt.step()
         step_times.append(time.perf_counter() - t0)
-        last_loss = check_finite(loss.item(), step, {"test_acc": 0.1})
+        last_loss = check_finite(loss.item(), step, {eval_key: 0.1})
         losses.append(last_loss)
         if on_step is not None:
             on_step(step)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            _point(ctx, curve, step + 1, float(np.mean(losses[-eval_every:])), accuracy(model, Xte, yte))
+            _point(ctx, curve, step + 1, float(np.mean(losses[-eval_every:])), accuracy(model, Xte, yte), eval_key)
     acc = accuracy(model, Xte, yte)
-    _point(ctx, curve, steps, float(np.mean(losses[-max(1, eval_every or 50):])), acc)
+    _point(ctx, curve, steps, float(np.mean(losses[-max(1, eval_every or 50):])), acc, eval_key)
     return {**curve,
-        "test_acc": acc,
+        eval_key: acc,
         "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
         "ms_per_step": 1000 * float(np.median(step_times)),
     }
