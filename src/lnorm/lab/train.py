@@ -80,21 +80,31 @@ def _point(ctx, curve, step, loss, acc, eval_key="test_acc"):
     curve["curve_acc"].append(acc)
 
 
+def _linear_anneal(steps: int, anneal: float):
+    """The lr factor at each step: 1, then down to 0 in a line over the last ``anneal`` of the steps."""
+    start = round(steps * (1 - anneal))
+    return lambda s: 1.0 if s < start else max(0.0, (steps - s) / max(1, steps - start))
+
+
 def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int, lr: float,
                      optimizer: str = "adam", eval_every: int = 0, device: str = "cpu",
-                     on_step=None, eval_key: str = "test_acc") -> dict:
+                     on_step=None, eval_key: str = "test_acc", anneal: float = 0.0) -> dict:
     """Minibatch training with cross-entropy; returns final test accuracy, losses and step time.
 
     ``data`` is ``(X_train, y_train, X_test, y_test)``. Batches are drawn by reshuffling each epoch
     (the last partial batch is dropped, so every step sees ``batch_size`` samples). ``on_step(step)``
     runs after each optimizer step (for extra statistics). ``eval_key`` names the held-out accuracy
     in the log and the result (``"val_acc"`` when the held-out tensors are a validation split).
+    ``anneal``: the fraction of the final steps over which the lr falls linearly to 0 (0: constant).
     Raises :class:`Diverged` on a NaN/inf loss and :class:`CannotTrain` when the model rejects the
     batch (batch norm on one sample).
     """
+    if not 0 <= anneal < 1:
+        raise ValueError(f"anneal must be in [0, 1), got {anneal!r}")
     Xtr, ytr, Xte, yte = (t.to(device) for t in data)
     model.to(device).train()
     opt = make_optimizer(optimizer, model.parameters(), lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_anneal(steps, anneal)) if anneal else None
     loss_fn = nn.CrossEntropyLoss()
     n = len(Xtr)
     per_epoch = max(1, n // batch_size)
@@ -117,6 +127,8 @@ def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         step_times.append(time.perf_counter() - t0)
         last_loss = check_finite(loss.item(), step, {eval_key: 0.1})
         losses.append(last_loss)
