@@ -20,9 +20,9 @@ SMALL = dict(size=32, clutter=3, copies=1, test_copies=1, val_digits=100)
 
 def test_cluttered_mnist_is_deterministic_in_its_seed():
     a, b, c = make(**SMALL, seed=0), make(**SMALL, seed=0), make(**SMALL, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
-    assert all(torch.equal(x, y) for x, y in zip(a[1::2], c[1::2]))  # the seed moves pixels, not labels
+    assert all(torch.equal(x, y) for x, y in zip(a[1::2], c[1::2], strict=True))  # the seed moves pixels, not labels
 
 
 def test_cluttered_mnist_shapes_and_labels():
@@ -100,7 +100,7 @@ def test_rescnn_one_seed_gives_every_norm_the_same_convs():
     ref = [m.weight for m in nets[0].modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for net in nets[1:]:
         got = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
 @pytest.mark.parametrize("blocks", [(), (2, 0), (1.5,), (True,)])
@@ -127,7 +127,7 @@ def _recs(norm, lr, acc, loss, gain=0.0):
     return [{"params": {"data": "cluttered", "norm": norm, "lr": lr}, "seed": s, "status": "ok",
              "result": {"val_acc": a, "test_acc": a, "mean_train_loss": l, "late_val_gain": gain, "ms_per_step": 1.0,
                         "curve_step": [5, 10], "curve_val_acc": [a / 2, a], "curve_loss": [2 * l, l]}}
-            for s, (a, l) in enumerate(zip(acc, loss))]
+            for s, (a, l) in enumerate(zip(acc, loss, strict=True))]
 
 
 BN, LN, NONE = (0.86, 0.84, 0.87, 0.85, 0.86), (0.80, 0.79, 0.82, 0.80, 0.805), (0.70, 0.69, 0.72, 0.70, 0.71)

@@ -89,7 +89,7 @@ def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
                            anneal=cfg.anneal)
     out["curve_val_acc"] = out.pop("curve_acc")
     # convergence is judged before the lr falls: annealing lifts every curve at the end
-    before = [a for a, st in zip(out["curve_val_acc"], out["curve_step"]) if st <= cfg.steps * (1 - cfg.anneal)]
+    before = [a for a, st in zip(out["curve_val_acc"], out["curve_step"], strict=True) if st <= cfg.steps * (1 - cfg.anneal)]
     return {**out, "test_acc": accuracy(model, Xte.to(dev), yte.to(dev)),
             # the area under the training-loss curve per step: how fast the net trains
             "mean_train_loss": float(np.mean(out["curve_loss"])),
