@@ -158,6 +158,7 @@ def test_e5_analyze_loser_at_the_grid_edge_is_inconclusive():
     assert verdicts["C7-ln-slower-than-bn"] == "inconclusive"
     assert verdicts["C7-ln-vs-none"] == "supported"  # LN wins anyway: a better LN lr only widens it
     assert any("edge of the grid" in c for c in claims["C7-bn-vs-ln"]["caveats"])
+    assert "supported held back by: LN's best lr 0.003 is at the edge" in claims["C7-bn-vs-ln"]["evidence"]
 
 
 def test_e5_analyze_loser_still_improving_is_inconclusive():
