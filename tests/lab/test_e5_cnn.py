@@ -118,9 +118,15 @@ def test_e5_units_sweep_the_grid_in_full_and_one_lr_in_quick():
     quick = e5.units(e5.Config())
     assert [(u["norm"], u["lr"]) for u in quick] == [(n, e5.TUNED_LR[n]) for n in e5.Config().norms]
     full = e5.Config(**e5.SUITES["full"])
-    grid = [u for u in e5.units(full) if u["data"] == "cluttered"]
-    assert len(grid) == len(full.norms) * len(full.lrs) and len(full.lrs) >= 4
     assert {"batch", "layer", "none", "group"} <= set(full.norms)
+    for n in full.norms:
+        lrs = [u["lr"] for u in e5.units(full) if u["data"] == "cluttered" and u["norm"] == n]
+        # three half-decade rungs with the tuned lr in the middle: an optimum at the tuned lr is bracketed
+        assert lrs == sorted(lrs) and len(lrs) == 3 and lrs[1] == e5.TUNED_LR[n], (n, lrs)
+        assert lrs[2] / lrs[1] == pytest.approx(10 / 3, rel=0.1) or lrs[2] / lrs[1] == pytest.approx(3, rel=0.1)
+    assert e5.lr_grid(e5.Config(lrs=(1e-3, 1e-2)), "batch") == (1e-3, 1e-2)
+    with pytest.raises(ValueError, match="no tuned lr for norm 'bogus'"):
+        e5.units(e5.Config(norms=("bogus",)))
 
 
 def _recs(norm, lr, acc, loss, gain=0.0):
