@@ -73,26 +73,38 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def _point(ctx, curve, step, loss, acc):
-    ctx.log(step=step, loss=loss, test_acc=acc)
+def _point(ctx, curve, step, loss, acc, eval_key="test_acc"):
+    ctx.log(step=step, loss=loss, **{eval_key: acc})
     curve["curve_step"].append(step)
     curve["curve_loss"].append(loss)
     curve["curve_acc"].append(acc)
 
 
+def _linear_anneal(steps: int, anneal: float):
+    """The lr factor at each step: 1, then down to 0 in a line over the last ``anneal`` of the steps."""
+    start = round(steps * (1 - anneal))
+    return lambda s: 1.0 if s < start else max(0.0, (steps - s) / max(1, steps - start))
+
+
 def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int, lr: float,
                      optimizer: str = "adam", eval_every: int = 0, device: str = "cpu",
-                     on_step=None) -> dict:
+                     on_step=None, eval_key: str = "test_acc", anneal: float = 0.0) -> dict:
     """Minibatch training with cross-entropy; returns final test accuracy, losses and step time.
 
     ``data`` is ``(X_train, y_train, X_test, y_test)``. Batches are drawn by reshuffling each epoch
     (the last partial batch is dropped, so every step sees ``batch_size`` samples). ``on_step(step)``
-    runs after each optimizer step (for extra statistics). Raises :class:`Diverged` on a NaN/inf
-    loss and :class:`CannotTrain` when the model rejects the batch (batch norm on one sample).
+    runs after each optimizer step (for extra statistics). ``eval_key`` names the held-out accuracy
+    in the log and the result (``"val_acc"`` when the held-out tensors are a validation split).
+    ``anneal``: the fraction of the final steps over which the lr falls linearly to 0 (0: constant).
+    Raises :class:`Diverged` on a NaN/inf loss and :class:`CannotTrain` when the model rejects the
+    batch (batch norm on one sample).
     """
+    if not 0 <= anneal < 1:
+        raise ValueError(f"anneal must be in [0, 1), got {anneal!r}")
     Xtr, ytr, Xte, yte = (t.to(device) for t in data)
     model.to(device).train()
     opt = make_optimizer(optimizer, model.parameters(), lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_anneal(steps, anneal)) if anneal else None
     loss_fn = nn.CrossEntropyLoss()
     n = len(Xtr)
     per_epoch = max(1, n // batch_size)
@@ -115,17 +127,19 @@ def train_classifier(model: nn.Module, data, *, ctx, batch_size: int, steps: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         step_times.append(time.perf_counter() - t0)
-        last_loss = check_finite(loss.item(), step, {"test_acc": 0.1})
+        last_loss = check_finite(loss.item(), step, {eval_key: 0.1})
         losses.append(last_loss)
         if on_step is not None:
             on_step(step)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            _point(ctx, curve, step + 1, float(np.mean(losses[-eval_every:])), accuracy(model, Xte, yte))
+            _point(ctx, curve, step + 1, float(np.mean(losses[-eval_every:])), accuracy(model, Xte, yte), eval_key)
     acc = accuracy(model, Xte, yte)
-    _point(ctx, curve, steps, float(np.mean(losses[-max(1, eval_every or 50):])), acc)
+    _point(ctx, curve, steps, float(np.mean(losses[-max(1, eval_every or 50):])), acc, eval_key)
     return {**curve,
-        "test_acc": acc,
+        eval_key: acc,
         "final_loss": float(np.mean(losses[-max(1, min(50, len(losses))):])),
         "ms_per_step": 1000 * float(np.median(step_times)),
     }
