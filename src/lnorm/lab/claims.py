@@ -17,6 +17,7 @@ CLAIMS = {
     "C11": "LN may want a higher learning rate than the unnormalized net.",
     "C12": "LN helps image-sentence retrieval with order embeddings (faster convergence, better recall).",
     "C13": "LN keeps gradients well-scaled in deep nets (no vanishing or exploding gradients).",
+    "C14": "BN is hard to apply to RNNs: per-time-step statistics fail past the training length and at batch size 1.",
 }
 
 
