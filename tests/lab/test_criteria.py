@@ -230,6 +230,8 @@ def test_e9_caveats():
     row = e9.row_c4_long_sequences(e9_hi, e9_lo, E9_FLOOR, "pixel", note)
     assert row["verdict"] == SUP and row["caveats"] == [note]  # equal budget: shown, not deciding
     assert e9.row_c14_batch1_train_mode([0.0], [None])["role"] == "by construction"
+    assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR)["role"] == "primary"  # claims.PRIMARY
+    assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR, "permuted")["role"] == "secondary"
 
 
 @pytest.mark.parametrize("steps,accs,expected", [

@@ -38,6 +38,7 @@ PRIMARY = {
     "C11": ("e4", "C11-transformer-best-lr"),  # the article means transformers and RNNs, not MLPs
     "C12": ("retrieval", "C12-test-rsum"),
     "C13": ("e8", "C13-grad-spread"),
+    "C14": ("e9", "C14-longer-test-sequences"),  # BN-LSTM's accuracy lost past the training length, minus LN-LSTM's
 }
 ROLES = ("primary", "secondary", "by construction")
 
