@@ -175,7 +175,6 @@ def test_convergence_caveat_names_the_model_still_improving():
 
 from lnorm.lab.experiments import e9_recurrent_bn as e9  # noqa: E402
 
-
 E9_FLOOR = 0.25
 ln_L, ln_T = seeds(0.80, 0.82, 0.79), seeds(0.85, 0.86, 0.84)  # LN gains from the extra pixels
 bn_L, bn_T = seeds(0.81, 0.80, 0.83), seeds(0.30, 0.35, 0.28)  # BN loses past its statistics
