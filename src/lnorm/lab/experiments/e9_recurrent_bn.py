@@ -312,16 +312,18 @@ def row_c14_batch1_train_mode(ln_diff: list, bn_diff: list) -> dict:
                 ev, role="by construction", verdict=v)
 
 
-def row_c4_long_sequences(ln: dict, lstm: dict, floor: float, order: str, caveat: str | None = None) -> dict:
+def row_c4_long_sequences(ln: dict, lstm: dict, floor: float, order: str, caveat: str | None = None,
+                          length: int | None = None) -> dict:
     """C4 (secondary): on sequential MNIST, LN-LSTM's test accuracy after the same budget is above the
     unnormalized LSTM's, paired by seed (diverged = chance): faster training on long sequences, so a
     "not converged" ``caveat`` is shown but does not decide. Inconclusive when neither left chance."""
     eff = S.compare(ln, lstm, min_effect=ACC_MIN_EFFECT, margin=ACC_MARGIN, unit="acc", fail_score=CHANCE,
                     resolution=ACC_RESOLUTION)
     both_stuck = near_chance(floor, lnlstm=_mean(ln), lstm=_mean(lstm)) if max(_mean(ln), _mean(lstm)) < floor else None
+    steps = f"{length} steps" if length else "full length"
     return _row("C4", f"C4-seqmnist-{order}", eff,
-                f"sequential MNIST ({order} order, full length), LN-LSTM minus LSTM test accuracy after the same "
-                f"steps, paired by seed, diverged runs scored {CHANCE:g}: supported if > 0 and >= "
+                f"sequential MNIST ({order} order, {steps}), LN-LSTM minus LSTM test accuracy after the same "
+                f"training steps, paired by seed, diverged runs scored {CHANCE:g}: supported if > 0 and >= "
                 f"{ACC_MIN_EFFECT:g}; not supported if the CI rules out {ACC_MARGIN:g}; inconclusive if both are "
                 f"below {floor:g}.", f"LN {_mean(ln):.3f}, LSTM {_mean(lstm):.3f}", [both_stuck], [caveat])
 
@@ -374,7 +376,8 @@ def _fixed(cfg: Config, recs: list[dict], order: str) -> tuple[dict, list[dict]]
     if {"lstm", "lnlstm"} <= set(cfg.models):
         g = lambda m: A.scored(recs, "test_acc", CHANCE, task="fixed", order=order, model=m)  # noqa: E731
         claims.append(row_c4_long_sequences(g("lnlstm"), g("lstm"), cfg.floor, order,
-                                            convergence_note(recs, ("lstm", "lnlstm"), task="fixed", order=order)))
+                                            convergence_note(recs, ("lstm", "lnlstm"), task="fixed", order=order),
+                                            cfg.side * cfg.side))
     return table, claims
 
 
