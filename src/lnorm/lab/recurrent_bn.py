@@ -147,7 +147,10 @@ class BNLSTM(nn.Module):
             lengths, order = torch.sort(lengths, descending=True, stable=True)
             x = x[order.to(x.device)]
         running = [B] * T if lengths is None else [int((lengths > t).sum()) for t in range(T)]
-        xw = (x @ self.weight_ih.t()).unbind(1)  # T x (B, 4H); unbind: one backward op, not T selects
+        xw = x @ self.weight_ih.t()  # (B, T, 4H)
+        if lengths is None:  # every step has the whole batch: BN_t(W_ih x) of all steps at once
+            xw = self._bn_x_all_steps(xw)
+        xw = xw.unbind(1)  # T x (B, 4H); unbind: one backward op, not T selects
         h = x.new_zeros(B, self.hidden_size)
         if self.training and self.h0_noise:
             h = h.normal_(0.0, self.h0_noise)
@@ -155,7 +158,8 @@ class BNLSTM(nn.Module):
         outs = []
         for t, n in enumerate(running):
             if n:
-                h_new, c_new = self._step(xw[t][:n], h[:n], c[:n], t)
+                xn = xw[t] if lengths is None else self._bn("x", xw[t][:n], t, self.gamma_x, self.bias)
+                h_new, c_new = self._step(xn, h[:n], c[:n], t)
                 h = h_new if n == B else torch.cat([h_new, h[n:]])
                 c = c_new if n == B else torch.cat([c_new, c[n:]])
             outs.append(h)
@@ -168,10 +172,21 @@ class BNLSTM(nn.Module):
             out, h = out[inverse.to(x.device)], h[inverse.to(x.device)]
         return out, h
 
-    def _step(self, xw: Tensor, h: Tensor, c: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """One LSTM step of the n running rows: xw (n, 4H) = W_ih x_t, h and c (n, H)."""
-        # b is the shift of BN_x: the gates' only bias
-        gates = self._bn("h", h @ self.weight_hh.t(), t, self.gamma_h, None) + self._bn("x", xw, t, self.gamma_x, self.bias)
+    def _bn_x_all_steps(self, xw: Tensor) -> Tensor:
+        """BN_t(W_ih x; gamma_x, b) for every step t of a batch without finished sequences, ``xw``
+        (B, T, 4H): the same statistics as step by step, in one call (steps are separate features)."""
+        B, T, G = xw.shape
+        if self.training:
+            return F.batch_norm(xw.reshape(B, T * G), self.running_mean_x[:T].view(-1),
+                                self.running_var_x[:T].view(-1), self.gamma_x.repeat(T), self.bias.repeat(T), True,
+                                self.momentum, self.eps).view(B, T, G)
+        s = torch.arange(T, device=xw.device).clamp(max=max(int(self.steps_trained), 1) - 1)
+        return (xw - self.running_mean_x[s]) * torch.rsqrt(self.running_var_x[s] + self.eps) * self.gamma_x + self.bias
+
+    def _step(self, xn: Tensor, h: Tensor, c: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """One LSTM step of the n running rows: xn (n, 4H) = BN_t(W_ih x_t) (shifted by b, the
+        gates' only bias), h and c (n, H)."""
+        gates = self._bn("h", h @ self.weight_hh.t(), t, self.gamma_h, None) + xn
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(self._bn("c", c, t, self.gamma_c, self.beta_c)), c
