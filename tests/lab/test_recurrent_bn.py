@@ -176,3 +176,13 @@ def test_population_statistics_are_the_average_over_batches():
     torch.testing.assert_close(mod.running_mean_x[0], sum(v.mean(0) for v in z) / 3, atol=1e-12, rtol=0)
     torch.testing.assert_close(mod.running_var_x[0], sum(v.var(0) for v in z) / 3, atol=1e-12, rtol=0)
     assert int(mod.steps_trained) == 5
+
+
+def test_seeded_weights_are_nn_lstm_s():
+    """Same names, shapes and draw order as nn.LSTM's first tensors: runs of one seed start from the
+    same recurrent weights (the lab pairs its comparisons by seed)."""
+    torch.manual_seed(3)
+    ref = torch.nn.LSTM(3, 5)
+    torch.manual_seed(3)
+    mod = BNLSTM(3, 5, 4)
+    assert torch.equal(mod.weight_ih, ref.weight_ih_l0) and torch.equal(mod.weight_hh, ref.weight_hh_l0)

@@ -23,7 +23,11 @@ Statistics, per BN and per step t < ``max_len``:
 * eval mode: the running statistics of step ``min(t, steps_trained - 1)``: past the longest
   training length, those of the last trained step (the paper's rule for longer test sequences).
 
-Reads top to bottom: one masked BN step -> the cell loop -> the layer (module).
+After training, :func:`population_statistics` replaces the running statistics by their average
+over a pass of training batches (the paper's population statistics).
+
+Reads top to bottom: one BN at one step -> the layer (its time loop) -> the input BN of all steps
+at once -> one cell step -> population statistics.
 """
 
 from __future__ import annotations
