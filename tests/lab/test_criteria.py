@@ -194,11 +194,14 @@ E9_CASES = [
     # interval straddles, without it the two other seeds would read "supported"
     ("e9-c14-longer-diverged-scored", e9.row_c14_extrapolation,
      (ln_L, ln_T, {**bn_L, 2: None}, {**bn_T, 2: None}, E9_FLOOR), INC),
-    ("e9-c14-b1-sup", e9.row_c14_batch1_training, (e9_hi, {0: None, 1: None, 2: None}, e9_hi, E9_FLOOR), SUP),
+    ("e9-c14-b1-sup", e9.row_c14_batch1_training, (e9_hi, {0: None, 1: None, 2: None}, 300, 1600), SUP),
     ("e9-c14-b1-not-ln-fails-too", e9.row_c14_batch1_training,
-     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, e9_hi, E9_FLOOR), NOT),
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 2000, 1600), NOT),
+    # the same numbers after fewer digits than LN needed at the full batch size: the budget decides
+    ("e9-c14-b1-inc-budget", e9.row_c14_batch1_training,
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 300, 1600), INC),
     ("e9-c14-b1-inc-ln-never-learned", e9.row_c14_batch1_training,
-     (e9_hi, {0: None, 1: None, 2: None}, e9_chance, E9_FLOOR), INC),
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 2000, float("inf")), INC),
     ("e9-c14-train-mode-sup", e9.row_c14_batch1_train_mode, ([6e-8, 0.0, 1e-7], [None, None, None]), SUP),
     ("e9-c14-train-mode-not-ln-differs", e9.row_c14_batch1_train_mode, ([6e-8, 0.2, 1e-7], [None, None, None]), NOT),
     ("e9-c14-train-mode-not-bn-runs", e9.row_c14_batch1_train_mode, ([6e-8, 0.0], [None, 1e-6]), NOT),
@@ -231,6 +234,11 @@ def test_e9_caveats():
     assert e9.row_c14_batch1_train_mode([0.0], [None])["role"] == "by construction"
     assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR)["role"] == "primary"  # claims.PRIMARY
     assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR, "permuted")["role"] == "secondary"
+
+
+def test_e9_examples_to_floor():
+    assert e9.examples_to_floor([50, 100, 150], [0.1, 0.3, 0.5], 0.25, 32) == 3200
+    assert e9.examples_to_floor([50, 100], [0.1, 0.2], 0.25, 32) == float("inf")
 
 
 @pytest.mark.parametrize("steps,accs,expected", [
