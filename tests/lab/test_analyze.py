@@ -439,3 +439,51 @@ def test_forest_plot_and_report_files(tmp_path, monkeypatch):
     html = (tmp_path / "report.html").read_text()
     assert html.index("Claims summary") < html.index("data:image/png;base64,")
     assert "<td class='inconclusive'>inconclusive</td>" in html
+
+
+# ---------------------------------------------------------------------------------------- e9 (labrnn)
+
+from lnorm.lab.experiments import e9_recurrent_bn as e9  # noqa: E402
+
+
+def e9_results(scenario):
+    """(a) LN vs LSTM accuracy; (b) accuracy at the training length (24) and beyond; (c) batch 1,
+    where BN cannot train. "sup": BN collapses past its statistics, LN does not; "not": BN extrapolates
+    as LN does and LN fails at batch 1; "inc": noisy seeds."""
+    cfg = e9.Config()
+    acc = {"sup": {"lnlstm": HIGH, "lstm": LOW}, "not": {"lnlstm": LOW, "lstm": HIGH},
+           "inc": {"lnlstm": NOISY_A, "lstm": NOISY_B}}[scenario]
+    acc["bnlstm"] = HIGH
+    full = {"sup": {"lnlstm": HIGH, "lstm": HIGH, "bnlstm": (0.2, 0.25, 0.21)},
+            "not": {"lnlstm": HIGH, "lstm": HIGH, "bnlstm": shift(HIGH, 0.001)},
+            "inc": {"lnlstm": HIGH, "lstm": HIGH, "bnlstm": (0.95, 0.3, 0.9)}}[scenario]
+    b1 = {"sup": HIGH, "not": (0.1, 0.102, 0.099), "inc": (0.9, 0.1, 0.12)}[scenario]
+    r = []
+    for m in e9.MODELS:
+        steps, accs = curve(acc[m])
+        r += recs({"task": "fixed", "order": "pixel", "model": m},
+                  {"test_acc": acc[m], "final_loss": (1.0,) * 3, "ms_per_step": (5.0,) * 3, "curve_step": steps,
+                   "curve_acc": accs, "b1_eval_maxdiff": (1e-7,) * 3,
+                   "b1_train_maxdiff": (None,) * 3 if m == "bnlstm" else (1e-7,) * 3})
+        r += recs({"task": "extrapolate", "order": "pixel", "model": m},
+                  {"acc_train_len": HIGH, "acc_full": full[m],
+                   "acc_by_length": tuple([h, (h + f) / 2, f] for h, f in zip(HIGH, full[m], strict=True))})
+        r += (recs({"task": "batch1", "order": "pixel", "model": m}, {}, "cannot_train") if m == "bnlstm" else
+              recs({"task": "batch1", "order": "pixel", "model": m}, {"test_acc": b1}))
+    return cfg, {"e9": r}
+
+
+SCENARIOS["e9"] = (e9_results, e9, ["C4", "C14", "C14", "C14"])  # for the coverage check above
+
+
+@pytest.mark.parametrize("scenario,verdict", [("sup", SUP), ("not", NOT), ("inc", INC)],
+                         ids=["supported", "not-supported", "inconclusive"])
+def test_e9_analyze_gives_the_known_verdicts(scenario, verdict):
+    cfg, results = e9_results(scenario)
+    got = verdicts(e9, cfg, results)
+    # the by-construction row (BN cannot run one sequence in training mode) holds in every scenario
+    assert got == [("C4", verdict), ("C14", SUP), ("C14", verdict), ("C14", verdict)], got
+    out = e9.analyze(cfg, results)
+    assert [c["key"] for c in out["claims"]] == ["C4-seqmnist-pixel", "C14-batch1-train-mode",
+                                                "C14-longer-test-sequences", "C14-batch1-training"]
+    assert "cannot (batch statistics of one sample)" in out["tables"][0]["rows"][2]

@@ -454,3 +454,84 @@ def test_e5_late_gain_reads_the_last_third_of_the_curve():
     assert e5.late_gain([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]) == pytest.approx(0.3)
     assert e5.late_gain([0.5] * 10) == 0
     assert math.isnan(e5.late_gain([0.5, 0.6]))
+
+
+# ------------------------------------------------- e9: recurrent batch norm vs layer norm (labrnn)
+# Each function returns a claim row; per-seed values are {seed: value}; None = a run that diverged
+# or cannot train.
+
+from lnorm.lab.experiments import e9_recurrent_bn as e9  # noqa: E402
+
+E9_FLOOR = 0.25
+ln_L, ln_T = seeds(0.80, 0.82, 0.79), seeds(0.85, 0.86, 0.84)  # LN gains from the extra pixels
+bn_L, bn_T = seeds(0.81, 0.80, 0.83), seeds(0.30, 0.35, 0.28)  # BN loses past its statistics
+bn_T_ok = seeds(0.861, 0.838, 0.882)  # BN gains as LN does (within a point)
+e9_hi, e9_lo = seeds(0.60, 0.62, 0.61), seeds(0.40, 0.45, 0.42)
+e9_chance = seeds(0.10, 0.11, 0.10)
+
+E9_CASES = [
+    ("e9-c14-longer-sup", e9.row_c14_extrapolation, (ln_L, ln_T, bn_L, bn_T, E9_FLOOR), SUP),
+    ("e9-c14-longer-not", e9.row_c14_extrapolation, (ln_L, ln_T, bn_L, bn_T_ok, E9_FLOOR), NOT),
+    ("e9-c14-longer-inc-noisy", e9.row_c14_extrapolation,
+     (ln_L, ln_T, bn_L, seeds(0.95, 0.40, 0.86), E9_FLOOR), INC),
+    # BN never learned (chance at the training length): nothing to lose, whatever the numbers say
+    ("e9-c14-longer-inc-bn-near-chance", e9.row_c14_extrapolation, (ln_L, ln_T, e9_chance, seeds(0.0, 0.01, 0.0), E9_FLOOR),
+     INC),
+    # a diverged BN run scores chance at both lengths (no change), it is not dropped: with it the
+    # interval straddles, without it the two other seeds would read "supported"
+    ("e9-c14-longer-diverged-scored", e9.row_c14_extrapolation,
+     (ln_L, ln_T, {**bn_L, 2: None}, {**bn_T, 2: None}, E9_FLOOR), INC),
+    ("e9-c14-b1-sup", e9.row_c14_batch1_training, (e9_hi, {0: None, 1: None, 2: None}, 300, 1600), SUP),
+    ("e9-c14-b1-not-ln-fails-too", e9.row_c14_batch1_training,
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 2000, 1600), NOT),
+    # the same numbers after fewer digits than LN needed at the full batch size: the budget decides
+    ("e9-c14-b1-inc-budget", e9.row_c14_batch1_training,
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 300, 1600), INC),
+    ("e9-c14-b1-inc-ln-never-learned", e9.row_c14_batch1_training,
+     (seeds(0.100, 0.103, 0.098), {0: None, 1: None, 2: None}, 2000, float("inf")), INC),
+    ("e9-c14-train-mode-sup", e9.row_c14_batch1_train_mode, ([6e-8, 0.0, 1e-7], [None, None, None]), SUP),
+    ("e9-c14-train-mode-not-ln-differs", e9.row_c14_batch1_train_mode, ([6e-8, 0.2, 1e-7], [None, None, None]), NOT),
+    ("e9-c14-train-mode-not-bn-runs", e9.row_c14_batch1_train_mode, ([6e-8, 0.0], [None, 1e-6]), NOT),
+    ("e9-c14-train-mode-inc", e9.row_c14_batch1_train_mode, ([], [None]), INC),
+    ("e9-c4-sup", e9.row_c4_long_sequences, (e9_hi, e9_lo, E9_FLOOR, "pixel"), SUP),
+    ("e9-c4-not", e9.row_c4_long_sequences, (e9_lo, e9_hi, E9_FLOOR, "pixel"), NOT),
+    ("e9-c4-sup-lstm-diverged", e9.row_c4_long_sequences, (e9_hi, {0: None, 1: 0.11, 2: None}, E9_FLOOR, "pixel"), SUP),
+    ("e9-c4-inc-both-near-chance", e9.row_c4_long_sequences,
+     (seeds(0.2, 0.21, 0.2), e9_chance, E9_FLOOR, "pixel"), INC),
+    ("e9-c4-inc-noisy", e9.row_c4_long_sequences, (seeds(0.5, 0.9, 0.3), seeds(0.5, 0.3, 0.9), E9_FLOOR, "pixel"), INC),
+]
+CASES.extend(E9_CASES)  # counted by test_every_claim_of_every_experiment_has_cases
+
+
+@pytest.mark.parametrize("fn,args,expected", [c[1:] for c in E9_CASES], ids=[c[0] for c in E9_CASES])
+def test_e9_row(fn, args, expected):
+    row = fn(*args)
+    assert row["verdict"] == expected, row["evidence"]
+    assert row["criterion"] and row["evidence"] and row["key"].startswith(row["claim"] + "-")
+    assert row["role"] in ("primary", "secondary", "by construction")
+
+
+def test_e9_caveats():
+    row = e9.row_c14_extrapolation(ln_L, ln_T, e9_chance, seeds(0.0, 0.01, 0.0), E9_FLOOR)
+    assert row["caveats"] and row["caveats"][0].startswith("near chance: bnlstm at the training length")
+    assert row["effect"]["verdict"] == SUP  # the effect alone would have decided
+    note = "not converged: accuracy still rising"
+    row = e9.row_c4_long_sequences(e9_hi, e9_lo, E9_FLOOR, "pixel", note)
+    assert row["verdict"] == SUP and row["caveats"] == [note]  # equal budget: shown, not deciding
+    assert e9.row_c14_batch1_train_mode([0.0], [None])["role"] == "by construction"
+    assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR)["role"] == "primary"  # claims.PRIMARY
+    assert e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR, "permuted")["role"] == "secondary"
+
+
+def test_e9_examples_to_floor():
+    assert e9.examples_to_floor([50, 100, 150], [0.1, 0.3, 0.5], 0.25, 32) == 3200
+    assert e9.examples_to_floor([50, 100], [0.1, 0.2], 0.25, 32) == float("inf")
+
+
+@pytest.mark.parametrize("steps,accs,expected", [
+    ([30, 60, 90, 120, 150], [0.1, 0.3, 0.5, 0.6, 0.6], 0.0),  # flat from 120 (80% of 150) on
+    ([30, 60, 90, 120, 150], [0.1, 0.3, 0.5, 0.6, 0.7], 0.1),
+    ([150], [0.7], float("nan")),
+], ids=["flat", "rising", "one-point"])
+def test_e9_tail_gain(steps, accs, expected):
+    assert e9.tail_gain(steps, accs) == pytest.approx(expected, nan_ok=True)

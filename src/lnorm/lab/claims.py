@@ -17,6 +17,7 @@ CLAIMS = {
     "C11": "LN may want a higher learning rate than the unnormalized net.",
     "C12": "LN helps image-sentence retrieval with order embeddings (faster convergence, better recall).",
     "C13": "LN keeps gradients well-scaled in deep nets (no vanishing or exploding gradients).",
+    "C14": "BN is hard to apply to RNNs: per-time-step statistics fail past the training length and at batch size 1.",
 }
 
 
@@ -37,6 +38,7 @@ PRIMARY = {
     "C11": ("e4", "C11-transformer-best-lr"),  # the article means transformers and RNNs, not MLPs
     "C12": ("retrieval", "C12-test-rsum"),
     "C13": ("e8", "C13-grad-spread"),
+    "C14": ("e9", "C14-longer-test-sequences"),  # BN-LSTM's accuracy lost past the training length, minus LN-LSTM's
 }
 ROLES = ("primary", "secondary", "by construction")
 

@@ -144,3 +144,30 @@ def cluttered_mnist(size: int = 40, clutter: int = 6, patch: int = 9, copies: in
         out += [torch.from_numpy(_cluttered(X, c, size, clutter, patch, rng)).unsqueeze(1),
                 torch.from_numpy(np.tile(y, c))]
     return tuple(out)
+
+
+PERMUTATION_SEED = 92916  # one fixed pixel order for permuted MNIST, the same in every run
+
+
+@functools.cache
+def mnist_pixels(side: int = 28, permuted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequential MNIST from :func:`mnist`: each digit as a sequence of ``side * side`` pixels.
+
+    ``side=28`` is pixel by pixel in row-major order (784 steps); ``side=14`` (196 steps) or ``7``
+    (49 steps) average 2x2 or 4x4 blocks first. ``permuted`` reads the pixels in one fixed random order (permuted MNIST).
+    Returns ``(X_train, y_train, X_test, y_test)`` with X of shape ``(N, side * side)``.
+    """
+    if side not in (7, 14, 28):
+        raise ValueError(f"mnist_pixels: side must be 7, 14 or 28, got {side!r}")
+    Xtr, ytr, Xte, yte = mnist()
+
+    def seq(X: torch.Tensor) -> torch.Tensor:
+        if side != 28:
+            X = torch.nn.functional.avg_pool2d(X.view(-1, 1, 28, 28), 28 // side).flatten(1)
+        return X
+
+    Xtr, Xte = seq(Xtr), seq(Xte)
+    if permuted:
+        perm = torch.from_numpy(np.random.RandomState(PERMUTATION_SEED).permutation(side * side))
+        Xtr, Xte = Xtr[:, perm], Xte[:, perm]
+    return Xtr.contiguous(), ytr, Xte.contiguous(), yte

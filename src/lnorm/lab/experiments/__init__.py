@@ -42,6 +42,7 @@ EXPERIMENTS: dict[str, str] = {
     "e6": "lnorm.lab.experiments.e6_overhead",
     "e7": "lnorm.lab.experiments.e7_practice",
     "e8": "lnorm.lab.experiments.e8_gradient_scale",
+    "e9": "lnorm.lab.experiments.e9_recurrent_bn",
     "sanity": "lnorm.lab.experiments.sanity",
     "ddp": "lnorm.lab.experiments.ddp",
     "retrieval": "lnorm.lab.experiments.retrieval",
