@@ -169,6 +169,16 @@ def test_rerun_with_nothing_to_do_does_not_mix_commits(run_copy, tmp_path, monke
     assert fields((tmp_path / "docs/smoke/README.md").read_text())["git commit"] == f"`{COMMIT_A}`, lnorm source clean"
 
 
+def test_resume_of_a_run_with_no_recorded_commit_is_refused(run_copy, tmp_path, monkeypatch, capsys):
+    """Runs finished before the commit was recorded stay of unknown commit after a resume at a clean one."""
+    edit_env(run_copy, lambda env: env.pop("invocations"))
+    _resume_at(run_copy, COMMIT_A, monkeypatch, drop=0)
+    capsys.readouterr()
+    assert publish_cli(run_copy, tmp_path / "docs") == 2
+    err = capsys.readouterr().err
+    assert "recorded no commit" in err and "--allow-dirty" in err
+
+
 def test_checkout_that_differs_from_the_run_is_refused(run_copy, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(provenance, "differs_from", lambda commit: ["src/lnorm/lab/claims.py"])
     assert publish_cli(run_copy, tmp_path / "docs") == 2

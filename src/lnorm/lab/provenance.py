@@ -124,14 +124,21 @@ class Invocation:
         self.save()
 
 
-def previous_invocations(env_path: Path) -> list[dict]:
-    """The invocations recorded in an existing ``env.json`` (none for a new directory or an older lnorm)."""
+UNRECORDED = {"command": "unknown (an earlier `lnorm lab run` that recorded no commit)", "git_commit": None,
+              "git_dirty": None, "unrecorded": True, "to_run": 1, "done": {}, "wall_s": 0.0, "finished": False}
+
+
+def previous_invocations(env_path: Path, finished_before: int) -> list[dict]:
+    """The invocations recorded in an existing ``env.json``. Runs finished before with none recorded
+    (an older lnorm, a deleted env.json) stand as one invocation of unknown commit, so that a
+    resume cannot pass them off as its own commit's."""
     try:
         with open(env_path) as f:
             inv = json.load(f).get("invocations", [])
     except (OSError, ValueError, AttributeError):
-        return []
-    return inv if isinstance(inv, list) else []
+        inv = []
+    inv = inv if isinstance(inv, list) else []
+    return inv if inv or not finished_before else [dict(UNRECORDED)]
 
 
 def contributing(env: dict) -> list[dict]:
@@ -148,7 +155,9 @@ def problems(env: dict) -> list[str]:
     if not inv:
         return []
     out = []
-    unknown = [i for i in inv if not i.get("git_commit")]
+    if any(i.get("unrecorded") for i in inv):
+        out.append("some runs were made by an earlier `lnorm lab run` that recorded no commit")
+    unknown = [i for i in inv if not i.get("git_commit") and not i.get("unrecorded")]
     if unknown:
         out.append(f"{len(unknown)} invocation(s) ran lnorm from outside a git checkout: no commit to name")
     for i in inv:

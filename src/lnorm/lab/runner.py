@@ -392,6 +392,11 @@ def pending(units: list[Unit], out: Path, log=print) -> list[Unit]:
     return todo
 
 
+def finished_before(out: Path) -> int:
+    """Finished runs of any experiment in ``out`` (before this run starts)."""
+    return sum(1 for _ in Path(out).glob("runs/*/*/result.json"))
+
+
 # worker processes
 
 _worker_progress = None  # in a pool worker: the queue its runs report their steps to
@@ -467,8 +472,8 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
         todo = {n: pending(us, out, log) for n, us in units.items()}
         invocation = provenance.Invocation(lambda env: write_json_atomic(out / "env.json", json_safe(env)),
                                            {**environment(device, threads, jobs), "backend": backend},
-                                           provenance.previous_invocations(out / "env.json"), cmd,
-                                           to_run=sum(map(len, todo.values())))
+                                           provenance.previous_invocations(out / "env.json", finished_before(out)),
+                                           cmd, to_run=sum(map(len, todo.values())))
         counts = {"total": sum(map(len, units.values())), "skipped": sum(len(units[n]) - len(todo[n]) for n in names),
                   "ok": 0, "diverged": 0, "cannot_train": 0, "error": 0}
         if counts["skipped"]:
