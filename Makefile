@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lnorm-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test smoke bench lint clean gpu-check mutate
+.PHONY: lab lab-full test smoke bench lint clean gpu-check mutate
 
 $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.in requirements
 
 lab: $(STAMP)
 	$(VENV)/bin/lnorm lab run --suite quick
+
+# The full suite (hours: `lnorm lab list` prints the estimate), resumable: run it again to go on
+# where it stopped. Then its page, docs/lab-results/full/README.md, to commit. Runs that failed
+# (exit 1) are retried by the next resume; the page is still written and lists them as missing.
+lab-full: $(STAMP)
+	$(VENV)/bin/lnorm lab run --suite full --out runs/lab-full || test $$? -eq 1
+	$(VENV)/bin/lnorm lab publish runs/lab-full
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""``lnorm lab``: ``list`` the experiments, ``run`` them, rebuild a ``report`` from disk."""
+"""``lnorm lab``: ``list`` the experiments, ``run`` them, rebuild a ``report`` from disk, ``publish`` it."""
 
 from __future__ import annotations
 
@@ -47,11 +47,24 @@ def register(subparsers) -> None:
     p = sub.add_parser("report", help="rebuild report.md/report.html/plots from a run directory")
     p.add_argument("run_dir", type=Path, help="a directory written by `lnorm lab run`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("publish", help="write a run's report as a page to commit (OUT/SUITE/README.md and plots)",
+                       description="Write RUN_DIR's report as OUT/SUITE/README.md with its PNG plots, headed by "
+                                   "the command, git commit, torch, CPU, threads, jobs, wall time and run statuses; "
+                                   "a partial run says so at the top. Refused for runs made with uncommitted "
+                                   "changes to the lnorm source or at more than one commit, unless --allow-dirty.")
+    p.add_argument("run_dir", type=Path, help="a directory written by `lnorm lab run`")
+    p.add_argument("--out", type=Path, default=Path("docs/lab-results"),
+                   help="where the page goes, in a folder named after the suite (default docs/lab-results)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="publish runs that do not come from one clean commit; the page states why")
+    p.set_defaults(func=cmd_publish)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
 def cmd_list(args) -> int:
     from lnorm.lab.claims import CLAIMS
+    from lnorm.lab.report import duration
 
     print(f"{'name':<10} {'claims':<16} {'smoke s':>8} {'quick s':>8} {'full s':>8}  title")
     tot = dict.fromkeys(C.SUITES, 0)
@@ -64,6 +77,7 @@ def cmd_list(args) -> int:
               + f"  {mod.TITLE}")
     print(f"{'total':<27} " + " ".join(f"{tot[s]:>8.0f}" for s in C.SUITES)
           + "  (estimated seconds of one CPU core, idle machine; --jobs 2 about halves the wall time)")
+    print("        " + "; ".join(f"{s}: {duration(tot[s])}" for s in C.SUITES))
     print("\nclaims:")
     for cid, text in CLAIMS.items():
         by = [n for n in experiments.names() if cid in experiments.get(n).CLAIMS]
@@ -114,6 +128,18 @@ def cmd_report(args) -> int:
         return 2
     print(report.claims_table_text(a["claims"]))
     print(f"report: {a['report_md']}\n        {a['report_html']}")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from lnorm.lab import publish
+
+    try:
+        page = publish.publish(args.run_dir, args.out, allow_dirty=args.allow_dirty)
+    except (FileNotFoundError, ValueError) as exc:  # not a run dir, damaged files, in use, not publishable
+        print(f"lnorm lab publish: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"page: {page}")
     return 0
 
 

@@ -260,9 +260,22 @@ def _html_table(columns, rows) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def duration(seconds: float) -> str:
+    """``4.5 h``, ``12.0 min``, ``40 s``."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def commit_text(env: dict) -> str:
+    """The commit a run used, and whether its lnorm source had uncommitted changes."""
+    commit = env.get("git_commit") or "unknown (lnorm not run from a git checkout)"
+    return commit + (" (with uncommitted changes in the lnorm source)" if env.get("git_dirty") else "")
+
+
 def _header_lines(a: dict) -> list[tuple[str, str]]:
     env, conf = a["env"], a["config"]
-    return [("lnorm", env.get("lnorm", "?")), ("git commit", env.get("git_commit", "?")),
+    return [("lnorm", env.get("lnorm", "?")), ("git commit", commit_text(env)),
             ("torch", env.get("torch", "?")), ("threads per run", str(env.get("threads_per_run", "?"))),
             ("jobs", str(env.get("jobs", "?"))), ("device", env.get("device", "?")),
             ("lnorm backend", env.get("backend", "?")),
@@ -316,22 +329,65 @@ def _html_verdict_table(columns: list[str], rows: list[list[str]], verdicts: lis
     return "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in columns) + f"</tr></thead>{body}</table>"
 
 
-def _head(a: dict, run_dir: Path) -> tuple[list[str], list[str]]:
-    """Header, the per-claim summary with its forest plot, and every claim row (markdown, html)."""
+def _summary_parts(a: dict, out_dir: Path) -> tuple[list[str], list[str]]:
+    """The per-claim summary with its forest plot (written under ``out_dir``), then every claim row."""
     summ = a["summary"]
-    png = forest_plot(summ, run_dir / FOREST)
-    md = ["# lnorm lab report", ""] + [f"- **{k}**: {v}" for k, v in _header_lines(a)]
-    md += ["", "## Claims summary", "", SUMMARY_NOTE, ""] + _md_table(SUMMARY_COLUMNS, summary_rows(summ))
+    png = forest_plot(summ, out_dir / FOREST)
+    md = ["## Claims summary", "", SUMMARY_NOTE, ""] + _md_table(SUMMARY_COLUMNS, summary_rows(summ))
     md += ["", f"![claims: effect / minimum effect]({FOREST})", "", "## Claims", ""]
     md += _md_table(CLAIM_COLUMNS, _claim_rows(a["claims"]))
-    hd = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _header_lines(a))
-    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnorm lab report</title><style>{CSS}</style>"
-         "</head><body><h1>lnorm lab report</h1>", f"<ul>{hd}</ul><h2>Claims summary</h2>",
-         f"<p>{html.escape(SUMMARY_NOTE)}</p>",
+    h = ["<h2>Claims summary</h2>", f"<p>{html.escape(SUMMARY_NOTE)}</p>",
          _html_verdict_table(SUMMARY_COLUMNS, summary_rows(summ), [x["verdict"] for x in summ], 5),
          f"<img alt='claims forest plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
          "<h2>Claims</h2>",
          _html_verdict_table(CLAIM_COLUMNS, _claim_rows(a["claims"]), [c["verdict"] for c in a["claims"]], 4)]
+    return md, h
+
+
+def _alt(text: str) -> str:
+    return text.replace("[", "(").replace("]", ")")
+
+
+def _section_parts(a: dict, s: dict, out_dir: Path) -> tuple[list[str], list[str]]:
+    """One experiment: its runs, figures (written under ``out_dir/plots``), tables, claim rows, notes."""
+    st = ", ".join(f"{v} {k}" for k, v in sorted(s["status"].items()))
+    title = f"{s['name']}: {s['title']}"
+    claims = ", ".join(s["tests_claims"]) or "none (sanity / shared measurements)"
+    md = ["", f"## {title}", "", f"Claims tested: {claims}. Runs: {st}. Compute: {s['wall_s']:.0f} s.", ""]
+    h = [f"<h2>{html.escape(title)}</h2><p>Claims tested: {html.escape(claims)}. Runs: {html.escape(st)}. "
+         f"Compute: {s['wall_s']:.0f} s.</p>"]
+    for fig in s.get("figures", []):
+        rel = f"plots/{fig['name']}.png"
+        png = _plot(fig, out_dir / rel)
+        md += [f"![{_alt(fig.get('title', fig['name']))}]({rel})", ""]
+        h.append(f"<img alt='{html.escape(fig.get('title', ''))}' src='data:image/png;base64,"
+                 f"{base64.b64encode(png).decode()}'>")
+    for t in s.get("tables", []):
+        md += [f"**{t['title']}**", ""] + _md_table(t["columns"], t["rows"]) + [""]
+        h += [f"<h4>{html.escape(t['title'])}</h4>", _html_table(t["columns"], t["rows"])]
+    for c in s.get("claims", []):
+        md += [f"- **{c['claim']}** ({VERDICT_MARK[c['verdict']]}): criterion: {c['criterion']} "
+               f"Evidence: {c['evidence']}"]
+        h.append(f"<p><b>{c['claim']}</b> (<span class='{c['verdict'].replace(' ', '')}'>"
+                 f"{html.escape(VERDICT_MARK[c['verdict']])}</span>): criterion: {html.escape(c['criterion'])} "
+                 f"Evidence: {html.escape(c['evidence'])}</p>")
+    for n in s.get("notes", []):
+        md += ["", f"> {n}"]
+        h.append(f"<p><i>{html.escape(n)}</i></p>")
+    errors = [r for r in a["results"][s["name"]] if r["status"] in ("error",)]
+    for r in errors[:5]:
+        md += ["", f"> error in {r['uid']}: {r.get('reason', '')}"]
+    return md, h
+
+
+def render(a: dict, out_dir: Path) -> tuple[list[str], list[str]]:
+    """The report's body from the claims summary on (markdown lines, html parts); its PNGs go to
+    ``out_dir/plots``, where the markdown's relative links point."""
+    md, h = _summary_parts(a, Path(out_dir))
+    for s in a["sections"]:
+        smd, sh = _section_parts(a, s, Path(out_dir))
+        md += smd
+        h += sh
     return md, h
 
 
@@ -342,36 +398,11 @@ def build(run_dir: Path) -> dict:
     write_json_atomic(run_dir / "results.json", json_safe({k: a[k] for k in ("config", "env", "summary", "claims", "sections")}))
     write_csv(run_dir / "results.csv", a["results"])
 
-    md, h = _head(a, run_dir)
-    for s in a["sections"]:
-        st = ", ".join(f"{v} {k}" for k, v in sorted(s["status"].items()))
-        title = f"{s['name']}: {s['title']}"
-        claims = ", ".join(s["tests_claims"]) or "none (sanity / shared measurements)"
-        md += ["", f"## {title}", "", f"Claims tested: {claims}. Runs: {st}. Compute: {s['wall_s']:.0f} s.", ""]
-        h += [f"<h2>{html.escape(title)}</h2><p>Claims tested: {html.escape(claims)}. Runs: {html.escape(st)}. "
-              f"Compute: {s['wall_s']:.0f} s.</p>"]
-        for fig in s.get("figures", []):
-            rel = f"plots/{fig['name']}.png"
-            png = _plot(fig, run_dir / rel)
-            md += [f"![{fig.get('title', fig['name'])}]({rel})", ""]
-            h.append(f"<img alt='{html.escape(fig.get('title', ''))}' src='data:image/png;base64,"
-                     f"{base64.b64encode(png).decode()}'>")
-        for t in s.get("tables", []):
-            md += [f"**{t['title']}**", ""] + _md_table(t["columns"], t["rows"]) + [""]
-            h += [f"<h4>{html.escape(t['title'])}</h4>", _html_table(t["columns"], t["rows"])]
-        for c in s.get("claims", []):
-            md += [f"- **{c['claim']}** ({VERDICT_MARK[c['verdict']]}): criterion: {c['criterion']} "
-                   f"Evidence: {c['evidence']}"]
-            h.append(f"<p><b>{c['claim']}</b> (<span class='{c['verdict'].replace(' ', '')}'>"
-                     f"{html.escape(VERDICT_MARK[c['verdict']])}</span>): criterion: {html.escape(c['criterion'])} "
-                     f"Evidence: {html.escape(c['evidence'])}</p>")
-        for n in s.get("notes", []):
-            md += ["", f"> {n}"]
-            h.append(f"<p><i>{html.escape(n)}</i></p>")
-        errors = [r for r in a["results"][s["name"]] if r["status"] in ("error",)]
-        for r in errors[:5]:
-            md += ["", f"> error in {r['uid']}: {r.get('reason', '')}"]
-    h.append("</body></html>")
+    body_md, body_h = render(a, run_dir)
+    md = ["# lnorm lab report", ""] + [f"- **{k}**: {v}" for k, v in _header_lines(a)] + [""] + body_md
+    hd = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _header_lines(a))
+    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lnorm lab report</title><style>{CSS}</style>"
+         "</head><body><h1>lnorm lab report</h1>", f"<ul>{hd}</ul>", *body_h, "</body></html>"]
     for name, text in (("report.md", "\n".join(md) + "\n"), ("report.html", "\n".join(h))):
         tmp = run_dir / (name + ".tmp")
         tmp.write_text(text)

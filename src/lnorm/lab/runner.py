@@ -4,7 +4,8 @@ Run directory layout (the contract the report reads)::
 
     RUN_DIR/config.json                       resolved config of every experiment in the directory
     RUN_DIR/.lock                             flock held by the run in progress (holds its pid)
-    RUN_DIR/env.json                          lnorm/torch version, git commit, threads, device
+    RUN_DIR/env.json                          lnorm/torch version, CPU, threads, device; git commit and
+                                              command of every run into it (lnorm.lab.provenance)
     RUN_DIR/runs/<exp>/<unit-id>/metrics.jsonl  curves of one run
     RUN_DIR/runs/<exp>/<unit-id>/result.json    its outcome; present and intact = done (resume skips it)
     RUN_DIR/results.json, results.csv, plots/*.png, report.md, report.html   (lnorm.lab.report)
@@ -26,7 +27,6 @@ import os
 import platform
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lnorm.lab import config as C
-from lnorm.lab import experiments
+from lnorm.lab import experiments, provenance
 from lnorm.ops.backend import choices
 from lnorm.utils import json_safe
 
@@ -202,18 +202,9 @@ def environment(device: str, threads: int, jobs: int) -> dict:
 
     import lnorm
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        if dirty and commit != "unknown":
-            commit += " (with uncommitted changes)"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     return {
-        "lnorm": lnorm.__version__, "git_commit": commit, "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "lnorm": lnorm.__version__, **provenance.source_state(), "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_model": provenance.cpu_model(),
         "cpu_count": os.cpu_count(), "threads_per_run": threads, "jobs": jobs, "device": device,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -401,6 +392,11 @@ def pending(units: list[Unit], out: Path, log=print) -> list[Unit]:
     return todo
 
 
+def finished_before(out: Path) -> int:
+    """Finished runs of any experiment in ``out`` (before this run starts)."""
+    return sum(1 for _ in Path(out).glob("runs/*/*/result.json"))
+
+
 # worker processes
 
 _worker_progress = None  # in a pool worker: the queue its runs report their steps to
@@ -461,6 +457,8 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
     ``out`` is locked while the run lasts; experiments finished there earlier stay in its
     config and report. Usage problems (options, ``--set`` values, ``out``) raise ValueError."""
     _check_run_options(suite, jobs, seeds, backend, threads)
+    cmd = provenance.command(names, experiments.names(), suite=suite, seeds=seeds, jobs=jobs, threads=threads,
+                             out=out, device=device, backend=backend, sets=sets)
     names = with_requirements(names)
     cfgs = resolve_all(names, suite, sets)
     seeds = seeds or C.DEFAULT_SEEDS[suite]
@@ -470,9 +468,12 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
                 "backend": backend, "sets": list(sets or []),
                 "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
         write_json_atomic(out / "config.json", json_safe(merge_config(out, conf)))
-        write_json_atomic(out / "env.json", {**environment(device, threads, jobs), "backend": backend})
         units = {n: plan(n, cfgs[n], seeds) for n in names}
         todo = {n: pending(us, out, log) for n, us in units.items()}
+        invocation = provenance.Invocation(lambda env: write_json_atomic(out / "env.json", json_safe(env)),
+                                           {**environment(device, threads, jobs), "backend": backend},
+                                           provenance.previous_invocations(out / "env.json", finished_before(out)),
+                                           cmd, to_run=sum(map(len, todo.values())))
         counts = {"total": sum(map(len, units.values())), "skipped": sum(len(units[n]) - len(todo[n]) for n in names),
                   "ok": 0, "diverged": 0, "cannot_train": 0, "error": 0}
         if counts["skipped"]:
@@ -480,6 +481,7 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
 
         def note(rec, unit):
             counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            invocation.unit_done(rec["status"])
             if rec["status"] == "error":
                 log(f"\nerror in {unit.exp}/{unit.uid}: {rec['reason']}")
 
@@ -488,6 +490,7 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
             _run_here(units, todo, call, progress, backend, note)
         else:
             _run_in_pool(units, todo, call, jobs, progress, backend, note)
+        invocation.finish()
     sys.stdout.flush()
     return out, counts
 
