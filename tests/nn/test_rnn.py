@@ -716,6 +716,13 @@ def test_bench_rnn_cli_quick(tmp_path):
         (c, k, m) for c in ("lstm", "gru") for k in ("main", "packed") for m in ("train", "infer")
     }
     assert all(r["lnorm_ms"] > 0 and r["lnorm_saved_mb"] >= 0 for r in rows)
+    # the header and the JSON name the CPU and the per-step GEMM each product chose
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["cpu"]["model_name"] and f"CPU: {settings['cpu']['model_name']}" in proc.stdout
+    if numba_available():
+        chosen = settings["step_gemm"]
+        assert chosen and all(c["impl"] in ("mkl", "onednn", "mm") and c["threads"] >= 1 for c in chosen)
+        assert proc.stdout.count("per-step GEMM") == len(chosen)
 
 
 @pytest.mark.parametrize("layer", ["lnorm", "torch"])
