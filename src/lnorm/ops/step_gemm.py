@@ -217,7 +217,7 @@ def choose(batch: int, n: int, k: int, dtype: torch.dtype, accumulate: bool = Fa
 
 
 def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...],
-             rounds: int = 5, calls: int = 8) -> dict[str, float]:
+             rounds: int = 7, calls: int = 6) -> dict[str, float]:
     """Seconds per product of each candidate that agrees with a float64 product: the median of
     ``rounds`` interleaved samples of ``calls`` products each."""
     g = torch.Generator().manual_seed(0)
