@@ -141,7 +141,8 @@ def test_the_choice_is_measured_once_per_shape_class(fresh_choices, monkeypatch)
     assert set(listed[0]["ms_per_product"]) == set(_impls_here())
 
 
-def test_a_candidate_that_disagrees_with_float64_is_never_chosen(fresh_choices, monkeypatch):
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_a_candidate_that_disagrees_with_float64_is_never_chosen(fresh_choices, monkeypatch, fault):
     sg = fresh_choices
     if len(_impls_here()) < 2:
         pytest.skip("one implementation only")
@@ -149,6 +150,8 @@ def test_a_candidate_that_disagrees_with_float64_is_never_chosen(fresh_choices, 
     real_into = sg.StepGemm.into
 
     def off_by_a_little(self, h, out, accumulate=False):
+        if self.impl == wrong and fault == "raises":
+            raise RuntimeError("this CPU lacks the instruction")
         r = real_into(self, h, out, accumulate)
         return r.add_(1e-2) if self.impl == wrong else r
 
