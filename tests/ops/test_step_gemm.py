@@ -253,3 +253,26 @@ def test_the_implementations_agree_on_the_benchmark_shape_class(kind):
         for a, b, n in zip(ours[impl], ours[impls[0]], names, strict=True):
             scale = max(1.0, float(b.abs().max()))
             assert_close(a, b, atol=1e-4 * scale, rtol=1e-3, name=f"{impl} vs {impls[0]}: {n}")
+
+
+# -------------------------------------------------------------------- the input projection
+
+
+@pytest.mark.parametrize("impl", [None, *F32_IMPLS], ids=["auto", *F32_IMPLS])
+def test_the_input_projection_equals_a_float64_product(fresh_choices, impl):
+    sg = fresh_choices
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
+    x[7, 3] = float("nan")
+    with sg.use_step_gemm(impl):
+        got = sg.input_product(x, w)
+    exact = (x.double() @ w.double().t()).float()
+    assert torch.isnan(got[7]).all() and torch.isfinite(got[torch.arange(50) != 7]).all()
+    assert_close(got[:7], exact[:7], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
+    assert_close(got[8:], exact[8:], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
+    if impl is None and "onednn" in _impls_here():
+        (entry,) = sg.step_gemm_choices()
+        assert entry["rows"] == "all" and entry["impl"] in ("onednn", "mm")
+    else:
+        assert not sg.step_gemm_choices()  # forced, or nothing to choose: nothing measured
+    torch.testing.assert_close(sg.input_product(x.double(), w.double()), x.double() @ w.double().t(), equal_nan=True)

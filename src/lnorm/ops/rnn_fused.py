@@ -39,7 +39,7 @@ from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights
-from lnorm.ops.step_gemm import StepGemm
+from lnorm.ops.step_gemm import StepGemm, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -167,7 +167,7 @@ def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
-        px = torch.mm(x, w_ih.t())  # W_ih x for all rows: one matmul
+        px = input_product(x, w_ih)  # W_ih x for all rows: one matmul
         out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
         w_keep = w_ih if ctx.needs_input_grad[0] else None  # W_ih is needed only for dx
         ctx.save_for_backward(x, w_keep, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, *saved)
@@ -233,7 +233,7 @@ def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
     if needs_grad:
         return _LSTMRecurrence.apply(x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps)
     with torch.no_grad():
-        px = torch.mm(x, p.w_ih.t())
+        px = input_product(x, p.w_ih)
         out, hn, cn, _ = _lstm_forward(px, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps, False)
     return out, hn, cn
 
@@ -362,7 +362,7 @@ def lstm_recurrence_op(
     b1: Tensor, g3: Tensor, b3: Tensor, batch_sizes: list[int], reverse: bool, eps: float, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, h_n, c_n, px, ghat, c_all, stat)``: the outputs, then what backward reads."""
-    px = torch.mm(x, w_ih.t())
+    px = input_product(x, w_ih)
     sched = _Schedule(batch_sizes, reverse)
     out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
     return out, hn, cn, px, *saved

@@ -248,9 +248,64 @@ def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...
     return {name: statistics.median(s) for name, s in samples.items()} or {"mm": 0.0}
 
 
+# ------------------------------------------------------------------- the input projection
+# W_ih x for all rows of a layer is one product of many rows (N = T * B, different for every
+# sequence length), so its class is (n, k) alone, timed on a fixed sample of rows; the weight is
+# reordered for oneDNN at every call (it changes between training steps), and that is timed too.
+
+_INPUT_ROWS = 1024
+
+
+def _onednn_input(x: Tensor, w: Tensor) -> Tensor:
+    wp = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
+
+
+def input_product(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for a contiguous (N, k) ``x`` and an (n, k) ``w``: one product for all rows,
+    by oneDNN or ``torch.mm``, whichever measured faster here (``mkl`` forced means ``mm``)."""
+    n, k = w.shape
+    if x.dtype != torch.float32 or not _ONEDNN or min(x.shape[0], n, k) == 0:
+        return torch.mm(x, w.t())
+    forced = _forced_impl()
+    impl = forced if forced is not None else None
+    if impl is None:
+        key = ("all", n, k, x.dtype, torch.get_num_threads(), False)
+        if key not in _chosen:
+            _timings[key] = _measure_input(n, k)
+            _chosen[key] = min(_timings[key], key=_timings[key].get)
+        impl = _chosen[key]
+    return _onednn_input(x, w) if impl == "onednn" else torch.mm(x, w.t())
+
+
+def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
+    """Seconds per product of ``_INPUT_ROWS`` rows, oneDNN (its reorder included) and torch.mm,
+    oneDNN only if it agrees with a float64 product."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    x = torch.randn(_INPUT_ROWS, k, generator=g)
+    fns = {"onednn": lambda: _onednn_input(x, w), "mm": lambda: torch.mm(x, w.t())}
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        try:
+            ok = torch.allclose(fns["onednn"]().double(), x.double() @ w.double().t(), rtol=1e-4,
+                                atol=1e-4 * k**0.5)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            del fns["onednn"]
+        samples = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def step_gemm_choices() -> list[dict]:
-    """What this process chose so far, one entry per shape class: rows, n, k, dtype, threads,
-    accumulate, the implementation and the measured milliseconds per product of each candidate."""
+    """What this process chose so far, one entry per shape class: rows (``"all"``: the input
+    projection, see :func:`input_product`), n, k, dtype, threads, accumulate, the implementation
+    and the measured milliseconds per product of each candidate."""
     out = []
     for key, impl in _chosen.items():
         batch, n, k, dtype, threads, accumulate = key
