@@ -489,35 +489,6 @@ def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes):
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
-@pytest.mark.parametrize("layout", ["row-major", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, D64], ids=["f32", "f64"])
-def test_step_gemm_equals_matmul(layout, dtype):
-    # the time loop's h @ w.T: MKL's packed GEMM (float32, the packed row count) packs w from
-    # either layout without a copy; other row counts and float64 take torch.mm
-    import platform
-
-    from lnorm.ops.rnn_fused import _MKL, StepGemm
-
-    if torch.backends.mkl.is_available() and sys.platform == "linux" and platform.machine() == "x86_64":
-        assert _MKL.fns is not None, "torch has MKL but its packed GEMM was not found"
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(24, 10, dtype=dtype, generator=g)
-    if layout == "transposed":
-        w = w.t().contiguous().t()
-    gemm = StepGemm(w, 5)
-    assert (gemm.packed is not None) == (dtype == torch.float32 and _MKL.fns is not None)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
-    for rows in (5, 3):  # the packed row count, then fewer (a packed sequence's later steps)
-        h = torch.randn(rows, 10, dtype=dtype, generator=g)
-        assert_close(gemm(h), h @ w.t(), name=f"{rows} rows", **tol)
-        out = torch.randn(rows + 2, 24, dtype=dtype, generator=g)
-        expected = out.clone()
-        expected[1 : rows + 1] += h @ w.t()
-        gemm.into(h, out[1 : rows + 1], accumulate=True)
-        assert_close(out, expected, name=f"{rows} rows, accumulated into a slice", **tol)
-
-
-@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("chunk_rows", [1, 9], ids=["one-step-runs", "mixed-runs"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_lstm_backward_in_runs_of_steps_equals_torch_path(monkeypatch, chunk_rows, packed):
@@ -745,6 +716,13 @@ def test_bench_rnn_cli_quick(tmp_path):
         (c, k, m) for c in ("lstm", "gru") for k in ("main", "packed") for m in ("train", "infer")
     }
     assert all(r["lnorm_ms"] > 0 and r["lnorm_saved_mb"] >= 0 for r in rows)
+    # the header and the JSON name the CPU and the per-step GEMM each product chose
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["cpu"]["model_name"] and f"CPU: {settings['cpu']['model_name']}" in proc.stdout
+    if numba_available():
+        chosen = settings["step_gemm"]
+        assert chosen and all(c["impl"] in ("mkl", "onednn", "mm") and c["threads"] >= 1 for c in chosen)
+        assert proc.stdout.count("per-step GEMM") == len(chosen)
 
 
 @pytest.mark.parametrize("layer", ["lnorm", "torch"])

@@ -152,7 +152,12 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
     # ghat_s (*, 4H), c_s (*, H), stat_s (*, 5) holding (rstd of gh, mean of c, rstd of c,
     # mean of px, rstd of px). The gate activations are not saved (backward recomputes them from
     # ghat, px and the statistics: 26 MB fewer written and read per training step at N = 3200,
-    # H = 512); the output gate waits in out[n] for the cell's layer norm.
+    # H = 512).
+    # Each loop touches few arrays: the pre-activations go to a row-local buffer first, then
+    # the gates read only it. One loop over the four gates that read gh, px and the parameters and
+    # wrote ghat, out and c at once (a dozen arrays) compiled into code several times slower
+    # (likely left scalar: LLVM's vectorizer drops a loop whose runtime alias checks between
+    # that many arrays pass its limit).
     bs, G = gh.shape
     H = G // 4
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
@@ -160,25 +165,22 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
     for b in prange(bs):
         n = off + b
         s = soff + b
+        a = np.empty(G, dtype=gh.dtype)  # the row's gate pre-activations, then o in a[3H:]
         muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
         stat_s[s, 0] = rh
         mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
         stat_s[s, 3] = mux
         stat_s[s, 4] = rx
+        for q in range(G):
+            gq = (gh[b, q] - muh) * rh
+            ghat_s[s, q] = gq
+            a[q] = g1[q] * gq + g0[q] * ((px[n, q] - mux) * rx) + b1[q]
         muc = zero
         for j in range(H):
-            ai = (gh[b, j] - muh) * rh
-            af = (gh[b, H + j] - muh) * rh
-            ag = (gh[b, 2 * H + j] - muh) * rh
-            ao = (gh[b, 3 * H + j] - muh) * rh
-            ghat_s[s, j] = ai
-            ghat_s[s, H + j] = af
-            ghat_s[s, 2 * H + j] = ag
-            ghat_s[s, 3 * H + j] = ao
-            i = fsig(g1[j] * ai + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
-            f = fsig(g1[H + j] * af + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
-            g = ftanh(g1[2 * H + j] * ag + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx) + b1[2 * H + j])
-            out[n, j] = fsig(g1[3 * H + j] * ao + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx) + b1[3 * H + j])
+            i = fsig(a[j])
+            f = fsig(a[H + j])
+            g = ftanh(a[2 * H + j])
+            a[3 * H + j] = fsig(a[3 * H + j])
             cn = f * cs[b, j] + i * g
             c_s[s, j] = cn
             muc += cn
@@ -192,7 +194,7 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
         stat_s[s, 2] = rc
         for j in range(H):
             cn = c_s[s, j]
-            hv = out[n, j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
+            hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
             out[n, j] = hv
             hs[b, j] = hv
             cs[b, j] = cn

@@ -8,9 +8,9 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
-  LSTM's backward recomputes them). The per-step matmuls use MKL's packed GEMM where torch has it
-  (``StepGemm``: the weight packed once per call for the batch size, as oneDNN's own LSTM does,
-  the product written into a buffer the kernel reads).
+  LSTM's backward recomputes them). The per-step matmuls go through ``StepGemm`` (the weight
+  packed once per call for the batch size, as oneDNN's own LSTM does, by MKL or oneDNN, whichever
+  this process measured faster for the shape; see ``lnorm.ops.step_gemm``).
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, the LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
   previous h; the weight gradients are matmuls over many steps (the LSTM's per run of ~256 rows
@@ -39,6 +39,7 @@ from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights
+from lnorm.ops.step_gemm import StepGemm, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -112,97 +113,6 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
-class _MKL:
-    """MKL's packed single-precision GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``), called
-    through ctypes from the copy of MKL inside torch's own library, or ``fns = None`` where that
-    library does not export it (torch without MKL, other platforms). Calling MKL directly rather than
-    through ``torch.ops.mkl._mkl_linear`` lets the weight be packed from either layout (no
-    transposed copy of W_hh for backward: 1.3 ms of a 2 ms pack, measured) and the product be
-    written into a buffer the step kernel reads, with no tensor allocated per step."""
-
-    ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
-    fns = None
-
-    @classmethod
-    def load(cls) -> None:
-        import ctypes
-        import os
-
-        if not torch.backends.mkl.is_available():
-            return
-        # torch/lib in a pip install; by name (already loaded, found by its soname) elsewhere
-        for name in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), "libtorch_cpu.so"):
-            try:
-                lib = ctypes.CDLL(name)
-                size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
-                break
-            except (OSError, AttributeError):
-                continue
-        else:
-            return
-        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        size.restype = ctypes.c_size_t
-        size.argtypes = [i, i, i, i]
-        pack.restype = None
-        pack.argtypes = [i, i, i, i, i, i, f, p, i, p]
-        compute.restype = None
-        compute.argtypes = [i, i, i, i, i, i, p, i, p, i, f, p, i]
-        cls.fns = (size, pack, compute)
-        # check the calling convention on a small product before any layer relies on it
-        g = torch.Generator().manual_seed(0)
-        a, w = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g)
-        with torch.autocast("cpu", enabled=False):  # an import under autocast: compare in float32
-            got = [StepGemm(v, 3)(a) for v in (w, w.t().contiguous().t())]
-            ok = all(torch.allclose(o, a @ w.t(), rtol=1e-4, atol=1e-5) for o in got)
-        if not ok:
-            cls.fns = None
-
-
-class StepGemm:
-    """``h -> h @ w.T`` for the time loop (``w``: (n, k), contiguous or the transpose of a
-    contiguous tensor). float32 with MKL: ``w`` packed once for ``batch`` rows (as oneDNN's own
-    LSTM does; 23.5 ms against 34.6 ms for ``torch.mm`` over 100 steps of (32 x 512) @ (512 x
-    2048), measured); steps with other row counts (packed sequences) and float64 use ``torch.mm``."""
-
-    __slots__ = ("b", "packed", "batch", "n", "k")
-
-    def __init__(self, w: Tensor, batch: int):
-        w = w.detach()
-        self.n, self.k = w.shape
-        self.batch = batch
-        self.packed = None
-        fns = _MKL.fns
-        if fns is not None and w.dtype == torch.float32 and batch > 0 and min(w.shape) > 0:
-            if not (w.is_contiguous() or w.t().is_contiguous()):
-                w = w.contiguous()
-            # MKL's B is w.T (k, n): stored transposed if w is row-major, as is if w.T is
-            trans, ld = (_MKL.TRANS, self.k) if w.is_contiguous() else (_MKL.NO_TRANS, self.n)
-            self.packed = torch.empty(fns[0](_MKL.B_MATRIX, batch, self.n, self.k), dtype=torch.uint8)
-            fns[1](_MKL.ROW_MAJOR, _MKL.B_MATRIX, trans, batch, self.n, self.k, 1.0, w.data_ptr(), ld,
-                   self.packed.data_ptr())
-            self.b = w.t()
-        else:
-            self.b = w.t().contiguous()
-
-    def into(self, h: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        """``out = h @ w.T`` (``out += ...`` when ``accumulate``); ``h`` and ``out`` have
-        contiguous rows."""
-        rows = h.shape[0]
-        if self.packed is not None and rows == self.batch:
-            _MKL.fns[2](_MKL.ROW_MAJOR, _MKL.NO_TRANS, _MKL.PACKED, rows, self.n, self.k, h.data_ptr(),
-                        h.stride(0), self.packed.data_ptr(), self.n, 1.0 if accumulate else 0.0,
-                        out.data_ptr(), out.stride(0))
-        elif accumulate:
-            out.addmm_(h, self.b)
-        else:
-            torch.mm(h, self.b, out=out)
-        return out
-
-    def __call__(self, h: Tensor) -> Tensor:
-        return self.into(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
-
-
-_MKL.load()
 
 
 def _consts(dtype, eps: float, g: int, h: int):
@@ -230,13 +140,12 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
     k = _consts(px_n.dtype, eps, G, H)
-    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
-    gh_n = _np(gh)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
     step = K.builds().lstm_fwd_step
     for off, bs in sched.steps:
-        gemm.into(hs[:bs], gh[:bs])
-        step(off, off if save else 0, gh_n[:bs], px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k,
-                        hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
+        gh_n = _np(gemm.prod(hs[:bs], gh[:bs]))
+        step(off, off if save else 0, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n,
+             ghat_n, c_n, stat_n)
     return out, hs, cs, (ghat, c_all, stat)
 
 
@@ -258,7 +167,7 @@ def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
-        px = torch.mm(x, w_ih.t())  # W_ih x for all rows: one matmul
+        px = input_product(x, w_ih)  # W_ih x for all rows: one matmul
         out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
         w_keep = w_ih if ctx.needs_input_grad[0] else None  # W_ih is needed only for dx
         ctx.save_for_backward(x, w_keep, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, *saved)
@@ -324,7 +233,7 @@ def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
     if needs_grad:
         return _LSTMRecurrence.apply(x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps)
     with torch.no_grad():
-        px = torch.mm(x, p.w_ih.t())
+        px = input_product(x, p.w_ih)
         out, hn, cn, _ = _lstm_forward(px, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps, False)
     return out, hn, cn
 
@@ -349,13 +258,12 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
-    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step
-    gh_n = _np(gh)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
     step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
-        gemm.into(hs[:bs], gh[:bs])
-        step(off, off if save else 0, gh_n[:bs], xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n,
-                       out_n, ghat_n, act_n, stat_n)
+        gh_n = _np(gemm.prod(hs[:bs], gh[:bs]))
+        step(off, off if save else 0, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n,
+             act_n, stat_n)
     return out, hs, (ghat, act, stat)
 
 
@@ -379,7 +287,7 @@ class _GRURecurrence(torch.autograd.Function):
         dx_n = torch.empty(N, H, dtype=dt)
         dgh = torch.empty(N, G, dtype=dt)
         dyn = torch.empty(N, H, dtype=dt)
-        gemm = StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
+        gemm = StepGemm(w_hh.detach().t(), B, accumulate=True)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dxrz_n, dxn_n, dgh_n, dyn_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn)
@@ -454,7 +362,7 @@ def lstm_recurrence_op(
     b1: Tensor, g3: Tensor, b3: Tensor, batch_sizes: list[int], reverse: bool, eps: float, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, h_n, c_n, px, ghat, c_all, stat)``: the outputs, then what backward reads."""
-    px = torch.mm(x, w_ih.t())
+    px = input_product(x, w_ih)
     sched = _Schedule(batch_sizes, reverse)
     out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
     return out, hn, cn, px, *saved

@@ -1,0 +1,319 @@
+"""The recurrence's per-step matrix product ``h @ w.T``, with the implementation chosen per machine.
+
+A layer's time loop multiplies a small batch of rows (B x k) by the same weight (k x n) at every
+step. Which library does that fastest depends on the CPU: MKL dispatches on the CPU's vendor and
+runs these products about 1.5x slower on an AMD EPYC (Zen 4) than oneDNN, which dispatches on the
+instruction set; on the Intel machine the fused path was first tuned on, MKL's packed GEMM was the
+fastest. So each process measures once per shape class and keeps the fastest:
+
+* ``mkl``: MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, called through
+  ctypes from the copy of MKL inside torch's library): the weight packed once for B rows, the
+  product written straight into the caller's buffer;
+* ``onednn``: oneDNN's inner product with the weight reordered once into its blocked layout for B
+  rows (``torch.ops.mkldnn._reorder_linear_weight``, then ``_linear_pointwise`` per step), as
+  oneDNN's own LSTM packs its weights once per call; it returns a fresh tensor (``into`` copies it
+  into the caller's buffer, ``prod`` hands it over);
+* ``mm``: ``torch.mm`` / ``addmm_``, always there; the only one for float64 and for steps with
+  fewer rows than the packed count (the later steps of a packed sequence).
+
+A shape class is (rows, n, k, dtype, torch's thread count, whether the product is accumulated).
+The first product of a class times each candidate a few interleaved rounds (median, tens of
+milliseconds in all), after checking it against a float64 product: a candidate that disagrees
+beyond float32 rounding is never chosen. ``LNORM_STEP_GEMM=mkl|onednn|mm`` (read at each choice) or
+:func:`use_step_gemm` forces one where it is available; :func:`step_gemm_choices` lists what was
+chosen. Every candidate computes the same product in float32 with its own order of the sums, so
+the choice moves results by float32 rounding only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+from torch import Tensor
+
+IMPLS = ("mkl", "onednn", "mm")
+ENV = "LNORM_STEP_GEMM"
+
+
+class _MKL:
+    """MKL's packed single-precision GEMM through ctypes, or ``fns = None`` where torch's library
+    does not export it (torch without MKL, other platforms). Calling MKL directly rather than
+    through ``torch.ops.mkl._mkl_linear`` lets the weight be packed from either layout (no
+    transposed copy of W_hh for backward) and the product be written into a buffer the step kernel
+    reads, with no tensor allocated per step."""
+
+    ROW_MAJOR, NO_TRANS, TRANS, PACKED, B_MATRIX = 101, 111, 112, 151, 162
+    fns = None
+
+    @classmethod
+    def load(cls) -> None:
+        import ctypes
+
+        if not torch.backends.mkl.is_available():
+            return
+        # torch/lib in a pip install; by name (already loaded, found by its soname) elsewhere
+        for name in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), "libtorch_cpu.so"):
+            try:
+                lib = ctypes.CDLL(name)
+                size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+                break
+            except (OSError, AttributeError):
+                continue
+        else:
+            return
+        i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        size.restype = ctypes.c_size_t
+        size.argtypes = [i, i, i, i]
+        pack.restype = None
+        pack.argtypes = [i, i, i, i, i, i, f, p, i, p]
+        compute.restype = None
+        compute.argtypes = [i, i, i, i, i, i, p, i, p, i, f, p, i]
+        cls.fns = (size, pack, compute)
+        # check the calling convention on a small product before any layer relies on it
+        g = torch.Generator().manual_seed(0)
+        a, w = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g)
+        with torch.autocast("cpu", enabled=False):  # an import under autocast: compare in float32
+            got = [StepGemm(v, 3, impl="mkl")(a) for v in (w, w.t().contiguous().t())]
+            ok = all(torch.allclose(o, a @ w.t(), rtol=1e-4, atol=1e-5) for o in got)
+        if not ok:
+            cls.fns = None
+
+
+def _onednn_available() -> bool:
+    try:
+        ops = torch.ops.mkldnn
+        return bool(torch.backends.mkldnn.is_available() and ops._reorder_linear_weight and ops._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def available(dtype: torch.dtype) -> tuple[str, ...]:
+    """The implementations that can run products of ``dtype`` here (``mm`` always)."""
+    if dtype != torch.float32:
+        return ("mm",)
+    return tuple(name for name, ok in (("mkl", _MKL.fns is not None), ("onednn", _ONEDNN), ("mm", True)) if ok)
+
+
+class StepGemm:
+    """``h -> h @ w.T`` for the time loop (``w``: (n, k), contiguous or the transpose of a
+    contiguous tensor), packed once for ``batch`` rows by the implementation ``impl`` (default:
+    the one chosen for this shape class, see the module's docstring). Steps with another row count
+    use ``torch.mm``."""
+
+    __slots__ = ("impl", "b", "packed", "batch", "n", "k")
+
+    def __init__(self, w: Tensor, batch: int, accumulate: bool = False, impl: str | None = None):
+        w = w.detach()
+        if not (w.is_contiguous() or w.t().is_contiguous()):
+            w = w.contiguous()
+        self.n, self.k = w.shape
+        self.batch = batch
+        self.b = w.t()  # (k, n), for torch.mm
+        self.packed = None
+        if batch <= 0 or min(w.shape) <= 0:
+            impl = "mm"
+        elif impl is None:
+            impl = choose(batch, self.n, self.k, w.dtype, accumulate)
+        elif impl not in available(w.dtype):
+            raise ValueError(f"StepGemm: impl must be one of {available(w.dtype)} for {w.dtype}, got {impl!r}")
+        self.impl = impl
+        if impl == "mkl":
+            fns = _MKL.fns
+            # MKL's B is w.T (k, n): stored transposed if w is row-major, as is if w.T is
+            trans, ld = (_MKL.TRANS, self.k) if w.is_contiguous() else (_MKL.NO_TRANS, self.n)
+            self.packed = torch.empty(fns[0](_MKL.B_MATRIX, batch, self.n, self.k), dtype=torch.uint8)
+            fns[1](_MKL.ROW_MAJOR, _MKL.B_MATRIX, trans, batch, self.n, self.k, 1.0, w.data_ptr(), ld,
+                   self.packed.data_ptr())
+        elif impl == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+
+    def _check(self, h: Tensor, out: Tensor) -> None:
+        # MKL reads and writes through raw pointers: the shapes it trusts, checked first
+        rows = h.shape[0]
+        if (h.dtype != torch.float32 or out.dtype != torch.float32 or h.dim() != 2 or out.dim() != 2
+                or h.shape[1] != self.k or tuple(out.shape) != (rows, self.n) or h.stride(1) != 1
+                or out.stride(1) != 1 or h.stride(0) < self.k or out.stride(0) < self.n):
+            raise ValueError(f"StepGemm: h {tuple(h.shape)} and out {tuple(out.shape)} must be float32 with "
+                             f"contiguous rows, h (rows, {self.k}) and out (rows, {self.n})")
+
+    def into(self, h: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        """``out = h @ w.T`` (``out += ...`` when ``accumulate``); ``h`` and ``out`` have
+        contiguous rows. Returns ``out``."""
+        rows = h.shape[0]
+        if self.impl == "mm" or rows != self.batch:
+            return out.addmm_(h, self.b) if accumulate else torch.mm(h, self.b, out=out)
+        if self.impl == "mkl":
+            self._check(h, out)
+            _MKL.fns[2](_MKL.ROW_MAJOR, _MKL.NO_TRANS, _MKL.PACKED, rows, self.n, self.k, h.data_ptr(),
+                        h.stride(0), self.packed.data_ptr(), self.n, 1.0 if accumulate else 0.0,
+                        out.data_ptr(), out.stride(0))
+            return out
+        ops = torch.ops.mkldnn
+        if accumulate:
+            return out.copy_(ops._linear_pointwise.binary(h, out, self.packed, None, "add"))
+        return out.copy_(ops._linear_pointwise(h, self.packed, None, "none", [], ""))
+
+    def prod(self, h: Tensor, buf: Tensor) -> Tensor:
+        """``h @ w.T``, in ``buf`` (h's rows, n) or in a fresh tensor (oneDNN's own output, which
+        saves a copy); either way a tensor with contiguous rows."""
+        if self.impl == "onednn" and h.shape[0] == self.batch:
+            return torch.ops.mkldnn._linear_pointwise(h, self.packed, None, "none", [], "")
+        return self.into(h, buf)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.prod(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
+
+
+# ------------------------------------------------------------------------------ the choice
+
+_forced: str | None = None
+_chosen: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _forced_impl() -> str | None:
+    name = _forced if _forced is not None else os.environ.get(ENV, "auto").strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in IMPLS:
+        raise ValueError(f"{ENV} must be one of auto, {', '.join(IMPLS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_step_gemm(name: str | None):
+    """Force the implementation of the per-step products inside the block (``None`` or ``"auto"``:
+    the measured choice); a forced one that cannot run a product (MKL absent, float64) leaves
+    that product to the measured choice. For tests and benchmarks."""
+    global _forced
+    if name is not None and name != "auto" and name not in IMPLS:
+        raise ValueError(f"use_step_gemm: name must be None, 'auto' or one of {IMPLS}, got {name!r}")
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def choose(batch: int, n: int, k: int, dtype: torch.dtype, accumulate: bool = False) -> str:
+    """The implementation for products of ``batch`` rows by a (k x n) weight: the forced one if
+    it can run them, else the fastest measured here (timed at the first product of this class)."""
+    names = available(dtype)
+    forced = _forced_impl()
+    if forced in names:
+        return forced
+    if len(names) == 1:
+        return names[0]
+    key = (batch, n, k, dtype, torch.get_num_threads(), accumulate)
+    if key not in _chosen:
+        times = _measure(batch, n, k, accumulate, names)
+        _timings[key] = times
+        _chosen[key] = min(times, key=times.get)
+    return _chosen[key]
+
+
+def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...],
+             rounds: int = 7, calls: int = 6) -> dict[str, float]:
+    """Seconds per product of each candidate that agrees with a float64 product: the median of
+    ``rounds`` interleaved samples of ``calls`` products each."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    h = torch.randn(batch, k, generator=g)
+    exact = h.double() @ w.double().t()
+    gemms, out = {}, torch.empty(batch, n)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        for name in names:
+            try:  # a library that fails here (an op this CPU or build lacks) is left out
+                gemm = StepGemm(w, batch, impl=name)
+                got = gemm.into(h, out.zero_()).double()
+            except RuntimeError:
+                continue
+            # float32 rounding of a k-term sum of unit-scale products: well under 1e-4 * sqrt(k)
+            if torch.allclose(got, exact, rtol=1e-4, atol=1e-4 * k**0.5):
+                gemms[name] = gemm
+        samples = {name: [] for name in gemms}
+        for _ in range(rounds):
+            for name, gemm in gemms.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    if accumulate:
+                        gemm.into(h, out, accumulate=True)
+                    else:
+                        gemm.prod(h, out)
+                samples[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(s) for name, s in samples.items()} or {"mm": 0.0}
+
+
+# ------------------------------------------------------------------- the input projection
+# W_ih x for all rows of a layer is one product of many rows (N = T * B, different for every
+# sequence length), so its class is (n, k) alone, timed on a fixed sample of rows; the weight is
+# reordered for oneDNN at every call (it changes between training steps), and that is timed too.
+
+_INPUT_ROWS = 1024
+
+
+def _onednn_input(x: Tensor, w: Tensor) -> Tensor:
+    wp = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
+
+
+def input_product(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for a contiguous (N, k) ``x`` and an (n, k) ``w``: one product for all rows,
+    by oneDNN or ``torch.mm``, whichever measured faster here (``mkl`` forced means ``mm``)."""
+    n, k = w.shape
+    if x.dtype != torch.float32 or not _ONEDNN or min(x.shape[0], n, k) == 0:
+        return torch.mm(x, w.t())
+    forced = _forced_impl()
+    impl = forced if forced is not None else None
+    if impl is None:
+        key = ("all", n, k, x.dtype, torch.get_num_threads(), False)
+        if key not in _chosen:
+            _timings[key] = _measure_input(n, k)
+            _chosen[key] = min(_timings[key], key=_timings[key].get)
+        impl = _chosen[key]
+    return _onednn_input(x, w) if impl == "onednn" else torch.mm(x, w.t())
+
+
+def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
+    """Seconds per product of ``_INPUT_ROWS`` rows, oneDNN (its reorder included) and torch.mm,
+    oneDNN only if it agrees with a float64 product."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    x = torch.randn(_INPUT_ROWS, k, generator=g)
+    fns = {"onednn": lambda: _onednn_input(x, w), "mm": lambda: torch.mm(x, w.t())}
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        try:
+            ok = torch.allclose(fns["onednn"]().double(), x.double() @ w.double().t(), rtol=1e-4,
+                                atol=1e-4 * k**0.5)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            del fns["onednn"]
+        samples = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def step_gemm_choices() -> list[dict]:
+    """What this process chose so far, one entry per shape class: rows (``"all"``: the input
+    projection, see :func:`input_product`), n, k, dtype, threads, accumulate, the implementation
+    and the measured milliseconds per product of each candidate."""
+    out = []
+    for key, impl in _chosen.items():
+        batch, n, k, dtype, threads, accumulate = key
+        ms = {name: round(s * 1e3, 4) for name, s in _timings.get(key, {}).items()}
+        out.append(dict(rows=batch, n=n, k=k, dtype=str(dtype).replace("torch.", ""), threads=threads,
+                        accumulate=accumulate, impl=impl, ms_per_product=ms))
+    return out
+
+
+_ONEDNN = _onednn_available()
+_MKL.load()

@@ -1,0 +1,278 @@
+"""The recurrence's per-step GEMM (``lnorm.ops.step_gemm``): every implementation against a float64
+product, the per-process choice (forced, cached, never a candidate that disagrees), and the
+recurrent layers run with each implementation forced, against float64 and against each other."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lnorm
+from lnorm.nn import LayerNormGRU, LayerNormLSTM
+from lnorm.ops.backend import numba_available
+from tolerances import assert_close, assert_three_way
+
+pytestmark = pytest.mark.skipif(not numba_available(), reason="the fused path needs numba")
+
+D64 = torch.float64
+F32_IMPLS = ("mkl", "onednn", "mm")
+
+
+def _impls_here():
+    from lnorm.ops import step_gemm
+
+    return step_gemm.available(torch.float32)
+
+
+def _skip_unless(impl):
+    if impl not in _impls_here():
+        pytest.skip(f"{impl} is not available in this torch build")
+
+
+# ------------------------------------------------------------------------------ the products
+
+
+def test_the_x86_linux_wheel_has_every_implementation():
+    from lnorm.ops import step_gemm
+
+    if sys.platform == "linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available():
+        assert step_gemm.available(torch.float32) == F32_IMPLS
+    assert step_gemm.available(D64) == ("mm",)
+
+
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+@pytest.mark.parametrize("impl", F32_IMPLS)
+def test_each_implementation_equals_a_float64_product(impl, layout):
+    # h @ w.T from either layout of w, for the packed row count and fewer rows (a packed
+    # sequence's later steps), written, accumulated into a slice, and returned
+    from lnorm.ops.step_gemm import StepGemm
+
+    _skip_unless(impl)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g)
+    if layout == "transposed":
+        w = w.t().contiguous().t()
+    gemm = StepGemm(w, 5, impl=impl)
+    assert gemm.impl == impl
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    for rows in (5, 3):
+        h = torch.randn(rows, 24, generator=g)
+        exact = (h.double() @ w.double().t()).float()
+        assert_close(gemm(h), exact, name=f"{impl}, {rows} rows", **tol)
+        assert_close(gemm.prod(h, torch.empty(rows, 40)), exact, name=f"{impl}, {rows} rows, prod", **tol)
+        out = torch.randn(rows + 2, 40, generator=g)
+        expected = out.clone()
+        expected[1 : rows + 1] += exact
+        gemm.into(h, out[1 : rows + 1], accumulate=True)
+        assert_close(out, expected, name=f"{impl}, {rows} rows, accumulated into a slice", **tol)
+        gemm.into(h, out[1 : rows + 1])
+        expected[1 : rows + 1] = exact
+        assert_close(out, expected, name=f"{impl}, {rows} rows, written into a slice", **tol)
+
+
+@pytest.mark.parametrize("impl", F32_IMPLS)
+def test_nan_in_h_reaches_the_product(impl):
+    from lnorm.ops.step_gemm import StepGemm
+
+    _skip_unless(impl)
+    w = torch.randn(16, 8)
+    h = torch.randn(4, 8)
+    h[2, 3] = float("nan")
+    for got in (StepGemm(w, 4, impl=impl)(h), StepGemm(w, 4, impl=impl).into(h, torch.zeros(4, 16), accumulate=True)):
+        assert torch.isnan(got[2]).all() and torch.isfinite(got[[0, 1, 3]]).all()
+
+
+def test_mkl_path_checks_the_buffers_it_trusts():
+    from lnorm.ops.step_gemm import StepGemm
+
+    _skip_unless("mkl")
+    gemm = StepGemm(torch.randn(16, 8), 4, impl="mkl")
+    for h, out in ((torch.randn(4, 8), torch.empty(4, 15)), (torch.randn(4, 7), torch.empty(4, 16)),
+                   (torch.randn(4, 8), torch.empty(16, 4).t()), (torch.randn(4, 8).double(), torch.empty(4, 16))):
+        with pytest.raises(ValueError, match="StepGemm"):
+            gemm.into(h, out)
+
+
+def test_an_unknown_or_unavailable_impl_is_refused():
+    from lnorm.ops.step_gemm import StepGemm
+
+    with pytest.raises(ValueError, match="impl must be one of"):
+        StepGemm(torch.randn(4, 4), 2, impl="blas")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        StepGemm(torch.randn(4, 4, dtype=D64), 2, impl="onednn")
+
+
+# ---------------------------------------------------------------------------------- the choice
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    from lnorm.ops import step_gemm
+
+    monkeypatch.setattr(step_gemm, "_chosen", {})
+    monkeypatch.setattr(step_gemm, "_timings", {})
+    monkeypatch.delenv(step_gemm.ENV, raising=False)
+    return step_gemm
+
+
+def test_the_choice_is_measured_once_per_shape_class(fresh_choices, monkeypatch):
+    sg = fresh_choices
+    calls = []
+    real = sg._measure
+
+    def counting(*args, **kw):
+        calls.append(args[:4])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sg, "_measure", counting)
+    first = sg.choose(6, 20, 12, torch.float32)
+    assert first in _impls_here()
+    assert sg.choose(6, 20, 12, torch.float32) == first and len(calls) == 1
+    sg.choose(6, 20, 12, torch.float32, accumulate=True)  # another class
+    sg.choose(7, 20, 12, torch.float32)
+    assert len(calls) == 3
+    assert sg.choose(6, 20, 12, D64) == "mm" and len(calls) == 3  # float64: nothing to choose
+    listed = sg.step_gemm_choices()
+    assert len(listed) == 3 and listed[0]["rows"] == 6 and listed[0]["impl"] == first
+    assert set(listed[0]["ms_per_product"]) == set(_impls_here())
+
+
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_a_candidate_that_disagrees_with_float64_is_never_chosen(fresh_choices, monkeypatch, fault):
+    sg = fresh_choices
+    if len(_impls_here()) < 2:
+        pytest.skip("one implementation only")
+    wrong = _impls_here()[0]
+    real_into = sg.StepGemm.into
+
+    def off_by_a_little(self, h, out, accumulate=False):
+        if self.impl == wrong and fault == "raises":
+            raise RuntimeError("this CPU lacks the instruction")
+        r = real_into(self, h, out, accumulate)
+        return r.add_(1e-2) if self.impl == wrong else r
+
+    monkeypatch.setattr(sg.StepGemm, "into", off_by_a_little)
+    times = sg._measure(6, 20, 12, False, _impls_here())
+    assert wrong not in times and set(times) == set(_impls_here()) - {wrong}
+    assert sg.choose(6, 20, 12, torch.float32) != wrong
+
+
+@pytest.mark.parametrize("how", ["env", "context"])
+def test_a_forced_implementation_is_used_where_it_can_run(fresh_choices, monkeypatch, how):
+    sg = fresh_choices
+    for impl in _impls_here():
+        if how == "env":
+            monkeypatch.setenv(sg.ENV, impl)
+            got = sg.choose(6, 20, 12, torch.float32), sg.StepGemm(torch.randn(20, 12), 6).impl
+            got64 = sg.choose(6, 20, 12, D64)
+        else:
+            with sg.use_step_gemm(impl):
+                got = sg.choose(6, 20, 12, torch.float32), sg.StepGemm(torch.randn(20, 12), 6).impl
+                got64 = sg.choose(6, 20, 12, D64)
+        assert got == (impl, impl)
+        assert got64 == "mm"
+    assert not sg._chosen  # forcing measures nothing
+
+
+def test_a_bad_forced_name_is_a_clear_error(fresh_choices, monkeypatch):
+    sg = fresh_choices
+    monkeypatch.setenv(sg.ENV, "cublas")
+    with pytest.raises(ValueError, match="LNORM_STEP_GEMM must be one of auto, mkl, onednn, mm; got 'cublas'"):
+        sg.choose(6, 20, 12, torch.float32)
+    with pytest.raises(ValueError, match="use_step_gemm: name must be"), sg.use_step_gemm("fast"):
+        pass
+
+
+# --------------------------------------------------------------------- the layers, per product
+
+
+def _layer(kind, I, H, dtype=torch.float32):
+    torch.manual_seed(0)
+    m = (LayerNormLSTM if kind == "lstm" else LayerNormGRU)(I, H, dtype=dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _outputs_and_grads(m, x, lengths=None):
+    """Output (packed data if ``lengths``) and the gradients of x and every parameter."""
+    m.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    out = m(inp)[0]
+    out = out.data if lengths is not None else out
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * w).sum().backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+def _three_way(kind, T, B, I, H, lengths=None):
+    """Each forced implementation's float32 results, the float64 reference and torch's float32
+    path (the bar: at most twice torch's own error against float64)."""
+    m = _layer(kind, I, H)
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1))
+    with lnorm.use_backend("torch"):
+        ref = _outputs_and_grads(_layer(kind, I, H, D64), x.double(), lengths)
+        same = _outputs_and_grads(m, x, lengths)
+    ours = {}
+    from lnorm.ops.step_gemm import use_step_gemm
+
+    for impl in _impls_here():
+        with use_step_gemm(impl), lnorm.use_backend("numba"):
+            ours[impl] = _outputs_and_grads(m, x, lengths)
+    names = ["output", "grad x"] + [f"grad {n}" for n, _ in m.named_parameters()]
+    return ours, ref, same, names
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_every_implementation_meets_the_float64_bar_on_small_shapes(kind, packed):
+    lengths = torch.tensor([6, 2, 5, 6, 1]) if packed else None
+    ours, ref, same, names = _three_way(kind, 6, 5, 7, 16, lengths)
+    for impl, got in ours.items():
+        for a, r, s, n in zip(got, ref, same, names, strict=True):
+            assert_three_way(a, r, s, name=f"{impl}: {n}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_implementations_agree_on_the_benchmark_shape_class(kind):
+    # B=32, I=128, H=512 (the products the selection times), a few steps: each forced
+    # implementation meets the float64 bar and agrees with the others to float32 rounding
+    ours, ref, same, names = _three_way(kind, 3, 32, 128, 512)
+    impls = list(ours)
+    for impl in impls:
+        for a, r, s, n in zip(ours[impl], ref, same, names, strict=True):
+            assert_three_way(a, r, s, name=f"{impl}: {n}")
+    for impl in impls[1:]:
+        for a, b, n in zip(ours[impl], ours[impls[0]], names, strict=True):
+            scale = max(1.0, float(b.abs().max()))
+            assert_close(a, b, atol=1e-4 * scale, rtol=1e-3, name=f"{impl} vs {impls[0]}: {n}")
+
+
+# -------------------------------------------------------------------- the input projection
+
+
+@pytest.mark.parametrize("impl", [None, *F32_IMPLS], ids=["auto", *F32_IMPLS])
+def test_the_input_projection_equals_a_float64_product(fresh_choices, impl):
+    sg = fresh_choices
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
+    x[7, 3] = float("nan")
+    with sg.use_step_gemm(impl):
+        got = sg.input_product(x, w)
+    exact = (x.double() @ w.double().t()).float()
+    assert torch.isnan(got[7]).all() and torch.isfinite(got[torch.arange(50) != 7]).all()
+    assert_close(got[:7], exact[:7], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
+    assert_close(got[8:], exact[8:], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
+    if impl is None and "onednn" in _impls_here():
+        (entry,) = sg.step_gemm_choices()
+        assert entry["rows"] == "all" and entry["impl"] in ("onednn", "mm")
+    else:
+        assert not sg.step_gemm_choices()  # forced, or nothing to choose: nothing measured
+    torch.testing.assert_close(sg.input_product(x.double(), w.double()), x.double() @ w.double().t(), equal_nan=True)
