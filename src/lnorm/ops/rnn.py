@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lnorm.ops import backend
+from lnorm.ops.export import exporting
 from lnorm.ops.guards import use_torch_path
 from lnorm.ops.rnn_weights import RecurrentWeights
 
@@ -50,7 +51,7 @@ def _triton_recurrence():
 def fused_applies(x: Tensor, w: RecurrentWeights) -> bool:
     """Whether a fused path computes this direction for the packed rows ``x`` (N, I)."""
     # under torch.export the layer's pure-torch loop runs, so exported programs hold standard ops only
-    if torch.compiler.is_exporting() or x.shape[0] == 0 or w.w_hh.dtype != x.dtype:
+    if exporting() or x.shape[0] == 0 or w.w_hh.dtype != x.dtype:
         return False
     chosen = backend.backend_for(x.device)
     if chosen == "numba":
