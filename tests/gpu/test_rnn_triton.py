@@ -208,6 +208,24 @@ def test_rows_whose_squares_overflow_are_normalized(triton_device, fused_calls):
     assert_close(out, ref, atol=1e-5, rtol=1e-4, name="output")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_propagates_as_on_the_torch_path(triton_device, fused_calls, torch_loop, kind):
+    # a NaN in one sequence's input: NaN where the pure-torch loop has NaN (that sequence, and
+    # through the shared weights' gradients), finite where it is finite
+    m = make(kind, triton_device, 3, 4)
+    x, hx = inputs(kind, triton_device, 3, 2, 3, 4, 1)
+    with torch.no_grad():
+        x[1, 0, 2] = float("nan")
+    ours = run(m, kind, x, hx, None, "triton")
+    assert fused_calls["n"] == 1
+    loop = torch_loop(lambda: run(m, kind, x, hx, None, "triton"))
+    for a, t, n in zip(ours, loop, names(m, kind), strict=True):
+        assert torch.equal(a.isnan(), t.isnan()), n
+        assert torch.isfinite(a[~t.isnan()]).all(), n
+    out = ours[0]
+    assert out[1:, 0].isnan().all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[:, 1]).all()
+
+
 @pytest.mark.parametrize("transform", ["vmap", "grad", "export", "compile"])
 def test_transforms_keep_the_pure_torch_path(triton_device, fused_calls, transform):
     # torch.func and export see through the pure-torch loop, not through the fused Function;
