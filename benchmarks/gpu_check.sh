@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh          (from anywhere; or `make gpu-check`)
 #
-# Then, optional, with what is left of the budget: `lnorm bench rnn --device cuda` (a baseline: the
-# recurrent layers' pure-torch path on CUDA) and benchmarks/triton_launch_sweep.py.
+# Then, optional, with what is left of the budget: `lnorm bench rnn --device cuda` (the recurrent
+# layers' fused Triton path, then their pure-torch path) and benchmarks/triton_launch_sweep.py.
 # Made for a bare machine without network: nothing is installed; python3 needs torch (CUDA build),
 # triton, numpy and pytest; lnorm runs from src/ (PYTHONPATH), installed or not.
 # Environment: OUT (results folder; default benchmarks/out/gpu-check-<UTC time>), PYTHON (default
@@ -112,11 +112,16 @@ cat "$OUT/tests.log"
 step bench_ops 240 "$PY" -m lnorm bench ops --device cuda --repeats 5 --json "$OUT/bench_ops.json"
 cat "$OUT/bench_ops.log"
 
-# the recurrent layers on the GPU (lnorm's pure-torch path there) against cuDNN and the naive cell,
-# at the issue's B=64, T=100, I=H=512: a baseline, optional
+# the recurrent layers on the GPU (the fused Triton path: backend auto picks triton for CUDA)
+# against cuDNN and the naive cell, at the issue's B=64, T=100, I=H=512; then the main case again
+# with lnorm's pure-torch path (LNORM_BACKEND=torch), the speedup's other side. Optional: a
+# measurement; the fused path's correctness is in the tests above
 OPTIONAL=1 step bench_rnn 90 "$PY" -m lnorm bench rnn --device cuda --batch 64 --input-size 512 \
     --hidden-size 512 --repeats 3 --json "$OUT/bench_rnn.json"
 cat "$OUT/bench_rnn.log"
+OPTIONAL=1 LNORM_BACKEND=torch step bench_rnn_torch_path 60 "$PY" -m lnorm bench rnn --device cuda \
+    --cases main --batch 64 --input-size 512 --hidden-size 512 --repeats 3 --json "$OUT/bench_rnn_torch_path.json"
+cat "$OUT/bench_rnn_torch_path.log"
 
 # launch settings measured for later tuning, in what is left of the budget (its JSON is written
 # after every case, so a cut-off run still reports; the log is not echoed, to keep the tables last)

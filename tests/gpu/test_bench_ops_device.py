@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
+import lnorm
 from lnorm.bench import ops as bench_ops
+from lnorm.bench import rnn as bench_rnn
 from lnorm.cli import main
 
 
@@ -114,3 +116,34 @@ def test_a_failing_case_is_reported_and_the_rest_still_timed(tmp_path, monkeypat
 def test_bench_rnn_device_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert main(["bench", "rnn", "--quick", "--device", "cuda"]) == 2
     assert "--device cuda but torch sees no CUDA device" in capsys.readouterr().err
+
+
+class _OffsetLSTM(lnorm.LayerNormLSTM):
+    """A LayerNormLSTM whose float32 output is moved by ``offset`` (its float64 run is exact)."""
+
+    offset = 0.0
+
+    def forward(self, x, hx=None):
+        out, state = super().forward(x, hx)
+        return (out + self.offset if out.dtype == torch.float32 else out), state
+
+
+@pytest.mark.parametrize(("offset", "passes"), [(2e-4, True), (0.1, False)], ids=["rounding-sized", "wrong"])
+def test_bench_rnn_accuracy_bar_is_float32_rounding_over_the_steps(offset, passes):
+    # Regression: the bar was twice the naive cell's own error plus 1e-4, one sample of the same
+    # rounding, which lnorm's float32 error over 100 steps (7e-4 on an H200) exceeded. Now it is
+    # T (I + H) 2**-24 (here 50 * 128 * 2**-24 = 3.8e-4): an error of rounding's size passes
+    # (the old bar: 2 * ~0 + 1e-4 with an exact naive cell), a wrong output does not.
+    torch.manual_seed(0)
+    ours = _OffsetLSTM(64, 64)
+    ours.offset = offset
+    x = torch.randn(50, 2, 64)
+    with torch.no_grad(), lnorm.use_backend("torch"):
+        exact = ours.double()(x.double())[0].float()
+    ours = ours.float()
+    naive = lambda inp: (exact,)  # noqa: E731  (a naive cell exactly on float64's result)
+    if passes:
+        bench_rnn._check_against_float64("lstm", ours, naive, x)
+    else:
+        with pytest.raises(AssertionError, match="above float32's rounding bound over 50 steps"):
+            bench_rnn._check_against_float64("lstm", ours, naive, x)

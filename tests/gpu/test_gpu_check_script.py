@@ -27,6 +27,8 @@ case "$*" in
     if [ "$FAKE_MODE" = hang ]; then sleep 600; fi
     for last; do :; done
     echo '{"rows": []}' > "$last"; echo "bench table" ;;
+  *"-m lnorm bench rnn"*)
+    echo "bench rnn with backend ${LNORM_BACKEND:-auto}: $*" ;;
   *triton_launch_sweep*)
     if [ "$FAKE_MODE" = fail_sweep ]; then echo "sweep broke"; exit 1; fi
     echo "sweep rows" ;;
@@ -57,7 +59,8 @@ def test_all_steps_pass(fake, tmp_path):
     proc, out = fake("ok")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    assert [line.split(":")[0] for line in summary.splitlines()] == ["env", "tests", "bench_ops", "bench_rnn", "launch_sweep"]
+    assert [line.split(":")[0] for line in summary.splitlines()] == [
+        "env", "tests", "bench_ops", "bench_rnn", "bench_rnn_torch_path", "launch_sweep"]
     assert all(": exit 0," in line for line in summary.splitlines())
     # three test ids over two shards, round robin, passed as arguments (brackets unglobbed)
     calls = (tmp_path / "pytest_calls.log").read_text().splitlines()
@@ -66,6 +69,10 @@ def test_all_steps_pass(fake, tmp_path):
     assert any("test_one[cuda-f32]" in c and "test_three" in c for c in calls)
     assert (out / "bench_ops.json").read_text().strip() == '{"rows": []}'
     assert "bench table" in proc.stdout
+    # the recurrent bench: the fused path (backend auto), then the main case on the pure-torch path
+    assert (out / "bench_rnn.log").read_text().startswith("bench rnn with backend auto: ")
+    assert (out / "bench_rnn_torch_path.log").read_text().startswith("bench rnn with backend torch: ")
+    assert "--cases main" in (out / "bench_rnn_torch_path.log").read_text()
 
 
 def test_a_failing_test_fails_the_run_and_is_shown(fake):

@@ -107,3 +107,30 @@ def test_compiled_model_matches_eager():
             names = ["input"] + [n for n, _ in model.named_parameters()]
             for name, a, b in zip(names, grads_c, grads_e, strict=True):
                 assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"B={B} grad of {name}")
+
+
+@pytest.mark.parametrize("dynamo_is_exporting", ["reads the flag", "True under compile"])
+def test_compile_takes_the_library_ops_not_the_export_route(monkeypatch, dynamo_is_exporting):
+    # Regression: under torch 2.11 dynamo answers torch.compiler.is_exporting() with True inside
+    # torch.compile too, and compiled models took the export route (torch's ops, not lnorm's).
+    # "True under compile" makes this torch answer so; the compiled graph must still call the
+    # lnorm ops, and torch.export must still get standard ops only.
+    if dynamo_is_exporting == "True under compile":
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), lnorm.LayerNorm(16), lnorm.RMSNorm(16))
+    x = torch.randn(4, 8)
+    with lnorm.use_backend("torch"):  # (the same route on either backend; torch needs no numba)
+        out = torch.compile(model, backend=record, fullgraph=True)(x)
+        assert_close(out, model(x), name="compiled")
+        assert "lnorm.norm_fwd" in graphs[0], graphs[0]
+        exported = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any("lnorm" in op for op in ops), ops

@@ -14,15 +14,15 @@ does not require grad here, so no input gradient), with the same GEMM calls lnor
 uses; it is a floor no implementation of these equations gets under, and shows how much of each
 time is the elementwise work.
 
-Correctness first: ``naive`` gets ``lnorm``'s weights, and lnorm's output must be as close to a
-float64 run of the same layer as the naive cell's output is. Modes: ``train``
+Correctness first: ``naive`` gets ``lnorm``'s weights, and lnorm's output must be within
+float32's worst-case rounding over T steps of a float64 run of the same layer. Modes: ``train``
 (forward + backward of ``output.sum()``) and ``infer`` (forward under ``no_grad``). ``saved MB``
 counts the bytes of the unique storages autograd keeps for backward (saved-tensor hooks).
 Cases: the main one (``--batch --seq-len --input-size --hidden-size``, 1 layer), 2 layers
 bidirectional, and a packed batch of mixed lengths (uniform between T/4 and T).
 ``--device cuda`` runs every candidate on the GPU (``torch`` is then cuDNN; timing synchronizes
 before every clock read; the matmul floor uses plain ``torch.mm``); lnorm's recurrent layers take
-their pure-torch path there.
+their fused Triton path there where triton imports, else their pure-torch path.
 """
 
 from __future__ import annotations
@@ -208,21 +208,27 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
 
 
 def _check_against_float64(cell: str, ours: nn.Module, naive: nn.Module, x: torch.Tensor) -> None:
-    """lnorm's output must be as close to a float64 run of the same layer as the naive cell's is.
+    """lnorm's output must be within float32's rounding of a float64 run of the same layer.
 
-    Over 100 steps of a recurrence, float32 rounding (and the order of the sums in MKL's and the
-    kernels' threads) moves outputs by up to ~1e-3 in both implementations, so comparing the two
-    float32 outputs directly would test their rounding against each other; the bar is the naive
-    cell's own error against float64, doubled, plus 1e-4."""
+    The bar is float32's worst-case rounding carried through the recurrence: each of the T steps
+    forms dot products of length I + H (``W_ih x + W_hh h``), whose float32 error is at most
+    (I + H) u of their magnitude (u = 2**-24, the standard bound for a sum of products), and the
+    layer norms keep the gates and h at unit scale, so after T steps the output may be off by
+    T (I + H) u: 6.1e-3 at T = 100, I = H = 512, where lnorm and the naive cell measured 5e-4 to
+    1e-3 (CPU and GPU). A wrong gain, bias or gate is off by 1e-1 or more. The naive cell's error
+    (printed on failure) is not the bar: it is one sample of the same rounding, no bound."""
+    T, _, I = x.shape
+    tol = T * (I + ours.hidden_size) * 2.0**-24
     with torch.no_grad():
         got = _output(ours(x)).double()
         base = naive(x)[0].double()
         with lnorm.use_backend("torch"):
             exact = _output(copy.deepcopy(ours).double()(x.double()))
     err, naive_err = (got - exact).abs().max().item(), (base - exact).abs().max().item()
-    if not err <= 2 * naive_err + 1e-4:
+    if not err <= tol:
         raise AssertionError(f"{cell}: LayerNorm{cell.upper()}'s max abs error against float64 is {err:.3g}, "
-                             f"more than twice the naive cell's ({naive_err:.3g}) + 1e-4; not timing it")
+                             f"above float32's rounding bound over {T} steps, T (I + H) 2**-24 = {tol:.3g} "
+                             f"(the naive cell's error: {naive_err:.3g}); not timing it")
 
 
 def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, modes, device: str = "cpu") -> list[Row]:

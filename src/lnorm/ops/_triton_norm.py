@@ -39,7 +39,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _rounded(v, dtype: tl.constexpr):
+def rounded(v, dtype: tl.constexpr):
     """float32 ``v`` as ``dtype``, rounding to nearest even as torch does. bfloat16 is rounded in
     integer arithmetic first (then the cast is exact): the GPU's own conversion rounds to nearest
     even too, the interpreter's truncates, and both must give the GPU's answer."""
@@ -66,10 +66,10 @@ def _norm_fwd_kernel(
     first = tl.load(X + start).to(tl.float32)
     if HAS_RES:
         r = tl.load(RES + start + cols, mask=mask, other=0.0).to(tl.float32)
-        s = _rounded(x + r, RES_OUT.dtype.element_ty)  # the residual stream as stored
+        s = rounded(x + r, RES_OUT.dtype.element_ty)  # the residual stream as stored
         tl.store(RES_OUT + start + cols, s, mask=mask)
         x = s.to(tl.float32)
-        first = _rounded(first + tl.load(RES + start).to(tl.float32), RES_OUT.dtype.element_ty).to(tl.float32)
+        first = rounded(first + tl.load(RES + start).to(tl.float32), RES_OUT.dtype.element_ty).to(tl.float32)
     if CENTER:
         mean = first + tl.sum(tl.where(mask, x - first, 0.0), axis=0) * inv_n
         tl.store(MEAN + row, mean)
@@ -84,7 +84,7 @@ def _norm_fwd_kernel(
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + start + cols, _rounded(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + start + cols, rounded(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _norm_bwd_kernel(
             dx = (g - xhat * c1) * rstd
         if HAS_DRES:
             dx = dx + tl.load(DRES + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + start + cols, _rounded(dx, DX.dtype.element_ty), mask=mask)
+        tl.store(DX + start + cols, rounded(dx, DX.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw += dy * xhat
         if NEED_DB:

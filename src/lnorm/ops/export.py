@@ -21,6 +21,21 @@ import torch
 from torch import Tensor
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` (or the ONNX exporter built on it) is tracing now: True there,
+    False under ``torch.compile`` and in eager mode.
+
+    ``torch.export`` sets ``torch.compiler._is_exporting_flag`` while it traces (strict and
+    non-strict), and ``torch.compiler.is_exporting()`` returns it, except inside dynamo's trace
+    on some torch releases (2.11, seen on a GPU machine), where dynamo folds the call to a
+    constant True for ``torch.compile`` too, which sent compiled models down the export route
+    (torch's kernels instead of lnorm's). torch 2.13's dynamo reads the flag. Reading the flag
+    itself gives export's answer on both (dynamo reads a module global as a constant it guards
+    on); where a torch release lacks it, ``is_exporting()`` answers."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def norm_in_standard_ops(
     x: Tensor,
     residual: Tensor | None,

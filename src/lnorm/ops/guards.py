@@ -67,7 +67,8 @@ def use_torch_path(autocast_sensitive: bool = False) -> bool:
 
 
 SECOND_ORDER_MESSAGE = (
-    "lnorm: the fused CPU path of LayerNormLSTM/LayerNormGRU computes first derivatives only, and "
+    "lnorm: the fused path of LayerNormLSTM/LayerNormGRU (Numba on the CPU, Triton on CUDA) computes "
+    "first derivatives only, and "
     "a second derivative (a gradient of a gradient, e.g. a gradient penalty with "
     "create_graph=True) went through it. Run the model under lnorm.use_backend(\"torch\") (or "
     "lnorm.set_backend(\"torch\") / LNORM_BACKEND=torch) for second derivatives."

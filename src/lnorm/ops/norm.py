@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lnorm.ops import backend
-from lnorm.ops.export import norm_in_standard_ops
+from lnorm.ops.export import exporting, norm_in_standard_ops
 from lnorm.ops.guards import static_size, use_torch_path
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -484,7 +484,7 @@ def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: 
     Returns ``(y, new_residual, mean, rstd)``; ``new_residual`` is empty when ``residual`` is None.
     """
     if torch.compiler.is_compiling():
-        if torch.compiler.is_exporting():
+        if exporting():
             # standard ops in exported programs: portable, and ONNX has operators for them
             res_dtype = _residual_dtype(x, residual, residual_in_fp32)
             return norm_in_standard_ops(x, residual, weight, bias, eps, center, res_dtype,
