@@ -103,3 +103,36 @@ def test_e1_sees_the_same_examples_at_every_batch_size_in_every_suite(suite, lab
 def test_e1_refuses_a_budget_that_a_batch_size_does_not_divide():
     with pytest.raises(ValueError, match=r"e1.examples must be a multiple.*examples=100.*batch sizes 32"):
         e1.units(e1.Config(batch_sizes=(1, 4, 32), examples=100))
+
+
+class _NaNAt(torch.nn.Module):
+    """Logits that are 0 except a NaN in one class's column (or in every column)."""
+
+    def __init__(self, col: int | None):
+        super().__init__()
+        self.col = col
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, self.col if self.col is not None else slice(None)] = math.nan
+        return out
+
+
+@pytest.mark.parametrize("col", [3, None], ids=["one-nan-column", "all-nan"])
+def test_accuracy_counts_non_finite_logits_as_wrong(col):
+    # argmax picks a NaN's index: a model whose class-3 logit is NaN "predicted" 3 for every digit
+    # and scored the share of 3s (or of 0s when every logit is NaN) instead of 0
+    from lnorm.lab.train import accuracy
+
+    y = torch.arange(10).repeat(5)
+    model = _NaNAt(col)
+    assert accuracy(model, torch.zeros(len(y), 4), y, batch_size=7) == 0.0
+    assert model.training  # the mode it came in with
+
+
+def test_experiments_score_with_the_shared_accuracy():
+    from lnorm.lab import train
+    from lnorm.lab.experiments import ddp
+    from lnorm.lab.experiments import e9_recurrent_bn as e9
+
+    assert e9.accuracy is train.accuracy and ddp.accuracy is train.accuracy

@@ -38,11 +38,15 @@ def check_finite(loss: float, step: int, partial: dict | None = None) -> float:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Eval-mode accuracy; a sample whose logits are not all finite counts as wrong (``argmax``
+    picks a NaN's index, so a NaN logit would otherwise predict its class)."""
     was = model.training
     model.eval()
     correct = 0
     for i in range(0, len(X), batch_size):
-        correct += (model(X[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+        logits = model(X[i:i + batch_size])
+        ok = torch.isfinite(logits).all(-1) & (logits.argmax(-1) == y[i:i + batch_size])
+        correct += int(ok.sum())
     model.train(was)
     return correct / len(X)
 

@@ -41,6 +41,7 @@ from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
 from lnorm.lab.models import MLP, CNN2d
+from lnorm.lab.train import accuracy
 
 TITLE = "Data-parallel training (DDP): per-process batch norm, SyncBatchNorm, layer norm"
 CLAIMS = ("C1", "C3")
@@ -117,14 +118,6 @@ def batches(n: int, batch: int, steps: int, seed: int):
         yield perm[j * batch:(j + 1) * batch]
 
 
-@torch.no_grad()
-def _accuracy(model, X, y) -> float:
-    model.eval()
-    correct = sum((model(X[i:i + 500]).argmax(-1) == y[i:i + 500]).sum().item() for i in range(0, len(X), 500))
-    model.train()
-    return correct / len(X)
-
-
 def train(rank: int, model: nn.Module, data, batch: int, steps: int, lr: float, seed: int,
           backend: str = "torch", device: str = "cpu") -> dict:
     """Train ``model`` on its share of each global batch: all of it in one process, slice ``rank``
@@ -164,7 +157,7 @@ def train(rank: int, model: nn.Module, data, batch: int, steps: int, lr: float, 
         losses.append(float(loss.detach()))
     out = {"losses": losses, "step_s": step_s, "comm_s": comm_s, "first_grads": first if rank == 0 else {}}
     if rank == 0:
-        out["test_acc"] = _accuracy(model, Xte, yte)
+        out["test_acc"] = accuracy(model, Xte, yte)
     return out
 
 

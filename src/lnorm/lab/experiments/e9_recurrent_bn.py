@@ -35,7 +35,7 @@ from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist_pixels
 from lnorm.lab.recurrent_bn import BNLSTM, population_statistics
-from lnorm.lab.train import CannotTrain, check_finite
+from lnorm.lab.train import CannotTrain, accuracy, check_finite
 from lnorm.nn import LayerNormLSTM
 
 TITLE = ("Layer norm vs recurrent batch norm on sequential MNIST (full suite: 784 steps; quick suite: 7x7 averaged "
@@ -116,20 +116,6 @@ def units(cfg: Config) -> list[dict]:
 
 
 # training and evaluation
-
-@torch.no_grad()
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Eval-mode test accuracy; a digit whose logits are not finite counts as wrong."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(X), batch_size):
-        logits = model(X[i:i + batch_size])
-        ok = torch.isfinite(logits).all(-1) & (logits.argmax(-1) == y[i:i + batch_size])
-        correct += int(ok.sum())
-    model.train(was)
-    return correct / len(X)
-
 
 def train(model: PixelRNN, cfg: Config, data, seed: int, ctx, *, batch_size: int, steps: int,
           lengths: tuple[int, int] | None = None) -> dict:
