@@ -44,7 +44,7 @@ from torch import Tensor
 from lnorm.ops._triton_norm import INTERPRETED, rounded
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import fused_norm
-from lnorm.ops.rnn_weights import RecurrentWeights
+from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
 
 __all__ = ["MAX_HIDDEN", "recurrence", "supports"]
 
@@ -400,36 +400,6 @@ def supports(x: Tensor, w: RecurrentWeights) -> bool:
         and 0 < H <= MAX_HIDDEN
         and (x.device.type == "cuda" or (INTERPRETED and x.device.type == "cpu"))
     )
-
-
-def check_shapes(x: Tensor, h0: Tensor, c0: Tensor | None, p: RecurrentWeights, batch_sizes: list[int]) -> None:
-    """Every tensor the kernels index by raw offsets (or that makes one they do), checked for the
-    shape, dtype and device they assume before any launch: a ValueError naming it."""
-    mode = p.mode
-    first = batch_sizes[0] if batch_sizes else 0
-    if h0.dim() != 2 or h0.shape[1] == 0 or h0.shape[0] != first:
-        raise ValueError(f"fused {mode}: h_0 must have shape [{first}, hidden_size] (the first step's "
-                         f"batch), got {list(h0.shape)}")
-    B, H = h0.shape
-    G = (4 if mode == "LSTM" else 3) * H
-    I = p.w_ih.shape[1] if p.w_ih.dim() == 2 else -1
-    want = {
-        "h_0": (h0, (B, H)), "c_0": (c0, (B, H)), "weight_ih": (p.w_ih, (G, I)), "weight_hh": (p.w_hh, (G, H)),
-        "bias_ih": (p.b_ih, (G,)), "bias_hh": (p.b_hh, (G,)), "ln_ih_weight": (p.ln_ih_w, (G,)),
-        "ln_ih_bias": (p.ln_ih_b, (G,)), "ln_hh_weight": (p.ln_hh_w, (G,)), "ln_hh_bias": (p.ln_hh_b, (G,)),
-        "ln_cell_weight": (p.ln_c_w, (H,)), "ln_cell_bias": (p.ln_c_b, (H,)), "input rows": (x, (sum(batch_sizes), I)),
-    }
-    for name, (t, shape) in want.items():
-        if t is None:
-            continue
-        if t.device != x.device or t.dtype != x.dtype:
-            raise ValueError(f"fused {mode}: {name} is a {t.dtype} tensor on {t.device}, expected "
-                             f"{x.dtype} on {x.device} like the input")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"fused {mode}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-
-
-# ---------------------------------------------------------------------------------------- LSTM
 
 
 def _state(t: Tensor) -> Tensor:

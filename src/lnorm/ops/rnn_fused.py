@@ -38,7 +38,7 @@ from lnorm.ops import _rnn_kernels as K
 from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
-from lnorm.ops.rnn_weights import RecurrentWeights
+from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
 from lnorm.ops.step_gemm import StepGemm, input_product
 
 # ----------------------------------------------------------------------------------- schedule
@@ -480,43 +480,6 @@ gru_recurrence_op.register_autograd(_gru_op_backward, setup_context=_gru_op_setu
 # ------------------------------------------------------------------------------- entry point
 
 
-def check_shapes(x: Tensor, h0: Tensor, c0: Tensor | None, p: RecurrentWeights, batch_sizes: list[int]) -> None:
-    """Every tensor the kernels index by raw offsets (or that makes one they do), checked for the
-    shape, dtype and device they assume before any of them runs (a wrong one would read or write
-    out of bounds): a ValueError naming it."""
-    mode = p.mode
-    first = batch_sizes[0] if batch_sizes else 0
-    if h0.dim() != 2 or h0.shape[1] == 0 or h0.shape[0] != first:
-        raise ValueError(f"fused {mode}: h_0 must have shape [{first}, hidden_size] (the first step's "
-                         f"batch), got {list(h0.shape)}")
-    B, H = h0.shape
-    G = (4 if mode == "LSTM" else 3) * H
-    I = p.w_ih.shape[1] if p.w_ih.dim() == 2 else -1
-    want = {
-        "h_0": (h0, (B, H)),
-        "c_0": (c0, (B, H)),
-        "weight_ih": (p.w_ih, (G, I)),
-        "weight_hh": (p.w_hh, (G, H)),
-        "bias_ih": (p.b_ih, (G,)),
-        "bias_hh": (p.b_hh, (G,)),
-        "ln_ih_weight": (p.ln_ih_w, (G,)),
-        "ln_ih_bias": (p.ln_ih_b, (G,)),
-        "ln_hh_weight": (p.ln_hh_w, (G,)),
-        "ln_hh_bias": (p.ln_hh_b, (G,)),
-        "ln_cell_weight": (p.ln_c_w, (H,)),
-        "ln_cell_bias": (p.ln_c_b, (H,)),
-        "input rows": (x, (sum(batch_sizes), I)),
-    }
-    for name, (t, shape) in want.items():
-        if t is None:
-            continue
-        if t.device.type != "cpu" or t.dtype != x.dtype:
-            raise ValueError(f"fused {mode}: {name} is a {t.dtype} tensor on {t.device}, expected "
-                             f"{x.dtype} on cpu like the input")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"fused {mode}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-
-
 def _layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     """``lnorm.functional.layer_norm`` of the rows of a valid 2-D ``z``."""
     if delegates_to_torch(z, z.shape[1]):
@@ -542,7 +505,7 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
 
     Returns the packed output (N, H) and the final h, c (B, H) (c is None for the GRU).
     """
-    check_shapes(x, h0, c0, w, batch_sizes)
+    check_shapes(x, h0, c0, w, batch_sizes, "cpu")
     if not torch.compiler.is_compiling():  # (a host call dynamo cannot trace; compiled, left as is)
         num_threads()  # the step kernels' threads follow torch.set_num_threads
     if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
