@@ -28,9 +28,6 @@ CASES = [
     ("e1-c1-sup", e1.verdict_c1, ([1e-7, 2e-7], [0.5, 1.0]), SUP),
     ("e1-c1-not", e1.verdict_c1, ([1e-2, 1e-7], [0.5]), NOT),
     ("e1-c1-blind", e1.verdict_c1, ([1e-7], [1e-6]), INC),
-    ("e7-c11-sup", S.verdict_higher_lr, ({0.1: lo3, 1.0: hi3}, {0.1: hi3, 1.0: lo3}), SUP),
-    ("e7-c11-not", S.verdict_higher_lr, ({0.1: hi3, 1.0: lo3}, {0.1: hi3, 1.0: lo3}), NOT),
-    ("e7-c11-inc", S.verdict_higher_lr, ({0.1: noisy_b, 1.0: [0.55, 0.9, 0.2]}, {0.1: hi3, 1.0: lo3}), INC),
 ]
 
 

@@ -318,27 +318,6 @@ def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float
     return d, d - h, d + h
 
 
-def decide(lo: float, hi: float, margin: float = 0.0) -> str:
-    """Verdict for "the effect is positive" from its 95% interval ``[lo, hi]``.
-
-    Supported when ``lo > 0``; not supported when ``hi <= margin`` (no effect worth ``margin``);
-    inconclusive otherwise, including NaN bounds.
-    """
-    if math.isnan(lo) or math.isnan(hi):
-        return INCONCLUSIVE
-    if lo > 0:
-        return SUPPORTED
-    if hi <= margin:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
-
-
-def greater(a: Sequence[float], b: Sequence[float], margin: float = 0.0) -> tuple[str, tuple[float, float, float]]:
-    """Is ``a`` larger than ``b``? Verdict of :func:`decide` on the Welch interval of ``a - b``."""
-    d, lo, hi = diff_ci(a, b)
-    return decide(lo, hi, margin), (d, lo, hi)
-
-
 def all_of(*verdicts: str) -> str:
     """A claim made of several parts: supported if all are, not supported if any is not."""
     if any(v == NOT_SUPPORTED for v in verdicts):
@@ -364,15 +343,6 @@ def fmt_ci(xs: Sequence[float], digits: int = 3) -> str:
     return f"{m:.{digits}g} ± {(hi - lo) / 2:.{digits - 1}g}{extra}"
 
 
-def fmt_diff(d: tuple[float, float, float], digits: int = 3) -> str:
-    diff, lo, hi = d
-    if math.isnan(diff):
-        return "n/a"
-    if math.isnan(lo):
-        return f"{diff:+.{digits}g} (no interval: one seed)"
-    return f"{diff:+.{digits}g} [95% CI {lo:+.{digits}g}, {hi:+.{digits}g}]"
-
-
 # ------------------------------------------------------------------- criteria shared by experiments
 
 
@@ -388,24 +358,3 @@ def exact_vs_batch_norm(ln: Sequence[float], bn: Sequence[float], tol: float) ->
     if not bn or min(bn) <= 100 * tol:
         return INCONCLUSIVE
     return SUPPORTED
-
-
-def verdict_higher_lr(ln: dict[float, list[float]], none: dict[float, list[float]]) -> tuple[str, str]:
-    """C11 (higher score is better): LN's best learning rate (by mean score) is higher than the
-    unnormalized net's, and LN scores significantly better at its best lr than at the other's best
-    lr. Not supported when LN's best lr is the same or lower."""
-    def best(d):
-        means = {lr: mean_ci(v)[0] for lr, v in d.items() if v}
-        means = {lr: (m if m == m else -float("inf")) for lr, m in means.items()}
-        return max(means, key=means.get) if means else None
-
-    b_ln, b_no = best(ln), best(none)
-    if b_ln is None or b_no is None:
-        return INCONCLUSIVE, "missing runs"
-    if min(len(v) for v in (*ln.values(), *none.values())) < 2:
-        return INCONCLUSIVE, f"best lr: LN {b_ln:g}, none {b_no:g} (one seed decides nothing)"
-    ev = f"best lr: LN {b_ln:g}, none {b_no:g}"
-    if b_ln <= b_no:
-        return NOT_SUPPORTED, ev
-    v, d = greater(ln[b_ln], ln[b_no])
-    return (SUPPORTED if v == SUPPORTED else INCONCLUSIVE), ev + f"; LN at {b_ln:g} minus at {b_no:g} {fmt_diff(d)}"
