@@ -155,7 +155,41 @@ def test_e5_analyze_tests_each_norm_at_its_best_lr():
     verdicts, claims = _analyze()
     assert verdicts == {"C7-bn-vs-ln": "supported", "C7-ln-vs-none": "supported", "C7-ln-slower-than-bn": "supported"}
     assert claims["C7-bn-vs-ln"]["role"] == "primary" and claims["C7-ln-vs-none"]["role"] == "secondary"
-    assert claims["C7-bn-vs-ln"]["effect"]["estimate"] == pytest.approx(sum(BN) / 5 - sum(LN) / 5)
+    # five seeds: the lr is selected on seeds 0-1 and the claims tested on seeds 2-4
+    assert claims["C7-bn-vs-ln"]["effect"]["estimate"] == pytest.approx(sum(BN[2:]) / 3 - sum(LN[2:]) / 3)
+    assert claims["C7-bn-vs-ln"]["effect"]["n"] == 3
+
+
+def test_e5_selects_the_lr_on_other_seeds_than_it_tests_on():
+    # LN's middle lr is best on the selection seeds (0, 1) only; on the test seeds its top lr would
+    # look best. The chosen lr must be the selection seeds' (a lucky test seed cannot pick it)
+    cfg = e5.Config(norms=("none", "batch", "layer"), lrs=(3e-4, 1e-3, 3e-3))
+    recs = _recs("batch", 1e-3, BN, LOSS["batch"]) + _recs("none", 1e-3, NONE, LOSS["none"])
+    recs += _recs("batch", 3e-4, [a - 0.05 for a in BN], LOSS["batch"]) + _recs("batch", 3e-3, [a - 0.05 for a in BN],
+                                                                             LOSS["batch"])
+    recs += _recs("none", 3e-4, [a - 0.05 for a in NONE], LOSS["none"]) + _recs("none", 3e-3, [a - 0.05 for a in NONE],
+                                                                              LOSS["none"])
+    recs += _recs("layer", 1e-3, LN, LOSS["layer"]) + _recs("layer", 3e-4, [a - 0.05 for a in LN], LOSS["layer"])
+    recs += _recs("layer", 3e-3, [0.5, 0.5, 0.95, 0.95, 0.95], LOSS["layer"])
+    out = e5.analyze(cfg, {"e5": recs})
+    chosen = {row[0]: row[1] for row in out["tables"][0]["rows"] if row[2] == "yes"}
+    assert chosen == {"none": "0.001", "batch": "0.001", "layer": "0.001"}
+    assert any("selection seeds" in n for n in out["notes"])
+
+
+@pytest.mark.parametrize("none_acc,expected", [
+    (NONE, "supported"),
+    (LN, "inconclusive"),  # LN vs no norm tied within noise: the claim's second part undecided
+    ((0.90, 0.91, 0.92, 0.90, 0.91), "not supported"),  # no norm beats LN: the claim fails
+], ids=["both-parts", "second-part-undecided", "second-part-fails"])
+def test_e5_c7_needs_both_parts(none_acc, expected):
+    cfg = e5.Config(norms=("none", "batch", "layer"), lrs=(1e-3,))
+    recs = (_recs("batch", 1e-3, BN, LOSS["batch"]) + _recs("layer", 1e-3, LN, LOSS["layer"])
+            + _recs("none", 1e-3, none_acc, LOSS["none"]))
+    claims = {c["key"]: c for c in e5.analyze(cfg, {"e5": recs})["claims"]}
+    assert claims["C7-bn-vs-ln"]["effect"]["verdict"] == "supported"  # BN beats LN on its own
+    assert claims["C7-bn-vs-ln"]["verdict"] == expected
+    assert claims["C7-bn-vs-ln"]["effect"]["n"] == 5  # one lr: nothing selected, every seed tested
 
 
 def test_e5_analyze_loser_at_the_grid_edge_is_inconclusive():
