@@ -532,3 +532,12 @@ def test_e9_examples_to_floor():
 ], ids=["flat", "rising", "one-point"])
 def test_e9_tail_gain(steps, accs, expected):
     assert e9.tail_gain(steps, accs) == pytest.approx(expected, nan_ok=True)
+
+
+def test_e9_extrapolation_row_counts_a_failed_run():
+    # a diverged BN run scores chance at both lengths (a change of 0): the row must say it scored one
+    row = e9.row_c14_extrapolation(ln_L, ln_T, {**bn_L, 2: None}, {**bn_T, 2: None}, E9_FLOOR)
+    assert row["effect"]["n_failed"] == 1 and row["effect"]["n"] == 3
+    assert "1 failed run(s) scored 0" in row["evidence"] + row["effect"]["reason"]
+    clean = e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR)
+    assert clean["effect"]["n_failed"] == 0

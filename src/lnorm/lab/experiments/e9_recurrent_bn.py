@@ -241,6 +241,16 @@ def near_chance(floor: float, **means: float) -> str | None:
     return f"near chance: {', '.join(low)} below {floor:g} accuracy at this budget" if low else None
 
 
+def _change(train: dict, full: dict, seeds: list) -> S.Scored:
+    """Per seed, accuracy at the full length minus at the training length; a run that failed
+    (None, non-finite, or listed in ``failed``) scores chance at both, a change of 0, and is
+    listed in ``failed`` so the comparison says how many it scored."""
+    out = S.Scored({s: _scored(full[s]) - _scored(train[s]) for s in seeds})
+    out.failed = {s for s in seeds if _scored(full[s]) != full[s] or _scored(train[s]) != train[s]
+                  or s in getattr(full, "failed", ()) or s in getattr(train, "failed", ())}
+    return out
+
+
 def row_c14_extrapolation(ln_train: dict, ln_full: dict, bn_train: dict, bn_full: dict, floor: float,
                           order: str = "pixel") -> dict:
     """C14 (primary on pixel order): evaluated past the training length, BN-LSTM loses more accuracy
@@ -248,8 +258,7 @@ def row_c14_extrapolation(ln_train: dict, ln_full: dict, bn_train: dict, bn_full
     BN), paired; a diverged run scores chance at both lengths (no change). Inconclusive when either
     model is below ``floor`` at the training length (nothing to lose)."""
     seeds = sorted(set(ln_train) & set(ln_full) & set(bn_train) & set(bn_full))
-    d_ln = {s: _scored(ln_full[s]) - _scored(ln_train[s]) for s in seeds}
-    d_bn = {s: _scored(bn_full[s]) - _scored(bn_train[s]) for s in seeds}
+    d_ln, d_bn = _change(ln_train, ln_full, seeds), _change(bn_train, bn_full, seeds)
     eff = S.compare(d_ln, d_bn, min_effect=ACC_MIN_EFFECT, margin=ACC_MARGIN, unit="acc", resolution=ACC_RESOLUTION)
     caveat = near_chance(floor, **{"lnlstm at the training length": _mean(ln_train),
                                    "bnlstm at the training length": _mean(bn_train)})
