@@ -136,3 +136,36 @@ def test_experiments_score_with_the_shared_accuracy():
     from lnorm.lab.experiments import e9_recurrent_bn as e9
 
     assert e9.accuracy is train.accuracy and ddp.accuracy is train.accuracy
+
+
+class _Ctx:
+    device = "cpu"
+
+    def steps(self, n):
+        return range(n)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_e6_times_both_recurrent_sides_on_one_implementation(arch, monkeypatch):
+    # LayerNormLSTM(layer_norm=False) has no fused kernel, so with the default backend the LN side
+    # ran lnorm's Numba recurrence and the other side the pure-torch loop: C8 compared
+    # implementations. Both sides must take the pure-torch loop.
+    from lnorm.lab.experiments import e6_overhead as e6
+    from lnorm.nn import rnn as R
+
+    calls = []
+    real = R.fused_applies
+    monkeypatch.setattr(R, "fused_applies", lambda x, w: calls.append(real(x, w)) or calls[-1])
+    cfg = e6.Config(archs=(arch,), widths=(8,), batch_size=2, seq_len=3, warmup=1, repeats=2, steps=1, block_ms=0.0)
+    out = e6.run(cfg, {"arch": arch, "width": 8}, 0, _Ctx())
+    assert calls and not any(calls), "a fused recurrence ran on one side only"
+    assert out["backend"] == "torch" and out["ms_ln"] > 0 and out["ms_none"] > 0
+
+
+def test_e6_blocks_wait_for_queued_work():
+    # on CUDA a block must time the kernels, not their launches: sync runs before and after each block
+    from lnorm.lab.experiments import e6_overhead as e6
+
+    log = []
+    e6.interleaved_ms(lambda: log.append("a"), lambda: log.append("b"), 2, 1, sync=lambda: log.append("|"))
+    assert "".join(log) == "|a||b||b||a|"

@@ -5,7 +5,8 @@ same implementation with and without the norm, timed in the same process, interl
   same module code with ``nn.Identity`` in the norm's place);
 * transformer: E4's pre-norm ``TinyGPT`` with layer norm against the same code with Identity;
 * LSTM / GRU: ``lnorm.nn.LayerNormLSTM`` / ``LayerNormGRU`` with ``layer_norm=True`` against
-  ``layer_norm=False`` (the same layer and kernels, without the norm). torch's fused
+  ``layer_norm=False``, both on the pure-torch path (``use_backend("torch")``: lnorm's fused
+  kernels exist only with the norm, so with them the rows would compare implementations). torch's fused
   ``nn.LSTM`` is not a baseline here: comparing it with lnorm's layer measures implementations.
 
 Each run builds both models, runs ``warmup`` untimed steps of each, then ``repeats`` timed
@@ -17,6 +18,7 @@ relative overhead ``LN / none - 1`` per seed, over seeds. Widths are swept. Run 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import statistics
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lnorm import get_backend, use_backend
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.lm import CharRNN
@@ -96,31 +99,49 @@ def _step_fn(model, x, y):
     return step
 
 
-def interleaved_ms(step_a, step_b, repeats: int, steps: int) -> tuple[list[float], list[float]]:
+def interleaved_ms(step_a, step_b, repeats: int, steps: int, sync=lambda: None) -> tuple[list[float], list[float]]:
     """ms per step of each of two step functions over ``repeats`` blocks in the order A B B A A B
-    ...: ``(a's per-block ms, b's per-block ms)``."""
+    ...: ``(a's per-block ms, b's per-block ms)``. ``sync`` waits for queued work (CUDA runs
+    kernels asynchronously: without it a block would time their launches, not their work)."""
     ms = ([], [])
     for r in range(repeats):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
             fn = (step_a, step_b)[i]
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
+            sync()
             ms[i].append(1000 * (time.perf_counter() - t0) / steps)
     return ms
 
 
+# The recurrent layers run lnorm's fused kernels only with layer norm (layer_norm=False takes the
+# pure-torch loop), so both sides are timed on the pure-torch path: the one implementation that runs
+# with and without the norm. The MLP and the transformer differ only in the norm module.
+RECURRENT_BACKEND = "torch"
+
+
 def run(cfg: Config, params: dict, seed: int, ctx) -> dict:
+    recurrent = params["arch"] in ("lstm", "gru")
+    with use_backend(RECURRENT_BACKEND) if recurrent else contextlib.nullcontext():
+        out = _timed(cfg, params, seed, ctx)
+    return {**out, "backend": RECURRENT_BACKEND if recurrent else get_backend(ctx.device)}
+
+
+def _timed(cfg: Config, params: dict, seed: int, ctx) -> dict:
     fns = []
     for with_norm in (True, False):
         torch.manual_seed(seed)
         model, x, y = build(params["arch"], params["width"], cfg, with_norm)
         fns.append(_step_fn(model.to(ctx.device).train(), x.to(ctx.device), y.to(ctx.device)))
-    warm = interleaved_ms(fns[0], fns[1], cfg.warmup, 1)[1]  # untimed for the result; sizes the blocks
+    dev = torch.device(ctx.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    warm = interleaved_ms(fns[0], fns[1], cfg.warmup, 1, sync)[1]  # untimed for the result; sizes the blocks
     steps = max(cfg.steps, min(1000, math.ceil(cfg.block_ms / max(1e-3, min(warm)))))
     ln, none = [], []
     for _ in ctx.steps(cfg.repeats // 2):
-        a, b = interleaved_ms(fns[0], fns[1], 2, steps)
+        a, b = interleaved_ms(fns[0], fns[1], 2, steps, sync)
         ln += a
         none += b
     ms_ln, ms_none = statistics.median(ln), statistics.median(none)
