@@ -487,3 +487,51 @@ def test_e9_analyze_gives_the_known_verdicts(scenario, verdict):
     assert [c["key"] for c in out["claims"]] == ["C4-seqmnist-pixel", "C14-batch1-train-mode",
                                                 "C14-longer-test-sequences", "C14-batch1-training"]
     assert "cannot (batch statistics of one sample)" in out["tables"][0]["rows"][2]
+
+
+# ------------------------------------------------------------------ e1: C3 / C6 regressions (review)
+
+
+def _e1_claims(records):
+    cfg = e1.Config(norms=("none", "batch", "layer"), batch_sizes=(1, 4, 32))
+    return {c["key"]: c for c in e1.analyze(cfg, {"e1": records})["claims"]}
+
+
+def _e1_unit(norm, bs, acc, status="ok", curve_acc=None):
+    per_seed = {"test_acc": acc, "final_loss": shift(acc, 0.5), "ms_per_step": HIGH, "batch_dependence": (1e-7,) * 3}
+    if curve_acc is not None:
+        per_seed["curve_acc"] = curve_acc
+    return recs({"norm": norm, "batch_size": bs}, per_seed, status)
+
+
+def test_e1_c3_missing_bn_runs_at_batch_1_are_not_read_as_bn_trained():
+    # runs not run yet (or crashed) at batch 1 said "BN trained there" and sank C3 to "not supported"
+    r = [_e1_unit("none", b, HIGH) for b in (1, 4, 32)] + [_e1_unit("layer", b, HIGH) for b in (1, 4, 32)]
+    r += [_e1_unit("batch", 1, HIGH, status="missing"), _e1_unit("batch", 4, LOW), _e1_unit("batch", 32, HIGH)]
+    row = _e1_claims([x for u in r for x in u])["C3-small-batch-drop"]
+    assert row["verdict"] == "inconclusive" and "missing or crashed" in row["evidence"]
+
+
+def test_e1_c3_bn_diverging_at_the_small_batch_is_measured_there():
+    # BN diverged at batch 4 on every seed: the drop must be measured at 4 (scored at chance), not
+    # skipped for batch 32, which hid exactly the degradation C3 predicts
+    r = [_e1_unit("none", b, HIGH) for b in (1, 4, 32)] + [_e1_unit("layer", b, HIGH) for b in (1, 4, 32)]
+    r += [_e1_unit("batch", 1, HIGH, status="cannot_train"), _e1_unit("batch", 4, HIGH, status="diverged"),
+          _e1_unit("batch", 32, HIGH)]
+    row = _e1_claims([x for u in r for x in u])["C3-small-batch-drop"]
+    assert "batch 4" in row["criterion"]
+    assert row["effect"]["n_failed"] == 3 and row["effect"]["estimate"] > 0.5
+    assert row["verdict"] == "supported"
+
+
+@pytest.mark.parametrize("rising,expected", [(None, "supported"), ("layer", "inconclusive"), ("batch", "supported")])
+def test_e1_c6_supported_needs_ln_to_have_stopped_improving(rising, expected):
+    flat, up = ((0.9, 0.9),) * 3, ((0.8, 0.9),) * 3  # the last two evaluations
+    r = [_e1_unit("none", b, HIGH) for b in (1, 4, 32)]
+    r += [_e1_unit("batch", 1, HIGH, status="cannot_train"), _e1_unit("batch", 4, HIGH)]
+    r += [_e1_unit("batch", 32, HIGH, curve_acc=up if rising == "batch" else flat)]
+    r += [_e1_unit("layer", b, HIGH, curve_acc=(up if rising == "layer" else flat) if b == 32 else None)
+          for b in (1, 4, 32)]
+    row = _e1_claims([x for u in r for x in u])["C6-bn-vs-ln-large-batch"]
+    assert row["verdict"] == expected  # BN ties LN: non-inferior on the numbers alone (the None case)
+    assert ("held back" in row["evidence"]) == (expected == "inconclusive")

@@ -128,13 +128,16 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
 
     Accuracies are scored (a diverged run is chance), so a drop is never dropped."""
     parts, ev = [], []
-    if bn_b1_status:
+    unknown = [s for s in bn_b1_status if s not in ("ok", "diverged", "cannot_train")]
+    if not bn_b1_status or unknown:
+        # a run not run yet or crashed says nothing about whether BN can train at batch 1
+        parts.append(S.INCONCLUSIVE)
+        ev.append(f"BN@1: {len(unknown)} of {len(bn_b1_status)} runs missing or crashed" if unknown
+                  else "no BN run at batch 1")
+    else:
         ok = all(s == "cannot_train" for s in bn_b1_status)
         parts.append(S.SUPPORTED if ok else S.NOT_SUPPORTED)
         ev.append(f"BN@1: {'cannot train' if ok else 'trained'} ({len(bn_b1_status)} seeds)")
-    else:
-        parts.append(S.INCONCLUSIVE)
-        ev.append("no BN run at batch 1")
     works = S.compare(ln_b1, none_b1, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
                       resolution=ACC_RESOLUTION)
     parts.append(non_inferior(works, tol))
@@ -175,13 +178,20 @@ def still_improving(recs: list[dict], rise: float = 0.01, **match) -> bool:
 
 def _c3_row(cfg: Config, recs: list[dict], bss: list[int]) -> dict:
     big = bss[-1]
-    trainable = [b for b in bss if A.values(recs, "test_acc", norm="batch", batch_size=b)]
+
+    def bn_trains(b):  # BN ran at batch b (a diverged run counts: it trained, and scores chance)
+        st = A.statuses(recs, norm="batch", batch_size=b)
+        return bool(st) and not all(x == "cannot_train" for x in st)
+
+    trainable = [b for b in bss if bn_trains(b)]
     bn_small = trainable[0] if trainable else bss[0]
     drops = {}
     for n in ("batch", "layer"):
         at_big = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=big)
         at_small = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=bn_small)
-        drops[n] = {s: at_big[s] - at_small[s] for s in sorted(set(at_big) & set(at_small))}
+        both = sorted(set(at_big) & set(at_small))
+        drops[n] = S.Scored({s: at_big[s] - at_small[s] for s in both})
+        drops[n].failed = (at_big.failed | at_small.failed) & set(both)  # counted by compare
     v, ev, eff = verdict_c3(A.statuses(recs, norm="batch", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="none", batch_size=1),
@@ -198,8 +208,13 @@ def _c3_row(cfg: Config, recs: list[dict], bss: list[int]) -> dict:
 def _c6_row(cfg: Config, recs: list[dict], big: int) -> dict:
     v, ev, eff = verdict_c6(A.scored(recs, "test_acc", CHANCE, norm="batch", batch_size=big),
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=big))
-    caveats = [f"{steps_for(cfg, big)} steps at batch {big}: {n} still improving at the end"
-               for n in ("batch", "layer") if still_improving(recs, norm=n, batch_size=big)]
+    rising = {n for n in ("batch", "layer") if still_improving(recs, norm=n, batch_size=big)}
+    caveats = [f"{steps_for(cfg, big)} steps at batch {big}: {n} still improving at the end" for n in sorted(rising)]
+    # a side still improving could overturn the verdict it lost: LN catching up undoes "BN as
+    # good", BN catching up undoes "BN worse"
+    if (v == S.SUPPORTED and "layer" in rising) or (v == S.NOT_SUPPORTED and "batch" in rising):
+        ev += f"; {v} held back: the side that lost was still improving"
+        v = S.INCONCLUSIVE
     return A.claim_row("e1", "C6", "C6-bn-vs-ln-large-batch", eff, evidence=f"batch {big}: {ev}", role="primary",
                        caveats=caveats, verdict=v,
                        criterion=f"at batch {big}, the paired 95% CI of BN minus LN test accuracy lies above -1 point "
