@@ -283,3 +283,37 @@ def test_what_the_route_leaves_to_torch(triton_device, fused_calls, monkeypatch)
         monkeypatch.setattr(_triton_rnn, "MAX_HIDDEN", 1)
         make("gru", triton_device, 3, 2)(x)
         assert fused_calls["n"] == 1
+
+
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_initial_states(triton_device, fused_calls, torch_loop, kind, layout):
+    # The backward kernels read h0 / c0 by row * H: a learnable initial state expanded over the
+    # batch, or an hx stored (batch, layers, H) and transposed, gave wrong gradients of the
+    # initial states and of W_hh (the outputs were right)
+    T, B, I, H = 3, 3, 3, 4
+    bidir = layout == "transposed"
+    m = make(kind, triton_device, I, H, bidirectional=bidir)
+    L = 2 if bidir else 1
+    torch.manual_seed(3)
+    shape = (1, 1, H) if layout == "expanded" else (B, L, H)
+    base = [torch.randn(shape, device=triton_device, requires_grad=True) for _ in range(2 if kind == "lstm" else 1)]
+    x = torch.randn(T, B, I, device=triton_device, requires_grad=True)
+
+    def go():
+        states = [b.expand(L, B, H) if layout == "expanded" else b.transpose(0, 1) for b in base]
+        assert not states[0].is_contiguous()
+        with lnorm.use_backend("triton"):
+            out, st = m(x, tuple(states) if kind == "lstm" else states[0])
+        sts = list(st) if kind == "lstm" else [st]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=g).to(t)).sum() for t in [out, *sts])
+        return [out, *sts, *torch.autograd.grad(loss, [x, *base, *m.parameters()])]
+
+    ours = go()
+    assert fused_calls["n"] == L
+    loop = torch_loop(go)
+    labels = ["output", *(["h_n", "c_n"] if kind == "lstm" else ["h_n"]), "grad x",
+              *[f"grad state {i}" for i in range(len(base))], *[f"grad {n}" for n, _ in m.named_parameters()]]
+    for a, b, n in zip(ours, loop, labels, strict=True):
+        assert_close(a, b, name=f"{n} vs the pure-torch loop")

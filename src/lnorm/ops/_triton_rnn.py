@@ -594,14 +594,17 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
     check_shapes(x, h0, c0, w, batch_sizes)
     plan = _Plan(batch_sizes, reverse, x.device, h0.shape[1], _compute_dtype(x), w.eps)
     gx = _input_part(x, w)
+    # the kernels index h0, c0 and the LN parameters by row * H + column: a strided view (an
+    # expanded learnable initial state, a transposed hx) would be read at the wrong places
+    h0 = h0.contiguous()
     if w.mode == "LSTM":
-        tensors = (gx, h0, c0, w.w_hh, w.ln_hh_w, w.ln_hh_b, w.ln_c_w, w.ln_c_b)
+        tensors = (gx, h0, c0.contiguous(), w.w_hh, *(t.contiguous() for t in (w.ln_hh_w, w.ln_hh_b, w.ln_c_w, w.ln_c_b)))
     else:
         b1 = w.ln_hh_b  # the n part of b_hh joins the recurrent LN's bias, inside the reset gate's product
         if w.b_hh is not None:
             H = h0.shape[1]
             b1 = b1 + torch.cat([torch.zeros_like(w.b_hh[: 2 * H]), w.b_hh[2 * H :]])
-        tensors = (gx, h0, w.w_hh, w.ln_hh_w, b1)
+        tensors = (gx, h0, w.w_hh, w.ln_hh_w.contiguous(), b1.contiguous())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if w.mode == "LSTM":
         if needs_grad:
