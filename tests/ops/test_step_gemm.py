@@ -276,3 +276,49 @@ def test_the_input_projection_equals_a_float64_product(fresh_choices, impl):
     else:
         assert not sg.step_gemm_choices()  # forced, or nothing to choose: nothing measured
     torch.testing.assert_close(sg.input_product(x.double(), w.double()), x.double() @ w.double().t(), equal_nan=True)
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+@pytest.mark.parametrize("impl", F32_IMPLS)
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_batch_1_with_a_strided_initial_state(cls, impl):
+    # a one-row tensor counts as contiguous whatever its row stride, so the state copy kept a
+    # row stride below the width and the MKL product refused a valid input
+    _skip_unless(impl)
+    from lnorm.ops.step_gemm import use_step_gemm
+
+    torch.manual_seed(0)
+    m = cls(3, 4)
+    x = torch.randn(5, 1, 3)
+    h0 = torch.randn(4, 1, 1).permute(2, 1, 0)  # (1, 1, 4), row stride 1
+    hx = (h0, torch.randn(4, 1, 1).permute(2, 1, 0)) if cls is LayerNormLSTM else h0
+    with use_step_gemm(impl), lnorm.use_backend("numba"):
+        out = m(x, hx)[0]
+    with lnorm.use_backend("torch"):
+        ref = m(x, hx)[0]
+    assert_close(out, ref, atol=1e-5, rtol=1e-4, name=f"output, {impl}")
+
+
+def test_mkl_refuses_what_its_raw_pointers_cannot_take():
+    _skip_unless("mkl")
+    from lnorm.ops.step_gemm import StepGemm
+
+    g = StepGemm(torch.randn(8, 4), 2, impl="mkl")
+    x = torch.randn(2, 12)
+    with pytest.raises(ValueError, match="overlaps"):  # out written over h: a silently wrong product
+        g.into(x[:, :4], x[:, 4:12])
+    with pytest.raises(ValueError, match="CPU"):
+        g.into(torch.randn(2, 4, device="meta"), torch.empty(2, 8))
+    with pytest.raises(ValueError, match="2-d CPU tensor"):
+        StepGemm(torch.randn(8, 4, device="meta"), 2, impl="mkl")
+
+
+def test_use_step_gemm_none_means_the_measured_choice(fresh_choices, monkeypatch):
+    sg = fresh_choices
+    monkeypatch.setenv(sg.ENV, "mm")
+    assert sg._forced_impl() == "mm"
+    with sg.use_step_gemm(None):
+        assert sg._forced_impl() is None
+    assert sg._forced_impl() == "mm"

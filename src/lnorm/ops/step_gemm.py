@@ -108,6 +108,9 @@ class StepGemm:
 
     def __init__(self, w: Tensor, batch: int, accumulate: bool = False, impl: str | None = None):
         w = w.detach()
+        if w.dim() != 2 or w.device.type != "cpu" or w.layout != torch.strided:
+            raise ValueError(f"StepGemm: w must be a 2-d CPU tensor, got shape {tuple(w.shape)} on {w.device} "
+                             f"({w.layout})")
         if not (w.is_contiguous() or w.t().is_contiguous()):
             w = w.contiguous()
         self.n, self.k = w.shape
@@ -131,14 +134,24 @@ class StepGemm:
         elif impl == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
 
-    def _check(self, h: Tensor, out: Tensor) -> None:
-        # MKL reads and writes through raw pointers: the shapes it trusts, checked first
-        rows = h.shape[0]
+    def _check(self, h: Tensor, out: Tensor) -> tuple[int, int]:
+        """MKL reads and writes through raw pointers: the shapes, strides and device it trusts,
+        checked first. Returns the leading dimensions to pass (a one-row tensor's row stride is
+        arbitrary, torch calls it contiguous whatever it is: its rows are as long as it is wide)."""
+        rows = h.shape[0] if h.dim() == 2 else -1
         if (h.dtype != torch.float32 or out.dtype != torch.float32 or h.dim() != 2 or out.dim() != 2
+                or h.device.type != "cpu" or out.device.type != "cpu" or h.layout != torch.strided
+                or out.layout != torch.strided
                 or h.shape[1] != self.k or tuple(out.shape) != (rows, self.n) or h.stride(1) != 1
-                or out.stride(1) != 1 or h.stride(0) < self.k or out.stride(0) < self.n):
-            raise ValueError(f"StepGemm: h {tuple(h.shape)} and out {tuple(out.shape)} must be float32 with "
-                             f"contiguous rows, h (rows, {self.k}) and out (rows, {self.n})")
+                or out.stride(1) != 1 or (rows > 1 and (h.stride(0) < self.k or out.stride(0) < self.n))):
+            raise ValueError(f"StepGemm: h {tuple(h.shape)} and out {tuple(out.shape)} must be float32 CPU "
+                             f"tensors with contiguous rows, h (rows, {self.k}) and out (rows, {self.n}); got "
+                             f"strides {h.stride()} and {out.stride()} on {h.device} and {out.device}")
+        lo, hi = out.data_ptr(), out.data_ptr() + 4 * ((rows - 1) * out.stride(0) + self.n)
+        h_lo, h_hi = h.data_ptr(), h.data_ptr() + 4 * ((rows - 1) * h.stride(0) + self.k)
+        if rows > 0 and lo < h_hi and h_lo < hi:
+            raise ValueError("StepGemm: out overlaps h (the product would read values it already overwrote)")
+        return (h.stride(0) if rows > 1 else self.k), (out.stride(0) if rows > 1 else self.n)
 
     def into(self, h: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         """``out = h @ w.T`` (``out += ...`` when ``accumulate``); ``h`` and ``out`` have
@@ -147,10 +160,10 @@ class StepGemm:
         if self.impl == "mm" or rows != self.batch:
             return out.addmm_(h, self.b) if accumulate else torch.mm(h, self.b, out=out)
         if self.impl == "mkl":
-            self._check(h, out)
+            ldh, ldo = self._check(h, out)
             _MKL.fns[2](_MKL.ROW_MAJOR, _MKL.NO_TRANS, _MKL.PACKED, rows, self.n, self.k, h.data_ptr(),
-                        h.stride(0), self.packed.data_ptr(), self.n, 1.0 if accumulate else 0.0,
-                        out.data_ptr(), out.stride(0))
+                        ldh, self.packed.data_ptr(), self.n, 1.0 if accumulate else 0.0,
+                        out.data_ptr(), ldo)
             return out
         ops = torch.ops.mkldnn
         if accumulate:
@@ -192,7 +205,7 @@ def use_step_gemm(name: str | None):
     global _forced
     if name is not None and name != "auto" and name not in IMPLS:
         raise ValueError(f"use_step_gemm: name must be None, 'auto' or one of {IMPLS}, got {name!r}")
-    before, _forced = _forced, name
+    before, _forced = _forced, ("auto" if name is None else name)  # None: the measured choice, whatever the env says
     try:
         yield
     finally:
