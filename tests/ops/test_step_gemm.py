@@ -322,3 +322,24 @@ def test_use_step_gemm_none_means_the_measured_choice(fresh_choices, monkeypatch
     with sg.use_step_gemm(None):
         assert sg._forced_impl() is None
     assert sg._forced_impl() == "mm"
+
+
+def test_use_step_gemm_forces_this_thread_only(fresh_choices):
+    import threading
+
+    sg = fresh_choices
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        inside.wait()
+        seen.append(sg._forced_impl())
+        release.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with sg.use_step_gemm("mm"):
+        inside.set()
+        release.wait(30)
+        assert sg._forced_impl() == "mm"
+    t.join()
+    assert seen == [None] and sg._forced_impl() is None

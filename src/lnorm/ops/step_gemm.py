@@ -28,6 +28,7 @@ the choice moves results by float32 rounding only.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import statistics
 import time
@@ -183,13 +184,15 @@ class StepGemm:
 
 # ------------------------------------------------------------------------------ the choice
 
-_forced: str | None = None
+# per thread (and asyncio task): one thread's use_step_gemm block does not force another's products
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lnorm_step_gemm_forced", default=None)
 _chosen: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
 
 
 def _forced_impl() -> str | None:
-    name = _forced if _forced is not None else os.environ.get(ENV, "auto").strip().lower()
+    forced = _forced.get()
+    name = forced if forced is not None else os.environ.get(ENV, "auto").strip().lower()
     if name in ("", "auto"):
         return None
     if name not in IMPLS:
@@ -201,15 +204,14 @@ def _forced_impl() -> str | None:
 def use_step_gemm(name: str | None):
     """Force the implementation of the per-step products inside the block (``None`` or ``"auto"``:
     the measured choice); a forced one that cannot run a product (MKL absent, float64) leaves
-    that product to the measured choice. For tests and benchmarks."""
-    global _forced
+    that product to the measured choice. In this thread only. For tests and benchmarks."""
     if name is not None and name != "auto" and name not in IMPLS:
         raise ValueError(f"use_step_gemm: name must be None, 'auto' or one of {IMPLS}, got {name!r}")
-    before, _forced = _forced, ("auto" if name is None else name)  # None: the measured choice, whatever the env says
+    token = _forced.set("auto" if name is None else name)  # None: the measured choice, whatever the env says
     try:
         yield
     finally:
-        _forced = before
+        _forced.reset(token)
 
 
 def choose(batch: int, n: int, k: int, dtype: torch.dtype, accumulate: bool = False) -> str:
@@ -320,7 +322,7 @@ def step_gemm_choices() -> list[dict]:
     projection, see :func:`input_product`), n, k, dtype, threads, accumulate, the implementation
     and the measured milliseconds per product of each candidate."""
     out = []
-    for key, impl in _chosen.items():
+    for key, impl in list(_chosen.items()):  # another thread may be adding a class
         batch, n, k, dtype, threads, accumulate = key
         ms = {name: round(s * 1e3, 4) for name, s in _timings.get(key, {}).items()}
         out.append(dict(rows=batch, n=n, k=k, dtype=str(dtype).replace("torch.", ""), threads=threads,
