@@ -136,8 +136,11 @@ def test_interrupted_run_resumes_without_losing_finished_runs(tmp_path, monkeypa
     assert before, "the run was killed before finishing any unit"
     total = 6 + 2  # e1 smoke: 3 norms x 2 batch sizes; e2 smoke: 2 norms
     assert len(before) < total, "the run finished before it could be interrupted"
-    for d in out.glob("runs/*/*"):  # a killed unit leaves no result.json, at most a temporary metrics file
-        assert (d / "result.json").exists() or not (d / "metrics.jsonl").exists()
+    # a unit is done when its result.json is there, written last (after metrics.jsonl is renamed
+    # into place): a kill can land between the two, leaving metrics.jsonl alone, which the resume
+    # below redoes; a result.json never stands without its metrics
+    for d in out.glob("runs/*/*"):
+        assert not (d / "result.json").exists() or (d / "metrics.jsonl").exists()
     mtimes = {p: os.path.getmtime(out / p) for p in before}
     ran = []
     real = runner.execute
