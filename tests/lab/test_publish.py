@@ -245,3 +245,16 @@ def test_readme_links_the_pages_and_states_the_full_suites_time():
     total = sum(getattr(experiments.get(n), "EST_SECONDS", {}).get("full", 0) for n in experiments.names())
     assert abs(hours - total / 3600) <= 0.5, (f"README says the full suite takes about {hours} hours; "
                                              f"the experiments' EST_SECONDS sum to {report.duration(total)}")
+
+
+def test_an_experiment_with_no_finished_run_reads_not_run(run_copy, tmp_path):
+    # a partial full-suite page showed claims of experiments that had not started as
+    # "inconclusive: no values on one side", as if they had run and not decided
+    for p in run_copy.glob("runs/e2/*/result.json"):
+        p.unlink()
+    assert publish_cli(run_copy, tmp_path / "docs") == 0
+    page = (tmp_path / "docs/smoke/README.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in page.splitlines() if line.startswith("| C")}
+    for claim in ("C1", "C2"):  # e2's primary tests
+        assert " | not run | " in rows[claim] and "inconclusive" not in rows[claim], rows[claim]
+    assert "Not run yet" in page

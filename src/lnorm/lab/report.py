@@ -44,9 +44,17 @@ def analyze(run_dir: Path) -> dict:
     conf, cfgs = load_run_config(run_dir)
     env = load_json(run_dir / "env.json") if (run_dir / "env.json").exists() else {}
     results = load_results(run_dir, conf, cfgs)
-    sections, claims = [], []
+    sections, claims, ran = [], [], []
     for name in conf["experiments"]:
         mod = experiments.get(name)
+        if all(r["status"] == "missing" for r in results[name]):
+            # not one run finished yet (a partial run): its claims read "not run", not an
+            # inconclusive verdict computed from no data
+            sections.append({"name": name, "title": mod.TITLE, "tests_claims": list(mod.CLAIMS),
+                             "status": {"missing": len(results[name])}, "wall_s": 0.0,
+                             "notes": ["Not run yet: no run of this experiment has finished."]})
+            continue
+        ran.append(name)
         try:
             a = mod.analyze(cfgs[name], results)
         except (KeyError, TypeError, IndexError, ValueError) as exc:  # records that passed read_record's check
@@ -63,7 +71,7 @@ def analyze(run_dir: Path) -> dict:
             claims.append({"experiment": name, "text": CLAIMS.get(c["claim"], ""), **c})
     claims.sort(key=lambda c: (claim_key(c["claim"]), c["experiment"]))
     claims = adjust_secondary(claims)
-    return {"config": conf, "env": env, "claims": claims, "summary": summary(claims, conf["experiments"]),
+    return {"config": conf, "env": env, "claims": claims, "summary": summary(claims, ran),
             "sections": sections, "results": results}
 
 
