@@ -48,10 +48,9 @@ SUITES = {
     "full": dict(norms=("none", "batch", "layer", "rms"), hidden=1000, batch_sizes=(1, 2, 4, 8, 32, 128),
                  examples=12_800),
 }
-# quick: 38 s CPU, --jobs 1, 2-core EPYC. full: 12800 examples at every batch size make 12800 steps at
-# batch 1, which took 137-166 s per unnormalized run (--jobs 2, same EPYC); about 300 s per (norm, seed)
-# over the six batch sizes, more with a norm, none for BN at batch 1
-EST_SECONDS = {"smoke": 3, "quick": 40, "full": 6400}
+# quick: 38 s CPU, --jobs 1, 2-core EPYC. full: the 120 runs summed to 4520 s (--jobs 2, same EPYC,
+# commit 70bf14f); 12800 examples at every batch size make 12800 steps at batch 1 (~150 s a run)
+EST_SECONDS = {"smoke": 3, "quick": 40, "full": 4500}
 
 
 def units(cfg: Config) -> list[dict]:

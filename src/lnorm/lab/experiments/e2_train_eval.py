@@ -35,7 +35,7 @@ class Config:
 
 SUITES = {"smoke": dict(norms=("batch", "layer"), hidden=32, steps=20), "quick": {},
           "full": dict(hidden=1000, steps=2000)}
-EST_SECONDS = {"smoke": 2, "quick": 8, "full": 250}
+EST_SECONDS = {"smoke": 2, "quick": 8, "full": 380}  # full: 373 s summed over its 15 runs (--jobs 2, EPYC, 70bf14f)
 
 
 def units(cfg: Config) -> list[dict]:
