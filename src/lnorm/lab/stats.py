@@ -19,7 +19,7 @@ are compared unpaired (Welch). A diverged run is scored (``fail_score``), never 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 SUPPORTED = "supported"
@@ -45,9 +45,9 @@ class Scored(dict):
     """``{seed: value}`` whose ``failed`` seeds (diverged, cannot train) were already given a
     fail score (:func:`lnorm.lab.analysis.scored`); :func:`compare` counts them as failed runs."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, failed: Iterable = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.failed: set = set()
+        self.failed: set = set(failed)
 
 
 @dataclass(frozen=True)

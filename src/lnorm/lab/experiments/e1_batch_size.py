@@ -192,8 +192,8 @@ def _c3_row(cfg: Config, recs: list[dict], bss: list[int]) -> dict:
         at_big = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=big)
         at_small = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=bn_small)
         both = sorted(set(at_big) & set(at_small))
-        drops[n] = S.Scored({s: at_big[s] - at_small[s] for s in both})
-        drops[n].failed = (at_big.failed | at_small.failed) & set(both)  # counted by compare
+        drops[n] = S.Scored({s: at_big[s] - at_small[s] for s in both},  # failed runs: counted by compare
+                            failed=(at_big.failed | at_small.failed) & set(both))
     v, ev, eff = verdict_c3(A.statuses(recs, norm="batch", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="none", batch_size=1),

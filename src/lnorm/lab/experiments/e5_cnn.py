@@ -180,9 +180,7 @@ def _split(cfg: Config, recs: list[dict]) -> tuple[list[int], list[int], list[st
 
 
 def _only(sc: S.Scored, seeds: list[int]) -> S.Scored:
-    out = S.Scored({k: v for k, v in sc.items() if k in seeds})
-    out.failed = {k for k in sc.failed if k in seeds}
-    return out
+    return S.Scored({k: v for k, v in sc.items() if k in seeds}, failed=sc.failed & set(seeds))
 
 
 def _chosen(cfg: Config, recs: list[dict]) -> dict[str, dict]:

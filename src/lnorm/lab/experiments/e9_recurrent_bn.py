@@ -245,10 +245,11 @@ def _change(train: dict, full: dict, seeds: list) -> S.Scored:
     """Per seed, accuracy at the full length minus at the training length; a run that failed
     (None, non-finite, or listed in ``failed``) scores chance at both, a change of 0, and is
     listed in ``failed`` so the comparison says how many it scored."""
-    out = S.Scored({s: _scored(full[s]) - _scored(train[s]) for s in seeds})
-    out.failed = {s for s in seeds if _scored(full[s]) != full[s] or _scored(train[s]) != train[s]
-                  or s in getattr(full, "failed", ()) or s in getattr(train, "failed", ())}
-    return out
+    def failed(d: dict, s) -> bool:
+        return d[s] is None or not math.isfinite(d[s]) or s in getattr(d, "failed", ())
+
+    return S.Scored({s: _scored(full[s]) - _scored(train[s]) for s in seeds},
+                    failed={s for s in seeds if failed(full, s) or failed(train, s)})
 
 
 def row_c14_extrapolation(ln_train: dict, ln_full: dict, bn_train: dict, bn_full: dict, floor: float,
