@@ -113,8 +113,6 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
-
-
 def _consts(dtype, eps: float, g: int, h: int):
     # scalars in the data's dtype, so the kernels' float32 loops stay float32
     return np.array([eps, 1.0, 1.0 / g, 1.0 / h], dtype=dtype)
