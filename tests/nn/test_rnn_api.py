@@ -304,3 +304,51 @@ def test_layer_norm_off_batch_first_is_nn_lstm_to_the_bit(kind):
             results.append([out, *states, *grads])
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         assert torch.equal(a, b), f"item {i}: max diff {(a - b).abs().max()}"
+
+
+# Regressions from a review: an empty batch with layer norm off on the fast backend (torch's own
+# kernel behind it) raised from reshape(T, 0, -1); a 0-d input raised IndexError; a cell's state of
+# another dtype failed deep inside with a message about "weight" and "input".
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_relu"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_norm_off_empty_batch_as_torch(backend, kind, batch_first):
+    cls, ref_cls, kw = KINDS[kind]
+    torch.manual_seed(0)
+    ref = ref_cls(4, 6, batch_first=batch_first, **kw)
+    mod = cls(4, 6, layer_norm=False, batch_first=batch_first, **kw)
+    x = torch.randn(0, 5, 4) if batch_first else torch.randn(5, 0, 4)
+    out, state = mod(x)
+    ref_out, ref_state = ref(x)
+    assert out.shape == ref_out.shape
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    ref_state if isinstance(ref_state, tuple) else (ref_state,), strict=True):
+        assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("mod", [LayerNormLSTM(4, 6), LayerNormGRU(4, 6), lnorm.nn.LayerNormLSTMCell(4, 6),
+                                 lnorm.nn.LayerNormGRUCell(4, 6)], ids=lambda m: type(m).__name__)
+def test_zero_dim_input_is_a_value_error(mod):
+    with pytest.raises(ValueError, match=f"{type(mod).__name__}: input .*0-d tensor"):
+        mod(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("which", [0, 1])
+def test_cell_state_dtype_is_named(layer_norm, which):
+    cell = lnorm.nn.LayerNormLSTMCell(4, 6, layer_norm=layer_norm)
+    state = [torch.randn(3, 6), torch.randn(3, 6)]
+    state[which] = state[which].double()
+    name = ("h_0", "c_0")[which]
+    with pytest.raises(TypeError, match=f"LayerNormLSTMCell: {name} dtype torch.float64"):
+        cell(torch.randn(3, 4), tuple(state))
+    gru = lnorm.nn.LayerNormGRUCell(4, 6, layer_norm=layer_norm)
+    with pytest.raises(TypeError, match="LayerNormGRUCell: hx dtype torch.float64"):
+        gru(torch.randn(3, 4), torch.randn(3, 6, dtype=torch.float64))
+
+
+def test_cell_state_device_is_named():
+    cell = lnorm.nn.LayerNormGRUCell(4, 6)
+    with pytest.raises(ValueError, match="LayerNormGRUCell: input and hx must be on the same device"):
+        cell(torch.randn(3, 4), torch.empty(3, 6, device="meta"))

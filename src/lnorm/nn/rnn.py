@@ -374,6 +374,9 @@ def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> No
         raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0:  # before x.shape[-1], which a 0-d tensor does not have
+        raise ValueError(f"{name}: input must have a feature dimension of size input_size={input_size}, got a "
+                         "0-d tensor")
     if x.shape[-1] != input_size:
         raise ValueError(
             f"{name}: input.size(-1) must be equal to input_size. Expected {input_size}, got "
@@ -445,6 +448,11 @@ class _LayerNormCellBase(nn.Module):
             for nm, t in (("h_0", h), ("c_0", c)) if is_lstm else (("hx", h),):
                 if tuple(t.shape) != want:
                     raise ValueError(f"{name}: Expected {nm} of shape {list(want)}, got {list(t.shape)}")
+                if t.dtype != input.dtype:  # else the error would come from deep inside, naming neither
+                    raise TypeError(f"{name}: {nm} dtype {t.dtype} does not match the input's dtype {input.dtype}")
+                if t.device != input.device:
+                    raise ValueError(f"{name}: input and {nm} must be on the same device, got input on "
+                                     f"{input.device} and {nm} on {t.device}")
             if not batched:
                 h = h.unsqueeze(0)
                 c = c.unsqueeze(0) if c is not None else None
@@ -720,13 +728,14 @@ class _LayerNormRNNBase(nn.Module):
                      self.training, self.bidirectional)
             out = res[0]
         else:
-            xs = x.reshape(T, B, -1)
+            xs = x.reshape(T, B, x.shape[-1])  # explicit sizes: -1 is ambiguous when B = 0
             if self.batch_first:  # torch's kernel on torch's layout: nn.LSTM's result to the bit
                 xs = xs.transpose(0, 1).contiguous()
             res = fn(xs, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
                      self.bidirectional, self.batch_first)
             out = res[0].transpose(0, 1) if self.batch_first else res[0]
-        out = out.reshape(-1, out.shape[-1])
+        if out.dim() == 3:  # (T, B, H) -> packed rows; explicit sizes, as above
+            out = out.reshape(out.shape[0] * out.shape[1], out.shape[2])
         if self.mode == "LSTM":
             return out, res[1], res[2]
         return out, res[1], None
