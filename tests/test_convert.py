@@ -311,3 +311,16 @@ def test_lstm_to_layernorm_refuses_a_non_module():
     # (proj_size converts now: tests/test_convert_coverage.py)
     with pytest.raises(TypeError, match="model must be"):
         lstm_to_layernorm("lstm")
+
+
+def test_mixed_requires_grad_is_kept_per_parameter():
+    # regression: the flag was copied only when all of the old module's parameters agreed, so a
+    # frozen weight beside a trainable bias came back trainable
+    bn = nn.BatchNorm1d(4)
+    bn.weight.requires_grad_(False)
+    m = convert_norms(nn.Sequential(nn.Linear(3, 4), bn), layout="last", target="layer")
+    assert {n: p.requires_grad for n, p in m[1].named_parameters()} == {"weight": False, "bias": True}
+    ln = nn.LayerNorm(4)
+    ln.bias.requires_grad_(False)
+    m = convert_norms(nn.Sequential(ln), source=nn.LayerNorm, target="rms")
+    assert {n: p.requires_grad for n, p in m[0].named_parameters()} == {"weight": True}

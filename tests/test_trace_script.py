@@ -123,3 +123,34 @@ def test_legacy_onnx_export_runs_in_onnxruntime(backend, name):
         want = _outputs(m(*new))
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert_close(torch.from_numpy(a), b, atol=1e-5, rtol=1e-4, name=f"onnxruntime {name} output {i}")
+
+
+# Regressions from a review: a trace of 2-D rows recorded `rstd[:, None]` (unsqueeze(1)), which on
+# a (B, T, H) input with T == H broadcast wrongly instead of failing; the scripted add modules
+# formed the residual sum in the residual's dtype, not torch's promotion of both.
+
+
+@pytest.mark.parametrize("name", ["RMSNorm", "AddRMSNorm"])
+def test_trace_of_2d_rows_replayed_on_3d_input(backend, name):
+    torch.manual_seed(0)
+    H = 4
+    m = getattr(lnorm, name)(H)
+    with torch.no_grad():
+        m.weight.add_(torch.randn(H))
+    two_d = (torch.randn(3, H),) if name == "RMSNorm" else (torch.randn(3, H), torch.randn(3, H))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, two_d)
+    three_d = tuple(torch.randn(2, H, H) for _ in two_d)  # T == H: a wrong broadcast would not raise
+    _check(traced(*three_d), m(*three_d), f"{name} traced on 2-D, run on 3-D")
+
+
+@pytest.mark.parametrize("name", ["AddRMSNorm", "AddLayerNorm"])
+def test_script_sums_float64_x_and_float32_residual_in_float64(backend, name):
+    m = getattr(lnorm, name)(8, dtype=torch.float64)
+    scripted = torch.jit.script(m)
+    x = 1.0 + 1e-9 * torch.randn(2, 8, dtype=torch.float64)
+    r = torch.randn(2, 8, dtype=torch.float32)
+    for a, b in zip(scripted(x, r), m(x, r), strict=True):
+        assert a.dtype == b.dtype == torch.float64
+        assert_close(a, b, atol=1e-12, rtol=1e-12, name=f"scripted {name}")

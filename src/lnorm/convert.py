@@ -86,9 +86,15 @@ def _like(new: nn.Module, old: nn.Module) -> nn.Module:
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
     new.train(old.training)
-    grads = {p.requires_grad for p in old.parameters(recurse=False)}
-    if len(grads) == 1:
-        new.requires_grad_(grads.pop())
+    # per parameter name (a frozen weight beside a trainable bias stays so); a parameter the old
+    # module did not have takes the old module's flag where all of its parameters agree
+    old_params = dict(old.named_parameters(recurse=False))
+    grads = {p.requires_grad for p in old_params.values()}
+    for pname, p in new.named_parameters(recurse=False):
+        if pname in old_params:
+            p.requires_grad_(old_params[pname].requires_grad)
+        elif len(grads) == 1:
+            p.requires_grad_(next(iter(grads)))
     return new
 
 

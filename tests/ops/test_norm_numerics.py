@@ -184,3 +184,52 @@ def test_cache_of_constant_weights_is_bounded_in_bytes():
     finally:
         tracemalloc.stop()
     assert kept < 16 * 2**20, f"{kept / 2**20:.1f} MB kept after the calls"
+
+
+# -------------------------------------------- constant huge rows, and second derivatives of huge rows
+# Regressions from a review: the torch launchers' overflow rescue took an unshifted mean, so a
+# constant row of 1e30 came out -weight + bias (finite and wrong; NaN past 1e32, where eps times
+# the scale squared underflowed); and backward with create_graph=True recomputed the statistics in
+# plain torch ops, whose squares overflowed, giving such rows a gradient of exactly 0.
+
+_FNS = {"layer": lambda x, H, w, b: LF.layer_norm(x, (H,), w, b),
+        "rms": lambda x, H, w, b: LF.rms_norm(x, (H,), w),
+        "add_layer": lambda x, H, w, b: LF.add_layer_norm(x, torch.zeros_like(x), (H,), w, b)[0],
+        "add_rms": lambda x, H, w, b: LF.add_rms_norm(x, torch.zeros_like(x), (H,), w)[0]}
+
+
+@pytest.mark.parametrize("value", [1e10, 1e30, 1e31, 1e33, 3e38, -2e35])
+@pytest.mark.parametrize("op", OPS)
+def test_constant_rows_of_any_magnitude_give_the_bias(backend, own_layer_norm, op, value):
+    H = 40
+    w, b = torch.full((H,), 2.0), torch.full((H,), 0.5)
+    x = torch.randn(3, H)
+    x[1] = value
+    y = _FNS[op](x, H, w, b)
+    # layer norm of a constant row: exactly the bias; RMS norm: sign(value) * weight (eps negligible)
+    expect = torch.full((H,), 0.5) if op in ("layer", "add_layer") else torch.full((H,), 2.0 * (1 if value > 0 else -1))
+    assert_close(y[1].double(), expect.double(), atol=1e-6, rtol=1e-6, name=f"{op} at {value:g}")
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_second_derivative_path_keeps_huge_rows(backend, own_layer_norm, op):
+    H = 4
+    w, b = torch.tensor([1.0, 0.5, 2.0, -1.0]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    x = torch.tensor([[0.3, -1.2, 0.7, 2.0], [0.5, 0.1, -0.3, 1.0], [7.0, 7.0, 7.0, 7.0]])
+    x[0] *= 1e30  # squares overflow float32
+    x[2] *= 1e33  # constant and huge
+    x = x.requires_grad_()
+    g = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.2, 0.4, -1.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    (plain,) = torch.autograd.grad(_FNS[op](x, H, w, b), x, g)
+    (graph,) = torch.autograd.grad(_FNS[op](x, H, w, b), x, g, create_graph=True)
+    x64 = x.detach().double().requires_grad_()
+    F = torch.nn.functional
+    y64 = (F.layer_norm(x64, (H,), w.double(), b.double()) if op in ("layer", "add_layer")
+           else F.rms_norm(x64, (H,), w.double()))
+    (ref,) = torch.autograd.grad(y64, x64, g.double())  # torch in float64: no overflow at 1e33
+    for got, name in ((plain, "plain backward"), (graph, "create_graph")):
+        assert torch.isfinite(got).all(), name
+        for i in range(3):  # row by row: their gradients differ by 60 orders of magnitude
+            assert_close(*_scaled(got[i], ref[i]), atol=1e-4, rtol=1e-4, name=f"{op} {name} row {i}")
+    assert graph[0].abs().max() > 0  # was exactly 0

@@ -28,8 +28,8 @@ def _residual_sum(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) ->
     in the residual dtype, as :func:`lnorm.functional.add_layer_norm` forms it."""
     if residual_in_fp32 and x.dtype != torch.float64:
         dtype = torch.float32
-    elif residual is not None:
-        dtype = residual.dtype
+    elif residual is not None:  # torch's `x + residual` (float64 x with a float32 residual: float64)
+        dtype = torch.promote_types(x.dtype, residual.dtype)
     else:
         dtype = x.dtype
     if residual is None:

@@ -240,7 +240,7 @@ def _fwd_torch(x, residual, weight, bias, eps, center, res_dtype):
     else:
         s = src.to(cdt)
         rstd = torch.rsqrt(s.square().mean(-1) + eps)
-        y = s * rstd[:, None]
+        y = s * rstd.unsqueeze(-1)  # not rstd[:, None]: a trace of 2-D rows replayed on (B, T, H) broadcast it wrong
         if weight is not None:
             y = y * weight.to(cdt)
         if bias is not None:
@@ -263,21 +263,43 @@ def _redo_scaled_rows(src, weight, bias, eps, center, rows, y, mean, rstd) -> No
     out NaN, as before."""
     cdt = rstd.dtype
     s = src[rows].to(cdt)
-    m = s.abs().amax(-1, keepdim=True)
-    scale = torch.ldexp(torch.ones_like(m), (40 - torch.frexp(m).exponent).clamp(max=0))
-    xs = s * scale
-    mu = xs.mean(-1, keepdim=True) if center else torch.zeros_like(m)
-    d = xs - mu
-    r = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps * scale * scale)
-    out = d * r
+    xs, scale = _scaled(s)
+    mu, d, var = _centered(xs, center)
+    # eps scales with the data's square; eps * scale**2 may underflow to 0, harmless unless the row
+    # is constant (var 0): that row's output is exactly the bias, its rstd that of any constant row
+    r = torch.rsqrt(var + eps * scale * scale)
+    const = var == 0
+    out = torch.where(const, torch.zeros_like(d), d * r)
     if weight is not None:
         out = out * weight.to(cdt)
     if bias is not None:
         out = out + bias.to(cdt)
     y[rows] = out.to(y.dtype)
-    rstd[rows] = (r * scale).squeeze(-1)
+    rstd[rows] = torch.where(const, torch.full_like(r, eps).rsqrt(), r * scale).squeeze(-1)
     if center:
         mean[rows] = (mu / scale).squeeze(-1)
+
+
+def _scaled(s: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s * scale, scale)``: each row times the power of two (exact, a constant to autograd)
+    that brings its max |x| under 2**40, 1 for a row already under it, so that the squares of
+    any finite float32 row stay finite."""
+    m = s.detach().abs().amax(-1, keepdim=True)
+    scale = torch.ldexp(torch.ones_like(m), (40 - torch.frexp(m).exponent).clamp(max=0))
+    return s * scale, scale
+
+
+def _centered(xs: Tensor, center: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, xs - mean, variance)`` of each row (mean 0 when not ``center``), the mean shifted
+    by the row's first value as the Numba kernel takes it: a constant row gets its own value as its
+    mean exactly, so its deviations are 0, not the rounding error of a sum of large values."""
+    if center:
+        shift = xs[:, :1].detach()
+        mu = shift + (xs - shift).mean(-1, keepdim=True)
+    else:
+        mu = torch.zeros_like(xs[:, :1])
+    d = xs - mu
+    return mu, d, d.square().mean(-1, keepdim=True)
 
 
 def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
@@ -443,12 +465,14 @@ def _bwd_recomputed(eps, dy, src, weight, mean, rstd, center, need_dw, need_db, 
     """:func:`_bwd_torch` with the statistics recomputed from ``src`` in torch ops, so that the
     gradients are a differentiable function of the inputs (backward with ``create_graph=True``):
     second derivatives are exact on either backend and at every size."""
-    s = src.to(rstd.dtype)
-    if center:
-        mean = s.mean(-1)
-        s = s - mean[:, None]
-    rstd = torch.rsqrt(s.square().mean(-1) + eps)
-    return _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres)
+    # on the rows scaled as the forward's overflow rescue does (scale 1 for ordinary rows): plain
+    # torch ops would square a row past 1.8e19 to inf and give every such row a zero gradient
+    xs, scale = _scaled(src.to(rstd.dtype))
+    mu, _, var = _centered(xs, center)
+    r = torch.rsqrt(var + eps * scale * scale) * scale
+    r = torch.where(var == 0, torch.full_like(r, eps).rsqrt(), r)  # a constant row, as in the forward
+    mean = (mu / scale).squeeze(-1) if center else mean
+    return _bwd_torch(dy, src, weight, mean, r.squeeze(-1), center, need_dw, need_db, dres)
 
 
 class _FusedNorm(torch.autograd.Function):
