@@ -324,3 +324,20 @@ def test_mixed_requires_grad_is_kept_per_parameter():
     ln.bias.requires_grad_(False)
     m = convert_norms(nn.Sequential(ln), source=nn.LayerNorm, target="rms")
     assert {n: p.requires_grad for n, p in m[0].named_parameters()} == {"weight": True}
+
+
+def test_group_to_group_keeps_its_groups():
+    # regression: GroupNorm(2, 8) converted with target="group" became GroupNorm(4, 8) (the
+    # default for 8 channels), a different function
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        gn.weight.add_(torch.randn(8))
+        gn.bias.add_(torch.randn(8))
+    model = nn.Sequential(gn)
+    new = convert_norms(model, source=nn.GroupNorm, target="group")
+    x = torch.randn(3, 8, 5)
+    assert new[0].num_groups == 2
+    torch.testing.assert_close(new(x), gn(x))
+    assert convert_norms(nn.Sequential(nn.GroupNorm(2, 8)), source=nn.GroupNorm, target="group",
+                         num_groups=8)[0].num_groups == 8

@@ -226,7 +226,10 @@ def _target_options(module: nn.Module, label: str, C: int, lay: str, target: str
     else:
         options["affine"] = affine
     if target == "group":
-        groups = num_groups if num_groups is not None else default_groups(C)
+        # a group norm keeps its own groups (as every layer keeps its eps): group to group is the
+        # same function; from anything else the default
+        own = module.num_groups if isinstance(module, nn.GroupNorm) else None
+        groups = num_groups if num_groups is not None else own if own is not None else default_groups(C)
         if C % groups:
             raise ValueError(f"cannot convert {label} to group norm: its {C} channels are not "
                              f"divisible by num_groups={groups}")
@@ -283,8 +286,9 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
             name to layout.
         example_input: a tensor (or tuple of positional args) run once through the model, with
             its state restored, to see what each ``BatchNorm1d`` receives.
-        num_groups: for ``target="group"``; default :func:`lnorm.nn.factory.default_groups` of the
-            channels (groups of at least 2 channels).
+        num_groups: for ``target="group"``; default: a replaced ``nn.GroupNorm``'s own
+            ``num_groups``, else :func:`lnorm.nn.factory.default_groups` of the channels (groups
+            of at least 2 channels).
         eps: the new layers' eps; default each replaced layer's own.
         drop_bias: allow ``target="rms"`` (which has no bias) to replace a layer whose bias is
             not zero, dropping the bias. Default False: that raises.
