@@ -233,3 +233,19 @@ def test_second_derivative_path_keeps_huge_rows(backend, own_layer_norm, op):
         for i in range(3):  # row by row: their gradients differ by 60 orders of magnitude
             assert_close(*_scaled(got[i], ref[i]), atol=1e-4, rtol=1e-4, name=f"{op} {name} row {i}")
     assert graph[0].abs().max() > 0  # was exactly 0
+
+
+@pytest.mark.parametrize("rows", [3, 1 << 14], ids=["serial", "threaded"])
+@pytest.mark.parametrize("op", OPS)
+def test_a_row_holding_inf_is_nan_where_torch_is(backend, own_layer_norm, op, rows):
+    # regression: at sizes that take the threaded kernel, an RMS row holding one inf came out NaN
+    # everywhere (torch: 0 at the finite elements, NaN at the inf), the rsqrt estimate that arcp
+    # allows giving NaN for 1/sqrt(inf)
+    H = 8
+    x = torch.randn(rows, H)
+    x[1, 3] = float("inf")
+    y = _FNS[op](x, H, None, None)
+    F = torch.nn.functional
+    ref = F.layer_norm(x, (H,)) if op in ("layer", "add_layer") else F.rms_norm(x, (H,))
+    assert torch.equal(torch.isnan(y[1]), torch.isnan(ref[1])), (y[1], ref[1])
+    assert torch.isfinite(y[[0, 2]]).all()

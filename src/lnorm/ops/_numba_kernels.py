@@ -159,6 +159,11 @@ def _norm_fwd(x, res, w, b, eps, inv_h, center, y, res_out, mean, rstd):  # prag
             d = _f(src[j]) - mu
             var += d * d
         r = one / np.sqrt(var * inv_h + eps)
+        if var == np.inf:
+            # torch's 1/sqrt(inf) is 0 (an RMS row holding inf: 0 where finite, NaN at the inf);
+            # arcp lets LLVM turn the division into an rsqrt estimate, NaN at inf (the threaded
+            # build did: the whole row came out NaN). A finite row that overflowed is redone below.
+            r = zero
         yi = y[i]
         # var is inf or NaN only when a square or a sum overflowed or the row is not finite: one
         # test per row, and the rare finite row is redone on a scaled copy
