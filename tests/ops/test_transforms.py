@@ -169,3 +169,43 @@ def test_forward_mode_ad(backend, op):
         tangent = fwAD.unpack_dual(out).tangent
     _, want = jvp(lambda v: _ref(op, v, residual, weight, bias), (x,), (t,))
     assert_close(tangent, want, dtype=torch.float64, name=f"{op} forward-mode tangent")
+
+
+# ------------------------------------------------------------------------- batched backward
+# Regression: torch.autograd.grad(..., is_grads_batched=True) and jacobian(..., vectorize=True)
+# run backward under (legacy) vmap, where no transform reads as active: the norm ops sent the
+# batched gradient to the Numba kernels and failed with "Batching rule not implemented for
+# aten::detach"; the fused recurrences with a vmap error about random operations.
+
+
+@pytest.mark.parametrize("H", SIZES)
+@pytest.mark.parametrize("op", OPS)
+def test_batched_backward_matches_reference(backend, op, H):
+    inputs = _inputs(op, H)
+    leaves = [t for t in inputs if t is not None]
+    v = torch.randn(4, *inputs[0].shape, dtype=torch.float64)
+    got = torch.autograd.grad(_lnorm(op, *inputs), leaves, v, is_grads_batched=True)
+    want = torch.autograd.grad(_ref(op, *inputs), leaves, v, is_grads_batched=True)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, name=f"{op} batched grad")
+    x = inputs[0].detach()
+    rest = inputs[1:]
+    jac = torch.autograd.functional.jacobian(lambda x: _lnorm(op, x, *rest), x, vectorize=True)
+    jac_ref = torch.autograd.functional.jacobian(lambda x: _ref(op, x, *rest), x, vectorize=True)
+    assert_close(jac, jac_ref, name=f"{op} vectorized jacobian")
+
+
+def test_batched_backward_through_a_fused_recurrence_is_one_clear_error():
+    from lnorm.nn import LayerNormLSTM
+
+    torch.manual_seed(0)
+    m = LayerNormLSTM(4, 6)
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    y = m(x)[0]
+    v = torch.randn(3, *y.shape)
+    with pytest.raises(RuntimeError, match="cannot run a batched backward"):
+        torch.autograd.grad(y, x, v, is_grads_batched=True)
+    with lnorm.use_backend("torch"):  # the way the message points to
+        (g,) = torch.autograd.grad(m(x)[0], x, v, is_grads_batched=True)
+        loop = torch.stack([torch.autograd.grad(m(x)[0], x, vi)[0] for vi in v])
+    assert_close(g, loop, name="torch backend batched grad")

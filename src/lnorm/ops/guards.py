@@ -89,6 +89,25 @@ class _SecondDerivativeError(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
+def batched(t) -> bool:
+    """Whether ``t`` is a gradient batched by vmap inside backward (``torch.autograd.grad(...,
+    is_grads_batched=True)``, ``jacobian(..., vectorize=True)``): no functorch transform reads as
+    active there, so :func:`use_torch_path` cannot tell, and those still use the legacy vmap,
+    whose tensors only the legacy test sees."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    fns = torch._C._functorch
+    return bool(fns.is_batchedtensor(t) or (hasattr(fns, "is_legacy_batchedtensor") and fns.is_legacy_batchedtensor(t)))
+
+
+BATCHED_MESSAGE = (
+    "lnorm: the fused path of LayerNormLSTM/LayerNormGRU (Numba on the CPU, Triton on CUDA) cannot run a "
+    "batched backward (torch.autograd.grad(..., is_grads_batched=True) or "
+    "torch.autograd.functional.jacobian(..., vectorize=True)): its kernels see one gradient at a time. "
+    "Run the model under lnorm.use_backend(\"torch\") for batched gradients, or loop over them."
+)
+
+
 def first_order_only(backward):
     """Decorate a custom Function's ``backward`` that is not differentiable (it runs kernels on
     numpy views). With ``create_graph=True`` the gradients it returns carry a node that raises
@@ -100,6 +119,8 @@ def first_order_only(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
+        if any(batched(g) for g in grad_outputs):
+            raise RuntimeError(BATCHED_MESSAGE)
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
         if not torch.is_grad_enabled():

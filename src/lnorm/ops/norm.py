@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lnorm.ops import backend
 from lnorm.ops.export import exporting, norm_in_standard_ops
-from lnorm.ops.guards import static_size, use_torch_path
+from lnorm.ops.guards import batched, static_size, use_torch_path
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -492,8 +492,10 @@ class _FusedNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dres_out, dmean, drstd):
-        # grad mode is on in backward only with create_graph=True (a second derivative may follow)
-        if torch.is_grad_enabled():
+        # grad mode is on in backward only with create_graph=True (a second derivative may follow);
+        # a transform active in backward (is_grads_batched=True, jacobian(vectorize=True) run it
+        # under vmap) gets the same torch ops, which it can batch, not the kernels, which it cannot
+        if torch.is_grad_enabled() or use_torch_path() or batched(dy) or batched(dres_out):
             return _grads(ctx, dy, dres_out, functools.partial(_bwd_recomputed, ctx.eps))
         return _grads(ctx, dy, dres_out, functools.partial(_bwd, add_op=ctx.has_residual))
 
