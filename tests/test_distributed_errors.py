@@ -50,3 +50,40 @@ def test_rank_that_hangs_outside_a_collective_is_named_not_the_one_waiting():
     assert info.value.rank == 1
     assert "rank 0 waited for" in str(info.value) and "Timed out" in str(info.value)
     assert not multiprocessing.active_children(), "workers left running"
+
+
+def test_an_ordinary_error_that_mentions_a_timeout_is_not_a_collective_timeout():
+    # regression: the whole traceback was searched for "timeout", so a quoted source line
+    # (`timeout=timeout)`) or a message such as "read_timeout must be positive" made rank 0's own
+    # error read as a collective that timed out, and a still-running peer was blamed
+    from lnorm.distributed import _is_timeout
+
+    tb = ('Traceback (most recent call last):\n  File "x.py", line 3, in fn\n    dist.init_process_group('
+          '"gloo", timeout=timeout)\nValueError: read_timeout must be positive, got -1\n')
+    assert not _is_timeout(tb)
+    assert not _is_timeout('Traceback:\n  requests.get(url, timeout=5)\nKeyError: "x"\n')
+    assert _is_timeout("Traceback:\n  dist.all_reduce(t)\nRuntimeError: [gloo] Timed out waiting 1000ms for recv\n")
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.5, float("nan"), "a"])
+def test_sync_batch_norm_checks_eps(eps):
+    # regression: SyncBatchNorm computes rsqrt(var + eps) itself and accepted any eps: a negative
+    # one gave finite, wrongly scaled outputs, 0 gave NaN on a constant feature
+    from lnorm.distributed import SyncBatchNorm, convert_sync_batchnorm
+
+    with pytest.raises((ValueError, TypeError), match="eps"):
+        SyncBatchNorm(3, eps=eps)
+    if not isinstance(eps, str):
+        with pytest.raises((ValueError, TypeError), match="eps"):
+            convert_sync_batchnorm(torch.nn.BatchNorm1d(3, eps=eps))
+
+
+def test_sync_batch_norm_checks_num_features_and_mask():
+    from lnorm.distributed import SyncBatchNorm
+
+    with pytest.raises(ValueError, match="num_features"):
+        SyncBatchNorm(0)
+    with pytest.raises(TypeError, match="num_features"):
+        SyncBatchNorm(2.5)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        SyncBatchNorm(3, layout="last")(torch.randn(4, 3), mask=[True] * 4)

@@ -311,7 +311,13 @@ def _join(ctx, result_dir: str, nproc: int, deadline: float, timeout: float, pg_
 
 
 def _is_timeout(tb: str) -> bool:
-    return re.search(r"timed out|timeout", tb, re.IGNORECASE) is not None
+    # the exception's own line (the traceback's last non-empty line, "Type: message"), not the whole
+    # text: a quoted source line such as `..., timeout=timeout)` or a user's message that mentions a
+    # timeout must not make an ordinary error read as a collective that timed out
+    lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    return re.search(r"timed out|timeout", last, re.IGNORECASE) is not None and not re.match(
+        r"\s*(ValueError|TypeError|KeyError|IndexError|AttributeError|AssertionError|NameError)\b", last)
 
 
 def _silent(result_dir: str, nproc: int) -> list[int]:
@@ -434,6 +440,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
                  layout: str = "channels", device=None, dtype=None) -> None:
         V.check_choice(layout, "layout", V.LAYOUTS)
+        num_features = V.check_int(num_features, "num_features", minimum=1)
+        eps = V.check_eps(eps)  # rsqrt(var + eps) is computed here: eps <= 0 would give NaN or wrong scales
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.process_group = process_group
@@ -458,6 +466,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.layout == "last":
             if input.dim() < 2 or input.shape[-1] != C:
                 raise ValueError(f"expected input of shape (B, {C}) or (B, T, {C}), got {list(input.shape)}")
+            if mask is not None and not isinstance(mask, Tensor):
+                raise TypeError(f"mask must be a bool tensor or None, got {type(mask).__name__}")
             if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(input.shape[:-1])):
                 raise ValueError(f"mask must be a bool tensor of shape {list(input.shape[:-1])}, got "
                                  f"{mask.dtype} {list(mask.shape)}")
