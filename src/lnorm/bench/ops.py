@@ -171,7 +171,9 @@ def _make_call(fn, op, mode, x, r, w, b, leaves, dys):
 
 
 def _max_err(a, b) -> float:
-    return max((p.float() - q.float()).abs().max().item() if p.numel() else 0.0 for p, q in zip(a, b, strict=True))
+    # in float64: a float32 difference would hide float64 errors below its rounding step and report
+    # a one-bit float64 difference as 1e-7
+    return max((p.double() - q.double()).abs().max().item() if p.numel() else 0.0 for p, q in zip(a, b, strict=True))
 
 
 def _check(op, mode, x, r, w, b, leaves, dys, dtype) -> float:
@@ -188,9 +190,15 @@ def _check(op, mode, x, r, w, b, leaves, dys, dtype) -> float:
     x64, r64, w64, b64 = (as64(t) for t in (x, r, w, b))
     leaves64 = [t for t in (x64, r64, w64, b64) if t is not None]
     dys64 = [d.double() for d in dys]
-    ours = _make_call(_lnorm_fn, op, mode, x, r, w, b, leaves, dys)()
-    theirs = _make_call(_torch_fn, op, mode, x, r, w, b, leaves, dys)()
-    exact = _make_call(_torch_fn, op, mode, x64, r64, w64, b64, leaves64, dys64)()
+    def outputs(fn, *args):
+        # the forward's outputs, and in fwd+bwd the gradients too (a wrong forward kernel must not
+        # pass behind right gradients: lnorm's forward and backward are separate kernels)
+        got = tuple(_make_call(fn, op, "fwd", *args)())
+        return got if mode == "fwd" else got + tuple(_make_call(fn, op, mode, *args)())
+
+    ours = outputs(_lnorm_fn, x, r, w, b, leaves, dys)
+    theirs = outputs(_torch_fn, x, r, w, b, leaves, dys)
+    exact = outputs(_torch_fn, x64, r64, w64, b64, leaves64, dys64)
     err = _max_err(ours, exact)
     torch_err = _max_err(theirs, exact)
     scale = max(1.0, max(t.abs().max().item() for t in exact if t.numel()))
