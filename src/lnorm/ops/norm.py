@@ -262,44 +262,43 @@ def _redo_scaled_rows(src, weight, bias, eps, center, rows, y, mean, rstd) -> No
     or NaN where the squares overflow (float32 past about 1e19). Rows holding NaN or inf come
     out NaN, as before."""
     cdt = rstd.dtype
-    s = src[rows].to(cdt)
-    xs, scale = _scaled(s)
-    mu, d, var = _centered(xs, center)
-    # eps scales with the data's square; eps * scale**2 may underflow to 0, harmless unless the row
-    # is constant (var 0): that row's output is exactly the bias, its rstd that of any constant row
-    r = torch.rsqrt(var + eps * scale * scale)
-    const = var == 0
-    out = torch.where(const, torch.zeros_like(d), d * r)
+    mu, d, r, row_mean, row_rstd, const = _scaled_row_stats(src[rows].to(cdt), center, eps)
+    out = torch.where(const, torch.zeros_like(d), d * r)  # a constant row: exactly the bias
     if weight is not None:
         out = out * weight.to(cdt)
     if bias is not None:
         out = out + bias.to(cdt)
     y[rows] = out.to(y.dtype)
-    rstd[rows] = torch.where(const, torch.full_like(r, eps).rsqrt(), r * scale).squeeze(-1)
+    rstd[rows] = row_rstd.squeeze(-1)
     if center:
-        mean[rows] = (mu / scale).squeeze(-1)
+        mean[rows] = row_mean.squeeze(-1)
 
 
-def _scaled(s: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s * scale, scale)``: each row times the power of two (exact, a constant to autograd)
-    that brings its max |x| under 2**40, 1 for a row already under it, so that the squares of
-    any finite float32 row stay finite."""
+def _scaled_row_stats(s: Tensor, center: bool, eps: float):
+    """Statistics of each row of ``s`` taken on the row times the power of two (exact, a constant
+    to autograd) that brings its max |x| under 2**40 (1 for a row already under it), so that the
+    squares of any finite float32 row stay finite. The mean is shifted by the row's first value, as
+    the Numba kernel takes it: a constant row gets its own value as its mean exactly, so its
+    deviations are 0, not the rounding error of a sum of large values.
+
+    Returns ``(mu, d, r, mean, rstd, const)``: the scaled rows' mean, deviations and 1/sqrt(var +
+    eps * scale**2); the rows' own mean and rstd; and which rows are constant (variance 0). eps *
+    scale**2 may underflow to 0, harmless unless the row is constant: its rstd is then 1/sqrt(eps),
+    as for any constant row. All (rows, 1) but ``d``; differentiable in ``s``."""
     m = s.detach().abs().amax(-1, keepdim=True)
     scale = torch.ldexp(torch.ones_like(m), (40 - torch.frexp(m).exponent).clamp(max=0))
-    return s * scale, scale
-
-
-def _centered(xs: Tensor, center: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mean, xs - mean, variance)`` of each row (mean 0 when not ``center``), the mean shifted
-    by the row's first value as the Numba kernel takes it: a constant row gets its own value as its
-    mean exactly, so its deviations are 0, not the rounding error of a sum of large values."""
+    xs = s * scale
     if center:
         shift = xs[:, :1].detach()
         mu = shift + (xs - shift).mean(-1, keepdim=True)
     else:
-        mu = torch.zeros_like(xs[:, :1])
+        mu = torch.zeros_like(m)
     d = xs - mu
-    return mu, d, d.square().mean(-1, keepdim=True)
+    var = d.square().mean(-1, keepdim=True)
+    r = torch.rsqrt(var + eps * scale * scale)
+    const = var == 0
+    rstd = torch.where(const, torch.full_like(r, eps).rsqrt(), r * scale)
+    return mu, d, r, mu / scale, rstd, const
 
 
 def _bwd_torch(dy, src, weight, mean, rstd, center, need_dw, need_db, dres):
@@ -467,12 +466,9 @@ def _bwd_recomputed(eps, dy, src, weight, mean, rstd, center, need_dw, need_db, 
     second derivatives are exact on either backend and at every size."""
     # on the rows scaled as the forward's overflow rescue does (scale 1 for ordinary rows): plain
     # torch ops would square a row past 1.8e19 to inf and give every such row a zero gradient
-    xs, scale = _scaled(src.to(rstd.dtype))
-    mu, _, var = _centered(xs, center)
-    r = torch.rsqrt(var + eps * scale * scale) * scale
-    r = torch.where(var == 0, torch.full_like(r, eps).rsqrt(), r)  # a constant row, as in the forward
-    mean = (mu / scale).squeeze(-1) if center else mean
-    return _bwd_torch(dy, src, weight, mean, r.squeeze(-1), center, need_dw, need_db, dres)
+    *_, row_mean, row_rstd, _ = _scaled_row_stats(src.to(rstd.dtype), center, eps)
+    mean = row_mean.squeeze(-1) if center else mean
+    return _bwd_torch(dy, src, weight, mean, row_rstd.squeeze(-1), center, need_dw, need_db, dres)
 
 
 class _FusedNorm(torch.autograd.Function):
