@@ -468,11 +468,17 @@ def test_fused_equals_torch_property(case):
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("batch_sizes", [[3, 3, 3, 3], [3, 2, 2, 1], [2]], ids=["full", "packed", "one-step"])
-def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes):
+@pytest.mark.parametrize("impl", ["mm", "onednn"])
+def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes, impl):
     # dW_hh = sum over rows of dgh[n]^T prev[n], prev[n] read off the schedule one row at a time;
-    # the fast paths (views of shifted outputs for full batches) over all rows and over runs
+    # the fast paths (views of shifted outputs for full batches) over all rows and over runs, with
+    # each library's weight-gradient product (oneDNN: float32 only)
+    from lnorm.ops import step_gemm
     from lnorm.ops.rnn_fused import _Schedule
 
+    if impl == "onednn" and not step_gemm._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    dt = D64 if impl == "mm" else torch.float32
     sched = _Schedule(batch_sizes, reverse)
     g = torch.Generator().manual_seed(0)
     dgh = torch.randn(sched.N, 8, dtype=D64, generator=g)
@@ -480,12 +486,16 @@ def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes):
     rows = torch.randn(sched.N, 5, dtype=D64, generator=g)
     prev = torch.stack([rows[p] if p >= 0 else init[-1 - p] for p in sched.prev.tolist()])
     expected = dgh.t() @ prev
-    whole = sched.add_weight_grad(torch.zeros(8, 5, dtype=D64), dgh, init, rows, 0, sched.N)
-    assert_close(whole, expected, name="dW_hh, all rows")
-    runs = torch.zeros(8, 5, dtype=D64)
+    dgh, init, rows = dgh.to(dt), init.to(dt), rows.to(dt)
+    wg = step_gemm.WeightGrad(8, 5, sched.N, dt, impl=impl)
+    whole = sched.add_weight_grad(wg, dgh, init, rows, 0, sched.N).result()
+    assert whole.shape == (8, 5) and whole.is_contiguous() and whole.dtype == dt
+    assert_close(whole.double(), expected, atol=1e-12 if dt == D64 else 1e-5, rtol=0, name="dW_hh, all rows")
+    runs = step_gemm.WeightGrad(8, 5, 4, dt, impl=impl)
     for lo, hi, _ in sched.chunks(4):
         sched.add_weight_grad(runs, dgh[lo:hi], init, rows, lo, hi)
-    assert_close(runs, expected, name="dW_hh, summed over runs")
+    assert_close(runs.result().double(), expected, atol=1e-12 if dt == D64 else 1e-5, rtol=0,
+                 name="dW_hh, summed over runs")
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
@@ -722,7 +732,11 @@ def test_bench_rnn_cli_quick(tmp_path):
     if numba_available():
         chosen = settings["step_gemm"]
         assert chosen and all(c["impl"] in ("mkl", "onednn", "mm") and c["threads"] >= 1 for c in chosen)
-        assert proc.stdout.count("per-step GEMM") == len(chosen)
+        lines = [ln for ln in proc.stdout.splitlines() if " threads: " in ln]
+        assert len(lines) == len(chosen)
+        kinds = {"step": "per-step GEMM", "input": "input projection", "weight grad": "weight gradient"}
+        assert all(ln.startswith(kinds[c["kind"]]) for ln, c in zip(lines, chosen, strict=True))
+        assert {"step", "weight grad"} <= {c["kind"] for c in chosen}  # train mode ran backward
 
 
 @pytest.mark.parametrize("layer", ["lnorm", "torch"])

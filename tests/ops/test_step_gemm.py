@@ -343,3 +343,73 @@ def test_use_step_gemm_forces_this_thread_only(fresh_choices):
         assert sg._forced_impl() == "mm"
     t.join()
     assert seen == [None] and sg._forced_impl() is None
+
+
+# ----------------------------------------------------------------- the weight gradients
+
+
+@pytest.mark.parametrize("impl", ["mm", "onednn"])
+def test_weight_grad_sums_runs_against_float64(impl):
+    from lnorm.ops import step_gemm
+
+    if impl == "onednn" and not step_gemm._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    dg, a = torch.randn(37, 24, generator=g), torch.randn(37, 10, generator=g)
+    exact = dg.double().t() @ a.double()
+    wg = step_gemm.WeightGrad(24, 10, 16, torch.float32, impl=impl)
+    assert torch.equal(wg.result(), torch.zeros(24, 10))  # nothing added yet
+    for lo, hi in ((0, 16), (16, 16), (16, 17), (17, 37)):  # an empty run and a one-row run
+        wg.add(dg[lo:hi], a[lo:hi])
+    got = wg.result()
+    assert got.shape == (24, 10) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5)
+
+
+def test_weight_grad_checks_what_it_is_given():
+    from lnorm.ops.step_gemm import WeightGrad
+
+    wg = WeightGrad(8, 4, 4, torch.float32, impl="mm")
+    for dg, a in ((torch.randn(3, 8), torch.randn(2, 4)), (torch.randn(3, 4), torch.randn(3, 8)),
+                  (torch.randn(3, 8, dtype=D64), torch.randn(3, 4, dtype=D64)), (torch.randn(8), torch.randn(4))):
+        with pytest.raises(ValueError, match=r"WeightGrad.add: dg must be \(m, 8\) and a \(m, 4\)"):
+            wg.add(dg, a)
+    with pytest.raises(ValueError, match="WeightGrad: impl must be one of"):
+        WeightGrad(8, 4, 4, D64, impl="onednn")
+
+
+def test_weight_grad_choice_is_measured_once_per_class_and_can_be_forced(fresh_choices, monkeypatch):
+    sg = fresh_choices
+    if not sg._ONEDNN:
+        pytest.skip("torch without oneDNN: nothing to choose")
+    calls = []
+    real = sg._measure_weight_grad
+    monkeypatch.setattr(sg, "_measure_weight_grad", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = sg.choose_weight_grad(200, 24, 10, torch.float32)
+    assert first in ("onednn", "mm")
+    assert sg.choose_weight_grad(256, 24, 10, torch.float32) == first  # the same power-of-two class
+    assert sg.choose_weight_grad(5000, 24, 10, torch.float32) in ("onednn", "mm")  # capped at 1024 rows
+    assert calls == [(256, 24, 10), (1024, 24, 10)]
+    assert sg.choose_weight_grad(200, 24, 10, D64) == "mm" and len(calls) == 2
+    [a, b] = [c for c in sg.step_gemm_choices() if c["kind"] == "weight grad"]
+    assert (a["rows"], b["rows"]) == (256, 1024) and set(a["ms_per_product"]) == {"onednn", "mm"}
+    for forced, want in (("onednn", "onednn"), ("mkl", "mm"), ("mm", "mm")):
+        with sg.use_step_gemm(forced):
+            assert sg.choose_weight_grad(3, 7, 5, torch.float32) == want
+    assert len(calls) == 2
+
+
+def test_a_weight_grad_that_disagrees_with_float64_is_never_chosen(fresh_choices, monkeypatch):
+    sg = fresh_choices
+    if not sg._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    real_add = sg.WeightGrad.add
+
+    def off(self, dg, a):
+        real_add(self, dg, a)
+        if self.impl == "onednn":
+            self.acc = self.acc + 1e-2
+
+    monkeypatch.setattr(sg.WeightGrad, "add", off)
+    assert set(sg._measure_weight_grad(16, 24, 10)) == {"mm"}
+    assert sg.choose_weight_grad(16, 24, 10, torch.float32) == "mm"

@@ -181,8 +181,11 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
     try:
         if device != "cpu":
             raise ImportError  # the packed GEMMs are a CPU thing
-        from lnorm.ops.step_gemm import StepGemm
+        from lnorm.ops.rnn_fused import _CHUNK_ROWS
+        from lnorm.ops.step_gemm import StepGemm, WeightGrad, input_product
     except ImportError:  # no Numba (or a GPU): the layer's torch path uses plain matmuls
+        _CHUNK_ROWS, WeightGrad, input_product = None, None, F.linear
+
         def StepGemm(w, batch):
             return lambda a: torch.mm(a, w.t())
 
@@ -192,8 +195,24 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
     x, w_ih, w_hh = (torch.randn(*s, generator=g).to(device) for s in ((N, I), (G, I), (G, H)))
     h, dg, hs = (torch.randn(*s, generator=g).to(device) for s in ((B, H), (N, G), (N, H)))
 
+    def weight_grads():
+        if WeightGrad is None:
+            torch.mm(dg.t(), hs)  # dW_hh
+            torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
+            return
+        # as the fused path: the LSTM sums both over runs of steps, the GRU dW_hh over all rows
+        # (its dW_ih is torch's, through F.linear)
+        run = max(B, _CHUNK_ROWS // B * B) if cell == "lstm" else N
+        dw_hh, dw_ih = WeightGrad(G, H, run, dg.dtype), WeightGrad(G, I, run, dg.dtype) if cell == "lstm" else None
+        for lo in range(0, N, run):
+            dw_hh.add(dg[lo : lo + run], hs[lo : lo + run])
+            if dw_ih is not None:
+                dw_ih.add(dg[lo : lo + run], x[lo : lo + run])
+        dw_hh.result()
+        dw_ih.result() if dw_ih is not None else torch.mm(dg.t(), x)
+
     def f():
-        F.linear(x, w_ih)
+        (input_product if cell == "lstm" else F.linear)(x, w_ih)  # the GRU's goes through F.linear
         step = StepGemm(w_hh, B)
         for _ in range(T):
             step(h)
@@ -201,8 +220,7 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
             back = StepGemm(w_hh.t(), B)
             for t in range(T):
                 back(dg[t * B : (t + 1) * B])
-            torch.mm(dg.t(), hs)  # dW_hh
-            torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
+            weight_grads()
 
     return f
 
@@ -318,9 +336,14 @@ def _cpu_line(cpu: dict) -> str:
 def _gemm_lines(choices: list[dict]) -> list[str]:
     out = []
     for c in choices:
-        what = f"{c['rows']} x {c['k']} @ {c['k']} x {c['n']}{' accumulated' if c['accumulate'] else ''}"
+        kind = c.get("kind", "step")
+        if kind == "weight grad":
+            what = f"weight gradient {c['n']} x {c['k']} summed over runs of {c['rows']} rows"
+        else:
+            what = (f"{'input projection' if kind == 'input' else 'per-step GEMM'} {c['rows']} x {c['k']} @ "
+                    f"{c['k']} x {c['n']}{' accumulated' if c['accumulate'] else ''}")
         ms = ", ".join(f"{name} {v:.3f}" for name, v in c["ms_per_product"].items())
-        out.append(f"per-step GEMM {what}, {c['dtype']}, {c['threads']} threads: {c['impl']}"
+        out.append(f"{what}, {c['dtype']}, {c['threads']} threads: {c['impl']}"
                    + (f" (ms per product: {ms})" if ms else ""))
     return out
 

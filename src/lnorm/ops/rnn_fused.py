@@ -14,8 +14,9 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, the LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
   previous h; the weight gradients are matmuls over many steps (the LSTM's per run of ~256 rows
-  while they are in cache, the GRU's once at the end), and the LN parameter gradients are sums
-  over all steps.
+  while they are in cache, the GRU's once at the end; by oneDNN or torch.mm, whichever this
+  process measured faster, see ``WeightGrad``), and the LN parameter gradients are sums over all
+  steps.
 
 Variable lengths: rows are in packed layout (time-major, each step's batch sorted longest first);
 at step t only the first ``batch_sizes[t]`` rows advance, the others keep their state, so every
@@ -39,7 +40,7 @@ from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
-from lnorm.ops.step_gemm import StepGemm, input_product
+from lnorm.ops.step_gemm import StepGemm, WeightGrad, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -84,7 +85,7 @@ class _Schedule:
             out.append(cur)
         return [(min(o for o, _ in c), max(o + b for o, b in c), c) for c in out]
 
-    def add_weight_grad(self, dw: Tensor, dgh: Tensor, init: Tensor, rows: Tensor, lo: int, hi: int) -> Tensor:
+    def add_weight_grad(self, dw: WeightGrad, dgh: Tensor, init: Tensor, rows: Tensor, lo: int, hi: int) -> WeightGrad:
         """``dw += dgh^T @ prev`` over packed rows lo .. hi (``dgh`` holds just those rows): the
         gradient of W_hh, where ``prev`` is the state each row started its step from, a row of
         ``rows`` (the outputs) or of ``init``. ``lo`` and ``hi`` fall on step boundaries.
@@ -96,17 +97,22 @@ class _Schedule:
             idx = self.prev_t[lo:hi]
             from_rows = rows.index_select(0, idx.clamp(min=0))
             from_init = init.index_select(0, (-1 - idx).clamp(min=0))
-            return dw.addmm_(dgh.t(), torch.where((idx >= 0)[:, None], from_rows, from_init))
+            dw.add(dgh, torch.where((idx >= 0)[:, None], from_rows, from_init))
+            return dw
         if not self.reverse:  # row n's previous state is row n - B; the first step's is init
             if lo < B:
-                dw.addmm_(dgh[:B].t(), init)
+                dw.add(dgh[:B], init)
                 dgh, lo = dgh[B:], B
-            return dw.addmm_(dgh.t(), rows[lo - B : hi - B]) if lo < hi else dw
+            if lo < hi:
+                dw.add(dgh, rows[lo - B : hi - B])
+            return dw
         # reverse: row n's previous state is row n + B; the last step's (rows N - B ..) is init
         if hi > N - B:
-            dw.addmm_(dgh[N - B - lo :].t(), init)
+            dw.add(dgh[N - B - lo :], init)
             dgh, hi = dgh[: N - B - lo], N - B
-        return dw.addmm_(dgh.t(), rows[lo + B : hi + B]) if lo < hi else dw
+        if lo < hi:
+            dw.add(dgh, rows[lo + B : hi + B])
+        return dw
 
 
 def _np(t: Tensor):
@@ -186,9 +192,12 @@ class _LSTMRecurrence(torch.autograd.Function):
         buf_rows = max(hi - lo for lo, hi, _ in runs)
         dpx = torch.empty(buf_rows, G, dtype=dt)
         dgh = torch.empty(buf_rows, G, dtype=dt)
-        dx = torch.empty(N, x.shape[1], dtype=dt) if need_x else None
-        dw_ih = torch.zeros(G, x.shape[1], dtype=dt) if need_w_ih else None
-        dw_hh = torch.zeros(G, H, dtype=dt) if need_w_hh else None
+        I = x.shape[1]
+        dx = torch.empty(N, I, dtype=dt) if need_x else None
+        # the products over each run of rows, by the library measured fastest for them here
+        dw_ih = WeightGrad(G, I, buf_rows, dt) if need_w_ih else None
+        dw_hh = WeightGrad(G, H, buf_rows, dt) if need_w_hh else None
+        dx_gemm = StepGemm(w_ih.detach().t(), buf_rows) if need_x else None  # dpx -> dpx W_ih
         chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
@@ -208,10 +217,12 @@ class _LSTMRecurrence(torch.autograd.Function):
             if need_w_hh:
                 sched.add_weight_grad(dw_hh, dgh[:m], h0d, out, lo, hi)
             if need_w_ih:
-                dw_ih.addmm_(dpx[:m].t(), x[lo:hi])
+                dw_ih.add(dpx[:m], x[lo:hi])
             if need_x:
-                torch.mm(dpx[:m], w_ih, out=dx[lo:hi])
+                dx_gemm.into(dpx[:m], dx[lo:hi])
         acc_g, acc_c = acc_g.sum(0).to(dt), acc_c.sum(0).to(dt)
+        dw_ih = dw_ih.result() if need_w_ih else None
+        dw_hh = dw_hh.result() if need_w_hh else None
         return (dx, dw_ih, dhs, dcs, dw_hh, acc_g[2], acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
@@ -297,7 +308,7 @@ class _GRURecurrence(torch.autograd.Function):
             gemm.into(dgh[off : off + bs], dhs[:bs], accumulate=True)  # dhs: z dh + dgh W_hh
         dw = None
         if ctx.needs_input_grad[3]:
-            dw = sched.add_weight_grad(torch.zeros(G, H, dtype=dt), dgh, h0.detach(), out, 0, N)
+            dw = sched.add_weight_grad(WeightGrad(G, H, N, dt), dgh, h0.detach(), out, 0, N).result()
         dg1 = torch.empty(G, dtype=dt)
         kernels.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
         kernels.colsum_prod(dyn_n, ghat_n[:, 2 * H :], _np(dg1)[2 * H :])

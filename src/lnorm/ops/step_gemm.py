@@ -317,16 +317,119 @@ def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+# ------------------------------------------------------------------- the weight gradients
+# dW = dG^T A summed over runs of rows (the LSTM folds each run of ~256 rows in while it is in
+# cache; the GRU folds all rows at once). torch.mm is MKL's GEMM, which on AMD CPUs runs these
+# products up to 2x slower than oneDNN (Zen 5: dW_hh for 3200 rows, 32 ms against 17-21). oneDNN's
+# inner product reads the reduced dimension contiguously, so it accumulates the transpose,
+# dW^T += A^T dG (both operands transposed views, no copies), and the result is transposed back once.
+# The class is (rows per run, rounded up to a power of two and capped at 1024, n, k, dtype,
+# threads), timed on runs of that many rows.
+
+
+_GRAD_ROWS_MAX = 1024
+
+
+class WeightGrad:
+    """``dw = sum of dg^T @ a`` over calls of :meth:`add` (``dg``: (m, n), ``a``: (m, k), any m),
+    ``dw``: (n, k), by oneDNN or ``torch.mm`` (see above), the one chosen for ``rows`` rows per
+    call unless ``impl`` is given. :meth:`result` returns a contiguous (n, k) tensor."""
+
+    __slots__ = ("impl", "acc", "n", "k", "dtype")
+
+    def __init__(self, n: int, k: int, rows: int, dtype: torch.dtype, impl: str | None = None):
+        self.n, self.k, self.dtype = n, k, dtype
+        names = ("onednn", "mm") if dtype == torch.float32 and _ONEDNN else ("mm",)
+        if impl is None:
+            impl = choose_weight_grad(rows, n, k, dtype) if min(rows, n, k) > 0 else "mm"
+        elif impl not in names:
+            raise ValueError(f"WeightGrad: impl must be one of {names} for {dtype}, got {impl!r}")
+        self.impl = impl
+        self.acc = None  # (n, k), or (k, n) for oneDNN
+
+    def add(self, dg: Tensor, a: Tensor) -> None:
+        if (dg.dim() != 2 or a.dim() != 2 or dg.shape[0] != a.shape[0] or dg.shape[1] != self.n
+                or a.shape[1] != self.k or dg.dtype != self.dtype or a.dtype != self.dtype):
+            raise ValueError(f"WeightGrad.add: dg must be (m, {self.n}) and a (m, {self.k}), both {self.dtype}; "
+                             f"got {tuple(dg.shape)} {dg.dtype} and {tuple(a.shape)} {a.dtype}")
+        if dg.shape[0] == 0:
+            return
+        if self.impl == "onednn":
+            lin = torch.ops.mkldnn._linear_pointwise
+            self.acc = (lin(a.t(), dg.t(), None, "none", [], "") if self.acc is None
+                        else lin.binary(a.t(), self.acc, dg.t(), None, "add"))
+        elif self.acc is None:
+            self.acc = torch.mm(dg.t(), a)
+        else:
+            self.acc.addmm_(dg.t(), a)
+
+    def result(self) -> Tensor:
+        if self.acc is None:
+            return torch.zeros(self.n, self.k, dtype=self.dtype)
+        return self.acc.t().contiguous() if self.impl == "onednn" else self.acc
+
+
+def choose_weight_grad(rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    """``onednn`` or ``mm`` for weight gradients summed over runs of ``rows`` rows (forced:
+    ``onednn`` if forced, ``mm`` for ``mkl`` or ``mm``), measured once per class."""
+    if dtype != torch.float32 or not _ONEDNN:
+        return "mm"
+    forced = _forced_impl()
+    if forced is not None:
+        return "onednn" if forced == "onednn" else "mm"
+    rows = min(1 << max(rows - 1, 0).bit_length(), _GRAD_ROWS_MAX)  # a class per power of two, capped
+    key = (("dW", rows), n, k, dtype, torch.get_num_threads(), True)
+    if key not in _chosen:
+        _timings[key] = _measure_weight_grad(rows, n, k)
+        _chosen[key] = min(_timings[key], key=_timings[key].get)
+    return _chosen[key]
+
+
+def _measure_weight_grad(rows: int, n: int, k: int, runs: int = 3, rounds: int = 5) -> dict[str, float]:
+    """Seconds per run of ``rows`` rows of each candidate (``runs`` runs summed, then the result
+    taken), oneDNN only if its sum agrees with a float64 one."""
+    g = torch.Generator().manual_seed(0)
+    dg = torch.randn(runs * rows, n, generator=g)
+    a = torch.randn(runs * rows, k, generator=g) / rows**0.5
+
+    def total(impl):
+        wg = WeightGrad(n, k, rows, torch.float32, impl=impl)
+        for i in range(runs):
+            wg.add(dg[i * rows : (i + 1) * rows], a[i * rows : (i + 1) * rows])
+        return wg.result()
+
+    names = ["onednn", "mm"]
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        try:
+            exact = dg.double().t() @ a.double()
+            ok = torch.allclose(total("onednn").double(), exact, rtol=1e-4, atol=1e-4 * (runs * rows) ** 0.5)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            names.remove("onednn")
+        samples = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                t0 = time.perf_counter()
+                total(name)
+                samples[name].append((time.perf_counter() - t0) / runs)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def step_gemm_choices() -> list[dict]:
-    """What this process chose so far, one entry per shape class: rows (``"all"``: the input
-    projection, see :func:`input_product`), n, k, dtype, threads, accumulate, the implementation
-    and the measured milliseconds per product of each candidate."""
+    """What this process chose so far, one entry per shape class: kind (``step``: the per-step
+    products ``h @ w.T``; ``input``: the input projection, rows ``"all"``, see
+    :func:`input_product`; ``weight grad``: ``dw (n, k) += dg^T @ a`` over runs of ``rows`` rows,
+    see :class:`WeightGrad`), rows, n, k, dtype, threads, accumulate, the implementation and the
+    measured milliseconds per product (per run, for weight gradients) of each candidate."""
     out = []
     for key, impl in list(_chosen.items()):  # another thread may be adding a class
         batch, n, k, dtype, threads, accumulate = key
+        kind = "input" if batch == "all" else "weight grad" if isinstance(batch, tuple) else "step"
         ms = {name: round(s * 1e3, 4) for name, s in _timings.get(key, {}).items()}
-        out.append(dict(rows=batch, n=n, k=k, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                        accumulate=accumulate, impl=impl, ms_per_product=ms))
+        out.append(dict(kind=kind, rows=batch[1] if kind == "weight grad" else batch, n=n, k=k,
+                        dtype=str(dtype).replace("torch.", ""), threads=threads, accumulate=accumulate,
+                        impl=impl, ms_per_product=ms))
     return out
 
 
