@@ -759,3 +759,16 @@ def test_gate_preactivations_are_the_gates_the_layer_computes(layer):
     if layer == "lnorm":
         c1 = torch.nn.functional.layer_norm(c1, (5,), m.ln_cell_weight_l0, m.ln_cell_bias_l0, m.eps)
     assert_close(torch.sigmoid(o) * torch.tanh(c1), h1, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--threads", "-1"], "--threads must be >= 1 (0: the libraries' own choice), got -1"),
+    (["--batch", "0"], "--batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1"),
+])
+def test_bench_rnn_bad_numbers_are_one_clear_error(argv, message):
+    # --threads -1 reached torch.set_num_threads and ended in its RuntimeError's traceback
+    from lnorm.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "rnn", *argv])
+    assert message in str(err.value)

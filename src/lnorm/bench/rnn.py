@@ -438,6 +438,8 @@ def run(args: argparse.Namespace) -> int:
         B, T, I, H, repeats = 4, 6, 8, 16, 2
     if min(B, T, I, H, repeats) < 1:
         raise SystemExit("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
+    if args.threads < 0:
+        raise SystemExit(f"lnorm bench rnn: --threads must be >= 1 (0: the libraries' own choice), got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
