@@ -181,10 +181,10 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
     try:
         if device != "cpu":
             raise ImportError  # the packed GEMMs are a CPU thing
-        from lnorm.ops.rnn_fused import _CHUNK_ROWS
+        from lnorm.ops.rnn_fused import backward_run_rows
         from lnorm.ops.step_gemm import StepGemm, WeightGrad, input_product
     except ImportError:  # no Numba (or a GPU): the layer's torch path uses plain matmuls
-        _CHUNK_ROWS, WeightGrad, input_product = None, None, F.linear
+        backward_run_rows, WeightGrad, input_product = None, None, F.linear
 
         def StepGemm(w, batch):
             return lambda a: torch.mm(a, w.t())
@@ -202,7 +202,7 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
             return
         # as the fused path: the LSTM sums both over runs of steps, the GRU dW_hh over all rows
         # (its dW_ih is torch's, through F.linear)
-        run = max(B, _CHUNK_ROWS // B * B) if cell == "lstm" else N
+        run = backward_run_rows(B) if cell == "lstm" else N
         dw_hh, dw_ih = WeightGrad(G, H, run, dg.dtype), WeightGrad(G, I, run, dg.dtype) if cell == "lstm" else None
         for lo in range(0, N, run):
             dw_hh.add(dg[lo : lo + run], hs[lo : lo + run])

@@ -160,6 +160,12 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
 _CHUNK_ROWS = 256
 
 
+def backward_run_rows(batch: int) -> int:
+    """The rows of one run of the LSTM backward with full batches of ``batch`` rows (whole steps,
+    at least one): what its weight gradients sum per product (``lnorm bench rnn`` times the same)."""
+    return max(batch, _CHUNK_ROWS // batch * batch)
+
+
 def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor]:
     """The incoming gradients of the output (N, H) and of the final h (B, H), zeros where absent;
     the latter a fresh buffer, since backward through time accumulates into it."""
