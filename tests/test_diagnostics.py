@@ -10,6 +10,7 @@ from torch import nn
 
 import lnorm
 from lnorm.diagnostics import ActivationStats, check_batch_independence, train_eval_gap
+from lnorm.nn import LayerNormLSTM
 
 
 def mlp(norm: str) -> nn.Module:
@@ -166,6 +167,94 @@ def test_train_eval_gap_dropout_excluded_by_default():
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.LayerNorm(8))
     assert train_eval_gap(model, torch.randn(4, 8)).consistent
     assert not train_eval_gap(model, torch.randn(4, 8), include_dropout=True).consistent
+
+
+# ---------------------------------------------------------------------------------------------
+# leaving no trace: rebound buffers, the global RNG, zoneout; checked arguments
+# ---------------------------------------------------------------------------------------------
+
+
+class RebindingBatchNorm(nn.Module):
+    """Batch norm written by hand, rebinding its buffers (``self.running_mean = ...``)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        if self.training:
+            mean, var = x.mean(0), x.var(0)
+            self.running_mean = 0.9 * self.running_mean + 0.1 * mean.detach()
+            self.running_var = 0.9 * self.running_var + 0.1 * var.detach()
+            return (x - mean) / (var + 1e-5).sqrt()
+        return (x - self.running_mean) / (self.running_var + 1e-5).sqrt()
+
+
+@pytest.mark.parametrize("diagnostic", [
+    lambda m, x: check_batch_independence(m, x), lambda m, x: train_eval_gap(m, x),
+], ids=["batch-independence", "train-eval-gap"])
+def test_diagnostics_restore_buffers_the_model_rebinds(diagnostic):
+    # regression: ModelState copied the saved values into the old buffer objects, so a model that
+    # rebinds its buffers kept the running statistics of the diagnostic's batches
+    model = nn.Sequential(nn.Linear(8, 16), RebindingBatchNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    before = state_of(model)
+    diagnostic(model, torch.randn(12, 8) * 3 + 1)
+    assert_unchanged(model, before)
+
+
+class Noise(nn.Module):
+    """A model's own randomness in training mode (not dropout: no diagnostic switches it off)."""
+
+    def forward(self, x):
+        return x + 1e-3 * torch.randn_like(x) if self.training else x
+
+
+def _noisy_model():
+    return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), Noise(), nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("run", [
+    lambda m, x: check_batch_independence(m, x),
+    lambda m, x: check_batch_independence(m.train(), x, mode="current"),
+    lambda m, x: train_eval_gap(m, x),
+    lambda m, x: train_eval_gap(m, x, include_dropout=True),
+], ids=["batch-independence", "batch-independence-current", "train-eval-gap", "train-eval-gap-dropout"])
+def test_diagnostics_leave_the_global_rng_as_they_found_it(run):
+    # regression: the train-mode forwards drew from torch's global generator, so running a
+    # diagnostic changed every random number the caller drew afterwards
+    model, x = _noisy_model(), torch.randn(8, 8)
+    modes = [m.training for m in model.modules()]
+    state = torch.get_rng_state()
+    run(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_zoneout_is_not_batch_dependence_nor_a_train_eval_gap():
+    # regression: zoneout stayed on in the train-mode probes; its random masks read as batch
+    # dependence of a layer-normalized LSTM (relative change ~1) and as a train/eval gap
+    model = LayerNormLSTM(4, 8, batch_first=True, zoneout=0.5, zoneout_cell=0.3)
+    x = torch.randn(8, 5, 4)
+    r = check_batch_independence(model, x)
+    assert r.independent and r.max_relative_change <= 1e-5, r
+    assert train_eval_gap(model, x).consistent
+    assert not train_eval_gap(model, x, include_dropout=True).consistent  # zoneout kept: a real gap
+    assert model.training
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None], ids=["str", "int", "None"])
+def test_train_eval_gap_include_dropout_must_be_a_bool(value):
+    # regression: any truthy value ("no" too) was taken for True
+    with pytest.raises(TypeError, match=f"include_dropout must be a bool, got {value!r}"):
+        train_eval_gap(mlp("layer"), torch.randn(4, 8), include_dropout=value)
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", True], ids=["float", "str", "bool"])
+def test_check_batch_independence_seed_must_be_an_int(seed):
+    # regression: seed=1.5 surfaced as torch's "manual_seed expected a long" from deep inside
+    with pytest.raises(TypeError, match=f"seed must be an int, got {seed!r}"):
+        check_batch_independence(mlp("layer"), torch.randn(8, 8), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

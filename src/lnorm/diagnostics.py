@@ -24,7 +24,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lnorm.utils import ModelState, first_tensor, is_norm_layer, is_recurrent_layer, set_mode
+from lnorm.utils import (
+    ModelState,
+    first_tensor,
+    is_norm_layer,
+    is_recurrent_layer,
+    preserved_rng,
+    set_mode,
+)
 
 __all__ = [
     "ActivationStats",
@@ -191,8 +198,8 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
     Every module's input and output are recorded too, so the report names the modules whose
     output moved while their input did not: the layers that mix samples. The model is left
     exactly as it was (modes and buffers such as running statistics are restored; nothing runs
-    under autograd). In train mode dropout is switched off: its random masks are not batch
-    dependence.
+    under autograd), and so is torch's global random number generator. In train mode dropout and
+    zoneout are switched off: their random masks are not batch dependence.
 
     Args:
         model: the module; called as ``model(x)``; the first tensor of its output is compared.
@@ -203,7 +210,7 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         mode: ``"train"`` (default: where batch norm uses batch statistics), ``"eval"``, or
             ``"current"`` (the model's own mode).
         rtol: relative change above which a sample counts as changed.
-        seed: seeds the replacement draw.
+        seed: seeds the replacement draw (an int).
 
     Returns:
         :class:`BatchIndependenceReport`.
@@ -220,17 +227,20 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         raise ValueError(f"mode must be 'train', 'eval' or 'current', got {mode!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
     state = ModelState(model)
-    try:
-        if mode != "current":
-            set_mode(model, mode)
-        mode_used = "train" if model.training else "eval"
-        probes = _Probes(model, x, batch_dim, state, mode)
-        probes.split()
-        probes.permute()
-        probes.replace(seed)
-    finally:
-        state.restore()
+    with preserved_rng(model, x):  # a forward in train mode may draw (the model's own noise)
+        try:
+            if mode != "current":
+                set_mode(model, mode)
+            mode_used = "train" if model.training else "eval"
+            probes = _Probes(model, x, batch_dim, state, mode)
+            probes.split()
+            probes.permute()
+            probes.replace(seed)
+        finally:
+            state.restore()
     max_rel = max(probes.changes.values(), default=0.0)
     return BatchIndependenceReport(
         independent=not probes.errors and max_rel <= rtol, max_change=probes.out_abs_worst,
@@ -415,14 +425,14 @@ def train_eval_gap(model: nn.Module, x: Tensor, *, rtol: float = DEFAULT_RTOL,
     statistics in train mode and running averages in eval mode, so it shows a gap; layer, group
     and RMS norm compute the same thing in both (claim C2). Afterwards the model is exactly as
     it was: every module's ``training`` flag and every buffer (running statistics,
-    ``num_batches_tracked``) are restored.
+    ``num_batches_tracked``) are restored, and so is torch's global random number generator.
 
     Args:
         model: called as ``model(x)``; the first tensor of its output is compared.
         x: a batch of inputs.
         rtol: relative gap above which the model counts as inconsistent.
-        include_dropout: keep dropout active in the train pass. Default False: dropout's random
-            masks would hide the normalization's gap.
+        include_dropout: keep dropout and zoneout active in the train pass (a bool). Default
+            False: their random masks would hide the normalization's gap.
 
     Example::
 
@@ -434,14 +444,17 @@ def train_eval_gap(model: nn.Module, x: Tensor, *, rtol: float = DEFAULT_RTOL,
     _check_model_and_input(model, x, 0, 1)
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0:
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    if not isinstance(include_dropout, bool):  # "no" or 0.5 would read as True
+        raise TypeError(f"include_dropout must be a bool, got {include_dropout!r} ({type(include_dropout).__name__})")
     state = ModelState(model)
-    try:
-        set_mode(model, "eval")
-        out_eval, rec_eval = _run(model, x)
-        set_mode(model, "train", keep_dropout=include_dropout)
-        out_train, rec_train = _run(model, x)
-    finally:
-        state.restore()
+    with preserved_rng(model, x):  # dropout, zoneout and the model's own noise draw in train mode
+        try:
+            set_mode(model, "eval")
+            out_eval, rec_eval = _run(model, x)
+            set_mode(model, "train", keep_dropout=include_dropout)
+            out_train, rec_train = _run(model, x)
+        finally:
+            state.restore()
     if out_eval is None or out_train is None:
         raise TypeError("the model's output holds no tensor to compare")
     gap = _max_diff(out_eval, out_train) if out_eval.shape == out_train.shape else math.inf

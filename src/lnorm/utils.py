@@ -1,25 +1,36 @@
 """Helpers shared by the tools (diagnostics, audit, convert) and the lab.
 
 What a model is made of (:func:`is_norm_layer`, :func:`is_recurrent_layer`), how to run it without
-leaving a trace (:class:`ModelState`, :func:`set_mode`, :func:`first_tensor`) and how to write
-its numbers as strict JSON (:func:`json_safe`).
+leaving a trace (:class:`ModelState`, :func:`set_mode`, :func:`preserved_rng`, :func:`first_tensor`)
+and how to write its numbers as strict JSON (:func:`json_safe`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
 from lnorm.nn.factory import ChannelRMSNorm
-from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM, LayerNormRNN
+from lnorm.nn.rnn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 
-__all__ = ["ModelState", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe", "set_mode"]
+__all__ = ["ModelState", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe", "preserved_rng",
+           "set_mode"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm, ChannelRMSNorm)
 _RECURRENT_TYPES = (nn.RNNBase, LayerNormLSTM, LayerNormGRU, LayerNormRNN)
+# the modules with zoneout: random in training mode (like dropout), its expectation in eval mode
+_ZONEOUT_TYPES = (LayerNormLSTM, LayerNormGRU, LayerNormRNN, LayerNormLSTMCell, LayerNormGRUCell, LayerNormRNNCell)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -49,31 +60,88 @@ def first_tensor(obj) -> Tensor | None:
 
 
 class ModelState:
-    """Snapshot of everything a forward pass in train mode can change: modes and buffers."""
+    """Snapshot of everything a forward pass in train mode can change: modes and buffers.
+
+    Buffers are saved per module and name, with the tensor object each name held: a forward may
+    update a buffer in place (torch's batch norm) or rebind the name to a new tensor (a
+    hand-written ``self.running_mean = ...``), and :meth:`restore` undoes both. It puts the
+    original object back under its name and copies the saved values into it, so the model ends
+    up exactly as it was, buffers shared between modules (``convert_sync_batchnorm`` shares them)
+    and tensors the caller holds a reference to included. Buffers a forward registered are
+    removed again.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.modes = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # (module, its _buffers dict as it was: name -> (tensor object, saved copy)), ...
+        self.buffers = [(m, {name: (b, None if b is None else b.detach().clone()) for name, b in m._buffers.items()},
+                         set(m._non_persistent_buffers_set)) for m in model.modules()]
 
     def restore(self) -> None:
         for m, training in self.modes:
             m.training = training
         with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
+            for m, saved, non_persistent in self.buffers:
+                for original, copy in saved.values():
+                    if original is None:
+                        continue
+                    if original.shape == copy.shape and original.dtype == copy.dtype and \
+                            original.device == copy.device:
+                        original.copy_(copy)
+                    else:  # resized or converted in place: copy_ would broadcast or fail
+                        original.data = copy
+                # rebuilt in place and in the saved order, so state_dict() keeps its key order
+                m._buffers.clear()
+                m._buffers.update({name: original for name, (original, _) in saved.items()})
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
+
+
+def _cuda_devices(objs) -> list[int]:
+    devices = set()
+    for obj in objs:
+        tensors = [obj] if isinstance(obj, Tensor) else \
+            [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else []
+        devices.update(t.device.index for t in tensors if t.is_cuda)
+    return sorted(d for d in devices if d is not None)
+
+
+@contextlib.contextmanager
+def preserved_rng(*objs):
+    """Run the block on a fork of torch's global random number generators.
+
+    A forward in training mode draws random numbers (dropout, zoneout, a model's own noise), so
+    a diagnostic that runs the model would otherwise move the caller's random stream: the next
+    ``torch.rand`` the caller draws, and so its experiment, would depend on whether it ran a
+    diagnostic. The CPU generator is restored on exit, and that of every CUDA device holding one
+    of ``objs`` (tensors or modules).
+    """
+    with torch.random.fork_rng(devices=_cuda_devices(objs)):
+        yield
+
+
+def _stochastic_in_training(m: nn.Module) -> bool:
+    """Dropout, a recurrent layer with dropout between its layers, a layer or cell with zoneout."""
+    return isinstance(m, nn.modules.dropout._DropoutNd) or (
+        is_recurrent_layer(m) and bool(getattr(m, "dropout", 0))) or (
+        isinstance(m, _ZONEOUT_TYPES) and bool(m.zoneout or getattr(m, "zoneout_cell", 0)))
 
 
 def set_mode(model: nn.Module, mode: str, *, keep_dropout: bool = False) -> None:
-    """``train`` or ``eval``; in train mode dropout is switched off unless ``keep_dropout``.
+    """``train`` or ``eval``; in train mode dropout and zoneout are switched off unless ``keep_dropout``.
 
-    Dropout draws a new mask for every call and every shape, which would show up as batch
-    dependence or a train/eval gap that has nothing to do with normalization.
+    Dropout and zoneout draw a new random mask for every call and every shape, which would show
+    up as batch dependence or a train/eval gap that has nothing to do with normalization. Both
+    are decided by the module's own ``training`` flag, so such modules are put in eval mode:
+    dropout is then the identity and zoneout its expectation ``p * old + (1 - p) * new``, both
+    deterministic. The rest of the model (batch norm above all) stays in train mode.
     """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     model.train(mode == "train")
     if mode == "train" and not keep_dropout:
         for m in model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd) or (
-                    is_recurrent_layer(m) and getattr(m, "dropout", 0)):
+            if _stochastic_in_training(m):
                 m.training = False
 
 
