@@ -303,3 +303,152 @@ def test_mlp_with_batch_norm_keeps_it_at_normal_batch_size_and_converts_when_sma
     assert "Keep batch norm" in _advice(big) and "(C6)" in _advice(big)
     small = audit_model(model, torch.randn(4, 8) * 3 + 1)
     assert "target='layer'" in _advice(small) and "Keep batch norm" not in _advice(small)
+
+
+# regressions: the gradient check, values per channel, checked arguments, the help, LN-RNNs
+
+
+class _DeadBranch(nn.Module):
+    """``b``'s output is multiplied by zero: its weights get an all-zero gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(self.a(x) + 0 * self.b(x))
+
+
+def test_layer_with_zero_gradient_is_flagged_by_name():
+    # regression: layers whose gradient was all zero were left out of the ratio and the check
+    # said "ok": a layer that cannot train went unreported
+    r = audit_model(_DeadBranch(), torch.randn(16, 8))
+    f = next(f for f in r["findings"] if f["id"] == "gradient-scale")
+    assert f["level"] == "flag" and "gradient-scale" in r["flagged_ids"]
+    assert "b (all-zero gradient)" in f["summary"] and f["evidence"]["zero_gradient"] == ["b"]
+    assert f["evidence"]["layers"]["b"]["problem"] == "all-zero gradient"
+    assert f["evidence"]["largest"] in ("a", "c") and f["evidence"]["smallest"] in ("a", "c")
+
+
+def test_no_gradient_at_all_is_flagged_not_dropped():
+    class Detached(nn.Module):  # nothing reaches the weights: the check used to vanish
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.lin(x).detach()
+
+    r = audit_model(Detached(), torch.randn(16, 8))
+    f = next(f for f in r["findings"] if f["id"] == "gradient-scale")
+    assert f["level"] == "flag" and "lin (no gradient reaches it)" in f["summary"]
+    assert f["evidence"]["ratio"] is None
+
+
+class _TimeFoldedBatchNorm(nn.Module):
+    """(T, B, C) with time folded into the batch: the batch norm sees T * B rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        T, B, C = x.shape
+        return self.bn(x.reshape(T * B, C)).reshape(T, B, C)
+
+
+class _PerSampleBatchNorm(nn.Module):
+    """The batch norm runs on one sample at a time: it sees 1 * L values per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return torch.cat([self.bn(xi.unsqueeze(0)) for xi in x])
+
+
+@pytest.mark.parametrize("model, x, batch_dim, expected", [
+    (_TimeFoldedBatchNorm(), torch.randn(10, 2, 4), 1, 20),
+    (_PerSampleBatchNorm(), torch.randn(4, 4, 3), 0, 3),
+], ids=["time-folded", "per-sample"])
+def test_values_per_channel_come_from_the_layers_own_input(model, x, batch_dim, expected):
+    # regression: computed as the input's batch size times the layer input's spatial size, which
+    # was 2 for the time-folded layer (it sees 20) and 12 for the per-sample one (it sees 3)
+    r = audit_model(model, x, batch_dim=batch_dim)
+    f = next(f for f in r["findings"] if f["id"] == "small-batch")
+    assert [row["values_per_channel"] for row in f["evidence"]["layers"]] == [expected]
+    assert f"the fewest values per channel: {expected} at bn" in f["summary"]
+
+
+def test_masked_batch_norm_counts_the_valid_positions():
+    from lnorm.nn import MaskedBatchNorm
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = MaskedBatchNorm(4)
+
+        def forward(self, x):
+            mask = torch.zeros(x.shape[:-1], dtype=torch.bool)
+            mask[:, :2] = True  # 2 valid steps of 6
+            return self.bn(x, mask=mask)
+
+    r = audit_model(Masked(), torch.randn(4, 6, 4))
+    f = next(f for f in r["findings"] if f["id"] == "small-batch")
+    assert f["evidence"]["layers"][0]["values_per_channel"] == 4 * 2
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({"model": "net"}, TypeError, "model must be a torch.nn.Module, got str"),
+    ({"x": [[1.0] * 8]}, TypeError, "x must be a torch.Tensor"),
+    ({"batch_dim": 1.0}, TypeError, "batch_dim must be an int, got 1.0"),
+    ({"batch_dim": 2}, ValueError, "batch_dim=2 is out of range for x of shape [8, 8]"),
+    ({"small_batch": "16"}, TypeError, "small_batch must be an int, got '16'"),
+    ({"small_batch": 0}, ValueError, "small_batch must be a positive number of samples, got 0"),
+    ({"gap_tol": "0.1"}, TypeError, "gap_tol must be a number, got '0.1'"),
+    ({"gap_tol": -0.5}, ValueError, "gap_tol must be a number >= 0, got -0.5"),
+    ({"gap_tol": float("nan")}, ValueError, "gap_tol must be a number >= 0, got nan"),
+    ({"grad_ratio": True}, TypeError, "grad_ratio must be a number, got True"),
+    ({"grad_ratio": 0.5}, ValueError, "grad_ratio must be a number >= 1, got 0.5"),
+    ({"grad_ratio": float("nan")}, ValueError, "grad_ratio must be a number >= 1, got nan"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+], ids=["model", "x", "batch_dim-float", "batch_dim-range", "small_batch-str", "small_batch-0", "gap_tol-str",
+        "gap_tol-negative", "gap_tol-nan", "grad_ratio-bool", "grad_ratio-below-1", "grad_ratio-nan", "seed-float"])
+def test_audit_model_checks_its_arguments(kwargs, exc, message):
+    # regression: a NaN or negative threshold ran a misleading audit; other bad values failed deep
+    # inside with messages that named neither the argument nor the value
+    args = {"model": nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), "x": torch.randn(8, 8), **kwargs}
+    with pytest.raises(exc) as info:
+        audit_model(args.pop("model"), args.pop("x"), **args)
+    assert message in str(info.value)
+
+
+def test_audit_model_leaves_the_global_rng_alone():
+    class Noise(nn.Module):
+        def forward(self, x):
+            return x + 1e-3 * torch.randn_like(x) if self.training else x
+
+    model, x = nn.Sequential(nn.Linear(8, 8), Noise(), nn.LayerNorm(8)), torch.randn(8, 8)
+    state = torch.get_rng_state()
+    audit_model(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_grad_ratio_help_names_what_is_compared(capsys):
+    # regression: the help said "gradient RMS"; the check compares ||dL/dW|| / ||W|| per layer
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "||dL/dW|| / ||W||, spans more than this factor across layers" in text
+    assert "gradient RMS" not in text
+
+
+def test_layer_norm_lstm_counts_as_layer_normalization_in_the_architecture_line():
+    # regression: "a recurrent model with normalization: none" for a LayerNormLSTM
+    from lnorm.nn import LayerNormLSTM
+
+    r = audit_model(LayerNormLSTM(4, 8, batch_first=True), torch.randn(8, 5, 4))
+    arch = next(f for f in r["findings"] if f["id"] == "architecture")
+    assert arch["summary"] == "a recurrent model with normalization: layer"
+    assert arch["evidence"]["norm_kinds"] == ["layer"] and arch["claims"] == ["C11"]

@@ -15,7 +15,8 @@ product map):
 * the train/eval gap of the output, per normalization layer (flagged above ``--gap-tol``);
 * batch norm layers that will see small batches (flagged below ``--small-batch`` samples);
 * recurrent layers without normalization (flagged); batch norm next to attention (flagged);
-* the per-layer gradient scale, flagged when it spans more than ``--grad-ratio``;
+* the per-layer gradient scale ``||dL/dW|| / ||W||``, flagged when it spans more than
+  ``--grad-ratio`` or when a layer's weights get a zero or non-finite gradient;
 * norm gains that are not 1 or biases that are not 0 (reported).
 
 Exit status: 0 the audit ran and flagged nothing, 1 it flagged something, 2 anything else (bad
@@ -37,6 +38,7 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import signal
@@ -50,12 +52,14 @@ import torch
 from torch import Tensor, nn
 
 from lnorm.diagnostics import ActivationStats, check_batch_independence, train_eval_gap
+from lnorm.nn import MaskedBatchNorm
 from lnorm.utils import (
     ModelState,
     first_tensor,
     is_norm_layer,
     is_recurrent_layer,
     json_safe,
+    preserved_rng,
     set_mode,
 )
 
@@ -257,15 +261,39 @@ def _rnn_normalized(m: nn.Module) -> bool:
     return not isinstance(m, nn.RNNBase) and bool(getattr(m, "layer_norm", False))
 
 
-def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> dict[str, list[int]]:
+def _values_per_channel(m: nn.Module, t: Tensor, args: tuple, kwargs: dict) -> int:
+    """How many values of each channel one call of batch norm ``m`` on ``t`` normalizes over."""
+    last = isinstance(m, MaskedBatchNorm) or getattr(m, "layout", None) == "last"  # features last
+    if t.dim() < 2:
+        return t.numel()
+    mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+    if last and isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == t.shape[:-1]:
+        return int(mask.sum())  # padded positions do not count
+    channels = t.shape[-1] if last else t.shape[1]
+    return t.numel() // channels if channels else 0
+
+
+def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The input shape each of ``modules`` first receives (and the output's, as ``"<output>"``),
+    and for each batch norm the fewest values per channel it normalizes over in one call.
+
+    Counted from what the layer itself receives, not from ``x``: a model may fold time into the
+    batch, run the layer on one sample at a time, or on a slice of the batch.
+    """
     seen: dict[str, list[int]] = {}
+    per_channel: dict[str, int] = {}
 
-    def hook(mod, args):
+    def hook(mod, args, kwargs):
         t = first_tensor(args)
-        if t is not None and modules[mod] not in seen:
-            seen[modules[mod]] = list(t.shape)
+        if t is None:
+            return
+        name = modules[mod]
+        seen.setdefault(name, list(t.shape))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            n = _values_per_channel(mod, t, args, kwargs)
+            per_channel[name] = min(per_channel.get(name, n), n)
 
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     state = ModelState(model)
     try:
         model.eval()
@@ -276,7 +304,7 @@ def _watch_shapes(model: nn.Module, x: Tensor, modules: dict) -> dict[str, list[
         for h in handles:
             h.remove()
     seen["<output>"] = list(first_tensor(out).shape) if first_tensor(out) is not None else []
-    return seen
+    return seen, per_channel
 
 
 def _train_mode_error(model: nn.Module, x: Tensor) -> str | None:
@@ -313,11 +341,14 @@ def _gradient_scale(model: nn.Module, x: Tensor, seed: int) -> dict[str, dict]:
         set_mode(model, "train")
         with ActivationStats(model, modules=[n if n != "<model>" else "" for n, _ in layers]) as stats:
             out = first_tensor(model(x))
-            if out is None or not out.requires_grad:
+            if out is None:
                 return {}
-            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
-            # autograd.grad, not backward(): the model's .grad fields stay untouched
-            grads = torch.autograd.grad(out, params, grad_outputs=g, allow_unused=True)
+            if out.requires_grad:
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+                # autograd.grad, not backward(): the model's .grad fields stay untouched
+                grads = torch.autograd.grad(out, params, grad_outputs=g, allow_unused=True)
+            else:  # detached or integer output: no gradient reaches any layer, which is a finding
+                grads = (None,) * len(params)
     finally:
         state.restore()
     by_param = dict(zip(map(id, params), grads, strict=True))
@@ -332,12 +363,22 @@ def _gradient_row(m: nn.Module, by_param: dict, s: dict) -> dict:
     g_norm = math.sqrt(sum(0.0 if gr is None else gr.double().square().sum().item() for gr in gs))
     row = {"type": type(m).__name__, "weight_norm": w_norm, "grad_norm": g_norm,
            "relative_grad": g_norm / w_norm if w_norm > 0 else math.nan}
+    if ps:  # a layer with weights that get no usable gradient does not train: never dropped silently
+        problem = (_NO_GRADIENT if all(gr is None for gr in gs) else _NONFINITE if not math.isfinite(g_norm)
+                   else _ZERO_GRADIENT if g_norm == 0 else None)
+        if problem:
+            row["problem"] = problem
     if "grad_rms" in s:
         row["output_grad_rms"] = s["grad_rms"]
     if "time" in s and s["time"].get("grad_rms"):
         steps = s["time"]["grad_rms"]
         row["output_grad_rms_first_step"], row["output_grad_rms_last_step"] = steps[0], steps[-1]
     return row
+
+
+_NO_GRADIENT = "no gradient reaches it"
+_ZERO_GRADIENT = "all-zero gradient"
+_NONFINITE = "non-finite gradient"
 
 
 # the audit, one named step per finding
@@ -348,7 +389,9 @@ def audit_model(model: nn.Module, x: Tensor, *, batch_dim: int = 0, small_batch:
     """Audit ``model`` on the batch ``x``; returns plain data (the CLI's ``--json`` output).
 
     ``x``'s batch size stands for the batch size you train with (it decides the small-batch
-    finding and the advice). The model is left as it was: modes, buffers and ``.grad`` are untouched.
+    finding and the advice). The model is left as it was: modes, buffers and ``.grad`` are untouched,
+    and so is torch's global random number generator. Bad arguments raise ``TypeError`` or
+    ``ValueError`` naming the argument: an audit that ran on a misread threshold would mislead.
 
     Example::
 
@@ -357,39 +400,41 @@ def audit_model(model: nn.Module, x: Tensor, *, batch_dim: int = 0, small_batch:
         >>> result["flagged"], [f["id"] for f in result["findings"] if f["level"] == "flag"]
         (False, [])
     """
-    named = list(model.named_modules())
-    norms = [(n or "<model>", m) for n, m in named if is_norm_layer(m)]
-    rnns = [(n or "<model>", m) for n, m in named if is_recurrent_layer(m)]
-    shapes = _watch_shapes(model, x, {m: n for n, m in norms + rnns})
-    B = x.shape[batch_dim]
-    norm_rows = [_norm_row(n, m, shapes.get(n)) for n, m in norms]
-    rnn_rows = [{"name": n, "type": type(m).__name__, "normalized": _rnn_normalized(m),
-                 "input_shape": shapes.get(n)} for n, m in rnns]
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for _, m in named)
-    has_attention = any(isinstance(m, nn.MultiheadAttention) for _, m in named)
-    seen = _Seen("CNN" if has_conv else "transformer" if has_attention else "recurrent" if rnn_rows
-                 else "feed-forward", B < small_batch)
-    bns = [r for r in norm_rows if r["kind"] == "batch"]
-    train_error = _train_mode_error(model, x)
+    batch_dim = _check_audit_args(model, x, batch_dim, small_batch, gap_tol, grad_ratio, seed)
+    with preserved_rng(model, x):  # training-mode forwards may draw (the model's own noise)
+        named = list(model.named_modules())
+        norms = [(n or "<model>", m) for n, m in named if is_norm_layer(m)]
+        rnns = [(n or "<model>", m) for n, m in named if is_recurrent_layer(m)]
+        shapes, per_channel = _watch_shapes(model, x, {m: n for n, m in norms + rnns})
+        B = x.shape[batch_dim]
+        norm_rows = [_norm_row(n, m, shapes.get(n)) for n, m in norms]
+        rnn_rows = [{"name": n, "type": type(m).__name__, "normalized": _rnn_normalized(m),
+                     "input_shape": shapes.get(n)} for n, m in rnns]
+        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for _, m in named)
+        has_attention = any(isinstance(m, nn.MultiheadAttention) for _, m in named)
+        seen = _Seen("CNN" if has_conv else "transformer" if has_attention else "recurrent" if rnn_rows
+                     else "feed-forward", B < small_batch)
+        bns = [r for r in norm_rows if r["kind"] == "batch"]
+        train_error = _train_mode_error(model, x)
 
-    findings = _batch_dependence(model, x, batch_dim, seed, seen, train_ok=train_error is None)
-    if train_error is None:
-        findings.append(_train_eval_gap(model, x, gap_tol, seen, norms))
-    else:
-        findings.append(_finding("train-mode-fails", "flag", "the model fails in training mode",
-                                 f"a training-mode forward on a batch of {B} fails: {train_error}; the train-mode "
-                                 "checks (batch dependence, train/eval gap, gradient scale) could not run",
-                                 {"error": train_error, "batch_size": B}, ("C3",) if bns else (), seen))
-    findings += _small_batches(bns, B, small_batch, seen)
-    findings += _recurrent(rnn_rows)
-    if has_attention and bns:
-        findings.append(_finding("bn-in-transformer", "flag", "batch norm in an attention model",
-                                 f"{len(bns)} batch norm layer(s) in a model with attention: "
-                                 + ", ".join(r["name"] for r in bns),
-                                 {"layers": [r["name"] for r in bns]}, ("C5",), seen))
-    if train_error is None:
-        findings += _gradient_spread(model, x, seed, grad_ratio, seen)
-    findings += _init_and_architecture(norm_rows, rnn_rows, seen)
+        findings = _batch_dependence(model, x, batch_dim, seed, seen, train_ok=train_error is None)
+        if train_error is None:
+            findings.append(_train_eval_gap(model, x, gap_tol, seen, norms))
+        else:
+            findings.append(_finding("train-mode-fails", "flag", "the model fails in training mode",
+                                     f"a training-mode forward on a batch of {B} fails: {train_error}; the train-mode "
+                                     "checks (batch dependence, train/eval gap, gradient scale) could not run",
+                                     {"error": train_error, "batch_size": B}, ("C3",) if bns else (), seen))
+        findings += _small_batches(bns, per_channel, B, small_batch, seen)
+        findings += _recurrent(rnn_rows)
+        if has_attention and bns:
+            findings.append(_finding("bn-in-transformer", "flag", "batch norm in an attention model",
+                                     f"{len(bns)} batch norm layer(s) in a model with attention: "
+                                     + ", ".join(r["name"] for r in bns),
+                                     {"layers": [r["name"] for r in bns]}, ("C5",), seen))
+        if train_error is None:
+            findings += _gradient_spread(model, x, seed, grad_ratio, seen)
+        findings += _init_and_architecture(norm_rows, rnn_rows, seen)
 
     flagged = [f["id"] for f in findings if f["level"] == "flag"]
     return {
@@ -399,6 +444,29 @@ def audit_model(model: nn.Module, x: Tensor, *, batch_dim: int = 0, small_batch:
         "norm_layers": norm_rows, "recurrent_layers": rnn_rows,
         "findings": findings, "flagged": bool(flagged), "flagged_ids": flagged,
     }
+
+
+def _check_audit_args(model, x, batch_dim, small_batch, gap_tol, grad_ratio, seed) -> int:
+    """:func:`audit_model`'s arguments, checked; returns ``batch_dim`` as a dim >= 0."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor (a batch of inputs), got {type(x).__name__}")
+    for name, value in (("batch_dim", batch_dim), ("small_batch", small_batch), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if not -x.dim() <= batch_dim < x.dim():
+        raise ValueError(f"batch_dim={batch_dim} is out of range for x of shape {list(x.shape)}")
+    if x.shape[batch_dim] < 1:
+        raise ValueError(f"x must hold at least one sample along batch_dim={batch_dim}, got shape {list(x.shape)}")
+    if small_batch < 1:
+        raise ValueError(f"small_batch must be a positive number of samples, got {small_batch!r}")
+    for name, value, low in (("gap_tol", gap_tol, 0), ("grad_ratio", grad_ratio, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not value >= low:  # NaN too: every comparison with it is False, nothing would be flagged
+            raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+    return batch_dim % x.dim()
 
 
 def _norm_row(name: str, m: nn.Module, shape) -> dict:
@@ -467,23 +535,24 @@ def _train_eval_gap(model, x: Tensor, gap_tol: float, seen: _Seen, norms) -> dic
     return _finding("train-eval-gap", "flag", "train/eval gap", summary, evidence, ("C2",), seen)
 
 
-def _small_batches(bns: list[dict], B: int, small_batch: int, seen: _Seen) -> list[dict]:
+def _small_batches(bns: list[dict], per_channel: dict[str, int], B: int, small_batch: int,
+                   seen: _Seen) -> list[dict]:
+    """``per_channel``: the fewest values per channel each layer received in one call (None: never
+    called), from the layer's own input."""
     if not bns:
         return []
-    rows = []
-    for r in bns:
-        shape = r["input_shape"] or []
-        per_channel = B * (math.prod(shape[2:]) if len(shape) > 2 and r["type"] != "MaskedBatchNorm"
-                           else math.prod(shape[1:-1]) if r["type"] == "MaskedBatchNorm" and len(shape) > 2 else 1)
-        rows.append({"name": r["name"], "type": r["type"], "input_shape": shape, "values_per_channel": per_channel})
+    rows = [{"name": r["name"], "type": r["type"], "input_shape": r["input_shape"],
+             "values_per_channel": per_channel.get(r["name"])} for r in bns]
     evidence = {"batch_size": B, "threshold": small_batch, "layers": rows}
     if B >= small_batch:
         return [_finding("small-batch", "ok", "batch norm with small batches",
                          f"batch size {B} >= {small_batch} for {len(rows)} batch norm layer(s)", evidence)]
-    worst = min(rows, key=lambda x: x["values_per_channel"])
-    summary = (f"{len(rows)} batch norm layer(s) will see batches of {B} samples (below {small_batch}); the "
-               f"fewest values per channel: {worst['values_per_channel']} at {worst['name']}")
-    if any(x["values_per_channel"] <= 1 for x in rows):
+    called = [r for r in rows if r["values_per_channel"] is not None]
+    summary = f"{len(rows)} batch norm layer(s) will see batches of {B} samples (below {small_batch})"
+    if called:
+        worst = min(called, key=lambda r: r["values_per_channel"])
+        summary += f"; the fewest values per channel: {worst['values_per_channel']} at {worst['name']}"
+    if any(r["values_per_channel"] <= 1 for r in called):
         summary += "; with one value per channel batch norm cannot train at all"
     return [_finding("small-batch", "flag", "batch norm with small batches", summary, evidence, ("C3",), seen)]
 
@@ -501,19 +570,32 @@ def _recurrent(rnn_rows: list[dict]) -> list[dict]:
 
 
 def _gradient_spread(model, x: Tensor, seed: int, grad_ratio: float, seen: _Seen) -> list[dict]:
+    """The spread of ||dL/dW|| / ||W|| over the layers, flagged above ``grad_ratio``; a layer whose
+    weights get a zero, missing or non-finite gradient is flagged by name (it has no place in a
+    ratio, and leaving it out would report a model that cannot train as fine)."""
     grads = _gradient_scale(model, x, seed)
+    problems = {n: r["problem"] for n, r in grads.items() if "problem" in r}
     positive = {n: r["relative_grad"] for n, r in grads.items()
-                if r["relative_grad"] > 0 and math.isfinite(r["relative_grad"])}
-    if not positive:
+                if n not in problems and r["relative_grad"] > 0 and math.isfinite(r["relative_grad"])}
+    if not positive and not problems:
         return []
-    hi, lo = max(positive, key=positive.get), min(positive, key=positive.get)
-    ratio = positive[hi] / positive[lo]
-    evidence = {"ratio": ratio, "threshold": grad_ratio, "largest": hi, "smallest": lo, "layers": grads,
-                "zero_gradient": sorted(set(grads) - set(positive))}
-    summary = (f"the weight gradient relative to the weight, ||dL/dW|| / ||W||, spans {ratio:.3g}x "
-               f"across layers, from {positive[lo]:.3g} at {lo} to {positive[hi]:.3g} at {hi} "
-               "(loss whose gradient at the output is N(0, 1))")
-    level = "flag" if ratio > grad_ratio else "ok"
+    evidence = {"ratio": None, "threshold": grad_ratio, "largest": None, "smallest": None, "layers": grads,
+                "zero_gradient": sorted(n for n, p in problems.items() if p != _NONFINITE),
+                "nonfinite_gradient": sorted(n for n, p in problems.items() if p == _NONFINITE)}
+    parts, level = [], "ok"
+    if positive:
+        hi, lo = max(positive, key=positive.get), min(positive, key=positive.get)
+        ratio = positive[hi] / positive[lo]
+        evidence.update(ratio=ratio, largest=hi, smallest=lo)
+        parts.append(f"the weight gradient relative to the weight, ||dL/dW|| / ||W||, spans {ratio:.3g}x "
+                     f"across layers, from {positive[lo]:.3g} at {lo} to {positive[hi]:.3g} at {hi} "
+                     "(loss whose gradient at the output is N(0, 1))")
+        level = "flag" if ratio > grad_ratio else "ok"
+    if problems:
+        level = "flag"
+        parts.append(f"{len(problems)} layer(s) get no usable weight gradient: "
+                     + ", ".join(f"{n} ({p})" for n, p in problems.items()))
+    summary = "; ".join(parts)
     return [_finding("gradient-scale", level, "per-layer gradient scale", summary, evidence,
                      ("C13",) if level == "flag" else (), seen)]
 
@@ -526,7 +608,8 @@ def _init_and_architecture(norm_rows: list[dict], rnn_rows: list[dict], seen: _S
                             f"{len(off)} of {len(norm_rows)} norm layer(s) have a gain that is not 1 or a "
                             f"bias that is not 0: {', '.join(off[:8])}" + (" ..." if len(off) > 8 else ""),
                             {"layers": off}, ("C10",), seen))
-    kinds = {r["kind"] for r in norm_rows}
+    # the layer-normalized recurrent layers normalize inside: no norm module of their own shows it
+    kinds = {r["kind"] for r in norm_rows} | ({"layer"} if any(r["normalized"] for r in rnn_rows) else set())
     claims = []
     if seen.arch == "CNN":
         claims.append("C7")
@@ -580,7 +663,8 @@ def format_report(result: dict, target: str = "") -> str:
             out.append("      relative change per probe: " + ", ".join(f"{k} {v:.2g}" for k, v in ev["probes"].items()))
         if f["id"] == "small-batch" and f["level"] == "flag":
             for r in ev["layers"]:
-                out.append(f"      {r['name']:<24} input {r['input_shape']}, {r['values_per_channel']} values per channel")
+                out.append(f"      {r['name']:<24} input {r['input_shape']}, " + (
+                    "not called" if r["values_per_channel"] is None else f"{r['values_per_channel']} values per channel"))
         if f["id"] == "gradient-scale":
             out.append(f"      {'layer':<24} {'type':<18} {'|dW|/|W|':>10} {'|dW|':>9} {'dL/dy RMS':>10}")
             for name, r in ev["layers"].items():
@@ -629,7 +713,8 @@ def register(subparsers) -> None:
                    help="flag a train/eval output gap above this fraction of the output's max abs value "
                         "(default 0.01)")
     p.add_argument("--grad-ratio", type=float, default=100.0,
-                   help="flag when per-layer gradient RMS spans more than this factor (default 100)")
+                   help="flag when the per-layer weight gradient relative to the weight, ||dL/dW|| / ||W||, "
+                        "spans more than this factor across layers (largest over smallest; default 100)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"give up (exit 2) when loading and auditing take longer than this many seconds "
                         f"(default {DEFAULT_TIMEOUT:g}; 0: no limit)")
