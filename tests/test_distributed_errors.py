@@ -65,6 +65,59 @@ def test_an_ordinary_error_that_mentions_a_timeout_is_not_a_collective_timeout()
     assert _is_timeout("Traceback:\n  dist.all_reduce(t)\nRuntimeError: [gloo] Timed out waiting 1000ms for recv\n")
 
 
+class NoReply(TimeoutError):
+    """A timeout whose name and message never say "timeout"."""
+
+
+def _rank0_value_error_mentioning_a_timeout(rank):
+    if rank == 0:
+        raise ValueError("bad rendezvous settings\n  hint: raise the timeout")  # last line: "timeout"
+    time.sleep(600)  # still running: not the one at fault
+    return rank
+
+
+def _rank0_times_out_waiting_for_rank1(rank):
+    if rank == 0:
+        raise NoReply("peer 1 never answered")
+    time.sleep(600)  # hangs: the one at fault
+    return rank
+
+
+def test_an_error_is_told_a_timeout_by_its_type_not_its_text():
+    # regression: only the traceback's last line was read, so a ValueError whose message ends
+    # on a line mentioning a timeout blamed a peer that was still running, and a TimeoutError
+    # whose text never says "timeout" was not one
+    from lnorm.distributed import _is_timeout
+
+    base = ["builtins.Exception", "builtins.BaseException", "builtins.object"]
+    text = "Traceback:\n  fn()\nValueError: bad rendezvous settings\n  hint: raise the timeout\n"
+    assert _is_timeout(text)  # the text alone is fooled; the type is not
+    assert not _is_timeout(text, ["builtins.ValueError", *base], "bad rendezvous settings\n  hint: raise the timeout")
+    assert _is_timeout("Traceback:\n  fn()\nm.NoReply: peer 1 never answered\n",
+                       ["m.NoReply", "builtins.TimeoutError", "builtins.OSError", *base], "peer 1 never answered")
+    backend = ["torch.distributed.DistBackendError", "torch.distributed.DistError", "builtins.RuntimeError", *base]
+    gloo = "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2000ms for recv operation to complete"
+    assert _is_timeout(f"Traceback:\n  dist.all_reduce(t)\ntorch.distributed.DistBackendError: {gloo}\n"
+                       "Exception raised from recv at ...\nframe #0: c10::Error\n", backend, gloo)
+    nccl = "Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE) ran for 60000 ms"
+    assert _is_timeout("...", backend, nccl)
+    assert not _is_timeout("...", ["builtins.RuntimeError", *base], "read_timeout must be positive, got -1")
+
+
+def test_worker_error_mentioning_a_timeout_is_not_blamed_on_a_running_peer():
+    with pytest.raises(WorkerError, match="ValueError: bad rendezvous settings") as info:
+        launch(_rank0_value_error_mentioning_a_timeout, 2, timeout=240, pg_timeout=2)
+    assert info.value.rank == 0 and "hung" not in str(info.value)
+    assert not multiprocessing.active_children(), "workers left running"
+
+
+def test_timeout_error_by_type_names_the_peer_that_hangs():
+    with pytest.raises(WorkerError, match="hung") as info:
+        launch(_rank0_times_out_waiting_for_rank1, 2, timeout=240, pg_timeout=2)
+    assert info.value.rank == 1 and "NoReply: peer 1 never answered" in str(info.value)
+    assert not multiprocessing.active_children(), "workers left running"
+
+
 @pytest.mark.parametrize("eps", [0.0, -0.5, float("nan"), "a"])
 def test_sync_batch_norm_checks_eps(eps):
     # regression: SyncBatchNorm computes rsqrt(var + eps) itself and accepted any eps: a negative

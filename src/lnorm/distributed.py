@@ -45,7 +45,7 @@ import re
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,11 +156,12 @@ def _worker(rank: int, nproc: int, backend: str, port: int, pg_timeout: float, t
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
         fn, args = torch.load(os.path.join(result_dir, "call.pt"), weights_only=False)
         result = fn(rank, *args)
-    except BaseException:
+    except BaseException as exc:
         # when one rank fails its peers fail next (connection reset): the parent reports the
-        # earliest failure, so it needs each failure's time
-        _save_atomic({"time": time.time(), "traceback": traceback.format_exc()},
-                     os.path.join(result_dir, f"rank{rank}.error.pt"))
+        # earliest failure, so it needs each failure's time, and whether it was a timeout, which
+        # the exception's type tells better than the text of its traceback
+        _save_atomic({"time": time.time(), "traceback": traceback.format_exc(), "types": _type_names(exc),
+                      "message": _message(exc)}, os.path.join(result_dir, f"rank{rank}.error.pt"))
         raise
     finally:
         if dist.is_initialized():
@@ -168,19 +169,35 @@ def _worker(rank: int, nproc: int, backend: str, port: int, pg_timeout: float, t
     _save_atomic(result, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+def _type_names(exc: BaseException) -> list[str]:
+    """The exception's type and its bases as ``module.QualifiedName``: plain strings, so the parent
+    can read them without importing the module that defined the exception."""
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the worker's error
+        return ""
+
+
 def _save_atomic(obj, path: str) -> None:
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def _failures(result_dir: str) -> dict[int, tuple[float, str]]:
-    """``{rank: (time, traceback)}`` of the workers that raised."""
+def _failures(result_dir: str) -> dict[int, dict]:
+    """``{rank: {"time", "traceback", "types", "message"}}`` of the workers that raised."""
     out = {}
     for name in os.listdir(result_dir):
         if name.endswith(".error.pt"):
-            rec = torch.load(os.path.join(result_dir, name), weights_only=False)
-            out[int(name[4:-9])] = (rec["time"], rec["traceback"])
+            out[int(name[4:-9])] = torch.load(os.path.join(result_dir, name), weights_only=False)
     return out
+
+
+def _failure_is_timeout(rec: dict) -> bool:
+    return _is_timeout(rec["traceback"], rec.get("types"), rec.get("message"))
 
 
 def _blame(result_dir: str, nproc: int, fallback: tuple[int, str]) -> tuple[int, str]:
@@ -189,9 +206,10 @@ def _blame(result_dir: str, nproc: int, fallback: tuple[int, str]) -> tuple[int,
     failures = _failures(result_dir)
     if not failures:
         return fallback
-    rank, (_, tb) = min(failures.items(), key=lambda kv: kv[1])
+    rank, rec = min(failures.items(), key=lambda kv: kv[1]["time"])
+    tb = rec["traceback"]
     hung = _silent(result_dir, nproc)
-    if _is_timeout(tb) and hung:
+    if _failure_is_timeout(rec) and hung:
         return hung[0], (f"hung: still running outside the collective that rank {rank} waited for until it "
                          f"timed out (ranks that never arrived: {', '.join(map(str, hung))}); rank {rank}'s "
                          f"error:\n{tb}")
@@ -284,7 +302,7 @@ def launch(fn: Callable, nproc: int = 2, args: tuple = (), *, backend: str | Non
         for rank in range(nproc):
             path = os.path.join(result_dir, f"rank{rank}.pt")
             if not os.path.exists(path):  # sys.exit(0) or os._exit(0) inside fn
-                detail = _failures(result_dir).get(rank, (0, ""))[1]
+                detail = _failures(result_dir).get(rank, {}).get("traceback", "")
                 raise WorkerError(rank, "exited with code 0 without returning a result (sys.exit or os._exit "
                                         "in fn?)" + (f"\n{detail}" if detail else ""), nproc=nproc)
             results.append(torch.load(path, weights_only=False))
@@ -301,7 +319,7 @@ def _join(ctx, result_dir: str, nproc: int, deadline: float, timeout: float, pg_
         if time.monotonic() > deadline:
             raise TimeoutError(f"distributed job ({nproc} processes) still running after "
                                f"{timeout:g} s (timeout); workers killed")
-        if grace_end is None and any(_is_timeout(tb) for _, tb in _failures(result_dir).values()):
+        if grace_end is None and any(map(_failure_is_timeout, _failures(result_dir).values())):
             grace_end = time.monotonic() + min(pg_timeout, 10.0)
         if grace_end is not None and time.monotonic() < grace_end and _silent(result_dir, nproc):
             time.sleep(0.1)
@@ -310,7 +328,30 @@ def _join(ctx, result_dir: str, nproc: int, deadline: float, timeout: float, pg_
             return
 
 
-def _is_timeout(tb: str) -> bool:
+# a collective or the rendezvous timing out, in torch's words: gloo "Timed out waiting 1000ms for
+# recv", NCCL's watchdog "collective operation timeout ... before timing out", the store "wait
+# timeout after 30000ms"; whole words, so that "read_timeout must be positive" is not one
+_TIMEOUT_WORDS = re.compile(r"\btim(?:ed|ing) out\b|\btimeout\b", re.IGNORECASE)
+
+
+def _is_timeout(tb: str, types: Sequence[str] | None = None, message: str | None = None) -> bool:
+    """Was the worker's error a timeout? By the exception's type where the worker recorded it
+    (``types``: its class and bases as ``module.QualifiedName``; ``message``: ``str(exc)``):
+
+    * a ``TimeoutError`` (``socket.timeout`` and asyncio's are one) is a timeout, whatever it says;
+    * torch reports a collective or the rendezvous timing out as a ``RuntimeError``
+      (``torch.distributed.DistBackendError``, ``DistStoreError``), told apart by its message;
+    * anything else (a ``ValueError``, a ``KeyError``, a user's exception that is not a
+      ``RuntimeError``) is not, even when its message mentions a timeout.
+
+    Without the types, the traceback's text decides, as below.
+    """
+    if types:
+        if "builtins.TimeoutError" in types:
+            return True
+        if "builtins.RuntimeError" not in types:
+            return False
+        return _TIMEOUT_WORDS.search(message if message is not None else tb) is not None
     # the exception's own line (the traceback's last non-empty line, "Type: message"), not the whole
     # text: a quoted source line such as `..., timeout=timeout)` or a user's message that mentions a
     # timeout must not make an ordinary error read as a collective that timed out
