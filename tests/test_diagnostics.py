@@ -346,3 +346,19 @@ def test_the_tools_long_functions_are_split_into_named_steps():
     for fn in (audit.audit_model, diagnostics.check_batch_independence, runner.run):
         lines = len(inspect.getsourcelines(fn)[0])
         assert lines <= 80, f"{fn.__module__}.{fn.__name__}: {lines} lines"
+
+
+def test_current_mode_on_a_training_model_does_not_read_dropout_as_batch_dependence():
+    # mode="current" kept dropout's random masks on: a model without any batch mixing was reported
+    # batch dependent; the model's own modes (a frozen BN in eval here) are kept, and restored
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    model.train()
+    model[2].eval()
+    report = check_batch_independence(model, torch.randn(8, 6), mode="current")
+    assert report.independent and report.max_relative_change < 1e-6, report.probes  # rounding of the roll
+    assert report.mode == "train"
+    assert model.training and model[1].training and not model[2].training
+    model[2].train()  # the same call with BN in train mode still finds it
+    report = check_batch_independence(model, torch.randn(8, 6), mode="current")
+    assert not report.independent and [s.name for s in report.sources] == ["2"]

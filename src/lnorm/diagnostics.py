@@ -31,6 +31,7 @@ from lnorm.utils import (
     is_recurrent_layer,
     preserved_rng,
     set_mode,
+    stochastic_off,
 )
 
 __all__ = [
@@ -208,7 +209,7 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         batch_dim: the batch dim of ``x`` (1 for ``nn.LSTM`` without ``batch_first``). The batch
             dim of every other tensor is found by watching which dim the split probe halves.
         mode: ``"train"`` (default: where batch norm uses batch statistics), ``"eval"``, or
-            ``"current"`` (the model's own mode).
+            ``"current"`` (each module's own mode, dropout and zoneout switched off as in train).
         rtol: relative change above which a sample counts as changed.
         seed: seeds the replacement draw (an int).
 
@@ -234,6 +235,8 @@ def check_batch_independence(model: nn.Module, x: Tensor, *, batch_dim: int = 0,
         try:
             if mode != "current":
                 set_mode(model, mode)
+            else:  # each module's own mode, but no random masks (they are not batch dependence)
+                stochastic_off(model)
             mode_used = "train" if model.training else "eval"
             probes = _Probes(model, x, batch_dim, state, mode)
             probes.split()
@@ -265,6 +268,8 @@ class _Probes:
         state.restore()  # every probe starts from the running statistics the model had
         if mode != "current":
             set_mode(model, mode)
+        else:
+            stochastic_off(model)
         if self.ref_out is None:
             raise TypeError("the model's output holds no tensor to compare")
         out_bdim = batch_dim

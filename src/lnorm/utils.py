@@ -24,7 +24,7 @@ from lnorm.nn.rnn import (
 )
 
 __all__ = ["ModelState", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe", "preserved_rng",
-           "set_mode"]
+           "set_mode", "stochastic_off"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm, ChannelRMSNorm)
@@ -140,9 +140,15 @@ def set_mode(model: nn.Module, mode: str, *, keep_dropout: bool = False) -> None
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     model.train(mode == "train")
     if mode == "train" and not keep_dropout:
-        for m in model.modules():
-            if _stochastic_in_training(m):
-                m.training = False
+        stochastic_off(model)
+
+
+def stochastic_off(model: nn.Module) -> None:
+    """Put every dropout module and every recurrent layer or cell with dropout or zoneout in eval
+    mode (see :func:`set_mode`), leaving every other module's mode as it is."""
+    for m in model.modules():
+        if _stochastic_in_training(m):
+            m.training = False
 
 
 def json_safe(obj):
