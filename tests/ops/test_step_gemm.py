@@ -413,3 +413,27 @@ def test_a_weight_grad_that_disagrees_with_float64_is_never_chosen(fresh_choices
     monkeypatch.setattr(sg.WeightGrad, "add", off)
     assert set(sg._measure_weight_grad(16, 24, 10)) == {"mm"}
     assert sg.choose_weight_grad(16, 24, 10, torch.float32) == "mm"
+
+
+@pytest.mark.parametrize("impl", ["mm", "onednn"])
+def test_the_grus_input_product_and_its_gradients_against_float64(impl):
+    # the GRU's W_ih x goes through _InputProduct (forward, dx and dW each by the measured
+    # library); gradcheck in float64 (torch.mm), each library forced in float32 against float64
+    from lnorm.ops import step_gemm
+    from lnorm.ops.rnn_fused import _InputProduct
+
+    if impl == "onednn" and not step_gemm._ONEDNN:
+        pytest.skip("torch without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 12, dtype=D64, generator=g), torch.randn(18, 12, dtype=D64, generator=g)
+    if impl == "mm":
+        assert torch.autograd.gradcheck(_InputProduct.apply, (x.requires_grad_(), w.requires_grad_()))
+        return
+    dy = torch.randn(40, 18, dtype=D64, generator=g)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    with step_gemm.use_step_gemm("onednn"):
+        y = _InputProduct.apply(xf, wf)
+        y.backward(dy.float())
+    torch.testing.assert_close(y.double(), x @ w.t(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(xf.grad.double(), dy @ w, rtol=0, atol=2e-5)
+    torch.testing.assert_close(wf.grad.double(), dy.t() @ x, rtol=0, atol=5e-5)

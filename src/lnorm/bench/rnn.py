@@ -195,24 +195,29 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
     x, w_ih, w_hh = (torch.randn(*s, generator=g).to(device) for s in ((N, I), (G, I), (G, H)))
     h, dg, hs = (torch.randn(*s, generator=g).to(device) for s in ((B, H), (N, G), (N, H)))
 
+    # the GRU's input products come in two groups (r, z and n), as in the fused path
+    groups = [(0, G)] if cell == "lstm" else [(0, 2 * H), (2 * H, G)]
+    dg_groups = [dg[:, lo:hi].contiguous() for lo, hi in groups]  # each group's own gradient tensor
+
     def weight_grads():
         if WeightGrad is None:
             torch.mm(dg.t(), hs)  # dW_hh
             torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
             return
-        # as the fused path: the LSTM sums both over runs of steps, the GRU dW_hh over all rows
-        # (its dW_ih is torch's, through F.linear)
+        # as the fused path: the LSTM sums both over runs of steps, the GRU over all rows
         run = backward_run_rows(B) if cell == "lstm" else N
-        dw_hh, dw_ih = WeightGrad(G, H, run, dg.dtype), WeightGrad(G, I, run, dg.dtype) if cell == "lstm" else None
-        for lo in range(0, N, run):
-            dw_hh.add(dg[lo : lo + run], hs[lo : lo + run])
-            if dw_ih is not None:
-                dw_ih.add(dg[lo : lo + run], x[lo : lo + run])
-        dw_hh.result()
-        dw_ih.result() if dw_ih is not None else torch.mm(dg.t(), x)
+        dw_hh = WeightGrad(G, H, run, dg.dtype)
+        dw_ih = [WeightGrad(hi - lo, I, run, dg.dtype) for lo, hi in groups]
+        for r in range(0, N, run):
+            dw_hh.add(dg[r : r + run], hs[r : r + run])
+            for dgi, wg in zip(dg_groups, dw_ih, strict=True):
+                wg.add(dgi[r : r + run], x[r : r + run])
+        for wg in (dw_hh, *dw_ih):
+            wg.result()
 
     def f():
-        (input_product if cell == "lstm" else F.linear)(x, w_ih)  # the GRU's goes through F.linear
+        for lo, hi in groups:
+            input_product(x, w_ih[lo:hi])
         step = StepGemm(w_hh, B)
         for _ in range(T):
             step(h)

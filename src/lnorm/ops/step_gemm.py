@@ -1,4 +1,6 @@
-"""The recurrence's per-step matrix product ``h @ w.T``, with the implementation chosen per machine.
+"""The recurrence's matrix products, with the implementation chosen per machine: the per-step
+product ``h @ w.T`` (:class:`StepGemm`), the input projection for all rows (:func:`input_product`)
+and the weight gradients summed over runs of rows (:class:`WeightGrad`).
 
 A layer's time loop multiplies a small batch of rows (B x k) by the same weight (k x n) at every
 step. Which library does that fastest depends on the CPU: MKL dispatches on the CPU's vendor and
