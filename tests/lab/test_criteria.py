@@ -541,3 +541,53 @@ def test_e9_extrapolation_row_counts_a_failed_run():
     assert "1 failed run(s) scored 0" in row["evidence"] + row["effect"]["reason"]
     clean = e9.row_c14_extrapolation(ln_L, ln_T, bn_L, bn_T, E9_FLOOR)
     assert clean["effect"]["n_failed"] == 0
+
+
+# ------------------------------ the rounding term of comparisons whose values are differences (drops)
+# Accuracy is a whole number of test examples (resolution k = ACC_RESOLUTION). A paired comparison of
+# plain accuracies adds 2q (q = k**2 / 12) to each difference's variance; a comparison of *changes*
+# (accuracy at one setting minus at another) is built from four rounded accuracies and must add 4q.
+# With every seed giving the same difference only the rounding term is left, so the interval's
+# half-width must be t(0.975, n-1) * sqrt(4q / n); counting 2q makes it sqrt(2) too narrow.
+
+
+def _tied_half_width(n: int, k: float, rounded_terms: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) * math.sqrt(rounded_terms * k**2 / 12 / n)
+
+
+def _half_width(eff: dict) -> float:
+    assert eff["estimate"] == pytest.approx((eff["lo"] + eff["hi"]) / 2)
+    return (eff["hi"] - eff["lo"]) / 2
+
+
+def test_e9_c14_interval_counts_all_four_rounded_accuracies():
+    # every seed: LN +0.050 from L to T, BN -0.500, so the per-seed difference is 0.550 for all three
+    tied = e9.row_c14_extrapolation(seeds(0.800, 0.810, 0.790), seeds(0.850, 0.860, 0.840),
+                                    seeds(0.810, 0.800, 0.830), seeds(0.310, 0.300, 0.330), E9_FLOOR)
+    eff = tied["effect"]
+    assert eff["n"] == 3 and eff["estimate"] == pytest.approx(0.55)
+    assert _half_width(eff) == pytest.approx(_tied_half_width(3, e9.ACC_RESOLUTION, 4), rel=1e-6)
+
+
+def test_e1_c3_drop_interval_counts_all_four_rounded_accuracies():
+    bn_drop, ln_drop = seeds(0.120, 0.130, 0.110), seeds(0.020, 0.030, 0.010)  # BN drops 0.100 more, every seed
+    _, _, eff = e1.verdict_c3(["cannot_train"] * 3, HI3, HI3, bn_drop, ln_drop)
+    assert eff.estimate == pytest.approx(0.1)
+    assert _half_width(eff.as_dict()) == pytest.approx(_tied_half_width(3, e1.ACC_RESOLUTION, 4), rel=1e-6)
+
+
+def test_ddp_c3_drop_interval_counts_all_four_rounded_accuracies():
+    keys = [("cnn", 64, 0), ("cnn", 64, 1), ("cnn", 128, 0)]
+    bn_drop = dict(zip(keys, (0.150, 0.160, 0.140), strict=True))
+    ln_drop = dict(zip(keys, (0.000, 0.010, -0.010), strict=True))  # BN drops 0.150 more, every pair
+    eff = ddp.row_c3(bn_drop, ln_drop, 2)["effect"]
+    assert eff["paired"] and eff["estimate"] == pytest.approx(0.15)
+    assert _half_width(eff) == pytest.approx(_tied_half_width(3, ddp.ACC_RESOLUTION, 4), rel=1e-6)
+
+
+def test_plain_accuracy_comparisons_keep_two_rounding_terms():
+    # the control: LN minus LSTM accuracy (two rounded accuracies per seed) is not widened
+    eff = e9.row_c4_long_sequences(seeds(0.600, 0.610, 0.620), seeds(0.400, 0.410, 0.420), E9_FLOOR, "pixel")["effect"]
+    assert _half_width(eff) == pytest.approx(_tied_half_width(3, e9.ACC_RESOLUTION, 2), rel=1e-6)

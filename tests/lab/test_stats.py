@@ -251,3 +251,15 @@ def test_claim_row_roles_follow_the_registry():
     assert row["role"] == "by construction" and "effect" not in row
     with pytest.raises(ValueError, match="neither an effect nor a verdict"):
         A.claim_row("e2", "C1", "x", None, "c")
+
+
+def test_difference_resolution_adds_one_rounding_term_per_rounded_quantity():
+    from scipy.stats import t
+
+    # values that are each a difference of two quantities rounded at k = 10: ties leave only the
+    # rounding variance, 4 * k**2 / 12 per paired difference (two rounded terms on each side)
+    k, n = 10, 3
+    e = S.compare({0: 40, 1: 40, 2: 40}, {0: 20, 1: 20, 2: 20}, min_effect=10,
+                  resolution=S.difference_resolution(k))
+    assert (e.hi - e.lo) / 2 == pytest.approx(float(t.ppf(0.975, n - 1)) * math.sqrt(4 * k**2 / 12 / n))
+    assert S.difference_resolution(k, 3) ** 2 == pytest.approx(3 * k**2)

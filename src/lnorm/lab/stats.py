@@ -168,6 +168,22 @@ def _interval(va: list[float], vb: list[float], paired: bool, resolution: float 
     return est, math.sqrt(se2), df
 
 
+def difference_resolution(resolution: float, terms: int = 2) -> float:
+    """The ``resolution`` to pass to :func:`compare` for values that are each the sum or difference of
+    ``terms`` quantities rounded at ``resolution`` (an accuracy drop: accuracy at one setting minus at
+    another, each a whole number of test examples).
+
+    :func:`_interval` treats each value as its true value plus one rounding error, uniform over one
+    step ``k`` and independent of the others: variance ``q = k**2 / 12`` per value, so ``q`` per
+    value of a Welch interval and ``2q`` per paired difference ``a - b``. A value made of ``terms``
+    rounded quantities carries ``terms`` such errors, variance ``terms * k**2 / 12 = (k *
+    sqrt(terms))**2 / 12``: exactly the rounding variance of one value at step ``k * sqrt(terms)``
+    (only the variance enters the interval, so that the summed error is no longer uniform does not
+    matter). With it, a paired comparison of two drops adds ``2 * terms * q`` (``4q``), one term per
+    rounded accuracy it is built from, instead of the ``2q`` of two plain accuracies."""
+    return resolution * math.sqrt(terms)
+
+
 def _check_thresholds(min_effect: float, margin: float | None) -> float:
     for name, v in (("min_effect", min_effect), ("margin", margin)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
@@ -190,7 +206,9 @@ def compare(a, b, *, min_effect: float, margin: float | None = None, paired: boo
     "not supported" when the interval rules out an effect this large. ``fail_score`` replaces
     None/NaN/inf values (a diverged run); without it such a value makes the result inconclusive.
     ``resolution``: the step of a quantised metric (an evaluation every k steps, one test example
-    of accuracy); ``cap``: values at or above it are censored (a run that hit the step cap).
+    of accuracy); for values that are themselves differences of such metrics (an accuracy drop) pass
+    :func:`difference_resolution`, or the interval counts half their rounding. ``cap``: values at
+    or above it are censored (a run that hit the step cap).
     """
     margin = _check_thresholds(min_effect, margin)
     xa, xb, paired, note = _sides(a, b, paired)

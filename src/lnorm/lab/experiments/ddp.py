@@ -243,8 +243,9 @@ def row_c3(bn_drop: dict, ln_drop: dict, nproc: int) -> dict:
     """C3 across processes: splitting the batch costs per-process batch norm more test accuracy than
     it costs layer norm. Drops are single-process minus DDP accuracy of the same (model, global
     batch, seed), so each pair shares its batches and initial weights: compared paired."""
+    # each drop is two rounded accuracies (1-proc minus DDP): four per paired difference
     eff = S.compare(bn_drop, ln_drop, min_effect=DROP_MIN_EFFECT, margin=DROP_MARGIN, unit="acc",
-                    resolution=ACC_RESOLUTION)
+                    resolution=S.difference_resolution(ACC_RESOLUTION))
     return A.claim_row("ddp", "C3", "C3-ddp-split-drop", eff,
                        f"over every model, global batch and seed, the test-accuracy drop from 1 process to {nproc} "
                        "(per-process batches of B/N), BN minus LN, paired: supported if > 0 and >= 1 point (10 test "

@@ -144,8 +144,9 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
                       resolution=ACC_RESOLUTION)
     parts.append(non_inferior(works, tol))
     ev.append(f"LN@1 - none@1 {works.text()} ({parts[-1]}: non-inferior by {tol:g}?)")
+    # each drop is two rounded accuracies (largest batch minus small batch): four per paired difference
     eff = S.compare(bn_drop, ln_drop, paired=True, min_effect=min_effect, margin=margin, unit="acc",
-                    fail_score=None, resolution=ACC_RESOLUTION)
+                    fail_score=None, resolution=S.difference_resolution(ACC_RESOLUTION))
     parts.append(eff.verdict)
     ev.append("the deciding part: accuracy drop from the largest to BN's smallest trainable batch, BN minus LN")
     return S.all_of(*parts), "; ".join(ev), eff

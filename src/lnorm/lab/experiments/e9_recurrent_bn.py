@@ -260,7 +260,10 @@ def row_c14_extrapolation(ln_train: dict, ln_full: dict, bn_train: dict, bn_full
     model is below ``floor`` at the training length (nothing to lose)."""
     seeds = sorted(set(ln_train) & set(ln_full) & set(bn_train) & set(bn_full))
     d_ln, d_bn = _change(ln_train, ln_full, seeds), _change(bn_train, bn_full, seeds)
-    eff = S.compare(d_ln, d_bn, min_effect=ACC_MIN_EFFECT, margin=ACC_MARGIN, unit="acc", resolution=ACC_RESOLUTION)
+    # each value is a change (accuracy at T minus at L), two rounded accuracies: the paired difference
+    # of two changes holds four, so its rounding term is 4q, not compare's 2q for plain accuracies
+    eff = S.compare(d_ln, d_bn, min_effect=ACC_MIN_EFFECT, margin=ACC_MARGIN, unit="acc",
+                    resolution=S.difference_resolution(ACC_RESOLUTION))
     caveat = near_chance(floor, **{"lnlstm at the training length": _mean(ln_train),
                                    "bnlstm at the training length": _mean(bn_train)})
     suffix = "" if order == "pixel" else f"-{order}"
