@@ -1,14 +1,16 @@
 """Helpers shared by the tools (diagnostics, audit, convert) and the lab.
 
 What a model is made of (:func:`is_norm_layer`, :func:`is_recurrent_layer`), how to run it without
-leaving a trace (:class:`ModelState`, :func:`set_mode`, :func:`preserved_rng`, :func:`first_tensor`)
-and how to write its numbers as strict JSON (:func:`json_safe`).
+leaving a trace (:class:`ModelState`, :func:`set_mode`, :func:`preserved_rng`, :func:`first_tensor`),
+how to write its numbers as strict JSON (:func:`json_safe`) and which CPU measured them
+(:func:`cpu_model`, for ``lnorm bench`` and the lab's ``env.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import platform
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +25,8 @@ from lnorm.nn.rnn import (
     LayerNormRNNCell,
 )
 
-__all__ = ["ModelState", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe", "preserved_rng",
-           "set_mode", "stochastic_off"]
+__all__ = ["ModelState", "cpu_model", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe",
+           "preserved_rng", "set_mode", "stochastic_off"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm, ChannelRMSNorm)
@@ -163,3 +165,26 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU as /proc/cpuinfo names it (model name, vendor, family, model), or what ``platform``
+    knows elsewhere: the strings of the first processor's block, e.g. ``{"model_name": "AMD EPYC
+    9R14 96-Core Processor", "vendor": "AuthenticAMD", "family": "25", "model": "17"}``, with
+    ``vendor``/``family``/``model`` absent where the file lacks them. Family and model tell apart
+    CPU generations sold under one name (AMD EPYC: Zen 3 is family 25 model 1, Zen 4 family 25
+    model 17, Zen 5 family 26 model 2). Shared by ``lnorm bench`` and the lab's ``env.json``."""
+    info = {"model_name": platform.processor() or platform.machine()}
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return info
+    keys = {"model name": "model_name", "vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            info[keys[key.strip()]] = value.strip()
+    return info

@@ -74,7 +74,10 @@ def test_page_header_plots_and_body(smoke_run, run_copy, tmp_path, capsys):
                             f"--backend auto --out {smoke_run}`")
     assert f["git commit"] == f"`{COMMIT_A}`, lnorm source clean"
     assert f["torch"] == torch.__version__
-    assert f["CPU"].startswith(provenance.cpu_model())
+    here = provenance.cpu()
+    assert f["CPU"].startswith(here["cpu_model"] + " (") and f["CPU"].endswith(" logical cores)")
+    assert (f"family {here['cpu_family']}, model {here['cpu_model_number']}" if here["cpu_family"] is not None
+            else "family/model unknown") in f["CPU"]
     assert f["threads per run"] == "1" and f["jobs"] == "1" and f["device"] == "cpu"
     assert re.fullmatch(r"[\d.]+ (s|min|h) over 1 invocation; [\d.]+ (s|min|h) of compute summed over runs",
                         f["wall time"]), f["wall time"]
@@ -258,3 +261,95 @@ def test_an_experiment_with_no_finished_run_reads_not_run(run_copy, tmp_path):
     for claim in ("C1", "C2"):  # e2's primary tests
         assert " | not run | " in rows[claim] and "inconclusive" not in rows[claim], rows[claim]
     assert "Not run yet" in page
+
+
+# ------------------------------------------------- the CPU: model name, family and model (generation)
+ZEN4 = {"model_name": "AMD EPYC 9R14 96-Core Processor", "vendor": "AuthenticAMD", "family": "25", "model": "17"}
+CPUINFO_ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu avx2
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: not the first block
+"""
+
+
+def test_cpu_model_reads_family_and_model_of_the_first_processor(tmp_path):
+    from lnorm.bench import rnn as bench_rnn
+    from lnorm.utils import cpu_model
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO_ZEN3)
+    assert cpu_model(str(path)) == {"model_name": "AMD EPYC 7B13", "vendor": "AuthenticAMD", "family": "25",
+                                    "model": "1"}
+    assert set(cpu_model(str(tmp_path / "absent"))) == {"model_name"}  # no /proc/cpuinfo: platform's name
+    assert bench_rnn.cpu_model is cpu_model is provenance.cpu_model  # one reader for the bench and the lab
+
+
+def test_env_json_records_cpu_family_and_model(smoke_run, monkeypatch):
+    from lnorm.lab import runner
+
+    monkeypatch.setattr(provenance, "cpu_model", lambda: dict(ZEN4))
+    env = runner.environment("cpu", 1, 1)
+    assert (env["cpu_model"], env["cpu_vendor"], env["cpu_family"], env["cpu_model_number"]) == \
+        ("AMD EPYC 9R14 96-Core Processor", "AuthenticAMD", "25", "17")
+    monkeypatch.setattr(provenance, "cpu_model", lambda: {"model_name": "arm64"})  # no numbers to read
+    assert provenance.cpu()["cpu_family"] is None and provenance.cpu()["cpu_model_number"] is None
+    # a real run writes them, at the top and in each invocation's entry (a resume may be elsewhere)
+    written = json.loads((smoke_run / "env.json").read_text())
+    for entry in (written, *written["invocations"]):
+        assert {"cpu_model", "cpu_vendor", "cpu_family", "cpu_model_number"} <= set(entry), entry
+
+
+def _set_cpu(env, **fields):
+    for entry in (env, *env.get("invocations", [])):
+        entry.update(fields, cpu_count=2)
+
+
+@pytest.mark.parametrize("fields,line", [
+    ({"cpu_model": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "cpu_family": "25", "cpu_model_number": "1"},
+     "AMD EPYC (family 25, model 1; 2 logical cores)"),
+    ({"cpu_model": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "cpu_family": "26", "cpu_model_number": "2"},
+     "AMD EPYC (family 26, model 2; 2 logical cores)"),
+    ({"cpu_model": "arm64", "cpu_vendor": None, "cpu_family": None, "cpu_model_number": None},
+     "arm64 (family/model unknown; 2 logical cores)"),
+], ids=["zen3", "zen5", "unknown"])
+def test_page_cpu_line_names_family_and_model(run_copy, tmp_path, fields, line):
+    edit_env(run_copy, lambda env: _set_cpu(env, **fields))
+    assert publish_cli(run_copy, tmp_path / "docs") == 0
+    assert fields_of_page(tmp_path)["CPU"] == line
+
+
+def test_older_env_json_without_family_and_model_still_publishes(run_copy, tmp_path):
+    def older(env):  # as written before the numbers were recorded
+        _set_cpu(env, cpu_model="AMD EPYC")
+        for entry in (env, *env["invocations"]):
+            for k in ("cpu_vendor", "cpu_family", "cpu_model_number"):
+                entry.pop(k, None)
+
+    edit_env(run_copy, older)
+    assert publish_cli(run_copy, tmp_path / "docs") == 0
+    assert fields_of_page(tmp_path)["CPU"] == "AMD EPYC (family/model not recorded; 2 logical cores)"
+    report.analyze(run_copy)  # the report reads it too
+
+
+def test_page_cpu_line_says_when_invocations_ran_on_different_generations(run_copy, tmp_path):
+    def two(env):
+        _set_cpu(env, cpu_model="AMD EPYC", cpu_family="25", cpu_model_number="1")
+        env["invocations"].append({**env["invocations"][0], "cpu_family": "25", "cpu_model_number": "17"})
+
+    edit_env(run_copy, two)
+    assert publish_cli(run_copy, tmp_path / "docs") == 0
+    assert fields_of_page(tmp_path)["CPU"] == ("AMD EPYC (family 25, model 1) / AMD EPYC (family 25, model 17) "
+                                               "(differs between invocations); 2 logical cores")
+
+
+def fields_of_page(tmp_path) -> dict:
+    page = (tmp_path / "docs/smoke/README.md").read_text()
+    return fields(page.split("## Claims summary")[0])

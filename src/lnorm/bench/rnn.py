@@ -42,6 +42,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import lnorm
 from lnorm.bench.timing import interleaved
 from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM
+from lnorm.utils import cpu_model  # shared with the lab's env.json
 
 # Targets from issue 15 (main case, float32, on Intel and AMD x86 CPUs): lnorm/torch time and
 # saved-memory ratios, and the speedup over the naive implementation.
@@ -312,25 +313,6 @@ def _case(cell: str, case: str, B: int, T: int, I: int, H: int, repeats: int, mo
 
 
 # ------------------------------------------------------------------------------------- report
-
-
-def cpu_model() -> dict:
-    """The CPU as /proc/cpuinfo names it (model name, vendor, family, model), or what ``platform``
-    knows elsewhere."""
-    info = {"model_name": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read()
-    except OSError:
-        return info
-    keys = {"model name": "model_name", "vendor_id": "vendor", "cpu family": "family", "model": "model"}
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the first processor's block is enough
-        key, _, value = line.partition(":")
-        if key.strip() in keys:
-            info[keys[key.strip()]] = value.strip()
-    return info
 
 
 def _cpu_line(cpu: dict) -> str:

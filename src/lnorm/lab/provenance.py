@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from lnorm.utils import cpu_model
+
 PACKAGE = Path(__file__).resolve().parents[1]  # the lnorm package directory
 MAX_PATHS = 20  # changed paths kept per invocation; the count is kept in full
 
@@ -71,15 +73,33 @@ def same_source(a: str, b: str) -> bool:
     return a == b or (prefix is not None and _git("diff", "--quiet", a, b, "--", ".") is not None)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+def cpu() -> dict:
+    """The CPU fields of ``env.json`` (:func:`lnorm.utils.cpu_model`, the reader ``lnorm bench``
+    uses): ``cpu_model`` (the model name, e.g. "AMD EPYC 9R14 96-Core Processor", as before),
+    ``cpu_vendor``, ``cpu_family`` and ``cpu_model_number`` (the family and model numbers, which tell
+    CPU generations sold under one name apart: Zen 3 is family 25 model 1, Zen 4 25/17, Zen 5 26/2).
+    The numbers are None where /proc/cpuinfo does not give them; an ``env.json`` written before they
+    were recorded lacks the keys (:func:`cpu_text` says which)."""
+    info = cpu_model()
+    return {"cpu_model": info.get("model_name") or platform.machine() or "unknown",
+            "cpu_vendor": info.get("vendor"), "cpu_family": info.get("family"),
+            "cpu_model_number": info.get("model")}
+
+
+def cpu_text(entry: dict, extra: str = "") -> str:
+    """``"AMD EPYC 9R14 96-Core Processor (family 25, model 17)"`` for an ``env.json`` entry (an
+    invocation or the whole file), ``extra`` added inside the parentheses after "; ". "family/model
+    not recorded" for an entry written before they were, "family/model unknown" where
+    /proc/cpuinfo did not give them."""
+    name = entry.get("cpu_model") or "?"
+    fam, model = entry.get("cpu_family"), entry.get("cpu_model_number")
+    if "cpu_family" not in entry and "cpu_model_number" not in entry:
+        what = "family/model not recorded"
+    elif fam is None or model is None:
+        what = "family/model unknown"
+    else:
+        what = f"family {fam}, model {model}"
+    return f"{name} ({what}{'; ' + extra if extra else ''})"
 
 
 def command(names: list[str], all_names: list[str], *, suite: str, seeds: int | None, jobs: int, threads: int,
@@ -97,7 +117,8 @@ def command(names: list[str], all_names: list[str], *, suite: str, seeds: int | 
 
 # what each invocation records of its environment (a resume may run on another machine or torch)
 ENTRY_FIELDS = ("git_commit", "git_dirty", "git_changes", "git_changes_count", "started", "lnorm", "torch",
-                "python", "cpu_model", "cpu_count", "threads_per_run", "jobs", "device", "backend")
+                "python", "cpu_model", "cpu_vendor", "cpu_family", "cpu_model_number", "cpu_count",
+                "threads_per_run", "jobs", "device", "backend")
 
 
 class Invocation:

@@ -77,6 +77,16 @@ def _commit(invs: list[dict], env: dict) -> str:
     return text + (" with uncommitted changes in the lnorm source" if dirty else ", lnorm source clean")
 
 
+def _cpu(invs: list[dict], env: dict) -> str:
+    """The CPU line: model name, family and model (which tell CPU generations sold under one name
+    apart), logical cores; per invocation, since a resume may run on another machine."""
+    cores = f"{_distinct(invs, 'cpu_count', env)} logical cores"
+    cpus = list(dict.fromkeys(provenance.cpu_text(i) for i in invs if i.get("cpu_model") is not None))
+    if len(cpus) > 1:
+        return " / ".join(cpus) + f" (differs between invocations); {cores}"
+    return provenance.cpu_text(next((i for i in invs if i.get("cpu_model") is not None), env), cores)
+
+
 def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str]) -> list[str]:
     conf, env = a["config"], a["env"]
     invs = provenance.contributing(env) or env.get("invocations", [])
@@ -95,7 +105,7 @@ def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str]) -> l
         ("git commit", _commit(invs, env)),
         ("lnorm", _distinct(invs, "lnorm", env)), ("torch", _distinct(invs, "torch", env)),
         ("python", _distinct(invs, "python", env)),
-        ("CPU", f"{_distinct(invs, 'cpu_model', env)} ({_distinct(invs, 'cpu_count', env)} logical cores)"),
+        ("CPU", _cpu(invs, env)),
         ("threads per run", _distinct(invs, "threads_per_run", env)), ("jobs", _distinct(invs, "jobs", env)),
         ("device", _distinct(invs, "device", env)), ("lnorm backend", _distinct(invs, "backend", env)),
         ("wall time", _wall(invs, a["sections"])),

@@ -204,7 +204,7 @@ def environment(device: str, threads: int, jobs: int) -> dict:
 
     return {
         "lnorm": lnorm.__version__, **provenance.source_state(), "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_model": provenance.cpu_model(),
+        "python": platform.python_version(), "platform": platform.platform(), **provenance.cpu(),
         "cpu_count": os.cpu_count(), "threads_per_run": threads, "jobs": jobs, "device": device,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
