@@ -352,3 +352,51 @@ def test_cell_state_device_is_named():
     cell = lnorm.nn.LayerNormGRUCell(4, 6)
     with pytest.raises(ValueError, match="LayerNormGRUCell: input and hx must be on the same device"):
         cell(torch.randn(3, 4), torch.empty(3, 6, device="meta"))
+
+
+# From an interop review: a zero-length sequence returned an output with no graph (backward then
+# failed far away); torch.jit.script failed with compiler errors naming generators or types;
+# under autocast a Linear's bfloat16 output was refused where nn.LSTM takes it.
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU, lnorm.nn.LayerNormRNN])
+@pytest.mark.parametrize("shape", [(0, 2, 3), (0, 3)], ids=["batched", "unbatched"])
+def test_zero_length_sequence_is_a_value_error_as_in_torch(cls, shape):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: Expected sequence length to be larger than 0"):
+        cls(3, 4)(torch.randn(*shape, requires_grad=True))
+    with pytest.raises(ValueError, match=f"{cls.__name__}: Expected sequence length to be larger than 0"):
+        cls(3, 4, batch_first=True)(torch.randn(2, 0, 3))
+
+
+@pytest.mark.parametrize("mod", [LayerNormLSTM(3, 4), LayerNormGRU(3, 4), lnorm.nn.LayerNormLSTMCell(3, 4),
+                                 lnorm.nn.LayerNormGRUCell(3, 4)], ids=lambda m: type(m).__name__)
+def test_script_is_one_clear_error(mod):
+    name = type(mod).__name__
+    with pytest.raises(RuntimeError, match=f"{name} cannot be compiled by torch.jit.script"):
+        torch.jit.script(mod)
+    with pytest.raises(RuntimeError, match=f"{name} cannot be compiled by torch.jit.script"):
+        torch.jit.script(nn.Sequential(nn.Identity(), mod))  # inside a model too
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_cell", "gru_cell"])
+def test_autocast_takes_a_lower_precision_input_and_state(kind):
+    torch.manual_seed(0)
+    cell = kind.endswith("cell")
+    mod = {"lstm": LayerNormLSTM, "gru": LayerNormGRU, "lstm_cell": lnorm.nn.LayerNormLSTMCell,
+           "gru_cell": lnorm.nn.LayerNormGRUCell}[kind](5, 6)
+    lin = nn.Linear(4, 5)
+    x = torch.randn(2, 4) if cell else torch.randn(3, 2, 4)
+    h = torch.randn(2, 6) if cell else torch.randn(1, 2, 6)
+    hx = (h, torch.randn_like(h)) if "lstm" in kind else h
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        assert y.dtype == torch.bfloat16
+        low = tuple(t.bfloat16() for t in hx) if isinstance(hx, tuple) else hx.bfloat16()
+        got = mod(y, low)
+        ref = mod(y.float(), hx)  # the float32 input under autocast: what the bfloat16 one must equal
+    out, ref_out = (got, ref) if cell and kind == "gru_cell" else (got[0], ref[0])
+    assert out.dtype == ref_out.dtype
+    assert torch.allclose(out, ref_out, atol=1e-2, rtol=1e-2)  # the same up to the state's bf16 rounding
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+    with pytest.raises(TypeError, match="does not match the parameters' dtype|does not match the input's dtype"):
+        mod(torch.randn(2, 5, dtype=torch.float64) if cell else torch.randn(3, 2, 5, dtype=torch.float64))  # no autocast: refused

@@ -369,6 +369,24 @@ def _check_proj_size(proj_size, hidden_size: int, mode: str) -> int:
     return proj_size
 
 
+def _autocast_to(t, dtype: torch.dtype):
+    """Under autocast a floating-point input or state of another dtype (a ``Linear``'s bfloat16
+    output, say) runs as the parameters' dtype, as ``nn.LSTM`` accepts it: autocast casts the
+    layer's matrix products itself, exactly as for an input of the parameters' dtype."""
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype and t.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(t.device.type)):
+        return t.to(dtype)
+    return t
+
+
+def _refuse_script(name: str) -> None:
+    raise RuntimeError(
+        f"{name} cannot be compiled by torch.jit.script (its time loop and the fused paths are Python). "
+        f"Use torch.compile, or export with torch.export.export(model, args) or "
+        f"torch.onnx.export(model, args, dynamo=True)."
+    )
+
+
 def _check_input_tensor(name: str, x, input_size: int, dtype: torch.dtype) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(x).__name__}")
@@ -430,9 +448,13 @@ class _LayerNormCellBase(nn.Module):
         return _Options(self.mode, self.layer_norm, self.eps, self.cell_state, self.zoneout,
                         self.zoneout_cell, self.training)
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it first: one clear error
+        _refuse_script(type(self).__name__)
+
     def forward(self, input: Tensor, hx=None):
         name = type(self).__name__
         is_lstm = self.mode == "LSTM"
+        input = _autocast_to(input, self.weight_ih.dtype)
         _check_input_tensor(name, input, self.input_size, self.weight_ih.dtype)
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -444,6 +466,7 @@ class _LayerNormCellBase(nn.Module):
             h, c = (z, z) if is_lstm else (z, None)
         else:
             h, c = _split_hx(name, hx, is_lstm)
+            h, c = _autocast_to(h, input.dtype), _autocast_to(c, input.dtype)
             want = (B, H) if batched else (H,)
             for nm, t in (("h_0", h), ("c_0", c)) if is_lstm else (("hx", h),):
                 if tuple(t.shape) != want:
@@ -626,6 +649,9 @@ class _LayerNormRNNBase(nn.Module):
         if t.dtype != self.weight_ih_l0.dtype:
             raise TypeError(f"{name}: {what} dtype {t.dtype} does not match the parameters' dtype {self.weight_ih_l0.dtype}")
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it first: one clear error
+        _refuse_script(type(self).__name__)
+
     def forward(self, input, hx=None):
         name = type(self).__name__
         if is_tracing():
@@ -636,12 +662,14 @@ class _LayerNormRNNBase(nn.Module):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
+            data = _autocast_to(data, self.weight_ih_l0.dtype)
             _check_input_tensor(name, data, self.input_size, self.weight_ih_l0.dtype)
             batch_sizes = _check_packed(name, data, batch_sizes_t)
             B = batch_sizes[0] if batch_sizes else 0
             batched = True
             x = data
         else:
+            input = _autocast_to(input, self.weight_ih_l0.dtype)
             _check_input_tensor(name, input, self.input_size, self.weight_ih_l0.dtype)
             if input.dim() not in (2, 3):
                 raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -651,6 +679,9 @@ class _LayerNormRNNBase(nn.Module):
             if self.batch_first:
                 x = x.transpose(0, 1)
             T, B = x.shape[0], x.shape[1]
+            if T == 0:  # as torch's layers: an output with no graph would fail later, at backward
+                raise ValueError(f"{name}: Expected sequence length to be larger than 0 in RNN, got input of "
+                                 f"shape {list(input.shape)}")
             batch_sizes = [B] * T
             sorted_indices = unsorted_indices = None
             x = x.reshape(T * B, self.input_size)
@@ -661,6 +692,7 @@ class _LayerNormRNNBase(nn.Module):
             c0 = x.new_zeros(L * D, B, H) if is_lstm else None
         else:
             h0, c0 = _split_hx(name, hx, is_lstm)
+            h0, c0 = _autocast_to(h0, self.weight_ih_l0.dtype), _autocast_to(c0, self.weight_ih_l0.dtype)
             if not batched:
                 for what, t in (("h_0", h0), ("c_0", c0)) if is_lstm else (("hx", h0),):
                     if isinstance(t, Tensor) and t.dim() != 2:
