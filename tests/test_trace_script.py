@@ -154,3 +154,23 @@ def test_script_sums_float64_x_and_float32_residual_in_float64(backend, name):
     for a, b in zip(scripted(x, r), m(x, r), strict=True):
         assert a.dtype == b.dtype == torch.float64
         assert_close(a, b, atol=1e-12, rtol=1e-12, name=f"scripted {name}")
+
+
+# From an interop review: the scripted AddLayerNorm passed half/bfloat16 parameters beside a float32
+# residual sum to F.layer_norm, which raised "mixed dtype (CPU)" where eager casts the parameters.
+
+
+@pytest.mark.parametrize("name", ["AddLayerNorm", "AddRMSNorm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["residual_in_fp32", "float32 residual"])
+def test_script_low_precision_parameters_with_a_float32_sum(backend, name, dtype, how):
+    torch.manual_seed(0)
+    m = getattr(lnorm, name)(16, residual_in_fp32=how == "residual_in_fp32").to(dtype)
+    with torch.no_grad():
+        m.weight.add_(0.5 * torch.randn(16).to(dtype))
+    x = torch.randn(3, 16).to(dtype)
+    args = (x,) if how == "residual_in_fp32" else (x, torch.randn(3, 16))
+    scripted = torch.jit.script(m)
+    for a, b in zip(scripted(*args), m(*args), strict=True):
+        assert a.dtype == b.dtype
+        assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2, name=f"scripted {name} {dtype} {how}")

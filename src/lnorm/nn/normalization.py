@@ -136,7 +136,14 @@ class AddLayerNorm(LayerNorm):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         if torch.jit.is_scripting():
             s = _residual_sum(x, residual, self.residual_in_fp32)
-            return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype), s
+            # the parameters in the sum's dtype, as eager does (F.layer_norm refuses half or
+            # bfloat16 parameters beside a float32 sum)
+            w, b = self.weight, self.bias
+            if w is not None:
+                w = w.to(s.dtype)
+            if b is not None:
+                b = b.to(s.dtype)
+            return F.layer_norm(s, self.normalized_shape, w, b, self.eps).to(x.dtype), s
         return self._lnorm_add(x, residual)
 
     @torch.jit.unused
