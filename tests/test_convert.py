@@ -341,3 +341,54 @@ def test_group_to_group_keeps_its_groups():
     torch.testing.assert_close(new(x), gn(x))
     assert convert_norms(nn.Sequential(nn.GroupNorm(2, 8)), source=nn.GroupNorm, target="group",
                          num_groups=8)[0].num_groups == 8
+
+
+# From an interop review: the converters replaced modules and dropped their hooks without a word (a
+# monitoring or feature-extraction hook stopped firing).
+
+
+def _hooked(module, calls):
+    handles = [module.register_forward_pre_hook(lambda m, a: calls.append(("pre", type(m).__name__))),
+               module.register_forward_hook(lambda m, a, o: calls.append(("fwd", type(m).__name__))),
+               module.register_full_backward_hook(lambda m, gi, go: calls.append(("bwd", type(m).__name__)))]
+    return handles
+
+
+@pytest.mark.parametrize("how", ["use_lnorm", "lstm_to_layernorm", "convert_norms"])
+def test_converters_carry_forward_and_backward_hooks(how):
+    import lnorm.convert as C
+
+    torch.manual_seed(0)
+    if how == "lstm_to_layernorm":
+        model, x = nn.Sequential(nn.LSTM(4, 8)), torch.randn(3, 2, 4, requires_grad=True)
+        convert, new_cls = lambda m: C.lstm_to_layernorm(m, layer_norm=False), "LayerNormLSTM"
+    elif how == "use_lnorm":
+        model, x = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), torch.randn(2, 8, requires_grad=True)
+        convert, new_cls = C.use_lnorm, "LayerNorm"
+    else:
+        model, x = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), torch.randn(4, 8, requires_grad=True)
+        convert, new_cls = lambda m: C.convert_norms(m, nn.BatchNorm1d, "layer", layout="last"), None
+    calls = []
+    handles = _hooked(model[-1], calls)
+    model = convert(model)
+    if new_cls:
+        assert type(model[-1]).__name__ == new_cls
+    out = model(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    names = {type(model[-1]).__name__}
+    assert [k for k, n in calls if n in names] == ["pre", "fwd", "bwd"], calls
+    for h in handles:  # the caller's handles still remove them
+        h.remove()
+    calls.clear()
+    out = model(x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert calls == []
+
+
+def test_state_dict_hooks_are_not_carried_and_a_warning_says_so():
+    from lnorm.convert import ConversionWarning, use_lnorm
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    model[1]._register_state_dict_hook(lambda m, sd, prefix, local: sd)
+    with pytest.warns(ConversionWarning, match=r"1 \(LayerNorm\) was replaced by LayerNorm, but its state_dict_hooks"):
+        use_lnorm(model)

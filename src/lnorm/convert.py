@@ -12,9 +12,10 @@ that they cannot convert exactly is left as it is and named, with the reason, in
 :class:`ConversionWarning`.
 
 Every converter recurses over ``named_children``, replaces matching submodules in place, copies
-weights under ``torch.no_grad()``, keeps ``training``, ``requires_grad``, device and dtype, keeps
-a module shared by two parents shared, and returns the root: a new module when the root itself
-matches, else the same (modified) one.
+weights under ``torch.no_grad()``, keeps ``training``, ``requires_grad``, device and dtype, moves
+the replaced module's forward and backward hooks to its replacement (state-dict hooks are not
+carried: a ``ConversionWarning`` says so), keeps a module shared by two parents shared, and
+returns the root: a new module when the root itself matches, else the same (modified) one.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _replace(root: nn.Module, convert: Callable[[str, nn.Module], nn.Module | No
         if id(module) in memo:
             return memo[id(module)]
         new = convert(name, module)
+        if new is not None and new is not module:
+            _carry_hooks(new, module, name)
         if new is None:
             # _modules, not named_children(): that one skips a child met twice
             for child_name, child in list(module._modules.items()):
@@ -76,6 +79,39 @@ def _replace(root: nn.Module, convert: Callable[[str, nn.Module], nn.Module | No
         return new
 
     return visit("", root)
+
+
+# The hooks a replacement takes over: its forward and backward see the same inputs and outputs in
+# the same places (a norm for a norm, a layer for a layer). The dicts themselves move, so the
+# handles a caller holds still remove them.
+_CARRIED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                  "_backward_pre_hooks")
+# tied to the old module's parameter names and state: not carried, and said so
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+def _carry_hooks(new: nn.Module, old: nn.Module, name: str) -> None:
+    """Move ``old``'s forward and backward hooks to its replacement ``new`` (a monitoring or
+    feature-extraction hook would otherwise stop firing without a word); warn about state-dict
+    hooks, which are not carried."""
+    for attr in _CARRIED_HOOKS:
+        hooks = getattr(old, attr, None)
+        if not hooks:
+            continue
+        mine = getattr(new, attr)
+        if mine:  # the replacement registered its own: keep both, its own first
+            mine.update(hooks)
+        else:
+            setattr(new, attr, hooks)
+    if getattr(old, "_backward_hooks", None):
+        new._is_full_backward_hook = old._is_full_backward_hook
+    kinds = [attr.strip("_") for attr in _STATE_DICT_HOOKS if getattr(old, attr, None)]
+    if kinds:
+        warnings.warn(f"{name or 'the root module'} ({type(old).__name__}) was replaced by "
+                      f"{type(new).__name__}, but its {', '.join(kinds)} were not carried over (they "
+                      f"refer to the old module's parameters)", ConversionWarning, stacklevel=4)
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
