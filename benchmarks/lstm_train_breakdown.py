@@ -6,8 +6,9 @@
 2. minor page faults per training and inference step of both layers (``resource.getrusage``):
    compare with ``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000`` set, which
    keeps freed memory in the process;
-3. the backward's big products alone: dW_hh as 13 chunked ``addmm_`` (as the fused path does), one
-   ``torch.mm``, oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN.
+3. the backward's big products alone: dW_hh summed over 13 runs of 256 rows by ``WeightGrad``
+   with each library forced (the fused path takes the one it measured faster), one ``torch.mm``,
+   oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN.
 
     PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3]
 
@@ -23,8 +24,9 @@ import time
 
 import torch
 
-from lnorm.bench.rnn import cpu_model
 from lnorm.nn import LayerNormLSTM
+from lnorm.ops.step_gemm import WeightGrad
+from lnorm.utils import cpu_model
 
 
 def _median_ms(fns: dict, rounds: int = 9) -> dict[str, float]:
@@ -90,13 +92,17 @@ def products() -> None:
     dgh, hp, w_ih = torch.randn(N, G, generator=g), torch.randn(N, H, generator=g), torch.randn(G, I, generator=g)
     lin = torch.ops.mkldnn._linear_pointwise
 
-    def chunked():
-        dw = torch.zeros(G, H)
-        for lo in range(0, N, 256):
-            dw.addmm_(dgh[lo:lo + 256].t(), hp[lo:lo + 256])
+    def chunked(impl):
+        def f():
+            dw = WeightGrad(G, H, 256, torch.float32, impl=impl)
+            for lo in range(0, N, 256):
+                dw.add(dgh[lo:lo + 256], hp[lo:lo + 256])
+            return dw.result()
+        return f
 
     print("median ms:", _median_ms({
-        "dW_hh, 13 chunked addmm_": chunked,
+        "dW_hh, 13 runs, WeightGrad mm (addmm_)": chunked("mm"),
+        "dW_hh, 13 runs, WeightGrad onednn": chunked("onednn"),
         "dW_hh, one torch.mm": lambda: torch.mm(dgh.t(), hp),
         "dW_hh, oneDNN": lambda: lin(dgh.t().contiguous(), hp.t().contiguous(), None, "none", [], ""),
         "dx, torch.mm": lambda: torch.mm(dgh, w_ih),

@@ -4,7 +4,9 @@
 
 For each cell and mode (training step, inference), one process times torch's layer and lnorm's
 layer with the per-step products forced to each implementation (``mkl``, ``onednn``, ``mm``) and
-left to the measured choice (``auto``), in turn (A B C ... A B C ...), and prints the median of
+left to the measured choice (``auto``), in turn (A B C ... A B C ...); forcing one forces the input
+projection and the weight gradients too (``onednn``, or ``torch.mm`` for ``mkl`` and ``mm``). It
+prints the median of
 the per-round ratios lnorm / torch: on a shared machine a slow moment hits every candidate of a
 round alike. Shows whether the choice ``lnorm.ops.step_gemm`` made here is the fastest for the
 whole layer, and by how much. B=32, T=100, I=128, H=512, float32 unless told otherwise.
@@ -19,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from lnorm.bench.rnn import gemm_lines
 from lnorm.nn import LayerNormGRU, LayerNormLSTM
 from lnorm.ops.step_gemm import available, step_gemm_choices, use_step_gemm
 
@@ -63,9 +66,8 @@ def main() -> None:
                       for k in fns if k != "torch"}
             print(f"{cell} {'train' if train else 'infer'}: torch {t_ms:.1f} ms; lnorm / torch "
                   + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()), flush=True)
-    for c in step_gemm_choices():
-        print(f"chosen: {c['rows']} x {c['k']} @ {c['k']} x {c['n']}{' (accumulated)' if c['accumulate'] else ''}: "
-              f"{c['impl']} {c['ms_per_product']}")
+    for line in gemm_lines(step_gemm_choices()):
+        print("chosen:", line)
 
 
 if __name__ == "__main__":

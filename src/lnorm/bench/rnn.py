@@ -320,7 +320,7 @@ def _cpu_line(cpu: dict) -> str:
     return f"CPU: {cpu['model_name']}{fam}"
 
 
-def _gemm_lines(choices: list[dict]) -> list[str]:
+def gemm_lines(choices: list[dict]) -> list[str]:
     out = []
     for c in choices:
         kind = c.get("kind", "step")
@@ -450,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
         for case in cases:
             rows += _case(cell, case, B, T, I, H, repeats, modes, args.device)
     settings["step_gemm"] = _step_gemm_choices(args.device)
-    for line in _gemm_lines(settings["step_gemm"]):
+    for line in gemm_lines(settings["step_gemm"]):
         print(line)
     print(_table(rows))
     for line in _targets(rows):
