@@ -452,3 +452,21 @@ def test_layer_norm_lstm_counts_as_layer_normalization_in_the_architecture_line(
     arch = next(f for f in r["findings"] if f["id"] == "architecture")
     assert arch["summary"] == "a recurrent model with normalization: layer"
     assert arch["evidence"]["norm_kinds"] == ["layer"] and arch["claims"] == ["C11"]
+
+
+# From a review: one NaN in the input file gave batch-dependence, gap and gradient findings, exit 1.
+
+
+def test_a_non_finite_input_or_output_is_an_error_not_findings(capsys, tmp_path):
+    x = torch.randn(8, 16)
+    x[0, 0] = float("nan")
+    torch.save(x, tmp_path / "x.pt")
+    code, out, err = audit(capsys, f"{MODELS}/deep_mlp.py:make_ln_model", "--input", tmp_path / "x.pt")
+    assert code == 2 and "the input holds 1 non-finite value(s)" in err and not out
+    with pytest.raises(ValueError, match=r"x holds 1 non-finite value\(s\)"):
+        audit_model(nn.Sequential(nn.Linear(16, 2)), x)
+    (tmp_path / "nan_model.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef make():\n    m = nn.Linear(16, 2)\n"
+        "    with torch.no_grad():\n        m.bias.fill_(float('nan'))\n    return m\n")
+    code, out, err = audit(capsys, f"{tmp_path}/nan_model.py:make", "--input-shape", "16")
+    assert code == 2 and "the model's output (eval mode) holds" in err and not out

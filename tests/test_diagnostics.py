@@ -362,3 +362,30 @@ def test_current_mode_on_a_training_model_does_not_read_dropout_as_batch_depende
     model[2].train()  # the same call with BN in train mode still finds it
     report = check_batch_independence(model, torch.randn(8, 6), mode="current")
     assert not report.independent and [s.name for s in report.sources] == ["2"]
+
+
+# From a review: one NaN in x (or a model whose output is NaN) was reported as batch dependence
+# (max_relative_change inf, "no single module") and as a train/eval gap.
+
+
+def test_a_non_finite_input_is_refused_not_reported_as_batch_dependence():
+    m = nn.Sequential(nn.Linear(8, 4))
+    x = torch.randn(8, 8)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"x holds 1 non-finite value\(s\)"):
+        check_batch_independence(m, x)
+    x[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"x holds 1 non-finite value\(s\)"):
+        train_eval_gap(m, x)
+
+
+def test_a_model_with_non_finite_output_is_refused():
+    m = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        m[0].bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"the model's output in train mode holds 8 non-finite"):
+        check_batch_independence(m, torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"the model's output in eval mode holds 8 non-finite"):
+        train_eval_gap(m, torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"the model's output holds 8 non-finite"):
+        check_batch_independence(m, torch.randn(8, 8), mode="current")

@@ -59,6 +59,7 @@ from lnorm.utils import (
     is_norm_layer,
     is_recurrent_layer,
     json_safe,
+    nonfinite_count,
     preserved_rng,
     set_mode,
 )
@@ -461,6 +462,9 @@ def _check_audit_args(model, x, batch_dim, small_batch, gap_tol, grad_ratio, see
         raise ValueError(f"x must hold at least one sample along batch_dim={batch_dim}, got shape {list(x.shape)}")
     if small_batch < 1:
         raise ValueError(f"small_batch must be a positive number of samples, got {small_batch!r}")
+    bad = nonfinite_count(x)
+    if bad:  # the probes compare outputs: a NaN would read as batch dependence and a gap
+        raise ValueError(f"x holds {bad} non-finite value(s) (NaN or inf); audit on a finite batch")
     for name, value, low in (("gap_tol", gap_tol, 0), ("grad_ratio", grad_ratio, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -773,11 +777,15 @@ def _load_and_audit(args) -> dict:
     if not -x.dim() <= args.batch_dim < x.dim():
         raise AuditError(f"--batch-dim {args.batch_dim} is out of range for an input of shape {list(x.shape)}")
     args.batch_dim %= x.dim()
+    bad = nonfinite_count(x)
+    if bad:
+        raise AuditError(f"the input holds {bad} non-finite value(s) (NaN or inf): the audit compares outputs, "
+                         "and a NaN would read as batch dependence and a train/eval gap; pass a finite batch")
     state = ModelState(model)
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            out = first_tensor(model(x))
     except (Exception, SystemExit) as exc:
         raise AuditError(
             f"the model rejected an input of shape {list(x.shape)} ({str(x.dtype).replace('torch.', '')}): "
@@ -785,6 +793,10 @@ def _load_and_audit(args) -> dict:
             "use --int-high for token ids, --batch-dim for time-first sequences") from exc
     finally:
         state.restore()
+    bad = 0 if out is None else nonfinite_count(out)
+    if bad:
+        raise AuditError(f"the model's output (eval mode) holds {bad} non-finite value(s) (NaN or inf) on a finite "
+                         "input: there is nothing to compare; fix the model or its weights first")
     try:
         return audit_model(model, x, batch_dim=args.batch_dim, small_batch=args.small_batch,
                            gap_tol=args.gap_tol, grad_ratio=args.grad_ratio, seed=args.seed)

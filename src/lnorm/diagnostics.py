@@ -29,6 +29,7 @@ from lnorm.utils import (
     first_tensor,
     is_norm_layer,
     is_recurrent_layer,
+    nonfinite_count,
     preserved_rng,
     set_mode,
     stochastic_off,
@@ -68,7 +69,19 @@ def _check_model_and_input(model, x, batch_dim: int, min_batch: int) -> int:
     if x.shape[batch_dim] < min_batch:
         raise ValueError(f"x must hold at least {min_batch} samples along batch_dim={batch_dim}, "
                          f"got shape {list(x.shape)}")
+    bad = nonfinite_count(x)
+    if bad:
+        raise ValueError(f"x holds {bad} non-finite value(s) (NaN or inf): the checks compare outputs and "
+                         f"would report the NaN as batch dependence or a gap; pass a finite batch")
     return batch_dim
+
+
+def _check_finite_output(out: Tensor | None, what: str) -> None:
+    """A NaN or inf in the model's output would compare as an infinite change: refuse instead."""
+    bad = 0 if out is None else nonfinite_count(out)
+    if bad:
+        raise ValueError(f"the model's output{' ' + what if what else ''} holds {bad} non-finite value(s) (NaN or "
+                         f"inf) on a finite input: nothing to compare; fix the model (or its weights) first")
 
 
 class _Recorder:
@@ -272,6 +285,7 @@ class _Probes:
             stochastic_off(model)
         if self.ref_out is None:
             raise TypeError("the model's output holds no tensor to compare")
+        _check_finite_output(self.ref_out, f"in {mode} mode" if mode != "current" else "")
         out_bdim = batch_dim
         self.out_bdim = out_bdim if self.ref_out.dim() > out_bdim and self.ref_out.shape[out_bdim] == self.B else None
         self.bd_out: dict[str, int | None] = {}
@@ -462,6 +476,8 @@ def train_eval_gap(model: nn.Module, x: Tensor, *, rtol: float = DEFAULT_RTOL,
             state.restore()
     if out_eval is None or out_train is None:
         raise TypeError("the model's output holds no tensor to compare")
+    _check_finite_output(out_eval, "in eval mode")
+    _check_finite_output(out_train, "in train mode")
     gap = _max_diff(out_eval, out_train) if out_eval.shape == out_train.shape else math.inf
     rel = _relative(gap, out_eval)
     layers = []

@@ -35,6 +35,13 @@ _RECURRENT_TYPES = (nn.RNNBase, LayerNormLSTM, LayerNormGRU, LayerNormRNN)
 _ZONEOUT_TYPES = (LayerNormLSTM, LayerNormGRU, LayerNormRNN, LayerNormLSTMCell, LayerNormGRUCell, LayerNormRNNCell)
 
 
+def nonfinite_count(t: Tensor) -> int:
+    """How many NaN or inf values a floating-point (or complex) tensor holds; 0 for other dtypes."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0
+    return t.numel() - int(torch.isfinite(t).sum())
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     """True for torch's and lnorm's normalization modules (batch, layer, group, instance, RMS)."""
     return isinstance(module, _NORM_TYPES)
