@@ -483,8 +483,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         V.check_choice(layout, "layout", V.LAYOUTS)
         num_features = V.check_int(num_features, "num_features", minimum=1)
         eps = V.check_eps(eps)  # rsqrt(var + eps) is computed here: eps <= 0 would give NaN or wrong scales
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+        super().__init__(num_features, eps, V.check_momentum(momentum), V.check_bool(affine, "affine"),
+                         V.check_bool(track_running_stats, "track_running_stats"), device=device, dtype=dtype)
         self.process_group = process_group
         self.layout = layout
 

@@ -62,6 +62,18 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+def check_momentum(value, name: str = "momentum") -> float | None:
+    """A batch norm's running-average factor: None (a cumulative average) or a number in [0, 1]
+    (NaN would turn every running statistic into NaN, a number outside would make them diverge)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1] or None, got {value!r} ({type(value).__name__})")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] or None, got {value!r}")
+    return float(value)
+
+
 def check_choice(value, name: str, choices: Sequence[str]) -> str:
     """One of ``choices`` (strings, compared as given)."""
     if value not in choices:

@@ -271,3 +271,36 @@ def test_forward_errors():
     crms = make_norm("rms", 4, layout="channels")
     with pytest.raises(ValueError, match=r"expected input \(B, 4, ...\), got \[2, 3\]"):
         crms(torch.randn(2, 3))
+
+
+# From a review: a NaN, negative or string momentum trained without complaint (running statistics
+# all NaN) or failed deep inside; strings were accepted for boolean options ("no" read as True).
+
+
+@pytest.mark.parametrize("build", [
+    lambda **kw: lnorm.nn.make_norm("batch", 4, **kw),
+    lambda **kw: lnorm.nn.make_norm("batch", 4, layout="last", **kw),
+    lambda **kw: __import__("lnorm.distributed").distributed.SyncBatchNorm(4, **kw),
+], ids=["channels", "last", "sync"])
+def test_batch_norm_momentum_and_flags_are_checked(build):
+    for bad in (float("nan"), -1.0, 5.0):
+        with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None, got"):
+            build(momentum=bad)
+    with pytest.raises(TypeError, match="momentum must be a number in"):
+        build(momentum="0.1")
+    for flag in ("affine", "track_running_stats"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+            build(**{flag: "no"})
+    assert build(momentum=None).momentum is None and build(momentum=1).momentum == 1.0
+
+
+@pytest.mark.parametrize("build, flag", [
+    (lambda **kw: lnorm.LayerNorm(8, **kw), "bias"),
+    (lambda **kw: lnorm.LayerNorm(8, **kw), "elementwise_affine"),
+    (lambda **kw: lnorm.RMSNorm(8, **kw), "elementwise_affine"),
+    (lambda **kw: lnorm.nn.make_norm("group", 8, num_groups=2, **kw), "affine"),
+    (lambda **kw: lnorm.nn.make_norm("rms", 8, layout="channels", **kw), "affine"),
+])
+def test_boolean_options_refuse_strings(build, flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+        build(**{flag: "no"})

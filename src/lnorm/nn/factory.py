@@ -62,6 +62,12 @@ def _check_mask(mask, x: Tensor) -> Tensor | None:
 
 
 class _AnyDimBatchNorm(nn.modules.batchnorm._BatchNorm):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__(V.check_int(num_features, "num_features"), eps, V.check_momentum(momentum),
+                         V.check_bool(affine, "affine"), V.check_bool(track_running_stats, "track_running_stats"),
+                         device=device, dtype=dtype)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected input with at least 2 dims (B, C, ...), got shape {list(input.shape)}")
@@ -127,7 +133,8 @@ class GroupNorm(nn.GroupNorm):
         V.check_int(num_groups, "num_groups")
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-        super().__init__(num_groups, num_channels, V.check_eps(eps), affine, device=device, dtype=dtype)
+        super().__init__(num_groups, num_channels, V.check_eps(eps), V.check_bool(affine, "affine"), device=device,
+                         dtype=dtype)
         self.channels_last = channels_last
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -143,9 +150,9 @@ class ChannelRMSNorm(nn.Module):
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
         super().__init__()
-        self.num_channels = num_channels
+        self.num_channels = V.check_int(num_channels, "num_channels")
         self.eps = V.check_eps(eps)
-        if affine:
+        if V.check_bool(affine, "affine"):
             self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)

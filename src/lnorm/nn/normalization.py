@@ -66,6 +66,7 @@ class LayerNorm(nn.LayerNorm):
                  bias: bool = True, device=None, dtype=None) -> None:
         shape = V.normalized_shape_tuple(normalized_shape)
         eps = V.check_eps(eps)
+        elementwise_affine, bias = V.check_bool(elementwise_affine, "elementwise_affine"), V.check_bool(bias, "bias")
         super().__init__(shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -97,7 +98,8 @@ class RMSNorm(nn.RMSNorm):
         shape = V.normalized_shape_tuple(normalized_shape)
         if eps is not None:
             eps = V.check_eps(eps)
-        super().__init__(shape, eps, elementwise_affine, device=device, dtype=dtype)
+        super().__init__(shape, eps, V.check_bool(elementwise_affine, "elementwise_affine"), device=device,
+                         dtype=dtype)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if torch.jit.is_scripting():
