@@ -470,3 +470,10 @@ def test_a_non_finite_input_or_output_is_an_error_not_findings(capsys, tmp_path)
         "    with torch.no_grad():\n        m.bias.fill_(float('nan'))\n    return m\n")
     code, out, err = audit(capsys, f"{tmp_path}/nan_model.py:make", "--input-shape", "16")
     assert code == 2 and "the model's output (eval mode) holds" in err and not out
+
+
+def test_int_high_with_an_input_file_is_an_error_not_ignored(capsys, tmp_path):
+    torch.save(torch.randn(8, 16), tmp_path / "x.pt")
+    code, out, err = audit(capsys, f"{MODELS}/deep_mlp.py:make_ln_model", "--input", tmp_path / "x.pt",
+                           "--int-high", "3")
+    assert code == 2 and "--int-high draws a generated input's token ids" in err and not out

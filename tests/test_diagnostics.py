@@ -389,3 +389,16 @@ def test_a_model_with_non_finite_output_is_refused():
         train_eval_gap(m, torch.randn(8, 8))
     with pytest.raises(ValueError, match=r"the model's output holds 8 non-finite"):
         check_batch_independence(m, torch.randn(8, 8), mode="current")
+
+
+def test_to_jsonl_extra_must_not_overwrite_the_columns(tmp_path):
+    # extra={"module": ...} overwrote every line's module name: the rows could not be told apart
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with ActivationStats(m) as stats:
+        m(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"extra must not use the names of the columns.*\['module'\]"):
+        stats.to_jsonl(tmp_path / "s.jsonl", extra={"module": "X"})
+    assert not (tmp_path / "s.jsonl").exists()
+    assert stats.to_jsonl(tmp_path / "s.jsonl", extra={"step": 3}) >= 1
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len({r["module"] for r in rows}) == len(rows) and all(r["step"] == 3 for r in rows)

@@ -736,6 +736,9 @@ def _check_args(args) -> None:
         raise AuditError(f"--batch-size must be a positive number of samples, got {args.batch_size}")
     if args.int_high is not None and args.int_high < 1:
         raise AuditError(f"--int-high must be a positive int, got {args.int_high}")
+    if args.int_high is not None and getattr(args, "input", None):
+        raise AuditError("--int-high draws a generated input's token ids; with --input the file's values are used "
+                         "as they are: drop one of the two")
     if args.small_batch < 1:
         raise AuditError(f"--small-batch must be a positive number of samples, got {args.small_batch}")
     if not args.gap_tol >= 0:

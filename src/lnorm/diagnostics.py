@@ -735,6 +735,13 @@ class ActivationStats:
         if extra is not None and not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
         rows = self.summary()
+        # a key of extra that is also a column (the module's name, a statistic) would overwrite
+        # it on every line: the rows could no longer be told apart
+        taken = {"module"}.union(*(s.keys() for s in rows.values()))
+        clash = sorted(k for k in (extra or {}) if k in taken)
+        if clash:
+            raise ValueError(f"extra must not use the names of the columns it is written beside, got {clash} "
+                             f"(taken: {sorted(taken)})")
         with open(path, "a", encoding="utf-8") as f:
             for name, s in rows.items():
                 f.write(json.dumps({"module": name, **(extra or {}), **s}, allow_nan=True) + "\n")

@@ -772,3 +772,22 @@ def test_bench_rnn_bad_numbers_are_one_clear_error(argv, message):
     with pytest.raises(SystemExit) as err:
         main(["bench", "rnn", *argv])
     assert message in str(err.value)
+
+
+def test_bench_rnn_quick_refuses_explicit_sizes_and_checks_the_json_path_first(tmp_path):
+    # --quick silently replaced --hidden-size 64 and the rest; --json to a missing folder failed
+    # with a traceback after the whole benchmark had run
+    from lnorm.cli import main
+
+    with pytest.raises(SystemExit, match="--quick sets the sizes and repeats itself; drop --batch 9, --hidden-size 64 or --quick"):
+        main(["bench", "rnn", "--quick", "--hidden-size", "64", "--batch", "9"])
+    with pytest.raises(SystemExit, match="--json: the folder .* does not exist"):
+        main(["bench", "rnn", "--quick", "--json", str(tmp_path / "missing" / "r.json")])
+
+
+def test_bench_ops_checks_the_json_path_first(tmp_path, capsys):
+    from lnorm.cli import main
+
+    assert main(["bench", "ops", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--json: " in err and "is a directory" in err

@@ -213,3 +213,12 @@ def test_own_layer_norm_fixture_turns_delegation_off(calls, own_layer_norm, back
     x = torch.randn(4, 64, requires_grad=True)
     LF.layer_norm(x, 64).sum().backward()
     assert calls[f"{backend}_fwd"] == 1 and calls[f"{backend}_bwd"] == 1, calls
+
+
+def test_get_backend_names_a_bad_device():
+    # get_backend("bogus") and get_backend(3) raised torch's messages, naming neither the argument
+    with pytest.raises(ValueError, match="get_backend: device must name a device such as 'cpu' or 'cuda:0', got 'bogus'"):
+        lnorm.get_backend("bogus")
+    with pytest.raises(TypeError, match=r"get_backend: device must be a torch.device or a device string .* got 3 \(int\)"):
+        lnorm.get_backend(3)
+    assert lnorm.get_backend(torch.device("cpu")) == lnorm.get_backend("cpu")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import lnorm
 from lnorm import functional as LF
-from lnorm.bench.timing import interleaved
+from lnorm.bench.timing import interleaved, unwritable
 from lnorm.ops.backend import choices as backend_choices
 from lnorm.utils import json_safe
 
@@ -382,6 +382,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.peak_gbps is not None and not args.peak_gbps > 0:
         print(f"error: --peak-gbps must be > 0, got {args.peak_gbps}", file=sys.stderr)
+        return 2
+    if args.json and (why := unwritable(args.json)):
+        print(f"error: --json: {why}", file=sys.stderr)
         return 2
     if args.backend:
         lnorm.set_backend(args.backend)

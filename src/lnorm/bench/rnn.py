@@ -40,13 +40,15 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lnorm
-from lnorm.bench.timing import interleaved
+from lnorm.bench.timing import interleaved, unwritable
 from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM
 from lnorm.utils import cpu_model  # shared with the lab's env.json
 
 # Targets from issue 15 (main case, float32, on Intel and AMD x86 CPUs): lnorm/torch time and
 # saved-memory ratios, and the speedup over the naive implementation.
 TARGETS = {"train": 1.0, "infer": 1.25, "naive_speedup": 2.0, "saved_ratio": 2.0}
+# the main case (issue 15's) and the repeats, unless told otherwise
+_DEFAULTS = {"batch": 32, "seq_len": 100, "input_size": 128, "hidden_size": 512, "repeats": 7}
 
 
 @dataclass
@@ -376,11 +378,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default="main,2-layer-bidir,packed",
                         help="comma list of main, 2-layer-bidir, packed (default all three)")
     parser.add_argument("--modes", default="train,infer", help="comma list of train, infer")
-    parser.add_argument("--batch", type=int, default=32, help="batch size B (default 32)")
-    parser.add_argument("--seq-len", type=int, default=100, help="sequence length T in steps (default 100)")
-    parser.add_argument("--input-size", type=int, default=128, help="input features I (default 128)")
-    parser.add_argument("--hidden-size", type=int, default=512, help="hidden features H (default 512)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per candidate; the median is reported")
+    d = _DEFAULTS
+    parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size B (default {d['batch']})")
+    parser.add_argument("--seq-len", type=int, default=d["seq_len"],
+                        help=f"sequence length T in steps (default {d['seq_len']})")
+    parser.add_argument("--input-size", type=int, default=d["input_size"],
+                        help=f"input features I (default {d['input_size']})")
+    parser.add_argument("--hidden-size", type=int, default=d["hidden_size"],
+                        help=f"hidden features H (default {d['hidden_size']})")
+    parser.add_argument("--repeats", type=int, default=d["repeats"],
+                        help="timed repeats per candidate; the median is reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for torch and the Numba kernels (default: their own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -422,7 +429,15 @@ def run(args: argparse.Namespace) -> int:
     modes = _split(args.modes, ("train", "infer"), "--modes")
     B, T, I, H, repeats = args.batch, args.seq_len, args.input_size, args.hidden_size, args.repeats
     if args.quick:
+        given = [f"--{k.replace('_', '-')} {v}" for k, v in (("batch", B), ("seq_len", T), ("input_size", I),
+                                                              ("hidden_size", H), ("repeats", repeats))
+                 if v != _DEFAULTS[k]]
+        if given:  # --quick sets them all: a size given beside it would be silently ignored
+            raise SystemExit(f"lnorm bench rnn: --quick sets the sizes and repeats itself; drop {', '.join(given)} "
+                             "or --quick")
         B, T, I, H, repeats = 4, 6, 8, 16, 2
+    if args.json and (why := unwritable(args.json)):
+        raise SystemExit(f"lnorm bench rnn: --json: {why}")
     if min(B, T, I, H, repeats) < 1:
         raise SystemExit("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
     if args.threads < 0:

@@ -7,6 +7,7 @@ Machines here are shared and noisy, so every candidate is timed in each round (A
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -65,3 +66,18 @@ def interleaved(
         name: {"median": statistics.median(s), "min": min(s), "max": max(s), "repeats": len(s)}
         for name, s in samples.items()
     }
+
+
+def unwritable(path) -> str | None:
+    """Why ``path`` cannot take a results file, or None: checked before a benchmark runs, so that
+    minutes of timings are not lost to a typo in the output path at the end."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path!r} is a directory"
+    if not os.path.isdir(parent):
+        return f"the folder {parent!r} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{path!r} is not writable"
+    return None
+

@@ -201,7 +201,16 @@ def backend_for(device: torch.device | str) -> str:
 
 def get_backend(device: torch.device | str = "cpu") -> str:
     """The backend that tensors on ``device`` (default: CPU) use now, in this thread."""
-    return backend_for(_CPU if device == "cpu" else device)
+    if device == "cpu":
+        return backend_for(_CPU)
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"get_backend: device must be a torch.device or a device string such as 'cuda', got "
+                        f"{device!r} ({type(device).__name__})")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"get_backend: device must name a device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    return backend_for(device)
 
 
 _CPU = torch.device("cpu")
