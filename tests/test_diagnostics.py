@@ -402,3 +402,13 @@ def test_to_jsonl_extra_must_not_overwrite_the_columns(tmp_path):
     assert stats.to_jsonl(tmp_path / "s.jsonl", extra={"step": 3}) >= 1
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len({r["module"] for r in rows}) == len(rows) and all(r["step"] == 3 for r in rows)
+
+
+@pytest.mark.parametrize("modules, message", [
+    ([], "modules must name at least one submodule"), ((), "modules must name at least one submodule"),
+    (nn.Conv2d, "modules: no submodule of the model is a"),
+])
+def test_activation_stats_refuses_a_selection_that_watches_nothing(modules, message):
+    # an empty list, an empty tuple or a type with no match silently watched nothing
+    with pytest.raises(ValueError, match=message):
+        ActivationStats(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), modules=modules)

@@ -653,11 +653,17 @@ class ActivationStats:
                     if not any(n != r and (r == "" or n.startswith(r + ".")) for r in inside_rnn)]
         if isinstance(modules, type) or (isinstance(modules, tuple) and modules
                                          and all(isinstance(t, type) for t in modules)):
-            return [(n, m) for n, m in named if isinstance(m, modules)]
+            picked = [(n, m) for n, m in named if isinstance(m, modules)]
+            if not picked:  # else the stats would watch nothing and summary() be empty, silently
+                raise ValueError(f"modules: no submodule of the model is a {modules!r}")
+            return picked
         if isinstance(modules, str) or not isinstance(modules, Iterable):
             raise TypeError("modules must be None, a module type, a tuple of types or an iterable of "
                             f"names, got {modules!r}")
         wanted = list(modules)
+        if not wanted:
+            raise ValueError("modules must name at least one submodule (None: every leaf module), got an empty "
+                             f"{type(modules).__name__}")
         by_name = dict(named)
         missing = [n for n in wanted if n not in by_name]
         if missing:
