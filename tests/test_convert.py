@@ -201,6 +201,54 @@ def test_refusals_name_the_layer():
     assert isinstance(convert_norms(small_cnn(), target="rms")[1], ChannelRMSNorm)
 
 
+@pytest.mark.parametrize("kwargs, exc, needle", [
+    (dict(num_groups=0), ValueError, "num_groups must be an int >= 1, got 0"),  # was ZeroDivisionError
+    (dict(num_groups=-2), ValueError, "num_groups must be an int >= 1, got -2"),
+    (dict(num_groups="2"), TypeError, "num_groups must be an int, got '2'"),  # was a TypeError from %
+    (dict(num_groups=2.0), TypeError, "num_groups must be an int, got 2.0"),  # was a ValueError
+    (dict(num_groups=True), TypeError, "num_groups must be an int, got True"),
+    (dict(eps="x"), TypeError, "eps must be a positive float, got 'x'"),  # was a ValueError
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (dict(drop_bias="no"), TypeError, "drop_bias must be a bool, got 'no'"),
+], ids=["groups-0", "groups-negative", "groups-str", "groups-float", "groups-bool", "eps-str", "eps-0", "drop-bias"])
+def test_convert_norms_checks_its_options_with_the_documented_errors(kwargs, exc, needle):
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(exc) as info:
+        convert_norms(cnn, target="group", **kwargs)
+    assert type(info.value) is exc and needle in str(info.value)
+    assert type(cnn[1]) is nn.BatchNorm2d  # nothing converted
+
+
+def test_lstm_to_layernorm_refuses_the_structure_the_source_fixes():
+    # proj_size=2 failed deep in the weight copy with a size mismatch
+    lstm = nn.LSTM(4, 8)
+    with pytest.raises(TypeError, match=r"proj_size cannot be passed \(got proj_size=2\).*from the layer it "
+                                        r"replaces"):
+        lstm_to_layernorm(lstm, proj_size=2)
+    for key, value in (("input_size", 3), ("hidden_size", 3), ("num_layers", 2), ("bidirectional", True),
+                       ("batch_first", True), ("bias", False), ("dropout", 0.5)):
+        with pytest.raises(TypeError, match=f"{key} cannot be passed .*input_size, hidden_size, num_layers, "
+                                            "bias, batch_first, dropout, bidirectional, proj_size"):
+            lstm_to_layernorm(lstm, **{key: value})
+    assert not lstm.proj_size and isinstance(lstm_to_layernorm(lstm), LayerNormLSTM)
+
+
+@pytest.mark.parametrize("model", [nn.Linear(2, 2), nn.LSTM(2, 3)], ids=["nothing-to-convert", "lstm"])
+@pytest.mark.parametrize("kwargs, exc, needle", [
+    (dict(zonout=0.1), TypeError, "unknown option 'zonout'; valid: cell_state, zoneout, zoneout_cell"),
+    (dict(eps=-1), ValueError, "eps must be a finite number > 0, got -1"),
+    (dict(eps="x"), TypeError, "eps must be a positive float"),
+    (dict(layer_norm="yes"), TypeError, "layer_norm must be a bool"),
+    (dict(zoneout=1.5), ValueError, "zoneout must be a number in [0, 1), got 1.5"),
+    (dict(cell_state="bogus"), ValueError, "cell_state must be one of"),
+], ids=["misspelt", "eps-negative", "eps-str", "layer-norm-str", "zoneout", "cell-state"])
+def test_lstm_to_layernorm_checks_its_options_whether_or_not_anything_converts(model, kwargs, exc, needle):
+    # with nothing to convert, a misspelt option or eps=-1 returned without a word
+    with pytest.raises(exc) as info:
+        lstm_to_layernorm(model, **kwargs)
+    assert needle in str(info.value)
+
+
 def test_transformer_block_layernorm_to_rms_and_none():
     block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
     convert_norms(block, source=nn.LayerNorm, target="rms", drop_bias=True)

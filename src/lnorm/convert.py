@@ -20,6 +20,7 @@ returns the root: a new module when the root itself matches, else the same (modi
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from lnorm.nn.rnn import (
     LayerNormRNNCell,
 )
 from lnorm.utils import ModelState, first_tensor
+from lnorm.validation import check_bool, check_eps, check_int
 
 __all__ = ["ConversionWarning", "convert_norms", "use_lnorm", "lstm_to_layernorm", "layernorm_to_lstm"]
 
@@ -206,8 +208,10 @@ def _watch_input_dims(model: nn.Module, example_input, source) -> dict[str, int]
     return {n: dims.pop() for n, dims in seen.items()}
 
 
-def _check_convert_args(model, source, target, layout, num_groups) -> tuple[tuple[type, ...], str]:
-    """The arguments of :func:`convert_norms`, checked: (source as a tuple, target lower-cased)."""
+def _check_convert_args(model, source, target, layout, num_groups, eps=None, drop_bias=False) \
+        -> tuple[tuple[type, ...], str]:
+    """The arguments of :func:`convert_norms`, checked (TypeError for a wrong type, ValueError for a
+    wrong value): (source as a tuple, target lower-cased)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(source, type):
@@ -221,8 +225,13 @@ def _check_convert_args(model, source, target, layout, num_groups) -> tuple[tupl
     if layout is not None and not (layout in ("last", "channels") or (
             isinstance(layout, dict) and all(v in ("last", "channels") for v in layout.values()))):
         raise ValueError(f"layout must be 'last', 'channels', a dict of them, or None, got {layout!r}")
-    if num_groups is not None and target != "group":
-        raise ValueError(f"num_groups is for target='group', got target={target!r}")
+    if num_groups is not None:
+        if target != "group":
+            raise ValueError(f"num_groups is for target='group', got target={target!r}")
+        check_int(num_groups, "num_groups")
+    if eps is not None:
+        check_eps(eps)
+    check_bool(drop_bias, "drop_bias")
     return source, target
 
 
@@ -330,7 +339,10 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
             not zero, dropping the bias. Default False: that raises.
 
     Raises:
-        ValueError: a conversion that cannot be done (unknown layout, multi-dim
+        TypeError: an argument of the wrong type (``num_groups`` not an int, ``eps`` not a
+            number, ``drop_bias`` not a bool, ``source`` not module types), naming it.
+        ValueError: a wrong value (``num_groups`` < 1, ``eps`` <= 0, an unknown ``target``) or
+            a conversion that cannot be done (unknown layout, multi-dim
             ``normalized_shape``, channels not divisible by ``num_groups``, a nonzero bias with
             no place to go, a lazy norm such as ``nn.LazyBatchNorm1d`` that has not yet seen an
             input and so has no size), naming the layer.
@@ -345,7 +357,7 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
         >>> type(mlp[1]).__name__
         'LayerNorm'
     """
-    source, target = _check_convert_args(model, source, target, layout, num_groups)
+    source, target = _check_convert_args(model, source, target, layout, num_groups, eps, drop_bias)
     _refuse_uninitialized(model, source)
     seen = _watch_input_dims(model, example_input, source) if example_input is not None else {}
 
@@ -357,8 +369,8 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
         options = _target_options(module, label, C, lay, target, eps, num_groups)
         try:
             new = make_norm(target, C, layout=lay, **options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"cannot convert {label} ({type(module).__name__}) to {target!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # the same kind of error, naming the layer
+            raise type(exc)(f"cannot convert {label} ({type(module).__name__}) to {target!r}: {exc}") from None
         new = _like(new, module)
         _copy_norm_state(new, module, label, target, drop_bias)
         return new
@@ -596,6 +608,43 @@ def _torch_rnn_class(m: nn.Module, classes: dict[type, type]) -> type | None:
     return base
 
 
+# what every converted module takes from the layer it replaces, never from the caller
+_FROM_SOURCE = (*_TORCH_ARGS, "proj_size", "nonlinearity", "device", "dtype")
+
+
+def _rnn_options() -> tuple[str, ...]:
+    """The options of lnorm's recurrent modules that :func:`lstm_to_layernorm` passes on."""
+    names: list[str] = []
+    for cls in _RNN_CLASSES.values():
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_") and p.name not in names \
+                    and p.name not in ("layer_norm", "eps", *_FROM_SOURCE):
+                names.append(p.name)
+    return tuple(names)
+
+
+def _check_rnn_options(layer_norm, eps, options: dict) -> None:
+    """:func:`lstm_to_layernorm`'s options, checked whether or not the model has anything to
+    convert: TypeError for a structural or unknown option or a wrong type, ValueError for a wrong value."""
+    check_bool(layer_norm, "layer_norm")
+    check_eps(eps)
+    fixed = [k for k in options if k in _FROM_SOURCE]
+    if fixed:
+        raise TypeError(f"lstm_to_layernorm: {', '.join(fixed)} cannot be passed (got "
+                        f"{', '.join(f'{k}={options[k]!r}' for k in fixed)}): each converted layer takes "
+                        f"{', '.join(_FROM_SOURCE)} from the layer it replaces")
+    valid = _rnn_options()
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise TypeError(f"lstm_to_layernorm got unknown option{'s' * (len(unknown) > 1)} "
+                        f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    # the values: a module that takes every one of them checks them (on the meta device: no memory)
+    for cls in _RNN_CLASSES.values():
+        if set(options) <= set(inspect.signature(cls.__init__).parameters):
+            cls(1, 1, layer_norm=layer_norm, eps=eps, **options, device="meta")
+            return
+
+
 def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float = 1e-5,
                       **options) -> nn.Module:
     """Replace every ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` by :class:`lnorm.nn.LayerNormLSTM` /
@@ -618,6 +667,14 @@ def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float =
         layer_norm: add layer normalization (default) or not (an exact, torch-equivalent copy).
         eps: the layer norms' eps.
         **options: passed to the new modules (``cell_state``, ``zoneout``, ``zoneout_cell``).
+            The structure (``input_size``, ``hidden_size``, ``num_layers``, ``bias``,
+            ``batch_first``, ``dropout``, ``bidirectional``, ``proj_size``, ``nonlinearity``)
+            comes from each replaced layer and cannot be passed.
+
+    Raises:
+        TypeError: a structural, unknown or wrongly typed option.
+        ValueError: an option's value out of range (``eps`` <= 0, ``zoneout`` outside [0, 1)).
+        Both are raised whether or not ``model`` holds anything to convert.
 
     Example::
 
@@ -628,6 +685,7 @@ def lstm_to_layernorm(model: nn.Module, *, layer_norm: bool = True, eps: float =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_rnn_options(layer_norm, eps, options)
     classes = _RNN_CLASSES
     left: list[tuple[str, str]] = []
 
