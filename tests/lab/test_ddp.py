@@ -64,7 +64,7 @@ def test_ddp_smoke_through_cli_with_failing_worker_and_resume(tmp_path, capsys, 
 @pytest.mark.parametrize("extra, needle", [
     (["--nproc", "1"], "ddp.nproc must be >= 2"),
     (["--nproc", "3", "--set", "ddp.batch_sizes=8"], "multiples of nproc=3"),
-    (["--set", "ddp.norms=batch,weird"], "unknown ['weird']"),
+    (["--set", "ddp.norms=batch,weird"], "ddp.norms: unknown name 'weird'; valid: batch, sync, layer, none"),
 ], ids=["nproc-1", "batch-not-divisible", "unknown-norm"])
 def test_ddp_rejects_bad_options(extra, needle, tmp_path, capsys):
     assert run_cli("run", "ddp", "--suite", "smoke", "--out", str(tmp_path / "r"), "--no-progress", *extra) == 2

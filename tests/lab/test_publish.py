@@ -205,6 +205,21 @@ def test_publish_of_a_missing_dir_is_an_error(tmp_path, capsys):
     assert "not a lab run directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["out-is-a-file", "under-a-file", "suite-is-a-file"])
+def test_out_that_is_not_a_directory_is_a_one_line_error(run_copy, tmp_path, capsys, where):
+    # --out naming a file ended in a NotADirectoryError traceback
+    f = tmp_path / "f"
+    f.write_text("not a directory")
+    out = {"out-is-a-file": f, "under-a-file": f / "docs", "suite-is-a-file": tmp_path / "docs"}[where]
+    if where == "suite-is-a-file":
+        out.mkdir()
+        (out / "smoke").write_text("not a directory")
+    assert publish_cli(run_copy, out, "--allow-dirty") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lnorm lab publish: error: --out ") and err.count("\n") == 1, err
+    assert str(out) in err and f.read_text() == "not a directory"
+
+
 def test_command_recorded_is_the_run_reparsed():
     import argparse
 

@@ -136,8 +136,11 @@ def cmd_publish(args) -> int:
 
     try:
         page = publish.publish(args.run_dir, args.out, allow_dirty=args.allow_dirty)
-    except (FileNotFoundError, ValueError) as exc:  # not a run dir, damaged files, in use, not publishable
+    except (FileNotFoundError, ValueError) as exc:  # not a run dir, bad --out, damaged files, in use, not publishable
         print(f"lnorm lab publish: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the page: a full disk, no permission
+        print(f"lnorm lab publish: error: cannot write the page under {args.out}: {exc}", file=sys.stderr)
         return 2
     print(f"page: {page}")
     return 0

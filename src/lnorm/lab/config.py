@@ -3,7 +3,9 @@
 ``--set`` keys are ``experiment.field=value`` (one experiment) or ``field=value`` (every selected
 experiment that has the field). Values parse by the field's type: ``int``, ``float``, ``bool``
 (true/false/1/0), ``str``, or tuples of those written comma-separated (``e1.batch_sizes=1,4,128``).
-Unknown suites, experiments and keys are errors that list the valid ones.
+Unknown suites, experiments and keys are errors that list the valid ones, and so are names that
+an experiment does not know in its string fields (its ``CHOICES``). A tuple may be empty only
+where the experiment says that means something (its ``MAY_BE_EMPTY``).
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ def _parse_scalar(text: str, typ, key: str):
         raise ValueError(f"--set {key}: expected {typ.__name__}, got {text!r}") from None
 
 
-def parse_value(text: str, typ, key: str):
+def parse_value(text: str, typ, key: str, may_be_empty: bool = False):
+    """``text`` as a value of type ``typ``; an empty tuple only where ``may_be_empty``."""
     origin = typing.get_origin(typ)
     if origin is tuple:
         args = typing.get_args(typ)
         elem = args[0] if args else str
-        return tuple(_parse_scalar(t, elem, key) for t in text.split(",") if t.strip())
+        value = tuple(_parse_scalar(t, elem, key) for t in text.split(",") if t.strip())
+        if not value and not may_be_empty:
+            raise ValueError(f"--set {key}: expected one or more comma-separated values, got {text!r}")
+        return value
     return _parse_scalar(text, typ, key)
 
 
@@ -90,16 +96,32 @@ def parse_sets(sets: list[str] | None, modules: dict) -> dict[str, dict[str, str
     return per_exp
 
 
-def resolve(module, suite: str, raw_sets: dict[str, str] | None = None):
-    """The experiment's config for ``suite`` with ``--set`` values applied."""
+def resolve(module, suite: str, raw_sets: dict[str, str] | None = None, name: str | None = None):
+    """The experiment's config for ``suite`` with ``--set`` values applied, checked.
+
+    ``name``: the experiment's name, which error messages put before the field (``e1.norms``)."""
     check_suite(suite)
     cfg = module.Config()
     cfg = dataclasses.replace(cfg, **module.SUITES.get(suite, {}))
     types = _field_types(module.Config)
-    parsed = {k: parse_value(v, types[k], k) for k, v in (raw_sets or {}).items()}
+    empty_ok = set(getattr(module, "MAY_BE_EMPTY", ()))
+    label = (lambda k: f"{name}.{k}") if name else (lambda k: k)  # noqa: E731
+    parsed = {k: parse_value(v, types[k], label(k), k in empty_ok) for k, v in (raw_sets or {}).items()}
     for k, v in parsed.items():
-        check_range(k, v)
-    return dataclasses.replace(cfg, **parsed)
+        check_range(k, v, label(k))
+    cfg = dataclasses.replace(cfg, **parsed)
+    check_choices(module, cfg, label)
+    return cfg
+
+
+def check_choices(module, cfg, label=lambda k: k) -> None:
+    """Every name in a string field of ``cfg`` is one the experiment knows (``module.CHOICES``:
+    ``{field: valid names}``)."""
+    for field, valid in getattr(module, "CHOICES", {}).items():
+        value = getattr(cfg, field)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in valid:
+                raise ValueError(f"--set {label(field)}: unknown name {v!r}; valid: {', '.join(valid)}")
 
 
 # Fields where 0 means "none" or "all" (see their comments in the experiments' Config).
@@ -107,12 +129,15 @@ ZERO_ALLOWED = frozenset({"max_steps", "seq_embed", "warmups", "train_images", "
                           "margin", "within", "grad_tol"})
 
 
-def check_range(key: str, value) -> None:
-    """Sizes, step counts and rates are > 0 (>= 0 where 0 has a meaning) and finite."""
+def check_range(key: str, value, label: str | None = None) -> None:
+    """Sizes, step counts and rates are > 0 (>= 0 where 0 has a meaning) and finite.
+
+    ``key``: the field; ``label``: how messages name it (default the field)."""
+    label = label or key
     for v in value if isinstance(value, tuple) else (value,):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if not math.isfinite(v):
-            raise ValueError(f"--set {key}: expected a finite number, got {v!r}")
+            raise ValueError(f"--set {label}: expected a finite number, got {v!r}")
         if v < 0 or (v == 0 and key not in ZERO_ALLOWED):
-            raise ValueError(f"--set {key}: expected a number {'>= 0' if key in ZERO_ALLOWED else '> 0'}, got {v!r}")
+            raise ValueError(f"--set {label}: expected a number {'>= 0' if key in ZERO_ALLOWED else '> 0'}, got {v!r}")

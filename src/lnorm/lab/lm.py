@@ -25,6 +25,7 @@ from lnorm.nn.rnn import gate_preactivations
 RNN_KINDS = ("lstm", "lnlstm", "gru", "lngru")  # torch's layers and lnorm's layer-normalized ones
 # lnorm's layers with ``layer_norm=False``: the same implementation without the norm (E6's baseline)
 NORM_OFF_KINDS = ("lnlstm_off", "lngru_off")
+GAIN_INITS = ("one", "0.1", "random")  # how init_gains sets the LN gains
 
 
 @dataclass
@@ -82,7 +83,7 @@ def init_gains(rnn: nn.Module, how: str, gen: torch.Generator | None = None) -> 
                 elif how == "random":
                     p.copy_(torch.rand(p.shape, generator=gen))
                 else:
-                    raise ValueError(f"gain_init must be one of one, 0.1, random, got {how!r}")
+                    raise ValueError(f"gain_init must be one of {', '.join(GAIN_INITS)}, got {how!r}")
 
 
 @torch.no_grad()

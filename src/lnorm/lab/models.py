@@ -7,6 +7,7 @@ from torch import nn
 
 from lnorm.nn import make_norm
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}  # the MLP's nonlinearities
 
 class MLP(nn.Module):
     """``depth`` hidden layers of Linear -> norm -> ReLU (the norm sees the summed inputs, as in the
@@ -15,7 +16,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: int, depth: int, classes: int, norm: str = "none",
                  act: str = "relu"):
         super().__init__()
-        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        acts = ACTIVATIONS
         if act not in acts:
             raise ValueError(f"act must be one of {sorted(acts)}, got {act!r}")
         layers = []

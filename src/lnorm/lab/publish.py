@@ -146,6 +146,8 @@ def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bo
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a lab run directory (no config.json)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
     with lock_run_dir(run_dir):  # not while a run still writes into it, and none starts meanwhile
         a = report.analyze(run_dir)
         refusals = provenance.problems(a["env"])
@@ -154,7 +156,10 @@ def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bo
                                  + "; ".join(refusals) + ". Rerun it from a clean checkout into a new --out, "
                                  "or pass --allow-dirty to publish anyway (the page then says why)")
         dest = Path(out) / a["config"]["suite"]
-        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder of the path goes, no permission
+            raise ValueError(f"--out {out}: cannot create {dest}: {exc.strerror} ({exc.filename})") from None
         _clear(dest)
         body, _ = report.render(a, dest)
         for png in (dest / "plots").glob("*.png"):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from lnorm.lab import config as C
 from lnorm.lab import experiments, provenance
-from lnorm.ops.backend import choices
+from lnorm.ops.backend import backend_for, choices, use_backend
 from lnorm.utils import json_safe
 
 
@@ -127,7 +127,7 @@ def resolve_all(names: list[str], suite: str, sets: list[str] | None) -> dict:
         experiments.get(n)
     mods = {n: experiments.get(n) for n in names}
     raw = C.parse_sets(sets, mods)
-    return {n: C.resolve(mods[n], suite, raw[n]) for n in names}
+    return {n: C.resolve(mods[n], suite, raw[n], n) for n in names}
 
 
 class DamagedRunError(ValueError):
@@ -441,13 +441,43 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _check_run_options(suite: str, jobs: int, seeds: int | None, backend: str, threads: int) -> None:
+def _check_run_options(suite: str, jobs: int, seeds: int | None, backend: str, threads: int,
+                       device: str = "cpu") -> str:
+    """Usage errors as ValueError; returns the lnorm backend the runs' tensors (on ``device``) use."""
     C.check_suite(suite)
     for flag, value in (("--jobs", jobs), ("--seeds", seeds), ("--threads", threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if backend not in choices():
         raise ValueError(f"--backend must be one of {choices()}, got {backend!r}")
+    return runs_on(backend, device)
+
+
+def _backend_on(backend: str, device: str) -> str:
+    """The backend that tensors on ``device`` use when ``backend`` is chosen (as :func:`execute`
+    chooses it); RuntimeError when it is not available here."""
+    with use_backend(backend):
+        return backend_for(device)
+
+
+def runs_on(backend: str, device: str) -> str:
+    """The backend that runs for ``--backend backend --device device``; ValueError for one that is
+    not available here or does not run tensors on ``device`` (lnorm would quietly use another)."""
+    try:
+        ran = _backend_on(backend, device)
+    except RuntimeError as exc:
+        raise ValueError(f"--backend {backend}: {exc}") from None
+    if backend != "auto" and ran != backend:
+        ok = []
+        for b in choices():
+            try:
+                if b == "auto" or _backend_on(b, device) == b:
+                    ok.append(b)
+            except RuntimeError:
+                pass
+        raise ValueError(f"--backend {backend} does not run on --device {device} here (lnorm would run {ran} "
+                         f"instead); valid for --device {device}: {', '.join(ok)}")
+    return ran
 
 
 def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path, device: str,
@@ -456,22 +486,26 @@ def run(names: list[str], *, suite: str, seeds: int | None, jobs: int, out: Path
 
     ``out`` is locked while the run lasts; experiments finished there earlier stay in its
     config and report. Usage problems (options, ``--set`` values, ``out``) raise ValueError."""
-    _check_run_options(suite, jobs, seeds, backend, threads)
+    backend_run = _check_run_options(suite, jobs, seeds, backend, threads, device)
     cmd = provenance.command(names, experiments.names(), suite=suite, seeds=seeds, jobs=jobs, threads=threads,
                              out=out, device=device, backend=backend, sets=sets)
     names = with_requirements(names)
     cfgs = resolve_all(names, suite, sets)
     seeds = seeds or C.DEFAULT_SEEDS[suite]
+    units = {n: plan(n, cfgs[n], seeds) for n in names}  # before the run directory: units() checks too
+    empty = [n for n in names if not units[n]]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: no runs to do with these settings "
+                         f"(--set {', '.join(sets or []) or 'nothing'})")
     out = make_run_dir(out)
     with lock_run_dir(out):
         conf = {"suite": suite, "seeds": seeds, "experiments": names, "device": device, "jobs": jobs,
                 "backend": backend, "sets": list(sets or []),
                 "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
         write_json_atomic(out / "config.json", json_safe(merge_config(out, conf)))
-        units = {n: plan(n, cfgs[n], seeds) for n in names}
         todo = {n: pending(us, out, log) for n, us in units.items()}
         invocation = provenance.Invocation(lambda env: write_json_atomic(out / "env.json", json_safe(env)),
-                                           {**environment(device, threads, jobs), "backend": backend},
+                                           {**environment(device, threads, jobs), "backend": backend_run},
                                            provenance.previous_invocations(out / "env.json", finished_before(out)),
                                            cmd, to_run=sum(map(len, todo.values())))
         counts = {"total": sum(map(len, units.values())), "skipped": sum(len(units[n]) - len(todo[n]) for n in names),

@@ -69,6 +69,9 @@ def evaluate_bpc(model: nn.Module, batches, device) -> float:
     return tot / n / LN2
 
 
+OPTIMIZERS = ("adam", "sgd")  # what make_optimizer builds
+
+
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)

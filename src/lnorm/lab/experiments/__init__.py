@@ -22,6 +22,10 @@ How to add an experiment
      verdicts come from pure functions of numbers in the same file (``lnorm.lab.stats``).
    * optional ``REQUIRES``: names of experiments whose results ``analyze`` also reads (they are
      run too).
+   * ``CHOICES``: ``{field: valid names}`` for every ``str`` / ``tuple[str, ...]`` field
+     (import the names from where the code that uses them defines them), so ``--set`` is checked
+     before anything runs; optional ``MAY_BE_EMPTY``: tuple fields that may be set empty
+     (``--set e7.gains=``) because empty means something (others are refused).
 2. Add one line ``"<name>": "lnorm.lab.experiments.<name>"`` to ``EXPERIMENTS``.
 3. Add it to the smoke test's expectations if it needs any (``tests/lab/test_cli.py`` runs every
    registered experiment's smoke config through the CLI).

@@ -70,6 +70,8 @@ SUITES = {
     "full": dict(batch_sizes=(8, 16, 32), steps=1000, hidden=256, channels=16),
 }
 EST_SECONDS = {"smoke": 8, "quick": 100, "full": 2400}
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"models": MODELS, "norms": NORMS}
 
 
 def _check(cfg: Config) -> None:

@@ -22,6 +22,7 @@ from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
 from lnorm.lab.models import MLP
 from lnorm.lab.train import train_classifier
+from lnorm.nn.factory import NORM_KINDS
 
 TITLE = "Batch size: MLP on real MNIST"
 CHANCE = 0.1  # accuracy of a diverged run (10 classes)
@@ -51,6 +52,8 @@ SUITES = {
 # quick: 38 s CPU, --jobs 1, 2-core EPYC. full: the 120 runs summed to 4520 s (--jobs 2, same EPYC,
 # commit 70bf14f); 12800 examples at every batch size make 12800 steps at batch 1 (~150 s a run)
 EST_SECONDS = {"smoke": 3, "quick": 40, "full": 4500}
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"norms": NORM_KINDS}
 
 
 def units(cfg: Config) -> list[dict]:

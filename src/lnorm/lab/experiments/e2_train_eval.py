@@ -17,6 +17,7 @@ from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
 from lnorm.lab.models import MLP
 from lnorm.lab.train import train_classifier
+from lnorm.nn.factory import NORM_KINDS
 
 TITLE = "Train/eval consistency and batch independence: MLP on real MNIST"
 CLAIMS = ("C1", "C2")
@@ -36,6 +37,8 @@ class Config:
 SUITES = {"smoke": dict(norms=("batch", "layer"), hidden=32, steps=20), "quick": {},
           "full": dict(hidden=1000, steps=2000)}
 EST_SECONDS = {"smoke": 2, "quick": 8, "full": 380}  # full: 373 s summed over its 15 runs (--jobs 2, EPYC, 70bf14f)
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"norms": NORM_KINDS}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -20,11 +20,12 @@ from torch import nn
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist1d, text
-from lnorm.lab.lm import RNN_KINDS, LMConfig, make_rnn, train_lm
+from lnorm.lab.lm import GAIN_INITS, NORM_OFF_KINDS, RNN_KINDS, LMConfig, make_rnn, train_lm
 from lnorm.lab.train import train_classifier
 
 TITLE = "Recurrent nets: character language model and MNIST-1D as a sequence"
 CLAIMS = ("C4", "C9")
+TASKS = ("lm", "mnist1d")
 
 
 class SeqClassifier(nn.Module):
@@ -48,7 +49,7 @@ class SeqClassifier(nn.Module):
 
 @dataclass
 class Config:
-    tasks: tuple[str, ...] = ("lm", "mnist1d")
+    tasks: tuple[str, ...] = TASKS
     models: tuple[str, ...] = RNN_KINDS  # for the language model; MNIST-1D uses the GRU pair
     emb: int = 32
     hidden: int = 96
@@ -75,6 +76,8 @@ SUITES = {
                  seq_steps=3000, seq_hidden=64, seq_batch=100),
 }
 EST_SECONDS = {"smoke": 4, "quick": 100, "full": 1150}  # full: 1144 s summed over its 30 runs (--jobs 2, EPYC, 70bf14f)
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"tasks": TASKS, "models": RNN_KINDS + NORM_OFF_KINDS, "gain_init": GAIN_INITS}
 
 
 def units(cfg: Config) -> list[dict]:

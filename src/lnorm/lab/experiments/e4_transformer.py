@@ -55,6 +55,8 @@ SUITES = {
                  steps=600, seq_len=64, eval_batches=16),
 }
 EST_SECONDS = {"smoke": 3, "quick": 100, "full": 8000}  # quick: 101 s, --jobs 1, 2-core EPYC
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"variants": tuple(VARIANTS)}
 
 
 def units(cfg: Config) -> list[dict]:

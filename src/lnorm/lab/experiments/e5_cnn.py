@@ -31,6 +31,7 @@ from lnorm.lab import stats as S
 from lnorm.lab.data import cluttered_mnist, mnist1d
 from lnorm.lab.models import CNN1d, ResCNN
 from lnorm.lab.train import accuracy, train_classifier
+from lnorm.nn.factory import NORM_KINDS
 
 TITLE = "CNNs: a residual CNN on cluttered MNIST (and MNIST-1D's 1-D CNN)"
 CLAIMS = ("C7",)
@@ -72,6 +73,9 @@ SUITES = {"smoke": dict(norms=("none", "batch", "layer"), steps=6, channels=4, b
           "quick": {},
           "full": dict(norms=("none", "batch", "layer", "group"), lr_span=1, steps=5000, mnist1d=True)}
 EST_SECONDS = {"smoke": 6, "quick": 90, "full": 7200}
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"norms": NORM_KINDS}
+MAY_BE_EMPTY = ("lrs",)  # empty: each norm's own grid (lr_span)
 
 
 def lr_grid(cfg: Config, norm: str) -> tuple[float, ...]:

@@ -59,6 +59,8 @@ SUITES = {"smoke": dict(archs=("mlp", "lstm"), widths=(16,), batch_size=4, seq_l
           "quick": {},
           "full": dict(archs=ARCHS, widths=(64, 128, 256, 512), repeats=12, steps=3)}
 EST_SECONDS = {"smoke": 2, "quick": 30, "full": 900}  # quick: 27 s CPU, --jobs 1, 2-core EPYC
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"archs": ARCHS}
 
 
 def units(cfg: Config) -> list[dict]:

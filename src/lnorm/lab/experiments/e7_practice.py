@@ -14,9 +14,10 @@ from lnorm.lab import analysis as A
 from lnorm.lab import lrgrid
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist, text
-from lnorm.lab.lm import LMConfig, train_lm
+from lnorm.lab.lm import GAIN_INITS, LMConfig, train_lm
 from lnorm.lab.models import MLP
 from lnorm.lab.train import accuracy, train_classifier
+from lnorm.nn.factory import NORM_KINDS
 
 TITLE = "Practice: LN gain initialisation and learning rate"
 CLAIMS = ("C10", "C11")
@@ -43,6 +44,10 @@ SUITES = {"smoke": dict(gains=("one", "0.1"), lm_hidden=8, lm_seq_len=8, lm_step
           "quick": {}, "full": dict(lm_hidden=128, lm_seq_len=64, lm_steps=800, lm_eval_every=50, mlp_steps=2000,
                                     lrs=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0))}
 EST_SECONDS = {"smoke": 2, "quick": 35, "full": 1700}  # quick: 33 s CPU, --jobs 1, 2-core EPYC
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"gains": GAIN_INITS, "norms": NORM_KINDS}
+# empty gains: no gain part; empty lrs or norms: no learning-rate part (not both: no runs at all)
+MAY_BE_EMPTY = ("gains", "lrs", "norms")
 
 
 def units(cfg: Config) -> list[dict]:

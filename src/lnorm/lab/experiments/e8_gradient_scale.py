@@ -20,8 +20,9 @@ from torch import nn
 from lnorm.lab import analysis as A
 from lnorm.lab import stats as S
 from lnorm.lab.data import mnist
-from lnorm.lab.models import MLP
-from lnorm.lab.train import Diverged, train_classifier
+from lnorm.lab.models import ACTIVATIONS, MLP
+from lnorm.lab.train import OPTIMIZERS, Diverged, train_classifier
+from lnorm.nn.factory import NORM_KINDS
 
 TITLE = "Gradient scale in a deep MLP (real MNIST): layer norm against fair inits for tanh"
 CLAIMS = ("C13",)
@@ -48,6 +49,8 @@ class Config:
 SUITES = {"smoke": dict(depth=6, hidden=16, steps=10, probe=64), "quick": {},
           "full": dict(steps=2000, hidden=256)}
 EST_SECONDS = {"smoke": 2, "quick": 25, "full": 800}  # quick: 23 s CPU, --jobs 1, 2-core EPYC
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"norms": NORM_KINDS, "baseline_inits": INITS, "act": tuple(ACTIVATIONS), "optimizer": OPTIMIZERS}
 
 
 def units(cfg: Config) -> list[dict]:

@@ -42,6 +42,7 @@ TITLE = ("Layer norm vs recurrent batch norm on sequential MNIST (full suite: 78
          "digits, 49 steps): longer test sequences, batch 1")
 CLAIMS = ("C4", "C14")
 MODELS = ("lstm", "lnlstm", "bnlstm")
+ORDERS = ("pixel", "permuted")  # the digit's pixels in reading order, or in one fixed random order
 CHANCE = 0.1  # ten balanced classes: the score of a run that diverged or cannot train
 H0_NOISE = 0.1  # BN-LSTM's random initial state in training, as in the authors' sequential-MNIST run
 
@@ -105,6 +106,9 @@ SUITES = {
 }
 # full: estimated from per-step CPU times at 784 steps with --jobs 2, not yet run end to end
 EST_SECONDS = {"smoke": 6, "quick": 60, "full": 3900}
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"orders": ORDERS, "extrapolate_orders": ORDERS, "models": MODELS}
+MAY_BE_EMPTY = ("orders", "extrapolate_orders")  # empty: no (a) or no (b) runs
 
 
 def units(cfg: Config) -> list[dict]:

@@ -67,6 +67,8 @@ SUITES = {
                  target_rsum=570.0),
 }
 EST_SECONDS = {"smoke": 5, "quick": 55, "full": 2400}  # quick: 50 s CPU, 57 s wall, --jobs 1, 2-core EPYC
+# the names each string field takes, checked before a run starts (lnorm.lab.config.resolve)
+CHOICES = {"models": MODELS}
 
 
 def units(cfg: Config) -> list[dict]:
