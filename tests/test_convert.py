@@ -440,3 +440,11 @@ def test_state_dict_hooks_are_not_carried_and_a_warning_says_so():
     model[1]._register_state_dict_hook(lambda m, sd, prefix, local: sd)
     with pytest.warns(ConversionWarning, match=r"1 \(LayerNorm\) was replaced by LayerNorm, but its state_dict_hooks"):
         use_lnorm(model)
+
+
+def test_convert_norms_layout_dict_with_an_unknown_name_is_an_error():
+    # a misspelt module name in layout={...} was silently ignored
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match=r"layout names \['l'\], which are not .* its source norms: \['1'\]"):
+        convert_norms(mlp, layout={"l": "last"})
+    assert type(convert_norms(mlp, layout={"1": "last"})[1]).__name__ == "LayerNorm"

@@ -358,6 +358,12 @@ def convert_norms(model: nn.Module, source=_DEFAULT_SOURCE, target: str = "layer
         'LayerNorm'
     """
     source, target = _check_convert_args(model, source, target, layout, num_groups, eps, drop_bias)
+    if isinstance(layout, dict):  # a misspelt name would leave its layer to the guess it was meant to settle
+        names = [n for n, m in model.named_modules() if _is_source(m, source)]
+        unknown = sorted(set(layout) - set(names))
+        if unknown:
+            raise ValueError(f"layout names {unknown}, which are not {target!r}-convertible norms of the model; "
+                             f"its source norms: {names}")
     _refuse_uninitialized(model, source)
     seen = _watch_input_dims(model, example_input, source) if example_input is not None else {}
 
