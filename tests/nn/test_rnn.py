@@ -791,3 +791,18 @@ def test_bench_ops_checks_the_json_path_first(tmp_path, capsys):
     assert main(["bench", "ops", "--json", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--json: " in err and "is a directory" in err
+
+
+def test_bench_ops_refuses_a_backend_that_would_not_run(capsys):
+    # --backend triton on a CPU run timed numba (the header said so, the flag did not)
+    import lnorm.ops.backend as B
+    from lnorm.cli import main
+
+    B.register_backend(B.Backend("cudaonly_test", available=lambda: True, supports=lambda d: d.type == "cuda"))
+    try:
+        before = lnorm.get_backend("cpu")
+        assert main(["bench", "ops", "--backend", "cudaonly_test"]) == 2
+        assert "--backend cudaonly_test does not run on --device cpu here" in capsys.readouterr().err
+        assert lnorm.get_backend("cpu") == before  # nothing left set
+    finally:
+        B.unregister_backend("cudaonly_test")

@@ -386,9 +386,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json and (why := unwritable(args.json)):
         print(f"error: --json: {why}", file=sys.stderr)
         return 2
-    if args.backend:
-        lnorm.set_backend(args.backend)
     device = torch.device(args.device)
+    if args.backend:
+        try:
+            with lnorm.use_backend(args.backend):
+                ran = lnorm.get_backend(device)
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: --backend {args.backend}: {exc}", file=sys.stderr)
+            return 2
+        if args.backend != "auto" and ran != args.backend:  # else it would time another backend under its name
+            print(f"error: --backend {args.backend} does not run on --device {args.device} here (lnorm would "
+                  f"run {ran})", file=sys.stderr)
+            return 2
+        lnorm.set_backend(args.backend)
     shapes = args.shapes or list(CUDA_SHAPES if device.type == "cuda" else DEFAULT_SHAPES)
     peak = args.peak_gbps or peak_gbps(device)
     liger = device.type == "cuda" and not args.no_liger and liger_available()
