@@ -141,6 +141,17 @@ MUTATIONS = [
     Mutation("e7-c10-margin-sign", f"{EXP}/e7_practice.py",
              "worse, _ = S.greater(one, vals, 0.0)", "worse, _ = S.greater(vals, one, 0.0)",
              ("tests/lab/test_criteria.py",), "C10's 'an alternative is better' check the wrong way round"),
+    # --- the weight gradients and input products chosen per machine (this session's)
+    Mutation("weight-grad-onednn-no-accumulate", "src/lnorm/ops/step_gemm.py",
+             'lin.binary(a.t(), self.acc, dg.t(), None, "add")', 'lin(a.t(), dg.t(), None, "none", [], "")',
+             ("tests/ops/test_step_gemm.py",), "oneDNN's weight gradient keeps only the last run of rows"),
+    Mutation("weight-grad-float64-check-dropped", "src/lnorm/ops/step_gemm.py",
+             "        if not ok:\n            names.remove(\"onednn\")", "        pass",
+             ("tests/ops/test_step_gemm.py",), "a weight-gradient candidate that disagrees with float64 can be chosen"),
+    Mutation("gru-input-product-dx-zero", "src/lnorm/ops/rnn_fused.py",
+             "dx = input_product(dy, w.t()) if ctx.needs_input_grad[0] else None",
+             "dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None",
+             ("tests/ops/test_step_gemm.py", "tests/nn/test_rnn.py"), "the GRU's input product drops the input's gradient"),
 ]
 
 # Mutations that survive because they do not change behaviour, with the reason. Listed so that a
