@@ -806,3 +806,41 @@ def test_bench_ops_refuses_a_backend_that_would_not_run(capsys):
         assert lnorm.get_backend("cpu") == before  # nothing left set
     finally:
         B.unregister_backend("cudaonly_test")
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+@pytest.mark.parametrize("impl", ["mkl", "onednn"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_lstm_float32_backward_in_runs_with_each_library_as_accurate_as_mm(monkeypatch, impl, packed):
+    # the weight gradients summed over several runs of rows (WeightGrad) and the input gradient per
+    # run, with a library forced, in float32 against the float64 torch path: within twice the error
+    # of the same layer with every product by torch.mm (the path before the libraries could be
+    # chosen; its own float32 accuracy is the parity tests' business). The run-length tests above
+    # are float64, where only torch.mm runs.
+    from lnorm.ops import rnn_fused, step_gemm
+
+    if impl not in step_gemm.available(torch.float32):
+        pytest.skip(f"{impl} is not available here")
+    monkeypatch.setattr(rnn_fused, "_CHUNK_ROWS", 9)
+    torch.manual_seed(0)
+    m32 = make("lstm", 5, 6, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for name, p in m32.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    m64 = copy.deepcopy(m32).double()
+    x = torch.randn(7, 4, 5)
+
+    def run(m, xx, backend, forced=None):
+        xx = xx.detach().clone().requires_grad_()
+        inp = pack_padded_sequence(xx, torch.tensor([7, 3, 5, 1]), enforce_sorted=False) if packed else xx
+        with lnorm.use_backend(backend), step_gemm.use_step_gemm(forced):
+            res = m(inp)
+            return [data(res[0])] + list(grads(loss_of("lstm", res), [xx, *m.parameters()]))
+
+    ours = run(m32, x, "numba", impl)
+    with_mm = run(m32, x, "numba", "mm")
+    ref = run(m64, x.double(), "torch")
+    names = ["output", "grad x"] + [f"grad {n}" for n, _ in m32.named_parameters()]
+    for a, r, b, n in zip(ours, ref, with_mm, names, strict=True):
+        assert_three_way(a, r, b, atol=1e-6, name=f"{impl} (against mm): {n}")
