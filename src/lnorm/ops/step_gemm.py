@@ -19,7 +19,8 @@ fastest. So each process measures once per shape class and keeps the fastest:
   fewer rows than the packed count (the later steps of a packed sequence).
 
 A shape class is (rows, n, k, dtype, torch's thread count, whether the product is accumulated).
-The first product of a class times each candidate a few interleaved rounds (median, tens of
+The first product of a class times each candidate a few interleaved rounds (the fastest round,
+which a busy moment on a shared machine cannot make look faster than it is; tens of
 milliseconds in all), after checking it against a float64 product: a candidate that disagrees
 beyond float32 rounding is never chosen. ``LNORM_STEP_GEMM=mkl|onednn|mm`` (read at each choice) or
 :func:`use_step_gemm` forces one where it is available; :func:`step_gemm_choices` lists what was
@@ -32,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import statistics
 import time
 
 import torch
@@ -235,7 +235,7 @@ def choose(batch: int, n: int, k: int, dtype: torch.dtype, accumulate: bool = Fa
 
 def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...],
              rounds: int = 7, calls: int = 6) -> dict[str, float]:
-    """Seconds per product of each candidate that agrees with a float64 product: the median of
+    """Seconds per product of each candidate that agrees with a float64 product: the fastest of
     ``rounds`` interleaved samples of ``calls`` products each."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) / k**0.5
@@ -262,7 +262,9 @@ def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...
                     else:
                         gemm.prod(h, out)
                 samples[name].append((time.perf_counter() - t0) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()} or {"mm": 0.0}
+    # min, not median: other work only ever adds time, and under load (seen: every candidate of a
+    # class reading 16 ms, 10x its quiet time, and the slower one chosen) the median is noise
+    return {name: min(s) for name, s in samples.items()} or {"mm": 0.0}
 
 
 # ------------------------------------------------------------------- the input projection
@@ -316,7 +318,7 @@ def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: min(s) for name, s in samples.items()}  # min: see _measure
 
 
 # ------------------------------------------------------------------- the weight gradients
@@ -415,7 +417,7 @@ def _measure_weight_grad(rows: int, n: int, k: int, runs: int = 3, rounds: int =
                 t0 = time.perf_counter()
                 total(name)
                 samples[name].append((time.perf_counter() - t0) / runs)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: min(s) for name, s in samples.items()}  # min: see _measure
 
 
 def step_gemm_choices() -> list[dict]:
