@@ -221,3 +221,41 @@ def test_killed_run_takes_its_workers_along_and_locks_out_a_second_run(tmp_path,
                 os.kill(p, signal.SIGKILL)
     code, _, err = run_cli(capsys, "run", "e1", *TINY, "--out", out)
     assert code == 0, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_a_pool_run_at_once_and_frees_the_directory_only_after_its_workers(tmp_path, capsys):
+    """Ctrl-C (SIGINT to the process group) on `lnorm lab run --jobs 2`: it ran on, released the lock
+    while queued units still wrote into the directory, and a second Ctrl-C hung it. Now it stops
+    within seconds with one line and exit 130, no worker outlives it, and the rerun resumes."""
+    out = tmp_path / "run"
+    slow = ["run", "e1", "--suite", "smoke", "--no-progress", "--jobs", "2", "--out", str(out),
+            "--set", "e1.norms=layer,rms,none", "--set", "e1.batch_sizes=32", "--set", "e1.examples=32000000"]
+    proc = subprocess.Popen([sys.executable, "-m", "lnorm", "lab", *slow], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    workers: set[int] = set()
+    try:
+        for _ in range(6000):  # both workers are training
+            if len(list(out.glob("runs/e1/*/metrics.jsonl.tmp"))) == 2 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        workers = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("lnorm lab run --jobs 2 was still running 30 s after Ctrl-C")
+        err = proc.stderr.read().decode()
+        assert code == 130, err
+        assert "interrupted; the finished runs are kept" in err and "Traceback" not in err, err
+        left = [p for p in workers if _alive(p)]
+        assert not left, f"workers {left} outlived the interrupted run"
+        assert not _results(out)  # the three units were cut short; none was run to its end after Ctrl-C
+    finally:
+        for p in [proc.pid, *workers]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    code, _, err = run_cli(capsys, "run", "e1", *TINY, "--out", out)  # the directory is free again
+    assert code == 0, err

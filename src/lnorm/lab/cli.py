@@ -110,6 +110,10 @@ def cmd_run(args) -> int:
     except ValueError as exc:  # usage errors, a run directory in use, damaged run files
         print(f"lnorm lab run: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nlnorm lab run: interrupted; the finished runs are kept: run the same command again to go on",
+              file=sys.stderr)
+        return 130
     print()
     print(report.claims_table_text(a["claims"]))
     done = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "total" and v)

@@ -407,6 +407,9 @@ def _init_worker(parent: int, progress) -> None:
     so no orphan trains on and writes into a run directory that a new run has taken over."""
     global _worker_progress
     _worker_progress = progress
+    # Ctrl-C reaches the whole process group: the parent stops the pool (_stop_pool); a worker
+    # that raised KeyboardInterrupt itself would only print a traceback and leave its unit half done
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -610,8 +613,28 @@ def _run_in_pool(units, todo, call, jobs: int, progress, backend, note) -> None:
                     if bars is not None:
                         bars.unit_done(futs[f])
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(pool, pending_futs)
             raise
         finally:
             if bars is not None:
                 bars.close()
+
+
+def _stop_pool(pool, pending) -> None:
+    """Stop at once (Ctrl-C, an error): no queued unit starts, the running ones end now (they stay
+    unfinished and run again on resume; finished runs are kept), and only then does the caller
+    release the run directory's lock. ``shutdown(wait=False, cancel_futures=True)`` alone let the
+    queued units run on after the lock was released (the ``with`` block's own shutdown undid the
+    cancel), so a second run could take the directory while they still wrote to it."""
+    for f in pending:
+        f.cancel()
+    procs = [p for p in (getattr(pool, "_processes", None) or {}).values() if p is not None]
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    pool.shutdown(wait=True, cancel_futures=True)
