@@ -259,3 +259,18 @@ def test_ctrl_c_stops_a_pool_run_at_once_and_frees_the_directory_only_after_its_
                 os.kill(p, signal.SIGKILL)
     code, _, err = run_cli(capsys, "run", "e1", *TINY, "--out", out)  # the directory is free again
     assert code == 0, err
+
+
+def test_a_resume_on_another_backend_is_refused(tmp_path, capsys):
+    # from a review: the resume exited 0 and the report named the new backend for runs made with
+    # the old one
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "run", "e1", *TINY, "--out", out)
+    assert code == 0, err
+    before = [(p, p.read_bytes()) for p in (out / "config.json", out / "env.json")]
+    code, _, err = run_cli(capsys, "run", "e1", *TINY, "--backend", "torch", "--out", out)
+    assert code == 2 and one_line_error(err), err
+    assert "--backend 'auto' -> 'torch'" in err
+    assert all(p.read_bytes() == b for p, b in before)
+    code, _, err = run_cli(capsys, "run", "e1", *TINY, "--backend", "auto", "--out", out)  # the same: resumes
+    assert code == 0, err

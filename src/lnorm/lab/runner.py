@@ -355,12 +355,13 @@ def merge_config(out: Path, conf: dict) -> dict:
     if not (out / "config.json").exists():
         return conf
     old, old_cfgs = load_run_config(out)
-    kept, clashes = {}, []
+    kept, clashes, any_done = {}, [], False
     for n, cfg in old_cfgs.items():
         done = {u.uid for u in plan(n, cfg, old["seeds"]) if (u.dir(out) / "result.json").exists()}
         before, now = dataclasses.asdict(cfg), conf["configs"].get(n)
         if not done:
             continue  # nothing finished under that config: nothing to lose
+        any_done = True
         if now is None:
             kept[n] = before
         elif now != before:
@@ -369,6 +370,11 @@ def merge_config(out: Path, conf: dict) -> dict:
             clashes.append(f"{n}: seeds {old['seeds']} -> {conf['seeds']}")
     if kept:
         clashes += [f"{k} {old[k]!r} -> {conf[k]!r}" for k in ("suite", "seeds") if old[k] != conf[k]]
+    # the report's header names one backend and device for the directory: a resume on another
+    # would relabel the finished runs (or mix two under one name)
+    if any_done:
+        clashes += [f"--{k} {old.get(k, d)!r} -> {conf.get(k, d)!r}" for k, d in (("backend", "auto"), ("device", "cpu"))
+                    if old.get(k, d) != conf.get(k, d)]
     if clashes:
         raise ValueError(f"--out {out} holds finished runs made with other settings ({'; '.join(clashes)}); "
                          f"this run would drop them from the report: use another --out, or the settings "
