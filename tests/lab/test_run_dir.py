@@ -274,3 +274,14 @@ def test_a_resume_on_another_backend_is_refused(tmp_path, capsys):
     assert all(p.read_bytes() == b for p, b in before)
     code, _, err = run_cli(capsys, "run", "e1", *TINY, "--backend", "auto", "--out", out)  # the same: resumes
     assert code == 0, err
+
+
+def test_publish_on_a_run_in_progress_names_the_run_dir_not_out(tmp_path, capsys):
+    # the lock's message told publish to "use another --out", where --out is the page's folder
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "run", "e1", *TINY, "--out", out)
+    assert code == 0, err
+    with runner.lock_run_dir(out):
+        code, _, err = run_cli(capsys, "publish", out, "--allow-dirty", "--out", tmp_path / "pages")
+    assert code == 2 and one_line_error(err, "publish"), err
+    assert f"RUN_DIR {out} is in use by another" in err and "--out" not in err

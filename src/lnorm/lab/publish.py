@@ -148,7 +148,7 @@ def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bo
         raise FileNotFoundError(f"{run_dir} is not a lab run directory (no config.json)")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    with lock_run_dir(run_dir):  # not while a run still writes into it, and none starts meanwhile
+    with lock_run_dir(run_dir, "RUN_DIR"):  # not while a run still writes into it, and none starts meanwhile
         a = report.analyze(run_dir)
         refusals = provenance.problems(a["env"])
         if refusals and not allow_dirty:

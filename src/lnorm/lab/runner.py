@@ -314,23 +314,24 @@ def make_run_dir(out) -> Path:
 
 
 @contextlib.contextmanager
-def lock_run_dir(out: Path):
+def lock_run_dir(out: Path, name: str = "--out"):
     """Hold ``out/.lock`` for the block; a second run on the same directory is refused (ValueError).
+    ``name``: how messages name the directory (``--out`` for a run, ``RUN_DIR`` for publish).
 
     An flock ends with the process that holds it, so a killed run never leaves a stale lock."""
     path = Path(out) / ".lock"
     try:
         f = open(path, "a+")
     except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write there: {exc.strerror}") from None
+        raise ValueError(f"{name} {out}: cannot write there: {exc.strerror}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            raise ValueError(f"--out {out} is in use by another `lnorm lab run` (pid {holder}); "
-                             "wait for it to end or use another --out") from None
+            then = "wait for it to end or use another --out" if name == "--out" else "wait for it to end"
+            raise ValueError(f"{name} {out} is in use by another `lnorm lab run` (pid {holder}); {then}") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
