@@ -252,19 +252,32 @@ def _measure(batch: int, n: int, k: int, accumulate: bool, names: tuple[str, ...
             # float32 rounding of a k-term sum of unit-scale products: well under 1e-4 * sqrt(k)
             if torch.allclose(got, exact, rtol=1e-4, atol=1e-4 * k**0.5):
                 gemms[name] = gemm
-        samples = {name: [] for name in gemms}
-        for _ in range(rounds):
-            for name, gemm in gemms.items():
-                t0 = time.perf_counter()
+
+        def calls_of(gemm):
+            def f():
                 for _ in range(calls):
                     if accumulate:
                         gemm.into(h, out, accumulate=True)
                     else:
                         gemm.prod(h, out)
-                samples[name].append((time.perf_counter() - t0) / calls)
-    # min, not median: other work only ever adds time, and under load (seen: every candidate of a
-    # class reading 16 ms, 10x its quiet time, and the slower one chosen) the median is noise
-    return {name: min(s) for name, s in samples.items()} or {"mm": 0.0}
+            return f
+
+        times = _fastest({name: calls_of(gemm) for name, gemm in gemms.items()}, rounds, calls)
+    return times or {"mm": 0.0}
+
+
+def _fastest(fns: dict, rounds: int, per: int = 1) -> dict[str, float]:
+    """Seconds per unit of work of each candidate (``fns[name]()`` does ``per`` units): the
+    fastest of ``rounds`` rounds, the candidates timed in turn within each round. The fastest,
+    not the median: other work only ever adds time, and under load (seen: every candidate of a
+    class reading 16 ms, 10x its quiet time, and the slower one chosen) the median is noise."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) / per)
+    return {name: min(s) for name, s in samples.items()}
 
 
 # ------------------------------------------------------------------- the input projection
@@ -312,13 +325,7 @@ def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
             ok = False
         if not ok:
             del fns["onednn"]
-        samples = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
-    return {name: min(s) for name, s in samples.items()}  # min: see _measure
+        return _fastest(fns, rounds)
 
 
 # ------------------------------------------------------------------- the weight gradients
@@ -411,13 +418,7 @@ def _measure_weight_grad(rows: int, n: int, k: int, runs: int = 3, rounds: int =
             ok = False
         if not ok:
             names.remove("onednn")
-        samples = {name: [] for name in names}
-        for _ in range(rounds):
-            for name in names:
-                t0 = time.perf_counter()
-                total(name)
-                samples[name].append((time.perf_counter() - t0) / runs)
-    return {name: min(s) for name, s in samples.items()}  # min: see _measure
+        return _fastest({name: lambda name=name: total(name) for name in names}, rounds, runs)
 
 
 def step_gemm_choices() -> list[dict]:
