@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import lnorm
 from lnorm import functional as LF
 from lnorm.bench.timing import interleaved, unwritable
+from lnorm.ops.backend import backend_that_runs
 from lnorm.ops.backend import choices as backend_choices
 from lnorm.utils import json_safe
 
@@ -389,8 +390,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.backend:
         try:
-            with lnorm.use_backend(args.backend):
-                ran = lnorm.get_backend(device)
+            ran = backend_that_runs(args.backend, device)
         except (RuntimeError, ValueError) as exc:
             print(f"error: --backend {args.backend}: {exc}", file=sys.stderr)
             return 2

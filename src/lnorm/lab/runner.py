@@ -37,7 +37,7 @@ from pathlib import Path
 
 from lnorm.lab import config as C
 from lnorm.lab import experiments, provenance
-from lnorm.ops.backend import backend_for, choices, use_backend
+from lnorm.ops.backend import backend_that_runs, choices
 from lnorm.utils import json_safe
 
 
@@ -463,25 +463,18 @@ def _check_run_options(suite: str, jobs: int, seeds: int | None, backend: str, t
     return runs_on(backend, device)
 
 
-def _backend_on(backend: str, device: str) -> str:
-    """The backend that tensors on ``device`` use when ``backend`` is chosen (as :func:`execute`
-    chooses it); RuntimeError when it is not available here."""
-    with use_backend(backend):
-        return backend_for(device)
-
-
 def runs_on(backend: str, device: str) -> str:
     """The backend that runs for ``--backend backend --device device``; ValueError for one that is
     not available here or does not run tensors on ``device`` (lnorm would quietly use another)."""
     try:
-        ran = _backend_on(backend, device)
+        ran = backend_that_runs(backend, device)
     except RuntimeError as exc:
         raise ValueError(f"--backend {backend}: {exc}") from None
     if backend != "auto" and ran != backend:
         ok = []
         for b in choices():
             try:
-                if b == "auto" or _backend_on(b, device) == b:
+                if b == "auto" or backend_that_runs(b, device) == b:
                     ok.append(b)
             except RuntimeError:
                 pass

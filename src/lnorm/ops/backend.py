@@ -199,6 +199,13 @@ def backend_for(device: torch.device | str) -> str:
     return "torch"  # unreachable while "torch" is registered: it supports every device
 
 
+def backend_that_runs(name: str, device: torch.device | str) -> str:
+    """The backend that tensors on ``device`` use when ``name`` is chosen (``"auto"`` or a fallback
+    can make it another); the errors of :func:`use_backend` for an unknown or unavailable name."""
+    with use_backend(name):
+        return backend_for(device)
+
+
 def get_backend(device: torch.device | str = "cpu") -> str:
     """The backend that tensors on ``device`` (default: CPU) use now, in this thread."""
     if device == "cpu":
