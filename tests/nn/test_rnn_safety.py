@@ -3,13 +3,14 @@ and every shape, dtype and device the kernels trust is checked before they run."
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import lnorm
 from lnorm.nn import LayerNormGRU, LayerNormLSTM
@@ -101,6 +102,41 @@ def test_huge_input_gets_the_float64_answer(kind):
     out64, g64 = _run(m64, x.double(), "numba")
     torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(m.weight_hh_l0.grad).all()
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "nan weight", "huge"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_adversarial_input_without_gradients_as_with_them(kind, case):
+    # Under no_grad the fused LSTM runs its own step kernel (lstm_fwd_infer_step, which saves
+    # nothing): the same NaN, inf and overflow handling as the training kernel above, against a
+    # float64 run of the torch path. Bidirectional, padded and packed: both directions' step
+    # orders, and sequences that end early.
+    torch.manual_seed(0)
+    m = LAYERS[kind](4, 8, bidirectional=True)
+    x = torch.randn(6, 3, 4)
+    if case == "nan weight":
+        with torch.no_grad():
+            m.weight_hh_l0[3, 5] = float("nan")
+    elif case == "huge":
+        x[1, 1] *= 1e25
+    else:
+        x[2, 1, 0] = float(case)
+    m64 = copy.deepcopy(m).double()
+    lengths = torch.tensor([6, 4, 5])
+
+    def outputs(model, inp, backend):
+        with torch.no_grad(), lnorm.use_backend(backend):
+            packed = model(pack_padded_sequence(inp, lengths, enforce_sorted=False))[0]
+            return model(inp)[0], pad_packed_sequence(packed)[0]
+
+    got, ref = outputs(m, x, "numba"), outputs(m64, x.double(), "torch")
+    for f, r, what in zip(got, ref, ("padded", "packed"), strict=True):
+        _same_nonfinite(f, r, f"{what} output")
+        fin = torch.isfinite(r)
+        torch.testing.assert_close(f[fin].double(), r[fin], atol=1e-5, rtol=1e-4)
+        assert fin.all() if case == "huge" else not fin.all()
+        if case in ("nan", "inf"):
+            assert torch.isfinite(f[:, 0]).all()  # the rest of the batch is untouched
 
 
 # ------------------------------------------------------------------------- shapes the kernels trust

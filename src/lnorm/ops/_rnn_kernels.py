@@ -8,7 +8,8 @@ walk the same step in reverse. ``lnorm.ops.rnn_fused`` launches them from its ti
 Notation: row ``b`` of the step is row ``n = off + b`` of the packed (N, ...) sequence buffers;
 ``H`` hidden size; LSTM gates (i, f, g, o) and GRU gates (r, z, n) in torch's order. ``gx`` is the
 hoisted input part of the gates (LN(W_ih x) + biases) for all rows. Saved tensors are indexed by
-``n``; in inference the "saved" buffers are per-step scratch indexed by ``b`` (``soff = 0``).
+``n``; in inference the GRU's "saved" buffers are per-step scratch indexed by ``b``
+(``soff = 0``), and the LSTM runs ``lstm_fwd_infer_step``, which saves nothing.
 Accumulators take the array's dtype: they start from ``zero = one * np.float32(0)`` (``one`` comes
 in the data's dtype), never from ``x * 0``, which Numba types float64 for float32 ``x``.
 """
@@ -194,6 +195,46 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
         stat_s[s, 2] = rc
         for j in range(H):
             cn = c_s[s, j]
+            hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
+            out[n, j] = hv
+            hs[b, j] = hv
+            cs[b, j] = cn
+
+
+@njit(**_OPTS)
+def lstm_fwd_infer_step(off, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out):  # pragma: no cover
+    # lstm_fwd_step without gradients to come: nothing saved (the normalized gh, the cell and the
+    # statistics stay in the row-local buffer), which saves writing 4H + H + 5 floats per row.
+    # The same arithmetic; the results agree to float32 rounding (the two builds may contract
+    # different multiply-adds). The new cell goes into a[:H] once i is read.
+    bs, G = gh.shape
+    H = G // 4
+    eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
+    zero = one * np.float32(0)
+    for b in prange(bs):
+        n = off + b
+        a = np.empty(G, dtype=gh.dtype)  # the gate pre-activations; then c in a[:H], o in a[3H:]
+        muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
+        mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
+        for q in range(G):
+            a[q] = g1[q] * ((gh[b, q] - muh) * rh) + g0[q] * ((px[n, q] - mux) * rx) + b1[q]
+        muc = zero
+        for j in range(H):
+            i = fsig(a[j])
+            f = fsig(a[H + j])
+            g = ftanh(a[2 * H + j])
+            a[3 * H + j] = fsig(a[3 * H + j])
+            cn = f * cs[b, j] + i * g
+            a[j] = cn
+            muc += cn
+        muc = muc * inv_h
+        varc = zero
+        for j in range(H):
+            d = a[j] - muc
+            varc += d * d
+        rc = one / np.sqrt(varc * inv_h + eps)
+        for j in range(H):
+            cn = a[j]
             hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
             out[n, j] = hv
             hs[b, j] = hv
@@ -421,7 +462,7 @@ def colsum_prod(a, b, out):  # pragma: no cover
 # Each kernel also in a serial build (prange is a plain range), for a process forked after its
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
-_KERNELS = (lstm_fwd_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step, colsum_prod)
+_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step, colsum_prod)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

@@ -8,9 +8,10 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
-  LSTM's backward recomputes them). The per-step matmuls go through ``StepGemm`` (the weight
-  packed once per call for the batch size, as oneDNN's own LSTM does, by MKL or oneDNN, whichever
-  this process measured faster for the shape; see ``lnorm.ops.step_gemm``).
+  LSTM's backward recomputes them; without gradients to come, the LSTM's kernel saves nothing).
+  The per-step matmuls go through ``StepGemm`` (the weight packed once per call for the batch
+  size, as oneDNN's own LSTM does, by MKL or oneDNN, whichever this process measured faster for
+  the shape; see ``lnorm.ops.step_gemm``).
 * Backward through time is written by hand: per step one Numba kernel (the step's elementwise
   backward, the LN backwards included) and one matmul ``dgh W_hh`` for the gradient of the
   previous h; the weight gradients are matmuls over many steps (the LSTM's per run of ~256 rows
@@ -136,7 +137,7 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
-    rows = N if save else B
+    rows = N if save else 0  # what backward reads; nothing without gradients to come
     ghat = torch.empty(rows, G, dtype=dt)
     c_all = torch.empty(rows, H, dtype=dt)
     stat = torch.empty(rows, 5, dtype=dt)
@@ -144,12 +145,19 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
     k = _consts(px_n.dtype, eps, G, H)
-    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
-    step = K.builds().lstm_fwd_step
-    for off, bs in sched.steps:
-        gh_n = _np(gemm.prod(hs[:bs], gh[:bs]))
-        step(off, off if save else 0, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n,
-             ghat_n, c_n, stat_n)
+    # h W_hh^T of the step, in this buffer unless the GEMM returns its own
+    prod = gemm.batch_prod(torch.empty(B, G, dtype=dt))
+    kernels = K.builds()
+    if save:
+        step = kernels.lstm_fwd_step
+        for off, bs in sched.steps:
+            gh_n = _np(prod(hs if bs == B else hs[:bs]))
+            step(off, off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
+    else:  # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten)
+        step = kernels.lstm_fwd_infer_step
+        for off, bs in sched.steps:
+            step(off, _np(prod(hs if bs == B else hs[:bs])), px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n,
+                 out_n)
     return out, hs, cs, (ghat, c_all, stat)
 
 
@@ -273,10 +281,10 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
-    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
+    prod = gemm.batch_prod(torch.empty(B, G, dtype=dt))  # h W_hh^T of the step (see the LSTM's)
     step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
-        gh_n = _np(gemm.prod(hs[:bs], gh[:bs]))
+        gh_n = _np(prod(hs if bs == B else hs[:bs]))
         step(off, off if save else 0, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n,
              act_n, stat_n)
     return out, hs, (ghat, act, stat)
@@ -387,7 +395,7 @@ def lstm_recurrence_op(
 def _(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, batch_sizes, reverse, eps, save):
     N, G, B = x.shape[0], w_ih.shape[0], h0.shape[0]
     H = G // 4
-    rows = N if save else B
+    rows = N if save else 0
     e = x.new_empty
     return e(N, H), e(B, H), e(B, H), e(N, G), e(rows, G), e(rows, H), e(rows, 5)
 

@@ -180,6 +180,14 @@ class StepGemm:
             return torch.ops.mkldnn._linear_pointwise(h, self.packed, None, "none", [], "")
         return self.into(h, buf)
 
+    def batch_prod(self, buf: Tensor):
+        """``h -> self.prod(h, buf[:rows])`` for a time loop that calls it at every step: for
+        oneDNN and ``h`` of ``batch`` rows, the op's overload looked up once, not per call."""
+        if self.impl != "onednn":
+            return lambda h: self.into(h, buf[: h.shape[0]])
+        op, packed, batch = torch.ops.mkldnn._linear_pointwise.default, self.packed, self.batch
+        return lambda h: op(h, packed, None, "none", [], "") if h.shape[0] == batch else self.into(h, buf[: h.shape[0]])
+
     def __call__(self, h: Tensor) -> Tensor:
         return self.prod(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
 
