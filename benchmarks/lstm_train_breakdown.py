@@ -1,4 +1,4 @@
-"""Where a LayerNormLSTM training step's time goes on this CPU (issue 15's leads), in three parts:
+"""Where a LayerNormLSTM training step's and inference's time goes on this CPU (issue 15's leads):
 
 1. ``torch.profiler`` over three training steps of LayerNormLSTM(128, 512) on (100, 32, 128):
    self time per op (oneDNN per-step products, weight-gradient ``addmm_``, the fused autograd
@@ -8,9 +8,13 @@
    keeps freed memory in the process;
 3. the backward's big products alone: dW_hh summed over 13 runs of 256 rows by ``WeightGrad``
    with each library forced (the fused path takes the one it measured faster), one ``torch.mm``,
-   oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN.
+   oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN;
+4. an inference's parts, each alone, beside the whole layers (interleaved, 15 rounds): the input
+   projection of all rows, 100 per-step products, 100 calls of the inference step kernel reading
+   W_ih x from memory (as the layer does) and from cache (the same 32 rows each step), and the
+   whole time loop (``_lstm_forward``, its products and kernels).
 
-    PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3]
+    PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3 4]
 
 Run it on a quiet machine; the CPU is printed first.
 """
@@ -22,6 +26,7 @@ import resource
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from lnorm.nn import LayerNormLSTM
@@ -110,15 +115,58 @@ def products() -> None:
     }))
 
 
+def inference_parts() -> None:
+    from lnorm.ops import _rnn_kernels as K
+    from lnorm.ops import rnn_fused as RF
+    from lnorm.ops.step_gemm import StepGemm, input_product
+
+    m, ref, _, infer = _layers()
+    T, B, I, H = 100, 32, 128, 512
+    G, N = 4 * H, T * B
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, I, generator=g)
+    w_ih, w_hh = torch.randn(G, I, generator=g) / I**0.5, torch.randn(G, H, generator=g) / H**0.5
+    px = input_product(x, w_ih)
+    h, gh = torch.randn(B, H, generator=g), torch.randn(B, G, generator=g)
+    ones, zeros = torch.ones(G), torch.zeros(G)
+    hs, cs, out = torch.zeros(B, H), torch.zeros(B, H), torch.empty(N, H)
+    k = RF._consts(np.float32, 1e-5, G, H)
+    step = K.builds().lstm_fwd_infer_step
+    gemm = StepGemm(w_hh, B)
+    args = [t.numpy() for t in (px, ones, ones, zeros, ones[:H], zeros[:H])]
+    state = [t.numpy() for t in (hs, cs, out)]
+    sched = RF._Schedule([B] * T, False)
+
+    def steps(cached):
+        def f():
+            for t in range(T):
+                step(0 if cached else t * B, gh.numpy(), *args, k, *state)
+        return f
+
+    def products():
+        for _ in range(T):
+            gemm.prod(h, gh)
+
+    print("median ms:", _median_ms({
+        "lnorm layer": infer(m), "nn.LSTM layer": infer(ref),
+        "input projection (all rows)": lambda: input_product(x, w_ih),
+        f"{T} per-step products": products,
+        f"{T} step kernels, W_ih x from memory": steps(False),
+        f"{T} step kernels, W_ih x from cache": steps(True),
+        "time loop (_lstm_forward)": lambda: RF._lstm_forward(px, hs, cs, w_hh, ones, ones, zeros, ones[:H], zeros[:H],
+                                                              sched, 1e-5, False),
+    }, rounds=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    ap.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("CPU:", cpu_model(), f"threads {args.threads}, torch {torch.__version__}")
     for p in args.part:
-        (profile, page_faults, products)[p - 1]()
+        (profile, page_faults, products, inference_parts)[p - 1]()
 
 
 if __name__ == "__main__":
