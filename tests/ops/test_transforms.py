@@ -142,6 +142,72 @@ def test_func_grad_vmap_jacrev_jvp(backend, op, H):
     assert_close(hessian(scalar(f))(x[0]), hessian(scalar(r))(x[0]), dtype=torch.float64, name=f"{name} hessian")
 
 
+def _same_or_raises(run, want, name: str) -> bool:
+    """``run()`` gives ``want`` or raises; never another number. Returns whether it ran."""
+    try:
+        got = run()
+    except Exception:  # noqa: BLE001 - torch's own error, whichever it is
+        return False
+    if isinstance(want, tuple):
+        for a, b, part in zip(got, want, ("primal", "tangent"), strict=True):
+            assert_close(a, b, dtype=torch.float64, name=f"{name} {part}")
+    else:
+        assert_close(got, want, dtype=torch.float64, name=name)
+    return True
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_func_transforms_inside_compiled_code(backend, op):
+    # Regression: compile(lambda x, t: jvp(norm, (x,), (t,))) returned a zero tangent (and
+    # jacfwd a zero Jacobian), no error: inside compiled code the norms called their torch.library
+    # op, which has no forward-AD rule. They take the torch path there now, which gives the
+    # right answer or torch's own error (its fake-tensor tracing of a jvp through
+    # native_layer_norm, say, asserts: nn.LayerNorm fails there the same way); never a wrong number.
+    torch._dynamo.reset()
+    x, residual, weight, bias = (t.detach() if t is not None else None for t in _inputs(op, 8))
+    residual = residual[0] if residual is not None else None
+    f, r = _fn(op, weight, bias, residual), _ref_fn(op, weight, bias, residual)
+    t = torch.randn_like(x)
+    name = f"{op}, compiled"
+    ran = [
+        _same_or_raises(lambda: torch.compile(lambda v, u: jvp(f, (v,), (u,)), backend="eager")(x, t),
+                        jvp(r, (x,), (t,)), f"{name} jvp"),
+        _same_or_raises(lambda: torch.compile(lambda v: torch.func.jacfwd(f)(v), backend="eager")(x),
+                        torch.func.jacfwd(r)(x), f"{name} jacfwd"),
+        _same_or_raises(lambda: torch.compile(lambda v: vmap(f)(v), backend="eager")(x), vmap(r)(x),
+                        f"{name} vmap"),
+    ]
+    if backend == "numba" and op == "rms":  # the review's case: jvp and jacfwd run, not only not wrong
+        assert ran[:2] == [True, True], ran
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: lnorm.RMSNorm(64), lambda: lnorm.AddLayerNorm(8), lambda: lnorm.AddRMSNorm(8),
+     lambda: lnorm.LayerNorm(64).bfloat16()],
+    ids=["RMSNorm", "AddLayerNorm", "AddRMSNorm", "LayerNorm-bf16"],
+)
+def test_make_fx_graph_follows_its_input(backend, make):
+    # Regression: make_fx (real tracing) recorded the Numba kernels' output as a constant of the
+    # graph (the kernels work on numpy views, which its proxy mode does not see), so the graph
+    # returned the traced example's output for any input. Under a dispatch mode the norms take
+    # the torch path.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    m = make()
+    dt = next(m.parameters()).dtype
+    H = m.normalized_shape[0]
+    add = isinstance(m, (lnorm.AddLayerNorm, lnorm.AddRMSNorm))
+    g = torch.Generator().manual_seed(0)
+    args = lambda: [torch.randn(4, H, generator=g).to(dt) for _ in range(2 if add else 1)]  # noqa: E731
+    gm = make_fx(m)(*args())
+    for _ in range(2):
+        new = args()
+        got, want = gm(*new), m(*new)
+        for a, b in zip(got if add else [got], want if add else [want], strict=True):
+            assert_close(a, b, dtype=dt, name=f"{type(m).__name__} traced graph on a new input")
+
+
 @pytest.mark.parametrize(
     "module",
     [lambda: lnorm.LayerNorm(8), lambda: lnorm.LayerNorm(64), lambda: lnorm.RMSNorm(8),

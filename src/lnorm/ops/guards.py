@@ -7,6 +7,8 @@ LSTM/GRU recurrence) is an opaque box to anything that records or transforms the
   views as a constant, so the trace would ignore its input;
 * ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``) and forward-mode
   AD need rules the Functions do not have (a batching rule, a jvp);
+* a Python dispatch mode (``make_fx``, ``FlopCounterMode``, fake tensors) sees only torch ops,
+  not a kernel on numpy views;
 * CPU autocast asks for lower-precision matmuls that the fused recurrence, which runs its own
   float32/float64 loop, would not do.
 
@@ -56,14 +58,21 @@ def use_torch_path(autocast_sensitive: bool = False) -> bool:
     recurrence); the norm kernels honour it already (they keep the input's dtype, as torch's
     norms do under autocast), so they pass False.
     """
-    if torch.compiler.is_compiling():  # the callers' torch.library ops; only autocast applies
-        return autocast_sensitive and torch.is_autocast_enabled("cpu")
-    return (
-        torch.jit.is_tracing()
-        or torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or (autocast_sensitive and torch.is_autocast_enabled("cpu"))
-    )
+    transformed = torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    if torch.compiler.is_compiling():
+        # the callers' torch.library ops, unless the compiled code runs a torch.func transform
+        # (compile(lambda x: jvp(f, ...))): the ops have no forward-AD or batching rule, and a
+        # jvp through them gave a zero tangent
+        return transformed or (autocast_sensitive and torch.is_autocast_enabled("cpu"))
+    return (torch.jit.is_tracing() or transformed or _dispatch_mode_active()
+            or (autocast_sensitive and torch.is_autocast_enabled("cpu")))
+
+
+def _dispatch_mode_active() -> bool:
+    """Whether a Python dispatch mode sees every op now (``make_fx``'s proxy tracing, a
+    ``FlopCounterMode``, a fake-tensor mode): the kernels work on numpy views it cannot see, so
+    ``make_fx`` recorded their output as a constant of the graph, which then ignored its input."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 SECOND_ORDER_MESSAGE = (

@@ -511,7 +511,11 @@ def fused_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: 
             res_dtype = _residual_dtype(x, residual, residual_in_fp32)
             return norm_in_standard_ops(x, residual, weight, bias, eps, center, res_dtype,
                                         _compute_dtype(x.dtype))
-        return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+        if not use_torch_path():
+            return norm_fwd_op(x, residual, weight, bias, eps, center, residual_in_fp32)
+        # compiled code that runs a torch.func transform (compile(lambda x: jvp(norm, ...))): the
+        # op has no forward-AD or batching rule (a jvp through it gave a zero tangent), so the
+        # torch path below
     if use_torch_path():
         # traced or under a torch.func transform: torch ops that the tracer and the transforms
         # see through (see lnorm.ops.guards)
