@@ -243,7 +243,7 @@ def e7_results(scenario):
         acc = {"layer": (0.80, 0.85, 0.95, 0.90), "none": (0.95, 0.85, 0.90, 0.10)}
     r = []
     for g in cfg.gains:
-        steps, curves = curve(bpc[g])
+        steps, curves = settled(bpc[g])  # converged runs: C10 decides on their final values
         r += recs({"part": "gain", "gain": g}, {"final_bpc": bpc[g], "mean_bpc": bpc[g], "hidden_norm_cv": LOW,
                                                 "curve_bpc": curves, "curve_step": steps})
     for k, n in enumerate(cfg.norms):
@@ -366,6 +366,10 @@ def _row(exp, claim, key, eff, **kw):
 
 
 def synthetic_claims():
+    return CL.adjust_secondary(synthetic_rows())
+
+
+def synthetic_rows():
     # e3 C4: the registered primary (supported) and three secondary rows, each supported alone
     # (p = 0.0006, 0.013, 0.016): Holm over three keeps only the first
     rows = [_row("e3", "C4", "C4-lstm-convergence", _eff(0.02)),
@@ -381,7 +385,7 @@ def synthetic_claims():
             {"experiment": "e1", "text": CL.CLAIMS["C3"], "claim": "C3", "verdict": S.SUPPORTED,
              "criterion": "old", "evidence": "old rule"}]
     rows.sort(key=lambda c: (CL.claim_key(c["claim"]), c["experiment"]))
-    return CL.adjust_secondary(rows)
+    return rows
 
 
 def test_holm_corrects_secondary_rows_and_leaves_the_primary_alone():
@@ -392,6 +396,26 @@ def test_holm_corrects_secondary_rows_and_leaves_the_primary_alone():
     assert [rows[k]["verdict"] for k in ("C4-gru-convergence", "C4-hidden-cv", "C4-gru-hidden-cv")] == [SUP, INC, INC]
     assert rows["C4-hidden-cv"]["holm"]["family"] == 3
     assert "Holm over 3; unadjusted supported" in report.row_verdict(rows["C4-hidden-cv"])
+
+
+def test_sections_show_the_holm_corrected_verdicts(tmp_path):
+    # Regression (a review of the full suite at 04dd3fc): the experiment sections printed the
+    # secondary rows' verdicts before the Holm correction, unlabelled ("C8 (supported)" in the e6
+    # section beside "inconclusive (Holm over 15; unadjusted supported)" in the claims table).
+    raw = [{k: v for k, v in r.items() if k not in ("experiment", "text")} for r in synthetic_rows()
+           if r["experiment"] == "e3"]
+    sec = {"name": "e3", "title": "t", "tests_claims": ["C4", "C9"], "status": {"ok": 1}, "wall_s": 0.0,
+           "claims": raw}
+    claims = report.section_claims([sec])
+    by_key = {c["key"]: c for c in sec["claims"]}
+    assert by_key["C4-hidden-cv"]["verdict"] == INC and by_key["C4-hidden-cv"]["verdict_unadjusted"] == SUP
+    assert [c["key"] for c in claims if c["experiment"] == "e3"] == [c["key"] for c in synthetic_claims()
+                                                                      if c["experiment"] == "e3"]
+    md, h = report._section_parts({"results": {"e3": []}}, sec, tmp_path)
+    text = "\n".join(md)
+    # the three secondary C4 rows say so; two of them lost "supported" to the correction
+    assert text.count("(Holm over 3") == 3 and text.count("unadjusted supported") == 2, text
+    assert "".join(h).count("unadjusted supported") == 2
 
 
 def test_holm_keeps_a_composite_verdict_that_is_not_its_effects():

@@ -234,6 +234,27 @@ FAIR_CASES += [
 ]
 
 
+def test_c10_is_undecided_while_the_runs_still_improve():
+    # Regression (a review of the full suite at 04dd3fc): C10 compared final bpc with no
+    # convergence check and read "supported" while both gains' bpc still fell 0.05-0.08 over the
+    # last 20% of training (more than the effect). The same rule as E3's C9 now holds it back.
+    one, tenth = seeds(2.0, 2.05, 2.02), seeds(2.05, 2.1, 2.07)  # 0.1 - one = 0.05 on every seed
+    steps = list(range(0, 1001, 100))
+    flat = [(steps, [2.0] * len(steps))]
+    falling = [(steps, [3.0 - 0.001 * s for s in steps])]  # still 0.2 bpc lower over the last 20%
+    settled = e7.row_c10(one, {"0.1": tenth}, {"one": flat * 3, "0.1": flat * 3})
+    assert settled["verdict"] == SUP and settled["caveats"] == []
+    for curves in ({"one": falling * 3, "0.1": flat * 3}, {"one": flat * 3, "0.1": falling * 3}):
+        row = e7.row_c10(one, {"0.1": tenth}, curves)
+        assert row["verdict"] == INC, row
+        assert "not converged" in row["caveats"][0] and row["effect"]["estimate"] == pytest.approx(0.05)
+    # a run with too few evaluations to tell is no evidence of convergence either
+    assert e7.row_c10(one, {"0.1": tenth}, {"one": [([1000], [2.0])] * 3, "0.1": flat * 3})["verdict"] == INC
+    # the composite "not supported" (another initialisation significantly better) waits too
+    row = e7.row_c10(one, {"0.1": tenth, "random": seeds(1.5, 1.56, 1.51)}, {"one": falling * 3, "0.1": flat * 3})
+    assert row["verdict"] == INC
+
+
 # e6: C8, relative overhead LN / none - 1 of the same implementation, per seed
 FAIR_CASES += [
     ("e6-c8-sup", e6.verdict_c8, (seeds(0.30, 0.35, 0.32),), SUP),
@@ -591,3 +612,36 @@ def test_plain_accuracy_comparisons_keep_two_rounding_terms():
     # the control: LN minus LSTM accuracy (two rounded accuracies per seed) is not widened
     eff = e9.row_c4_long_sequences(seeds(0.600, 0.610, 0.620), seeds(0.400, 0.410, 0.420), E9_FLOOR, "pixel")["effect"]
     assert _half_width(eff) == pytest.approx(_tied_half_width(3, e9.ACC_RESOLUTION, 2), rel=1e-6)
+
+
+def test_c14_train_mode_probe_measures_training_mode_not_batch_rounding():
+    # Regression (a review of the full suite at 04dd3fc): the by-construction row compared LN's
+    # training-mode logits one at a time with its batched eval-mode logits and read "NOT supported"
+    # for a seed at 4.1e-4, although eval mode one at a time differed by exactly as much (float32
+    # batch-shape rounding). Training mode is now measured against eval mode one at a time.
+    archived = [{"b1_train_maxdiff": d, "b1_eval_maxdiff": d} for d in (1.95e-6, 2.86e-6, 4.145e-4, 1.58e-6)]
+    dep = [e9.training_mode_departure(r) for r in archived]
+    assert dep == [0.0] * 4
+    assert e9.row_c14_batch1_train_mode(dep, [None] * 4)["verdict"] == SUP
+    # a training-mode effect beyond eval mode's rounding still counts (old and new records)
+    assert e9.training_mode_departure({"b1_train_maxdiff": 0.3, "b1_eval_maxdiff": 1e-4}) == pytest.approx(0.2999)
+    assert e9.training_mode_departure({"b1_train_maxdiff": 0.3, "b1_eval_maxdiff": 0.3,
+                                       "b1_train_vs_eval_maxdiff": 0.05}) == 0.05
+    assert e9.training_mode_departure({"b1_train_maxdiff": None, "b1_eval_maxdiff": 1e-6}) is None
+    assert e9.row_c14_batch1_train_mode([0.0, 0.05], [None, None])["verdict"] == NOT
+
+
+def test_probe_batch1_keeps_training_against_eval_mode():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    got = e9.probe_batch1(model, torch.randn(6, 4))
+    assert got["b1_eval_maxdiff"] < 1e-5 and got["b1_train_vs_eval_maxdiff"] > 1e-3  # dropout acts in training mode
+
+
+def test_e9_caveat_without_runs_says_so():
+    # Regression: a model with no finished run (NaN mean) was reported "near chance: lnlstm ... nan"
+    assert e9.near_chance(0.25, lnlstm=float("nan"), bnlstm=0.9) == "no finished runs of lnlstm to compare"
+    assert e9.near_chance(0.25, lnlstm=0.1, bnlstm=0.9).startswith("near chance: lnlstm 0.100")
+    assert e9.near_chance(0.25, lnlstm=0.5, bnlstm=0.9) is None

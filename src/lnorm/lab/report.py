@@ -67,12 +67,25 @@ def analyze(run_dir: Path) -> dict:
             status[r["status"]] = status.get(r["status"], 0) + 1
         sections.append({"name": name, "title": mod.TITLE, "tests_claims": list(mod.CLAIMS), "status": status,
                          "wall_s": sum(r.get("wall_s", 0.0) for r in recs), **a})
-        for c in a.get("claims", []):
-            claims.append({"experiment": name, "text": CLAIMS.get(c["claim"], ""), **c})
-    claims.sort(key=lambda c: (claim_key(c["claim"]), c["experiment"]))
-    claims = adjust_secondary(claims)
+    claims = section_claims(sections)
     return {"config": conf, "env": env, "claims": claims, "summary": summary(claims, ran),
             "sections": sections, "results": results}
+
+
+def section_claims(sections: list[dict]) -> list[dict]:
+    """Every section's claim rows, in claim order, secondary rows Holm-corrected
+    (:func:`adjust_secondary`); each section's rows are replaced by the corrected ones, so a section
+    shows the verdict the claims table shows (it showed the unadjusted one, unlabelled)."""
+    claims = []
+    for k, sec in enumerate(sections):
+        for i, c in enumerate(sec.get("claims", [])):
+            claims.append({"experiment": sec["name"], "text": CLAIMS.get(c["claim"], ""), **c, "_at": (k, i)})
+    claims.sort(key=lambda c: (claim_key(c["claim"]), c["experiment"]))
+    claims = adjust_secondary(claims)
+    for c in claims:
+        k, i = c.pop("_at")
+        sections[k]["claims"][i] = c
+    return claims
 
 
 def effect_cell(e: dict | None) -> str:
@@ -374,10 +387,10 @@ def _section_parts(a: dict, s: dict, out_dir: Path) -> tuple[list[str], list[str
         md += [f"**{t['title']}**", ""] + _md_table(t["columns"], t["rows"]) + [""]
         h += [f"<h4>{html.escape(t['title'])}</h4>", _html_table(t["columns"], t["rows"])]
     for c in s.get("claims", []):
-        md += [f"- **{c['claim']}** ({VERDICT_MARK[c['verdict']]}): criterion: {c['criterion']} "
+        md += [f"- **{c['claim']}** ({row_verdict(c)}): criterion: {c['criterion']} "
                f"Evidence: {c['evidence']}"]
         h.append(f"<p><b>{c['claim']}</b> (<span class='{c['verdict'].replace(' ', '')}'>"
-                 f"{html.escape(VERDICT_MARK[c['verdict']])}</span>): criterion: {html.escape(c['criterion'])} "
+                 f"{html.escape(row_verdict(c))}</span>): criterion: {html.escape(c['criterion'])} "
                  f"Evidence: {html.escape(c['evidence'])}</p>")
     for n in s.get("notes", []):
         md += ["", f"> {n}"]
