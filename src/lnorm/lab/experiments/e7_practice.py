@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from lnorm.lab import analysis as A
 from lnorm.lab import lrgrid
 from lnorm.lab import stats as S
-from lnorm.lab.experiments import e3_rnn as e3
 from lnorm.lab.data import mnist, text
+from lnorm.lab.experiments import e3_rnn as e3
 from lnorm.lab.lm import GAIN_INITS, LMConfig, train_lm
 from lnorm.lab.models import MLP
 from lnorm.lab.train import accuracy, train_classifier
