@@ -368,3 +368,32 @@ def test_page_cpu_line_says_when_invocations_ran_on_different_generations(run_co
 def fields_of_page(tmp_path) -> dict:
     page = (tmp_path / "docs/smoke/README.md").read_text()
     return fields(page.split("## Claims summary")[0])
+
+
+def test_analysis_here_names_both_commits(run_copy, tmp_path, monkeypatch, capsys):
+    # runs made at COMMIT_A, analysed by a clean checkout at COMMIT_B whose source differs: refused
+    # without the flag; with --analysis-here the page names both commits and the files between
+    monkeypatch.setattr(provenance, "differs_from", lambda commit: ["src/lnorm/lab/claims.py"])
+    monkeypatch.setattr(provenance, "source_state", clean_at(COMMIT_B))
+    docs = tmp_path / "docs"
+    assert publish_cli(run_copy, docs) == 2
+    capsys.readouterr()
+    assert publish_cli(run_copy, docs, "--analysis-here") == 0
+    page = (docs / "smoke" / "README.md").read_text()
+    top = page.split("## ")[0]
+    assert "Analysed at another commit" in top and f"made at `{COMMIT_A[:12]}`" in top
+    assert f"analysis of `{COMMIT_B[:12]}`" in top and "`src/lnorm/lab/claims.py`" in top
+    assert fields(page)["analysis at"].startswith(f"`{COMMIT_B}`")
+    assert COMMIT_A in fields(page)["git commit"] and "allow-dirty" not in top
+
+
+def test_analysis_here_needs_a_clean_checkout_and_clean_runs(run_copy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(provenance, "differs_from", lambda commit: ["src/lnorm/lab/claims.py"])
+    monkeypatch.setattr(provenance, "source_state", lambda: {"git_commit": COMMIT_B, "git_dirty": True,
+                                                             "git_changes": ["x"], "git_changes_count": 1})
+    assert publish_cli(run_copy, tmp_path / "docs", "--analysis-here") == 2
+    assert "needs this checkout's lnorm source to be a clean commit" in capsys.readouterr().err
+    monkeypatch.setattr(provenance, "source_state", clean_at(COMMIT_B))
+    edit_env(run_copy, lambda env: env["invocations"][0].update(git_dirty=True, git_changes=["src/lnorm/x.py"]))
+    assert publish_cli(run_copy, tmp_path / "docs", "--analysis-here") == 2
+    assert "uncommitted changes" in capsys.readouterr().err

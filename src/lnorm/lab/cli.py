@@ -58,6 +58,9 @@ def register(subparsers) -> None:
                    help="where the page goes, in a folder named after the suite (default docs/lab-results)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="publish runs that do not come from one clean commit; the page states why")
+    p.add_argument("--analysis-here", action="store_true",
+                   help="runs made at one clean commit, verdicts from this checkout's (clean) commit: for a fix of "
+                        "the decision rules after a long run; the page names both commits and the files between")
     p.set_defaults(func=cmd_publish)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
@@ -139,7 +142,7 @@ def cmd_publish(args) -> int:
     from lnorm.lab import publish
 
     try:
-        page = publish.publish(args.run_dir, args.out, allow_dirty=args.allow_dirty)
+        page = publish.publish(args.run_dir, args.out, allow_dirty=args.allow_dirty, analysis_here=args.analysis_here)
     except (FileNotFoundError, ValueError) as exc:  # not a run dir, bad --out, damaged files, in use, not publishable
         print(f"lnorm lab publish: error: {exc}", file=sys.stderr)
         return 2

@@ -167,8 +167,12 @@ def contributing(env: dict) -> list[dict]:
     return [i for i in env.get("invocations", []) if i.get("to_run", 0) > 0]
 
 
-def problems(env: dict) -> list[str]:
-    """Why this run directory does not come from one clean commit that this checkout holds; [] if it does."""
+def problems(env: dict, analysis_here: bool = False) -> list[str]:
+    """Why this run directory does not come from one clean commit that this checkout holds; [] if it does.
+
+    ``analysis_here``: the runs may come from another commit than this checkout's, whose analysis
+    (verdicts, tables, plots) the page then shows; the checkout must itself be a clean commit, and
+    the runs still one clean commit's."""
     inv = contributing(env)
     if not env.get("invocations"):
         return ["env.json records no commit per invocation (a run made before `lnorm lab run` recorded them); "
@@ -190,7 +194,15 @@ def problems(env: dict) -> list[str]:
         if not same_source(commits[0], c):
             out.append(f"mixed commits: runs were made at {commits[0][:12]} and at {c[:12]} (resumed after a "
                        "commit that changed the lnorm source)")
-    if commits:
+    if commits and analysis_here:
+        state = source_state()
+        if not state["git_commit"] or state["git_dirty"] is not False:
+            out.append("--analysis-here needs this checkout's lnorm source to be a clean commit, to name it on the "
+                       "page (it has uncommitted changes, or git cannot tell)")
+        elif differs_from(commits[0]) is None:
+            out.append(f"this checkout cannot compare its lnorm source with the run's commit {commits[0][:12]} "
+                       "(not a git checkout, or the commit is not in it)")
+    elif commits:
         here = differs_from(commits[0])
         if here is None:
             out.append(f"this checkout cannot compare its lnorm source with the run's commit {commits[0][:12]} "

@@ -87,7 +87,23 @@ def _cpu(invs: list[dict], env: dict) -> str:
     return provenance.cpu_text(next((i for i in invs if i.get("cpu_model") is not None), env), cores)
 
 
-def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str]) -> list[str]:
+def analysis_banner(invs: list[dict]) -> tuple[list[str], str]:
+    """The page's banner and header field when ``--analysis-here`` shows this checkout's analysis of
+    runs made at another commit."""
+    run = next((i["git_commit"] for i in invs if i.get("git_commit")), None)
+    head = provenance.source_state()["git_commit"]
+    if run is None or head is None or provenance.same_source(run, head):
+        return [], ""
+    diff = provenance.differs_from(run) or []
+    shown = ", ".join(f"`{p}`" for p in diff[: provenance.MAX_PATHS]) + (", ..." if len(diff) > provenance.MAX_PATHS else "")
+    banner = ["> **Analysed at another commit** (`lnorm lab publish --analysis-here`): the runs were made at "
+              f"`{run[:12]}`; the verdicts, tables and plots below are the analysis of `{head[:12]}`, whose lnorm "
+              f"source differs from the runs' in {len(diff)} files ({shown}). Where those files are code the runs "
+              f"executed, rerunning at `{head[:12]}` may move the numbers; the decision rules are `{head[:12]}`'s.", ""]
+    return banner, f"`{head}` (this page's verdicts, tables and plots)"
+
+
+def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str], analysis_here: bool = False) -> list[str]:
     conf, env = a["config"], a["env"]
     invs = provenance.contributing(env) or env.get("invocations", [])
     counts = status_counts(a["results"])
@@ -99,10 +115,13 @@ def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str]) -> l
     if refusals:
         md += ["> **Published with `--allow-dirty`:** these runs do not come from one clean commit, so the "
                "commit below does not reproduce them exactly.", ">"] + [f"> - {r}" for r in refusals] + [""]
+    banner, analysed = analysis_banner(invs) if analysis_here else ([], "")
+    md += banner
     fields = [
         ("suite", f"{conf['suite']} ({conf['seeds']} seed{'s' if conf['seeds'] != 1 else ''} per configuration)"),
         ("command", "; then ".join(f"`{c}`" for c in commands)),
         ("git commit", _commit(invs, env)),
+        *([("analysis at", analysed)] if analysed else []),
         ("lnorm", _distinct(invs, "lnorm", env)), ("torch", _distinct(invs, "torch", env)),
         ("python", _distinct(invs, "python", env)),
         ("CPU", _cpu(invs, env)),
@@ -140,9 +159,12 @@ def _clear(dest: Path) -> None:
         p.unlink()
 
 
-def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bool = False) -> Path:
+def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bool = False,
+            analysis_here: bool = False) -> Path:
     """Write the page of ``run_dir`` under ``out/<suite>/``; returns its path. Raises
-    :class:`NotPublishable` (naming ``--allow-dirty``) when the runs are not from one clean commit."""
+    :class:`NotPublishable` (naming ``--allow-dirty``) when the runs are not from one clean commit.
+    ``analysis_here``: runs made at one clean commit, analysed by this checkout's clean commit
+    (a fix of the decision rules after a long run); the page names both."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a lab run directory (no config.json)")
@@ -150,7 +172,7 @@ def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bo
         raise ValueError(f"--out {out} is a file, not a directory")
     with lock_run_dir(run_dir, "RUN_DIR"):  # not while a run still writes into it, and none starts meanwhile
         a = report.analyze(run_dir)
-        refusals = provenance.problems(a["env"])
+        refusals = provenance.problems(a["env"], analysis_here)
         if refusals and not allow_dirty:
             raise NotPublishable(f"{run_dir} cannot be published as one commit's results: "
                                  + "; ".join(refusals) + ". Rerun it from a clean checkout into a new --out, "
@@ -164,7 +186,7 @@ def publish(run_dir: Path, out: Path = Path("docs/lab-results"), allow_dirty: bo
         body, _ = report.render(a, dest)
         for png in (dest / "plots").glob("*.png"):
             _shrink(png)
-        text = "\n".join(header(a, run_dir, refusals, gaps(a["config"], a["results"])) + body) + "\n"
+        text = "\n".join(header(a, run_dir, refusals, gaps(a["config"], a["results"]), analysis_here) + body) + "\n"
         tmp = dest / (PAGE + ".tmp")
         tmp.write_text(text)
         tmp.replace(dest / PAGE)
