@@ -190,6 +190,11 @@ def test_e5_c7_needs_both_parts(none_acc, expected):
     assert claims["C7-bn-vs-ln"]["effect"]["verdict"] == "supported"  # BN beats LN on its own
     assert claims["C7-bn-vs-ln"]["verdict"] == expected
     assert claims["C7-bn-vs-ln"]["effect"]["n"] == 5  # one lr: nothing selected, every seed tested
+    # the claims summary shows what decided: the second part, first among the caveats (a review found
+    # it naming a grid-edge caveat that had not held the verdict back)
+    caveats = claims["C7-bn-vs-ln"]["caveats"]
+    assert (caveats[:1] == [f"decided by the claim's second part: LN vs no norm {expected} (BN vs LN alone: supported)"]
+            if expected != "supported" else not any("second part" in c for c in caveats)), caveats
 
 
 def test_e5_analyze_loser_at_the_grid_edge_is_inconclusive():

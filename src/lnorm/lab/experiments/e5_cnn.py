@@ -233,15 +233,18 @@ def _claims(recs: list[dict], chosen: dict[str, dict]) -> list[dict]:
             ev = _evidence(chosen, eff, v, win, lose, cav_w, cav_l)
             crit = (f"cluttered MNIST, residual CNN: {NAMES[win]} - {NAMES[lose]} test accuracy, each at its best lr "
                     f"on validation, paired by seed; supported at >= {MIN_ACC:g} with the 95% CI above 0")
+            deciding = []
             if role == "primary":
                 part2 = verdicts.get("C7-ln-vs-none", S.INCONCLUSIVE)
                 v, own = S.all_of(v, part2), v
                 crit += "; the claim's second part (C7-ln-vs-none, LN beats no norm) must hold too"
                 if v != own:
                     ev += f"; BN vs LN alone: {own}, LN vs no norm: {part2}"
+                    # first among the caveats, which the claims summary shows as what decided
+                    deciding = [f"decided by the claim's second part: LN vs no norm {part2} (BN vs LN alone: {own})"]
             verdicts[key] = v
-            rows.append(A.claim_row("e5", "C7", key, eff, role=role, verdict=v, caveats=cav_w + cav_l + chosen[win]["split"],
-                                    criterion=crit, evidence=ev))
+            rows.append(A.claim_row("e5", "C7", key, eff, role=role, verdict=v,
+                                    caveats=deciding + cav_w + cav_l + chosen[win]["split"], criterion=crit, evidence=ev))
     rows.reverse()  # the primary row first
     if "batch" in chosen and "layer" in chosen:
         cav_bn, cav_ln = chosen["batch"]["edge"], chosen["layer"]["edge"]
