@@ -385,6 +385,7 @@ def test_analysis_here_names_both_commits(run_copy, tmp_path, monkeypatch, capsy
     assert f"analysis of `{COMMIT_B[:12]}`" in top and "`src/lnorm/lab/claims.py`" in top
     assert fields(page)["analysis at"].startswith(f"`{COMMIT_B}`")
     assert COMMIT_A in fields(page)["git commit"] and "allow-dirty" not in top
+    assert fields(page)["published"].endswith(" --analysis-here`")
 
 
 def test_analysis_here_needs_a_clean_checkout_and_clean_runs(run_copy, tmp_path, monkeypatch, capsys):

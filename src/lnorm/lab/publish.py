@@ -131,7 +131,8 @@ def header(a: dict, run_dir: Path, refusals: list[str], partial: list[str], anal
         ("runs", f"{sum(counts.values())}: " + ", ".join(f"{counts[k]} {label}" for k, label in STATUSES)),
         ("experiments", f"{len(conf['experiments'])} of {len(experiments.names())}: "
                         f"{', '.join(conf['experiments'])}"),
-        ("published", f"{time.strftime('%Y-%m-%d')} by `lnorm lab publish {run_dir}`"),
+        ("published", f"{time.strftime('%Y-%m-%d')} by `lnorm lab publish {run_dir}"
+                      f"{' --analysis-here' if analysed else ''}`"),
     ]
     md += [f"- **{k}**: {v}" for k, v in fields]
     md += ["", "Rerun: the command above at that commit (it resumes, skipping finished runs), then "
