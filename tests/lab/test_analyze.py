@@ -559,3 +559,33 @@ def test_e1_c6_supported_needs_ln_to_have_stopped_improving(rising, expected):
     row = _e1_claims([x for u in r for x in u])["C6-bn-vs-ln-large-batch"]
     assert row["verdict"] == expected  # BN ties LN: non-inferior on the numbers alone (the None case)
     assert ("held back" in row["evidence"]) == (expected == "inconclusive")
+
+
+def test_e4_c5_best_lr_at_the_grid_edge_is_undecided():
+    # a review found no test noticing if e4 dropped its grid-edge caveat: pre-LN best at the top of
+    # the grid (a higher lr might be better still) must leave C5 inconclusive, with the caveat
+    lrs = (1e-3, 3e-3, 1e-2, 3e-2)
+    cfg = e4.Config(variants=("none", "preln", "prebn"), warmups=(0,), lrs=lrs)
+    bpc = {"preln": (3.2, 3.0, 2.6, 2.0), "prebn": (3.2, 3.0, 3.2, 3.4), "none": (3.0, 2.5, 3.5, 3.8)}
+    r = []
+    for k, v in enumerate(cfg.variants):
+        for i, lr in enumerate(lrs):
+            vals = shift(SPREADS[(i + 2 * k) % len(SPREADS)], bpc[v][i])
+            r += recs({"variant": v, "warmup": 0, "lr": lr}, {"final_bpc": vals, "test_bpc": vals, "ms_per_step": HIGH})
+    rows = {c["key"]: c for c in e4.analyze(cfg, {"e4": r})["claims"]}
+    c5 = rows["C5-preln-vs-prebn"]
+    assert c5["effect"]["verdict"] == SUP and c5["verdict"] == INC, c5
+    assert any("edge" in c for c in c5["caveats"]), c5["caveats"]
+
+
+@pytest.mark.parametrize("bn_rising,expected", [(False, "not supported"), (True, "inconclusive")])
+def test_e1_c6_not_supported_waits_for_bn_to_stop_improving(bn_rising, expected):
+    # BN well below LN at the largest batch: "not supported", unless BN was still improving at the
+    # end (catching up could undo it); a review found no test noticing that rule's removal
+    flat, up = ((0.9, 0.9),) * 3, ((0.6, 0.9),) * 3
+    r = [_e1_unit("none", b, HIGH) for b in (1, 4, 32)]
+    r += [_e1_unit("batch", 1, HIGH, status="cannot_train"), _e1_unit("batch", 4, LOW),
+          _e1_unit("batch", 32, LOW, curve_acc=up if bn_rising else flat)]
+    r += [_e1_unit("layer", b, HIGH, curve_acc=flat if b == 32 else None) for b in (1, 4, 32)]
+    row = _e1_claims([x for u in r for x in u])["C6-bn-vs-ln-large-batch"]
+    assert row["verdict"] == expected, row["evidence"]
