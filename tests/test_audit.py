@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import interruptible
 from lnorm.audit import audit_model
 from lnorm.cli import main
 
@@ -224,8 +225,9 @@ def test_ctrl_c_prints_one_line_and_exits_2(tmp_path):
     import time
 
     marker = tmp_path / "in_forward"
-    proc = subprocess.Popen([sys.executable, "-m", "lnorm", "audit", f"{MODELS}/hostile.py:make_hang",
-                             "--input-shape", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(interruptible([sys.executable, "-m", "lnorm", "audit", f"{MODELS}/hostile.py:make_hang",
+                                           "--input-shape", "8"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
                             env={**os.environ, "LNORM_AUDIT_TEST_MARKER": str(marker),
                                  "PYTHONPATH": os.pathsep.join(sys.path)})
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import interruptible
 from lnorm.cli import main
 from lnorm.lab import runner
 
@@ -231,7 +232,7 @@ def test_ctrl_c_stops_a_pool_run_at_once_and_frees_the_directory_only_after_its_
     out = tmp_path / "run"
     slow = ["run", "e1", "--suite", "smoke", "--no-progress", "--jobs", "2", "--out", str(out),
             "--set", "e1.norms=layer,rms,none", "--set", "e1.batch_sizes=32", "--set", "e1.examples=32000000"]
-    proc = subprocess.Popen([sys.executable, "-m", "lnorm", "lab", *slow], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(interruptible([sys.executable, "-m", "lnorm", "lab", *slow]), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     workers: set[int] = set()
