@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import interruptible
+from interruptible import interruptible
 from lnorm.audit import audit_model
 from lnorm.cli import main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import interruptible
+from interruptible import interruptible
 from lnorm.cli import main
 from lnorm.lab import runner
 
