@@ -145,19 +145,18 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
     k = _consts(px_n.dtype, eps, G, H)
-    # h W_hh^T of the step, in this buffer unless the GEMM returns its own
-    prod = gemm.batch_prod(torch.empty(B, G, dtype=dt))
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
     kernels = K.builds()
     if save:
         step = kernels.lstm_fwd_step
         for off, bs in sched.steps:
-            gh_n = _np(prod(hs if bs == B else hs[:bs]))
+            gh_n = _np(gemm.prod(hs if bs == B else hs[:bs], gh[:bs]))
             step(off, off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
     else:  # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten)
         step = kernels.lstm_fwd_infer_step
         for off, bs in sched.steps:
-            step(off, _np(prod(hs if bs == B else hs[:bs])), px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n,
-                 out_n)
+            gh_n = _np(gemm.prod(hs if bs == B else hs[:bs], gh[:bs]))
+            step(off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n)
     return out, hs, cs, (ghat, c_all, stat)
 
 
@@ -281,10 +280,10 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
-    prod = gemm.batch_prod(torch.empty(B, G, dtype=dt))  # h W_hh^T of the step (see the LSTM's)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
     step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
-        gh_n = _np(prod(hs if bs == B else hs[:bs]))
+        gh_n = _np(gemm.prod(hs if bs == B else hs[:bs], gh[:bs]))
         step(off, off if save else 0, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n,
              act_n, stat_n)
     return out, hs, (ghat, act, stat)

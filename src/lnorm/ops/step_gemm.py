@@ -107,7 +107,7 @@ class StepGemm:
     the one chosen for this shape class, see the module's docstring). Steps with another row count
     use ``torch.mm``."""
 
-    __slots__ = ("impl", "b", "packed", "batch", "n", "k")
+    __slots__ = ("impl", "b", "packed", "batch", "n", "k", "op")
 
     def __init__(self, w: Tensor, batch: int, accumulate: bool = False, impl: str | None = None):
         w = w.detach()
@@ -136,6 +136,8 @@ class StepGemm:
                    self.packed.data_ptr())
         elif impl == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+            # looked up once: the time loops call prod at every step
+            self.op = torch.ops.mkldnn._linear_pointwise.default
 
     def _check(self, h: Tensor, out: Tensor) -> tuple[int, int]:
         """MKL reads and writes through raw pointers: the shapes, strides and device it trusts,
@@ -171,22 +173,14 @@ class StepGemm:
         ops = torch.ops.mkldnn
         if accumulate:
             return out.copy_(ops._linear_pointwise.binary(h, out, self.packed, None, "add"))
-        return out.copy_(ops._linear_pointwise(h, self.packed, None, "none", [], ""))
+        return out.copy_(self.op(h, self.packed, None, "none", [], ""))
 
     def prod(self, h: Tensor, buf: Tensor) -> Tensor:
         """``h @ w.T``, in ``buf`` (h's rows, n) or in a fresh tensor (oneDNN's own output, which
         saves a copy); either way a tensor with contiguous rows."""
         if self.impl == "onednn" and h.shape[0] == self.batch:
-            return torch.ops.mkldnn._linear_pointwise(h, self.packed, None, "none", [], "")
+            return self.op(h, self.packed, None, "none", [], "")
         return self.into(h, buf)
-
-    def batch_prod(self, buf: Tensor):
-        """``h -> self.prod(h, buf[:rows])`` for a time loop that calls it at every step: for
-        oneDNN and ``h`` of ``batch`` rows, the op's overload looked up once, not per call."""
-        if self.impl != "onednn":
-            return lambda h: self.into(h, buf[: h.shape[0]])
-        op, packed, batch = torch.ops.mkldnn._linear_pointwise.default, self.packed, self.batch
-        return lambda h: op(h, packed, None, "none", [], "") if h.shape[0] == batch else self.into(h, buf[: h.shape[0]])
 
     def __call__(self, h: Tensor) -> Tensor:
         return self.prod(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
