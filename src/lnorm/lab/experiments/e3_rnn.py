@@ -199,7 +199,8 @@ def row_c9_acc(acc_ln: dict, acc_base: dict, caveat: str | None = None) -> dict:
 PAIRS = (("lstm", "lnlstm"), ("gru", "lngru"))
 
 
-def _curves(recs, key: str, **match) -> list[tuple[list, list]]:
+def finished_curves(recs, key: str, **match) -> list[tuple[list, list]]:
+    """[(steps, values)] of ``key`` in the finished runs matching ``match`` (E3's C9, E7's C10)."""
     return [(r["result"]["curve_step"], r["result"][key]) for r in recs if r["status"] == "ok" and key in r["result"]
             and all(r["params"].get(k) == v for k, v in match.items())]
 
@@ -216,7 +217,7 @@ def _lm_claims(cfg: Config, recs: list[dict]) -> list[dict]:
 
         claims.append(row_c4_convergence(base, ln, g("mean_bpc", base), g("mean_bpc", ln), fail))
         claims.append(row_c4_hidden(base, ln, g("hidden_norm_cv", base, None), g("hidden_norm_cv", ln, None)))
-        caveat = convergence_caveat({m: _curves(recs, "curve_bpc", task="lm", model=m) for m in (base, ln)},
+        caveat = convergence_caveat({m: finished_curves(recs, "curve_bpc", task="lm", model=m) for m in (base, ln)},
                                     LM_MIN_EFFECT / 2, "val bpc")
         claims.append(row_c9_lm(base, ln, g("final_bpc", base), g("final_bpc", ln), fail, caveat))
     return claims
@@ -224,7 +225,7 @@ def _lm_claims(cfg: Config, recs: list[dict]) -> list[dict]:
 
 def _seq_claims(recs: list[dict]) -> list[dict]:
     acc = {m: A.scored(recs, "test_acc", CHANCE, task="mnist1d", model=m) for m in ("gru", "lngru")}
-    caveat = convergence_caveat({m: _curves(recs, "curve_acc", task="mnist1d", model=m) for m in ("gru", "lngru")},
+    caveat = convergence_caveat({m: finished_curves(recs, "curve_acc", task="mnist1d", model=m) for m in ("gru", "lngru")},
                                 ACC_MIN_EFFECT / 2, "test accuracy", higher_is_better=True)
     return [row_c9_acc(acc["lngru"], acc["gru"], caveat)]
 

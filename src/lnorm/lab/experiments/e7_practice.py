@@ -141,9 +141,7 @@ def analyze(cfg: Config, results: dict) -> dict:
         if "one" in cfg.gains and "0.1" in cfg.gains:
             fail = math.log2(text()[2])  # a diverged run scores the bpc of a uniform prediction
             alts = {g: A.scored(recs, "final_bpc", fail, part="gain", gain=g) for g in cfg.gains if g != "one"}
-            curves = {g: [(r["result"]["curve_step"], r["result"]["curve_bpc"]) for r in recs
-                          if r["status"] == "ok" and "curve_bpc" in r["result"]
-                          and r["params"].get("part") == "gain" and r["params"].get("gain") == g] for g in cfg.gains}
+            curves = {g: e3.finished_curves(recs, "curve_bpc", part="gain", gain=g) for g in cfg.gains}
             claims.append(row_c10(A.scored(recs, "final_bpc", fail, part="gain", gain="one"), alts, curves))
     if cfg.lrs and cfg.norms:
         tables.append({"title": f"MLP on MNIST, SGD momentum 0.9, {cfg.mlp_steps} steps: accuracy on all 1000 test digits by lr",
