@@ -12,7 +12,8 @@
 4. an inference's parts, each alone, beside the whole layers (interleaved, 15 rounds): the input
    projection of all rows, 100 per-step products, 100 calls of the inference step kernel reading
    W_ih x from memory (as the layer does) and from cache (the same 32 rows each step), and the
-   whole time loop (``_lstm_forward``, its products and kernels).
+   whole time loop (``_lstm_forward``: its products, kernels and the input projection, a block of
+   steps at a time).
 
     PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3 4]
 
@@ -140,7 +141,7 @@ def inference_parts() -> None:
     def steps(cached):
         def f():
             for t in range(T):
-                step(0 if cached else t * B, gh.numpy(), *args, k, *state)
+                step(0 if cached else t * B, 0, gh.numpy(), *args, k, *state)
         return f
 
     def products():
@@ -153,8 +154,8 @@ def inference_parts() -> None:
         f"{T} per-step products": products,
         f"{T} step kernels, W_ih x from memory": steps(False),
         f"{T} step kernels, W_ih x from cache": steps(True),
-        "time loop (_lstm_forward)": lambda: RF._lstm_forward(px, hs, cs, w_hh, ones, ones, zeros, ones[:H], zeros[:H],
-                                                              sched, 1e-5, False),
+        "time loop (_lstm_forward, input projection by blocks)": lambda: RF._lstm_forward(
+            x, w_ih, hs, cs, w_hh, ones, ones, zeros, ones[:H], zeros[:H], sched, 1e-5, False),
     }, rounds=15))
 
 

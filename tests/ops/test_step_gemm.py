@@ -278,6 +278,31 @@ def test_the_input_projection_equals_a_float64_product(fresh_choices, impl):
     torch.testing.assert_close(sg.input_product(x.double(), w.double()), x.double() @ w.double().t(), equal_nan=True)
 
 
+@pytest.mark.parametrize("impl", [None, *F32_IMPLS], ids=["auto", *F32_IMPLS])
+def test_the_input_projection_by_blocks_equals_a_float64_product(fresh_choices, impl):
+    # InputProjection reorders oneDNN's weight once for a block of `rows` rows and then takes
+    # blocks of any row count (the last block of a sequence is shorter), float32 and float64
+    sg = fresh_choices
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
+    x[7, 3] = float("nan")
+    exact = (x.double() @ w.double().t()).float()
+    with sg.use_step_gemm(impl):
+        proj = sg.InputProjection(w, 16, torch.float32)
+        if impl == "onednn":
+            assert proj.packed is not None
+        got = torch.cat([proj(x[lo : lo + 16]) for lo in range(0, 50, 16)] + [proj(x[:0])])
+    assert got.shape == (50, 40)
+    assert torch.isnan(got[7]).all() and torch.isfinite(got[torch.arange(50) != 7]).all()
+    keep = torch.arange(50) != 7
+    assert_close(got[keep], exact[keep], atol=1e-5, rtol=1e-5, name=f"{impl}: blocks of x @ w.T")
+    p64 = sg.InputProjection(w.double(), 16, torch.float64)
+    assert p64.packed is None
+    torch.testing.assert_close(p64(x.double()[3:20]), x.double()[3:20] @ w.double().t(), equal_nan=True)
+    with pytest.raises(ValueError, match="InputProjection: w must be 2-d"):
+        sg.InputProjection(w[0], 16, torch.float32)
+
+
 # ------------------------------------------------------------------ review regressions
 
 

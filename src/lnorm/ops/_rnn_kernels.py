@@ -202,22 +202,24 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
 
 
 @njit(**_OPTS)
-def lstm_fwd_infer_step(off, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out):  # pragma: no cover
+def lstm_fwd_infer_step(off, poff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out):  # pragma: no cover
     # lstm_fwd_step without gradients to come: nothing saved (the normalized gh, the cell and the
     # statistics stay in the row-local buffer), which saves writing 4H + H + 5 floats per row.
     # The same arithmetic; the results agree to float32 rounding (the two builds may contract
-    # different multiply-adds). The new cell goes into a[:H] once i is read.
+    # different multiply-adds). The new cell goes into a[:H] once i is read. px holds a block of
+    # steps (the caller projects the input a block at a time): row b's is px[poff + b].
     bs, G = gh.shape
     H = G // 4
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
     zero = one * np.float32(0)
     for b in prange(bs):
         n = off + b
+        p = poff + b
         a = np.empty(G, dtype=gh.dtype)  # the gate pre-activations; then c in a[:H], o in a[3H:]
         muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
-        mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
+        mux, rx = _mean_rstd(px, p, 0, G, inv_g, eps, one)
         for q in range(G):
-            a[q] = g1[q] * ((gh[b, q] - muh) * rh) + g0[q] * ((px[n, q] - mux) * rx) + b1[q]
+            a[q] = g1[q] * ((gh[b, q] - muh) * rh) + g0[q] * ((px[p, q] - mux) * rx) + b1[q]
         muc = zero
         for j in range(H):
             i = fsig(a[j])

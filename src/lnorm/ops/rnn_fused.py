@@ -41,7 +41,7 @@ from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
-from lnorm.ops.step_gemm import StepGemm, WeightGrad, input_product
+from lnorm.ops.step_gemm import InputProjection, StepGemm, WeightGrad, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -72,11 +72,12 @@ class _Schedule:
         self.prev = np.where(b_of < prev_bs[t_of], prev_off[t_of] + b_of, -1 - b_of)
         self.prev_t = torch.from_numpy(self.prev)
 
-    def chunks(self, max_rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-        """The steps in backward order (reversed), grouped into runs of at most ``max_rows`` rows
-        (at least one step each): ``(lo, hi, steps)``, the run covering packed rows lo .. hi."""
+    def chunks(self, max_rows: int, backward: bool = True) -> list[tuple[int, int, list[tuple[int, int]]]]:
+        """The steps in backward order (reversed; in processing order if not ``backward``),
+        grouped into runs of at most ``max_rows`` rows (at least one step each): ``(lo, hi,
+        steps)``, the run covering packed rows lo .. hi."""
         out, cur, rows = [], [], 0
-        for off, bs in reversed(self.steps):
+        for off, bs in (reversed(self.steps) if backward else self.steps):
             if cur and rows + bs > max_rows:
                 out.append(cur)
                 cur, rows = [], 0
@@ -128,11 +129,20 @@ def _consts(dtype, eps: float, g: int, h: int):
 # ---------------------------------------------------------------------------------------- LSTM
 
 
-def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
-    N, G = px.shape
+# Without gradients to come, the input projection runs a block of steps at a time, of about this
+# many bytes (2 MB at 4H = 2048: 256 rows), so that the step kernels read each block of W_ih x while
+# it is in cache; the one product for all rows leaves N x 4H floats (26 MB at N = 3200, H = 512)
+# to be read back from memory, a row at a time. Training keeps the one product: backward reads it.
+_PX_BLOCK_BYTES = 2 << 20
+
+
+def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
+    """The time loop: ``(out, h_n, c_n, px, (ghat, c_all, stat))``, ``px = x W_ih^T`` for all rows
+    when ``save`` (backward reads it with the rest), else an empty (0, 4H) tensor."""
+    N, G = x.shape[0], w_ih.shape[0]
     H = G // 4
     B = h0.shape[0]
-    dt = px.dtype
+    dt = x.dtype
     gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
@@ -141,23 +151,31 @@ def _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: f
     ghat = torch.empty(rows, G, dtype=dt)
     c_all = torch.empty(rows, H, dtype=dt)
     stat = torch.empty(rows, 5, dtype=dt)
-    px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (px, g0, g1, b1, g3, b3))
+    g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (g0, g1, b1, g3, b3))
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
-    k = _consts(px_n.dtype, eps, G, H)
+    k = _consts(out_n.dtype, eps, G, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
     kernels = K.builds()
     if save:
+        px = input_product(x, w_ih)  # W_ih x for all rows: one matmul
+        px_n = _np(px)
         step = kernels.lstm_fwd_step
         for off, bs in sched.steps:
             gh_n = _np(gemm.prod(hs if bs == B else hs[:bs], gh[:bs]))
             step(off, off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
-    else:  # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten)
-        step = kernels.lstm_fwd_infer_step
-        for off, bs in sched.steps:
+        return out, hs, cs, px, (ghat, c_all, stat)
+    # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten), W_ih x
+    # a block of steps at a time
+    block = max(1, _PX_BLOCK_BYTES // max(1, G * x.element_size()))
+    proj = InputProjection(w_ih, min(block, N), dt)
+    step = kernels.lstm_fwd_infer_step
+    for lo, hi, steps in sched.chunks(block, backward=False):
+        px_n = _np(proj(x[lo:hi]))
+        for off, bs in steps:
             gh_n = _np(gemm.prod(hs if bs == B else hs[:bs], gh[:bs]))
-            step(off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n)
-    return out, hs, cs, (ghat, c_all, stat)
+            step(off, off - lo, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n)
+    return out, hs, cs, x.new_empty(0, G), (ghat, c_all, stat)
 
 
 # Backward produces the gradients of px and gh a run of steps at a time into buffers of about this
@@ -184,8 +202,7 @@ def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
-        px = input_product(x, w_ih)  # W_ih x for all rows: one matmul
-        out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
+        out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
         w_keep = w_ih if ctx.needs_input_grad[0] else None  # W_ih is needed only for dx
         ctx.save_for_backward(x, w_keep, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, *saved)
         ctx.sched = sched
@@ -255,8 +272,7 @@ def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
     if needs_grad:
         return _LSTMRecurrence.apply(x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps)
     with torch.no_grad():
-        px = input_product(x, p.w_ih)
-        out, hn, cn, _ = _lstm_forward(px, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps, False)
+        out, hn, cn, _, _ = _lstm_forward(x, p.w_ih, h0, c0, p.w_hh, g0, g1, b1, g3, b3, sched, eps, False)
     return out, hn, cn
 
 
@@ -384,9 +400,8 @@ def lstm_recurrence_op(
     b1: Tensor, g3: Tensor, b3: Tensor, batch_sizes: list[int], reverse: bool, eps: float, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, h_n, c_n, px, ghat, c_all, stat)``: the outputs, then what backward reads."""
-    px = input_product(x, w_ih)
     sched = _Schedule(batch_sizes, reverse)
-    out, hn, cn, saved = _lstm_forward(px, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
+    out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
     return out, hn, cn, px, *saved
 
 
@@ -396,7 +411,7 @@ def _(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, batch_sizes, reverse, eps, save
     H = G // 4
     rows = N if save else 0
     e = x.new_empty
-    return e(N, H), e(B, H), e(B, H), e(N, G), e(rows, G), e(rows, H), e(rows, 5)
+    return e(N, H), e(B, H), e(B, H), e(rows, G), e(rows, G), e(rows, H), e(rows, 5)
 
 
 @torch.library.custom_op("lnorm::lstm_recurrence_backward", mutates_args=())

@@ -295,21 +295,54 @@ def _onednn_input(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
 
 
+def _input_impl(w: Tensor, dtype: torch.dtype) -> str:
+    """``onednn`` or ``mm`` for the input projection by the (n, k) weight ``w``: the forced one
+    (``mkl`` forced means ``mm``), else the faster measured here, once per class."""
+    n, k = w.shape
+    if dtype != torch.float32 or not _ONEDNN or min(n, k) == 0:
+        return "mm"
+    forced = _forced_impl()
+    if forced is not None:
+        return "onednn" if forced == "onednn" else "mm"
+    key = ("all", n, k, dtype, torch.get_num_threads(), False)
+    if key not in _chosen:
+        _timings[key] = _measure_input(n, k)
+        _chosen[key] = min(_timings[key], key=_timings[key].get)
+    return _chosen[key]
+
+
 def input_product(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` for a contiguous (N, k) ``x`` and an (n, k) ``w``: one product for all rows,
     by oneDNN or ``torch.mm``, whichever measured faster here (``mkl`` forced means ``mm``)."""
-    n, k = w.shape
-    if x.dtype != torch.float32 or not _ONEDNN or min(x.shape[0], n, k) == 0:
+    if x.shape[0] == 0 or _input_impl(w, x.dtype) == "mm":
         return torch.mm(x, w.t())
-    forced = _forced_impl()
-    impl = forced if forced is not None else None
-    if impl is None:
-        key = ("all", n, k, x.dtype, torch.get_num_threads(), False)
-        if key not in _chosen:
-            _timings[key] = _measure_input(n, k)
-            _chosen[key] = min(_timings[key], key=_timings[key].get)
-        impl = _chosen[key]
-    return _onednn_input(x, w) if impl == "onednn" else torch.mm(x, w.t())
+    return _onednn_input(x, w)
+
+
+class InputProjection:
+    """``x -> x @ w.T`` for blocks of about ``rows`` rows of a layer's input (any count): the
+    input projection a block of time steps at a time, so that the time loop reads each block's
+    result while it is in cache instead of reading one (N, n) product back from memory. The
+    implementation is :func:`input_product`'s; oneDNN's weight is reordered once, for ``rows``
+    rows (its inner product takes any row count with it). Each row's product is the same sum
+    as in :func:`input_product`, up to float32 rounding (the libraries block the rows
+    differently)."""
+
+    __slots__ = ("w", "packed")
+
+    def __init__(self, w: Tensor, rows: int, dtype: torch.dtype):
+        w = w.detach()
+        if w.dim() != 2:
+            raise ValueError(f"InputProjection: w must be 2-d, got shape {tuple(w.shape)}")
+        self.w = w
+        self.packed = None
+        if rows > 0 and _input_impl(w, dtype) == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is None or x.shape[0] == 0 or x.dtype != torch.float32:
+            return torch.mm(x, self.w.t())
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
