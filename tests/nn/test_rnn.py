@@ -498,6 +498,34 @@ def test_weight_grad_equals_sum_over_previous_states(reverse, batch_sizes, impl)
                  name="dW_hh, summed over runs")
 
 
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable")
+def test_lstm_backward_run_length_follows_the_last_level_cache(tmp_path, monkeypatch):
+    # the run length is read from the cache sizes sysfs reports (the largest), a quarter of it
+    # per buffer within 2 .. 8 MB and 256 .. 1024 rows; unknown cache: the first-tuned 256 rows
+    from lnorm.ops import rnn_fused as rf
+
+    for i, size in enumerate(["48K", "2048K", "32768K", "bogus"]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    assert rf.last_level_cache_bytes(str(tmp_path)) == 32 << 20
+    assert rf.last_level_cache_bytes(str(tmp_path / "absent")) is None
+    assert rf._run_bytes(None) == 2 << 20
+    assert rf._run_bytes(32 << 20) == 8 << 20
+    assert rf._run_bytes(4 << 20) == 2 << 20
+    assert rf._run_bytes(256 << 20) == 8 << 20
+    monkeypatch.setattr(rf, "_RUN_BYTES", 8 << 20)
+    assert rf.run_rows(2048, 4) == 1024  # H = 512, float32: 8 KB rows
+    assert rf.run_rows(4096, 4) == 512
+    assert rf.run_rows(64, 8) == 1024  # capped
+    assert rf.run_rows(1 << 20, 4) == 256  # floored
+    assert rf.backward_run_rows(32, 2048) == 1024 and rf.backward_run_rows(48, 2048) == 1008
+    assert rf.backward_run_rows(2000, 2048) == 2000  # at least one whole step
+    monkeypatch.setattr(rf, "_RUN_BYTES", 2 << 20)
+    assert rf.run_rows(2048, 4) == 256
+    monkeypatch.setattr(rf, "_CHUNK_ROWS", 9)
+    assert rf.run_rows(2048, 4) == 9
+
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("chunk_rows", [1, 9], ids=["one-step-runs", "mixed-runs"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

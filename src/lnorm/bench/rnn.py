@@ -208,7 +208,7 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
             torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
             return
         # as the fused path: the LSTM sums both over runs of steps, the GRU over all rows
-        run = backward_run_rows(B) if cell == "lstm" else N
+        run = backward_run_rows(B, G) if cell == "lstm" else N
         dw_hh = WeightGrad(G, H, run, dg.dtype)
         dw_ih = [WeightGrad(hi - lo, I, run, dg.dtype) for lo, hi in groups]
         for r in range(0, N, run):
@@ -423,6 +423,18 @@ def _step_gemm_choices(device: str) -> list[dict]:
     return step_gemm_choices()
 
 
+def _backward_runs(device: str, B: int, T: int, H: int) -> dict | None:
+    """The LSTM backward's run length here for the main case (whole steps of B rows, at most the
+    B * T rows there are; see ``rnn_fused.run_rows``) and the cache it follows; None off the fused
+    CPU path."""
+    if device != "cpu" or not lnorm.numba_available():
+        return None
+    from lnorm.ops import rnn_fused
+
+    return dict(rows=min(B * T, rnn_fused.backward_run_rows(B, 4 * H)), cache_bytes=rnn_fused.last_level_cache_bytes(),
+                run_bytes=rnn_fused.run_buffer_bytes())
+
+
 def run(args: argparse.Namespace) -> int:
     cells = _split(args.cells, ("lstm", "gru"), "--cells")
     cases = _split(args.cases, ("main", "2-layer-bidir", "packed"), "--cases")
@@ -467,6 +479,12 @@ def run(args: argparse.Namespace) -> int:
     settings["step_gemm"] = _step_gemm_choices(args.device)
     for line in gemm_lines(settings["step_gemm"]):
         print(line)
+    settings["lstm_backward_runs"] = _backward_runs(args.device, B, T, H)
+    if settings["lstm_backward_runs"]:
+        r = settings["lstm_backward_runs"]
+        cache = f"{r['cache_bytes'] / 2**20:g} MiB" if r["cache_bytes"] else "unknown"
+        print(f"LSTM backward: runs of {r['rows']} rows (last-level cache {cache}: "
+              f"{r['run_bytes'] / 2**20:g} MiB per run buffer)")
     print(_table(rows))
     for line in _targets(rows):
         print(line)
