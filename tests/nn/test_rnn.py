@@ -529,22 +529,29 @@ def test_lstm_backward_run_length_follows_the_last_level_cache(tmp_path, monkeyp
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("chunk_rows", [1, 9], ids=["one-step-runs", "mixed-runs"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_lstm_backward_in_runs_of_steps_equals_torch_path(monkeypatch, chunk_rows, packed):
-    # the LSTM backward folds runs of steps into the weight and input gradients; the other tests'
-    # sizes fit one run, so force several (each step alone, and runs that split unevenly)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_in_runs_of_steps_equals_torch_path(monkeypatch, kind, chunk_rows, packed):
+    # the LSTM and GRU backwards fold runs of steps into the weight gradients (and the LSTM's input
+    # gradient, the GRU's LN sums); the other tests' sizes fit one run, so force several (each
+    # step alone, and runs that split unevenly)
     from lnorm.ops import rnn_fused
 
     monkeypatch.setattr(rnn_fused, "_CHUNK_ROWS", chunk_rows)
-    m = make("lstm", 5, 6, num_layers=2, bidirectional=True, dtype=D64)
+    m = make(kind, 5, 6, num_layers=2, bidirectional=True, dtype=D64)
+    with torch.no_grad():  # LN weights away from 1, so each group's LN gradient counts
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(7, 4, 5, dtype=D64, requires_grad=True)
-    hx = hx_for("lstm", 4, 4, 6, dtype=D64)
+    hx = hx_for(kind, 4, 4, 6, dtype=D64)
     results = {}
     for b in ("numba", "torch"):
         inp = pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), enforce_sorted=False) if packed else x
         with lnorm.use_backend(b):
             res = m(inp, hx)
-            results[b] = [data(res[0])] + states("lstm", res) + list(grads(loss_of("lstm", res), [x, *m.parameters()]))
-    names = ["output", "h_n", "c_n", "grad x"] + [f"grad {n}" for n, _ in m.named_parameters()]
+            results[b] = [data(res[0])] + states(kind, res) + list(grads(loss_of(kind, res), [x, *m.parameters()]))
+    names = ["output"] + ["state"] * (len(results["numba"]) - 2 - len(list(m.parameters()))) + ["grad x"]
+    names += [f"grad {n}" for n, _ in m.named_parameters()]
     for a, e, n in zip(results["numba"], results["torch"], names, strict=True):
         assert_close(a, e, name=n)
 

@@ -207,14 +207,18 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
             torch.mm(dg.t(), hs)  # dW_hh
             torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
             return
-        # as the fused path: the LSTM sums both over runs of steps, the GRU over all rows
-        run = backward_run_rows(B, G) if cell == "lstm" else N
+        # as the fused path: the LSTM sums both over runs of steps; the GRU sums dW_hh over runs
+        # (half as long for the width, see rnn_fused) and dW_ih over all rows (its input
+        # projection's own backward)
+        run = min(N, backward_run_rows(B, G) if cell == "lstm" else backward_run_rows(B, 2 * (G + H)))
+        run_ih = run if cell == "lstm" else N
         dw_hh = WeightGrad(G, H, run, dg.dtype)
-        dw_ih = [WeightGrad(hi - lo, I, run, dg.dtype) for lo, hi in groups]
+        dw_ih = [WeightGrad(hi - lo, I, run_ih, dg.dtype) for lo, hi in groups]
         for r in range(0, N, run):
             dw_hh.add(dg[r : r + run], hs[r : r + run])
+        for r in range(0, N, run_ih):
             for dgi, wg in zip(dg_groups, dw_ih, strict=True):
-                wg.add(dgi[r : r + run], x[r : r + run])
+                wg.add(dgi[r : r + run_ih], x[r : r + run_ih])
         for wg in (dw_hh, *dw_ih):
             wg.result()
 

@@ -386,11 +386,12 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
 
 
 @njit(**_OPTS)
-def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
+def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
                  dx_rz, dx_n, dgh, dyn_s):  # pragma: no cover
     # dhs: (B, H) in: the gradient w.r.t. this step's h from later steps; out: its z * dh part of
     # the previous h's gradient (the caller adds dgh W_hh); dx_rz (N, 2H), dx_n (N, H):
-    # gradients of gx_rz, gx_n; dgh (N, 3H): of gh; dyn_s (N, H): of LN(W_hh h)_n + b_hn.
+    # gradients of gx_rz, gx_n; dgh (*, 3H): of gh; dyn_s (*, H): of LN(W_hh h)_n + b_hn, the
+    # last two for row n at row n - doff (the caller's buffers hold a run of steps, see rnn_fused).
     # hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
     G = ghat_s.shape[1]
     H = G // 3
@@ -412,7 +413,7 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
             dx_rz[n, j] = dn * hn * r * (one - r)
             dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
             dx_n[n, j] = dn
-            dyn_s[n, j] = dn * r
+            dyn_s[n - doff, j] = dn * r
         # LN backward, group r, z (its output gradient is dx_rz's)
         rs = stat_s[n, 0]
         s3 = zero
@@ -424,19 +425,19 @@ def gru_bwd_step(off, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, 
         s3 = s3 * inv_2h
         s4 = s4 * inv_2h
         for q in range(2 * H):
-            dgh[n, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+            dgh[n - doff, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
         # group n (its output gradient is r * dn)
         rs = stat_s[n, 1]
         s3 = zero
         s4 = zero
         for j in range(H):
-            dgt = dyn_s[n, j] * g1[2 * H + j]
+            dgt = dyn_s[n - doff, j] * g1[2 * H + j]
             s3 += dgt
             s4 += dgt * ghat_s[n, 2 * H + j]
         s3 = s3 * inv_h
         s4 = s4 * inv_h
         for j in range(H):
-            dgh[n, 2 * H + j] = rs * (dyn_s[n, j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
+            dgh[n - doff, 2 * H + j] = rs * (dyn_s[n - doff, j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
 
 
 # --------------------------------------------------------------------------------- reductions

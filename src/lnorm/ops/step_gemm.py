@@ -364,8 +364,8 @@ def _measure_input(n: int, k: int, rounds: int = 5) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------- the weight gradients
-# dW = dG^T A summed over runs of rows (the LSTM folds each run of ~256 rows in while it is in
-# cache; the GRU folds all rows at once). torch.mm is MKL's GEMM, which on AMD CPUs runs these
+# dW = dG^T A summed over runs of rows (the LSTM and GRU backwards fold each run of 256-1024 rows in
+# while it is in cache, see ``rnn_fused.run_rows``). torch.mm is MKL's GEMM, which on AMD CPUs runs these
 # products up to 2x slower than oneDNN (Zen 5: dW_hh for 3200 rows, 32 ms against 17-21). oneDNN's
 # inner product reads the reduced dimension contiguously, so it accumulates the transpose,
 # dW^T += A^T dG (both operands transposed views, no copies), and the result is transposed back once.
