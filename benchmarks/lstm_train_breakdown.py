@@ -10,7 +10,8 @@
    with each library forced (the fused path takes the one it measured faster), one ``torch.mm``,
    oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN;
 4. an inference's parts, each alone, beside the whole layers (interleaved, 15 rounds): the input
-   projection of all rows, 100 per-step products, 100 calls of the inference step kernel reading
+   projection of all rows, 100 per-step products, 100 calls of the same oneDNN op on a 1 x 16
+   product (what a call costs besides its arithmetic), 100 calls of the inference step kernel reading
    W_ih x from memory (as the layer does) and from cache (the same 32 rows each step), and the
    whole time loop (``_lstm_forward``: its products, kernels and the input projection, a block of
    steps at a time).
@@ -148,10 +149,19 @@ def inference_parts() -> None:
         for _ in range(T):
             gemm.prod(h, gh)
 
+    # the fixed cost of a call of torch's oneDNN op, on a product too small to take any time
+    tiny_w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(16, 16, generator=g), 1)
+    tiny_h = torch.randn(1, 16, generator=g)
+
+    def tiny_calls():
+        for _ in range(T):
+            torch.ops.mkldnn._linear_pointwise(tiny_h, tiny_w, None, "none", [], "")
+
     print("median ms:", _median_ms({
         "lnorm layer": infer(m), "nn.LSTM layer": infer(ref),
         "input projection (all rows)": lambda: input_product(x, w_ih),
         f"{T} per-step products": products,
+        f"{T} oneDNN calls on 1 x 16 @ 16 x 16 (the cost of a call)": tiny_calls,
         f"{T} step kernels, W_ih x from memory": steps(False),
         f"{T} step kernels, W_ih x from cache": steps(True),
         "time loop (_lstm_forward, input projection by blocks)": lambda: RF._lstm_forward(
