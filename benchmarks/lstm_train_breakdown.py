@@ -142,7 +142,7 @@ def inference_parts() -> None:
     def steps(cached):
         def f():
             for t in range(T):
-                step(0 if cached else t * B, 0, gh.numpy(), *args, k, *state)
+                step(0 if cached else t * B, 0 if cached else t * B, gh.numpy(), *args, k, *state)
         return f
 
     def products():

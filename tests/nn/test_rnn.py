@@ -559,14 +559,20 @@ def test_backward_in_runs_of_steps_equals_torch_path(monkeypatch, kind, chunk_ro
 @pytest.mark.skipif(not numba_available(), reason="numba is not importable")
 @pytest.mark.parametrize("block_rows", [1, 5, 10**6], ids=["one-step-blocks", "mixed-blocks", "one-block"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("dtype", [torch.float32, D64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, "f32-onednn", D64], ids=["f32", "f32-onednn", "f64"])
 def test_lstm_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, block_rows, packed, dtype):
     # without gradients the LSTM projects its input a block of steps at a time (the step kernel
     # reads px of the block at row off - lo); the other tests' sizes fit one block, so force
     # several: each step alone, blocks that split a packed batch unevenly, and all in one, in both
     # directions and both layers, against a float64 run of the torch path
-    from lnorm.ops import rnn_fused
+    # at these sizes the projection measures torch.mm faster; "f32-onednn" forces oneDNN's
+    from lnorm.ops import rnn_fused, step_gemm
 
+    forced = None
+    if dtype == "f32-onednn":
+        if "onednn" not in step_gemm.available(torch.float32):
+            pytest.skip("torch without oneDNN")
+        forced, dtype = "onednn", torch.float32
     m = make("lstm", 5, 6, num_layers=2, bidirectional=True, dtype=dtype)
     monkeypatch.setattr(rnn_fused, "_PX_BLOCK_BYTES", block_rows * 4 * 6 * m.weight_ih_l0.element_size())
     x = torch.randn(7, 4, 5, dtype=dtype)
@@ -576,7 +582,7 @@ def test_lstm_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, block_
     def run(model, inp, h, backend):
         if packed:
             inp = pack_padded_sequence(inp, torch.tensor([7, 3, 5, 1]), enforce_sorted=False)
-        with torch.no_grad(), lnorm.use_backend(backend):
+        with torch.no_grad(), lnorm.use_backend(backend), step_gemm.use_step_gemm(forced):
             res = model(inp, h)
         return [data(res[0])] + states("lstm", res)
 

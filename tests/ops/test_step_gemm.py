@@ -292,10 +292,13 @@ def test_the_input_projection_by_blocks_equals_a_float64_product(fresh_choices, 
         if impl == "onednn":
             assert proj.packed is not None
         got = torch.cat([proj(x[lo : lo + 16]) for lo in range(0, 50, 16)] + [proj(x[:0])])
+        whole = proj(x)  # a block longer than the rows the weight was reordered for
     assert got.shape == (50, 40)
     assert torch.isnan(got[7]).all() and torch.isfinite(got[torch.arange(50) != 7]).all()
     keep = torch.arange(50) != 7
     assert_close(got[keep], exact[keep], atol=1e-5, rtol=1e-5, name=f"{impl}: blocks of x @ w.T")
+    assert torch.isnan(whole[7]).all()
+    assert_close(whole[keep], exact[keep], atol=1e-5, rtol=1e-5, name=f"{impl}: 50 rows, reordered for 16")
     p64 = sg.InputProjection(w.double(), 16, torch.float64)
     assert p64.packed is None
     torch.testing.assert_close(p64(x.double()[3:20]), x.double()[3:20] @ w.double().t(), equal_nan=True)
