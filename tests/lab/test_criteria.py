@@ -680,7 +680,15 @@ def test_e1_c6_margin_is_one_point():
     bn = {s: v - 0.02 + d for (s, v), d in zip(ln.items(), (0.001, -0.001, 0.0), strict=True)}
     assert e1.verdict_c6(bn, ln)[0] == NOT
     bn = {s: v - 0.004 + d for (s, v), d in zip(ln.items(), (0.001, -0.001, 0.0), strict=True)}
-    assert e1.verdict_c6(bn, ln)[0] == SUP
+    verdict, evidence, eff = e1.verdict_c6(bn, ln)
+    assert verdict == SUP
+    # the report's threshold column names the non-inferiority margin (it read "0 / 0", the
+    # min effect and margin of the plain comparison the rule does not use)
+    from lnorm.lab.report import threshold_cell
+
+    assert threshold_cell(eff.as_dict()) == "non-inferior by 0.01"
+    assert "non-inferiority margin 0.01" in evidence and "?" not in evidence
+    assert threshold_cell(S.compare(bn, ln, paired=True, min_effect=0.01, margin=0.005).as_dict()) == "0.01 / 0.005"
 
 
 def test_e8_c13_needs_every_baseline_not_only_the_weakest():

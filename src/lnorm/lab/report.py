@@ -102,7 +102,11 @@ def effect_cell(e: dict | None) -> str:
 
 
 def threshold_cell(e: dict | None) -> str:
-    return f"{e['min_effect']:g} / {e['margin']:g}" if e else "-"
+    if not e:
+        return "-"
+    if e.get("non_inferiority") is not None:  # a non-inferiority row: its margin, not 0 / 0
+        return f"non-inferior by {e['non_inferiority']:g}"
+    return f"{e['min_effect']:g} / {e['margin']:g}"
 
 
 def summary_verdict(s: dict) -> str:
@@ -219,6 +223,8 @@ def _forest_note(s: dict) -> str:
         return f"{VERDICT_MARK[s['verdict']]} by construction"
     if not s["effect"]:
         return f"{VERDICT_MARK[s['verdict']]}, no effect size"
+    if s["effect"].get("non_inferiority") is not None:
+        return f"{VERDICT_MARK[s['verdict']]}, non-inferior by {s['effect']['non_inferiority']:g}: not scaled"
     return f"{VERDICT_MARK[s['verdict']]}, min effect 0: not scaled"
 
 

@@ -75,6 +75,9 @@ class Effect:
     n_failed: int = 0  # non-finite values replaced by fail_score
     n_censored_a: int = 0  # values of a at or above cap (true value >= cap)
     n_censored_b: int = 0
+    # a non-inferiority test's margin (its verdict: the interval against -margin), where the row
+    # is one; min_effect and margin then stay 0 and the report shows this instead
+    non_inferiority: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ and 4.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
     works = S.compare(ln_b1, none_b1, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
                       resolution=ACC_RESOLUTION)
     parts.append(non_inferior(works, tol))
-    ev.append(f"LN@1 - none@1 {works.text()} ({parts[-1]}: non-inferior by {tol:g}?)")
+    ev.append(f"LN@1 - none@1 {works.text()} ({parts[-1]} at non-inferiority margin {tol:g})")
     # each drop is two rounded accuracies (largest batch minus small batch): four per paired difference
     eff = S.compare(bn_drop, ln_drop, paired=True, min_effect=min_effect, margin=margin, unit="acc",
                     fail_score=None, resolution=S.difference_resolution(ACC_RESOLUTION))
@@ -172,7 +173,8 @@ def verdict_c6(bn_acc: dict[int, float], ln_acc: dict[int, float], margin: float
     accuracy lies above ``-margin``; not supported if it lies below ``-margin`` (BN worse by more)."""
     eff = S.compare(bn_acc, ln_acc, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
                     resolution=ACC_RESOLUTION)
-    return non_inferior(eff, margin), f"BN - LN test accuracy (non-inferior by {margin:g}?)", eff
+    eff = dataclasses.replace(eff, non_inferiority=margin)
+    return non_inferior(eff, margin), f"BN - LN test accuracy (non-inferiority margin {margin:g})", eff
 
 
 def still_improving(recs: list[dict], rise: float = 0.01, **match) -> bool:
