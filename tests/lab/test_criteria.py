@@ -689,6 +689,11 @@ def test_e1_c6_margin_is_one_point():
     assert threshold_cell(eff.as_dict()) == "non-inferior by 0.01"
     assert "non-inferiority margin 0.01" in evidence and "?" not in evidence
     assert threshold_cell(S.compare(bn, ln, paired=True, min_effect=0.01, margin=0.005).as_dict()) == "0.01 / 0.005"
+    assert eff.verdict == SUP and eff.reason == ""
+    # undecided: the reason is about the margin, not the plain comparison's minimum effect
+    verdict, _, eff = e1.verdict_c6(seeds(0.90, 0.95, 0.85), seeds(0.91, 0.90, 0.92))
+    assert verdict == INC and eff.verdict == INC
+    assert eff.reason.startswith("the interval reaches below -0.01") and "minimum effect" not in eff.reason
 
 
 def test_e8_c13_needs_every_baseline_not_only_the_weakest():

@@ -173,8 +173,21 @@ def verdict_c6(bn_acc: dict[int, float], ln_acc: dict[int, float], margin: float
     accuracy lies above ``-margin``; not supported if it lies below ``-margin`` (BN worse by more)."""
     eff = S.compare(bn_acc, ln_acc, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
                     resolution=ACC_RESOLUTION)
-    eff = dataclasses.replace(eff, non_inferiority=margin)
-    return non_inferior(eff, margin), f"BN - LN test accuracy (non-inferiority margin {margin:g})", eff
+    v = non_inferior(eff, margin)
+    return v, f"BN - LN test accuracy (non-inferiority margin {margin:g})", _as_non_inferiority(eff, margin, v)
+
+
+def _as_non_inferiority(eff: S.Effect, margin: float, verdict: str) -> S.Effect:
+    """``eff`` as the non-inferiority test it decided: its margin, that test's verdict, and its
+    reason instead of the plain comparison's ("neither excludes 0 nor rules out the minimum
+    effect" is about a test the rule does not make); the notes on scored runs are kept."""
+    plain = ("the interval neither excludes 0 nor rules out the minimum effect", "the effect is real but below")
+    notes = [r for r in eff.reason.split("; ") if r and not r.startswith(plain)]
+    if eff.lo == eff.lo:  # an interval: say where it lies against -margin
+        why = {S.NOT_SUPPORTED: [f"the interval lies below -{margin:g}"],
+               S.INCONCLUSIVE: [f"the interval reaches below -{margin:g}"]}.get(verdict, [])
+        notes = why + notes
+    return dataclasses.replace(eff, non_inferiority=margin, verdict=verdict, reason="; ".join(notes))
 
 
 def still_improving(recs: list[dict], rise: float = 0.01, **match) -> bool:
