@@ -589,3 +589,12 @@ def test_e1_c6_not_supported_waits_for_bn_to_stop_improving(bn_rising, expected)
     r += [_e1_unit("layer", b, HIGH, curve_acc=flat if b == 32 else None) for b in (1, 4, 32)]
     row = _e1_claims([x for u in r for x in u])["C6-bn-vs-ln-large-batch"]
     assert row["verdict"] == expected, row["evidence"]
+
+
+def test_e6_note_names_the_backend_its_recurrent_rows_run_on():
+    # the note said the RNN rows ran "on the run's backend (see the report header)"; run() forces
+    # RECURRENT_BACKEND for them whatever the run's backend
+    cfg, results = e6_results("sup")
+    notes = " ".join(e6.analyze(cfg, results)["notes"])
+    assert f"on the {e6.RECURRENT_BACKEND!r} backend whatever the run's backend" in notes
+    assert "see the report header" not in notes

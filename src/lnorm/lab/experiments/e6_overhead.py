@@ -201,4 +201,5 @@ def analyze(cfg: Config, results: dict) -> dict:
             "notes": [f"Each run: {cfg.warmup} untimed steps of each model, then {cfg.repeats} blocks of at least "
                       f"{cfg.steps} steps and {cfg.block_ms:g} ms alternating A B B A; the median block of each. Batch norm is not a row: in these models it "
                       "would be torch's BatchNorm against lnorm's LayerNorm, two implementations. The RNN rows time "
-                      "lnorm's layer on the run's backend (see the report header) with layer_norm=True vs False."]}
+                      f"lnorm's layer on the {RECURRENT_BACKEND!r} backend whatever the run's backend (its fused "
+                      "kernels exist only with the norm), with layer_norm=True vs False."]}
