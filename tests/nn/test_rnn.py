@@ -837,24 +837,29 @@ def test_gate_preactivations_are_the_gates_the_layer_computes(layer):
     (["--quick", "--threads", "-1"], "--threads must be >= 1 (0: the libraries' own choice), got -1"),
     (["--batch", "0"], "--batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1"),
 ])
-def test_bench_rnn_bad_numbers_are_one_clear_error(argv, message):
-    # --threads -1 reached torch.set_num_threads and ended in its RuntimeError's traceback
+def test_bench_rnn_bad_numbers_are_one_clear_error(argv, message, capsys):
+    # --threads -1 reached torch.set_num_threads and ended in its RuntimeError's traceback; usage
+    # errors exit 2 with one line, as bench ops and lab do (they exited 1 through SystemExit(msg))
     from lnorm.cli import main
 
-    with pytest.raises(SystemExit) as err:
-        main(["bench", "rnn", *argv])
-    assert message in str(err.value)
+    assert main(["bench", "rnn", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bench_rnn_quick_refuses_explicit_sizes_and_checks_the_json_path_first(tmp_path):
+def test_bench_rnn_quick_refuses_explicit_sizes_and_checks_the_json_path_first(tmp_path, capsys):
     # --quick silently replaced --hidden-size 64 and the rest; --json to a missing folder failed
     # with a traceback after the whole benchmark had run
+    import re
+
     from lnorm.cli import main
 
-    with pytest.raises(SystemExit, match="--quick sets the sizes and repeats itself; drop --batch 9, --hidden-size 64 or --quick"):
-        main(["bench", "rnn", "--quick", "--hidden-size", "64", "--batch", "9"])
-    with pytest.raises(SystemExit, match="--json: the folder .* does not exist"):
-        main(["bench", "rnn", "--quick", "--json", str(tmp_path / "missing" / "r.json")])
+    assert main(["bench", "rnn", "--quick", "--hidden-size", "64", "--batch", "9"]) == 2
+    assert "--quick sets the sizes and repeats itself; drop --batch 9, --hidden-size 64 or --quick" in capsys.readouterr().err
+    assert main(["bench", "rnn", "--quick", "--json", str(tmp_path / "missing" / "r.json")]) == 2
+    assert re.search("--json: the folder .* does not exist", capsys.readouterr().err)
+    assert main(["bench", "rnn", "--cells", "foo"]) == 2
+    assert "--cells must be a comma list of ('lstm', 'gru'), got 'foo'" in capsys.readouterr().err
 
 
 def test_bench_ops_checks_the_json_path_first(tmp_path, capsys):

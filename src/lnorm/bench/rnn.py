@@ -400,11 +400,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON to PATH")
 
 
+class _Usage(Exception):
+    """A usage error of ``lnorm bench rnn``: one line on stderr and exit status 2 (as ``bench ops``
+    and ``lab``), where a bare ``SystemExit(message)`` exits with 1."""
+
+
 def _split(value: str, allowed: tuple[str, ...], name: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise SystemExit(f"lnorm bench rnn: {name} must be a comma list of {allowed}, got {value!r}")
+        raise _Usage(f"lnorm bench rnn: {name} must be a comma list of {allowed}, got {value!r}")
     return items
 
 
@@ -440,6 +445,14 @@ def _backward_runs(device: str, B: int, T: int, H: int) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except _Usage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     cells = _split(args.cells, ("lstm", "gru"), "--cells")
     cases = _split(args.cases, ("main", "2-layer-bidir", "packed"), "--cases")
     modes = _split(args.modes, ("train", "infer"), "--modes")
@@ -449,15 +462,15 @@ def run(args: argparse.Namespace) -> int:
                                                               ("hidden_size", H), ("repeats", repeats))
                  if v != _DEFAULTS[k]]
         if given:  # --quick sets them all: a size given beside it would be silently ignored
-            raise SystemExit(f"lnorm bench rnn: --quick sets the sizes and repeats itself; drop {', '.join(given)} "
+            raise _Usage(f"lnorm bench rnn: --quick sets the sizes and repeats itself; drop {', '.join(given)} "
                              "or --quick")
         B, T, I, H, repeats = 4, 6, 8, 16, 2
     if args.json and (why := unwritable(args.json)):
-        raise SystemExit(f"lnorm bench rnn: --json: {why}")
+        raise _Usage(f"lnorm bench rnn: --json: {why}")
     if min(B, T, I, H, repeats) < 1:
-        raise SystemExit("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
+        raise _Usage("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
     if args.threads < 0:
-        raise SystemExit(f"lnorm bench rnn: --threads must be >= 1 (0: the libraries' own choice), got {args.threads}")
+        raise _Usage(f"lnorm bench rnn: --threads must be >= 1 (0: the libraries' own choice), got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
