@@ -519,8 +519,9 @@ def test_lstm_backward_run_length_follows_the_last_level_cache(tmp_path, monkeyp
     assert rf.run_rows(4096, 4) == 512
     assert rf.run_rows(64, 8) == 1024  # capped
     assert rf.run_rows(1 << 20, 4) == 256  # floored
-    assert rf.backward_run_rows(32, 2048) == 1024 and rf.backward_run_rows(48, 2048) == 1008
-    assert rf.backward_run_rows(2000, 2048) == 2000  # at least one whole step
+    assert rf.backward_run_rows(32, "lstm", 512) == 1024 and rf.backward_run_rows(48, "lstm", 512) == 1008
+    assert rf.backward_run_rows(2000, "lstm", 512) == 2000  # at least one whole step
+    assert rf.backward_run_rows(32, "gru", 512) == 512  # half the LSTM's rows at the same H
     monkeypatch.setattr(rf, "_RUN_BYTES", 2 << 20)
     assert rf.run_rows(2048, 4) == 256
     monkeypatch.setattr(rf, "_CHUNK_ROWS", 9)

@@ -258,15 +258,20 @@ def test_the_implementations_agree_on_the_benchmark_shape_class(kind):
 # -------------------------------------------------------------------- the input projection
 
 
+def _projection_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (50, 24) with a NaN in row 7, w (40, 24), and x @ w.T from float64, rounded to float32."""
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
+    x[7, 3] = float("nan")
+    return x, w, (x.double() @ w.double().t()).float()
+
+
 @pytest.mark.parametrize("impl", [None, *F32_IMPLS], ids=["auto", *F32_IMPLS])
 def test_the_input_projection_equals_a_float64_product(fresh_choices, impl):
     sg = fresh_choices
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
-    x[7, 3] = float("nan")
+    x, w, exact = _projection_case(0)
     with sg.use_step_gemm(impl):
         got = sg.input_product(x, w)
-    exact = (x.double() @ w.double().t()).float()
     assert torch.isnan(got[7]).all() and torch.isfinite(got[torch.arange(50) != 7]).all()
     assert_close(got[:7], exact[:7], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
     assert_close(got[8:], exact[8:], atol=1e-5, rtol=1e-5, name=f"{impl}: x @ w.T")
@@ -283,10 +288,7 @@ def test_the_input_projection_by_blocks_equals_a_float64_product(fresh_choices, 
     # InputProjection reorders oneDNN's weight once for a block of `rows` rows and then takes
     # blocks of any row count (the last block of a sequence is shorter), float32 and float64
     sg = fresh_choices
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(50, 24, generator=g), torch.randn(40, 24, generator=g)
-    x[7, 3] = float("nan")
-    exact = (x.double() @ w.double().t()).float()
+    x, w, exact = _projection_case(1)
     with sg.use_step_gemm(impl):
         proj = sg.InputProjection(w, 16, torch.float32)
         if impl == "onednn":

@@ -208,9 +208,8 @@ def matmul_floor(cell: str, B: int, T: int, I: int, H: int, train: bool, device:
             torch.mm(dg.t(), x)  # dW_ih (the benchmark's input needs no gradient)
             return
         # as the fused path: the LSTM sums both over runs of steps; the GRU sums dW_hh over runs
-        # (half as long for the width, see rnn_fused) and dW_ih over all rows (its input
-        # projection's own backward)
-        run = min(N, backward_run_rows(B, G) if cell == "lstm" else backward_run_rows(B, 2 * (G + H)))
+        # and dW_ih over all rows (its input projection's own backward)
+        run = min(N, backward_run_rows(B, cell, H))
         run_ih = run if cell == "lstm" else N
         dw_hh = WeightGrad(G, H, run, dg.dtype)
         dw_ih = [WeightGrad(hi - lo, I, run_ih, dg.dtype) for lo, hi in groups]
@@ -440,7 +439,7 @@ def _backward_runs(device: str, B: int, T: int, H: int) -> dict | None:
         return None
     from lnorm.ops import rnn_fused
 
-    return dict(rows=min(B * T, rnn_fused.backward_run_rows(B, 4 * H)), cache_bytes=rnn_fused.last_level_cache_bytes(),
+    return dict(rows=min(B * T, rnn_fused.backward_run_rows(B, "lstm", H)), cache_bytes=rnn_fused.last_level_cache_bytes(),
                 run_bytes=rnn_fused.run_buffer_bytes())
 
 

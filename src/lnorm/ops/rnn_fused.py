@@ -233,10 +233,18 @@ def run_rows(width: int, itemsize: int) -> int:
     return min(_RUN_ROWS_MAX, max(_RUN_ROWS_MIN, _RUN_BYTES // max(1, width * itemsize)))
 
 
-def backward_run_rows(batch: int, width: int, itemsize: int = 4) -> int:
-    """The rows of one run of the LSTM backward with full batches of ``batch`` rows (whole steps,
-    at least one): what its weight gradients sum per product (``lnorm bench rnn`` times the same)."""
-    rows = run_rows(width, itemsize)
+def run_width(cell: str, hidden: int) -> int:
+    """The row width a backward's runs are sized by (``run_rows``): the LSTM's 4H (each of its two
+    run buffers, dpx and dgh, is 4H wide); the GRU's 8H, so half the LSTM's rows (its dgh and dyn
+    are 4H wide together, and half the length measured best, see ``_GRURecurrence.backward``)."""
+    return (4 if cell == "lstm" else 8) * hidden
+
+
+def backward_run_rows(batch: int, cell: str, hidden: int, itemsize: int = 4) -> int:
+    """The rows of one run of the ``cell`` ("lstm" or "gru") backward with full batches of
+    ``batch`` rows (whole steps, at least one): what its dW_hh sums per product (``lnorm bench
+    rnn`` times the same)."""
+    rows = run_rows(run_width(cell, hidden), itemsize)
     return max(batch, rows // batch * batch)
 
 
@@ -267,7 +275,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         H, dt, B = G // 4, ghat.dtype, h0.shape[0]
         dout, dhs = _output_grads(dout, dhn, N, B, H, dt)
         dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
-        runs = sched.chunks(run_rows(G, ghat.element_size()))
+        runs = sched.chunks(run_rows(run_width("lstm", H), ghat.element_size()))
         buf_rows = max(hi - lo for lo, hi, _ in runs)
         dpx = torch.empty(buf_rows, G, dtype=dt)
         dgh = torch.empty(buf_rows, G, dtype=dt)
@@ -378,7 +386,7 @@ class _GRURecurrence(torch.autograd.Function):
         # LayerNormGRU(128, 512) on (100, 32, 128) took 83.6 / 71.2 ms with runs of 512 rows, 84.0 /
         # 78.2 with 1024, 85.3 / 70.4 with 256 and 92.7 / 82.3 with all rows in one run, the
         # backward before runs (two interleaved sessions, median of 19; nn.GRU 134-137 ms).
-        runs = sched.chunks(run_rows(2 * (G + H), ghat.element_size()))
+        runs = sched.chunks(run_rows(run_width("gru", H), ghat.element_size()))
         buf_rows = max(hi - lo for lo, hi, _ in runs)
         dgh = torch.empty(buf_rows, G, dtype=dt)
         dyn = torch.empty(buf_rows, H, dtype=dt)
