@@ -314,9 +314,7 @@ def _input_impl(w: Tensor, dtype: torch.dtype) -> str:
 def input_product(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` for a contiguous (N, k) ``x`` and an (n, k) ``w``: one product for all rows,
     by oneDNN or ``torch.mm``, whichever measured faster here (``mkl`` forced means ``mm``)."""
-    if x.shape[0] == 0 or _input_impl(w, x.dtype) == "mm":
-        return torch.mm(x, w.t())
-    return _onednn_input(x, w)
+    return InputProjection(w, x.shape[0], x.dtype)(x)  # one block of all the rows
 
 
 class InputProjection:
