@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
@@ -250,6 +250,28 @@ def compare(a, b, *, min_effect: float, margin: float | None = None, paired: boo
     return _decided(est, se, df, base, notes)
 
 
+_BELOW_MIN = "the effect is real but below the minimum effect"
+_UNDECIDED = "the interval neither excludes 0 nor rules out the minimum effect"
+
+
+def as_non_inferiority(eff: Effect, margin: float) -> Effect:
+    """``eff`` (an effect ``a - b`` from :func:`compare`) read as a non-inferiority test: supported
+    when its interval lies above ``-margin``, not supported when it lies below, inconclusive
+    otherwise (or without an interval). The result carries the margin, that verdict, and a reason
+    about the margin in place of the plain comparison's (which is about a test the rule does not
+    make); the notes on scored or censored runs are kept."""
+    if eff.lo != eff.lo:
+        verdict = INCONCLUSIVE
+    else:
+        verdict = SUPPORTED if eff.lo > -margin else NOT_SUPPORTED if eff.hi < -margin else INCONCLUSIVE
+    notes = [r for r in eff.reason.split("; ") if r and not r.startswith((_BELOW_MIN, _UNDECIDED))]
+    if eff.lo == eff.lo:  # an interval: say where it lies against -margin
+        why = {NOT_SUPPORTED: [f"the interval lies below -{margin:g}"],
+               INCONCLUSIVE: [f"the interval reaches below -{margin:g}"]}.get(verdict, [])
+        notes = why + notes
+    return replace(eff, non_inferiority=margin, verdict=verdict, reason="; ".join(notes))
+
+
 def _decided(est: float, se: float, df: float, base: dict, notes: list[str]) -> Effect:
     from scipy.stats import t
 
@@ -263,8 +285,7 @@ def _decided(est: float, se: float, df: float, base: dict, notes: list[str]) -> 
     verdict = verdict_of(est, p_pos, p_eq, base["min_effect"])
     why = []
     if verdict == INCONCLUSIVE:
-        why.append(f"the effect is real but below the minimum effect {base['min_effect']:g}" if p_pos < ALPHA
-                   else "the interval neither excludes 0 nor rules out the minimum effect")
+        why.append(f"{_BELOW_MIN} {base['min_effect']:g}" if p_pos < ALPHA else _UNDECIDED)
     return Effect(estimate=est, lo=lo, hi=hi, p_positive=p_pos, p_equivalent=p_eq, verdict=verdict,
                   reason="; ".join(why + notes), **base)
 

@@ -13,7 +13,6 @@ and 4.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -144,9 +143,9 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
         ok = all(s == "cannot_train" for s in bn_b1_status)
         parts.append(S.SUPPORTED if ok else S.NOT_SUPPORTED)
         ev.append(f"BN@1: {'cannot train' if ok else 'trained'} ({len(bn_b1_status)} seeds)")
-    works = S.compare(ln_b1, none_b1, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
-                      resolution=ACC_RESOLUTION)
-    parts.append(non_inferior(works, tol))
+    works = S.as_non_inferiority(S.compare(ln_b1, none_b1, paired=True, min_effect=0.0, unit="acc",
+                                           fail_score=CHANCE, resolution=ACC_RESOLUTION), tol)
+    parts.append(works.verdict)
     ev.append(f"LN@1 - none@1 {works.text()} ({parts[-1]} at non-inferiority margin {tol:g})")
     # each drop is two rounded accuracies (largest batch minus small batch): four per paired difference
     eff = S.compare(bn_drop, ln_drop, paired=True, min_effect=min_effect, margin=margin, unit="acc",
@@ -156,38 +155,13 @@ def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[i
     return S.all_of(*parts), "; ".join(ev), eff
 
 
-def non_inferior(eff: S.Effect, tol: float) -> str:
-    """Non-inferiority of a difference ``a - b``: supported when its interval lies above ``-tol``,
-    not supported when it lies below ``-tol``, inconclusive otherwise (or without an interval)."""
-    if eff.lo != eff.lo:
-        return S.INCONCLUSIVE
-    if eff.lo > -tol:
-        return S.SUPPORTED
-    if eff.hi < -tol:
-        return S.NOT_SUPPORTED
-    return S.INCONCLUSIVE
-
-
 def verdict_c6(bn_acc: dict[int, float], ln_acc: dict[int, float], margin: float = 0.01) -> tuple[str, str, S.Effect]:
     """C6 (non-inferiority at the largest batch): supported if the paired 95% interval of BN - LN
     accuracy lies above ``-margin``; not supported if it lies below ``-margin`` (BN worse by more)."""
     eff = S.compare(bn_acc, ln_acc, paired=True, min_effect=0.0, unit="acc", fail_score=CHANCE,
                     resolution=ACC_RESOLUTION)
-    v = non_inferior(eff, margin)
-    return v, f"BN - LN test accuracy (non-inferiority margin {margin:g})", _as_non_inferiority(eff, margin, v)
-
-
-def _as_non_inferiority(eff: S.Effect, margin: float, verdict: str) -> S.Effect:
-    """``eff`` as the non-inferiority test it decided: its margin, that test's verdict, and its
-    reason instead of the plain comparison's ("neither excludes 0 nor rules out the minimum
-    effect" is about a test the rule does not make); the notes on scored runs are kept."""
-    plain = ("the interval neither excludes 0 nor rules out the minimum effect", "the effect is real but below")
-    notes = [r for r in eff.reason.split("; ") if r and not r.startswith(plain)]
-    if eff.lo == eff.lo:  # an interval: say where it lies against -margin
-        why = {S.NOT_SUPPORTED: [f"the interval lies below -{margin:g}"],
-               S.INCONCLUSIVE: [f"the interval reaches below -{margin:g}"]}.get(verdict, [])
-        notes = why + notes
-    return dataclasses.replace(eff, non_inferiority=margin, verdict=verdict, reason="; ".join(notes))
+    ni = S.as_non_inferiority(eff, margin)
+    return ni.verdict, f"BN - LN test accuracy (non-inferiority margin {margin:g})", ni
 
 
 def still_improving(recs: list[dict], rise: float = 0.01, **match) -> bool:
