@@ -387,85 +387,85 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
 
 @njit(**_OPTS)
 def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
-                 dx_rz, dx_n, dgh, dyn_s):  # pragma: no cover
+                 dx_rz, dx_n, dgh, acc):  # pragma: no cover
     # dhs: (B, H) in: the gradient w.r.t. this step's h from later steps; out: its z * dh part of
     # the previous h's gradient (the caller adds dgh W_hh); dx_rz (N, 2H), dx_n (N, H):
-    # gradients of gx_rz, gx_n; dgh (*, 3H): of gh; dyn_s (*, H): of LN(W_hh h)_n + b_hn, the
-    # last two for row n at row n - doff (the caller's buffers hold a run of steps, see rnn_fused).
+    # gradients of gx_rz, gx_n; dgh (*, 3H): of gh, for row n at row n - doff (the caller's buffer
+    # holds a run of steps, see rnn_fused).
     # hprev_idx[n]: row of out holding the previous h, or -1 - b for h0[b].
+    # acc (chunks, 3, 3H), float64: running sums over all rows of the gradients of the recurrent
+    # LN's weight (acc[:, 0]) and of the bias b1 (acc[:, 1]), and of b_in (acc[:, 2, :H]), one slice
+    # per chunk of rows (the caller sums the slices), each row added while it is in cache, as in
+    # lstm_bwd_step (a second pass over dx_rz and ghat read 26 MB back from memory).
     G = ghat_s.shape[1]
     H = G // 3
     one, inv_2h, inv_h = k[1], k[2], k[3]
     zero = one * np.float32(0)
-    for b in prange(bs):
-        n = off + b
-        p = hprev_idx[n]
-        hprev = out if p >= 0 else h0
-        pr = p if p >= 0 else -1 - p
+    chunks = acc.shape[0]
+    per = (bs + chunks - 1) // chunks
+    for ch in prange(chunks):
+        # this step's sums over the chunk's rows in the data's dtype, then into the float64 sums
+        ag = np.zeros((3, G), dtype=dgh.dtype)
+        dyn = np.empty(H, dtype=dgh.dtype)  # the row's gradient of LN(W_hh h)_n + b_hn
+        for b in range(ch * per, min(bs, (ch + 1) * per)):
+            n = off + b
+            d = n - doff
+            p = hprev_idx[n]
+            hprev = out if p >= 0 else h0
+            pr = p if p >= 0 else -1 - p
+            for j in range(H):
+                r = act_s[n, j]
+                z = act_s[n, H + j]
+                nv = act_s[n, 2 * H + j]
+                hn = act_s[n, 3 * H + j]
+                dh = dout[n, j] + dhs[b, j]
+                dhs[b, j] = dh * z
+                dn = dh * (one - z) * (one - nv * nv)
+                dx_rz[n, j] = dn * hn * r * (one - r)
+                dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
+                dx_n[n, j] = dn
+                dyn[j] = dn * r
+            # LN backward, group r, z (its output gradient is dx_rz's)
+            rs = stat_s[n, 0]
+            s3 = zero
+            s4 = zero
+            for q in range(2 * H):
+                dgt = dx_rz[n, q] * g1[q]
+                s3 += dgt
+                s4 += dgt * ghat_s[n, q]
+            s3 = s3 * inv_2h
+            s4 = s4 * inv_2h
+            for q in range(2 * H):
+                dgh[d, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+                ag[0, q] += dx_rz[n, q] * ghat_s[n, q]
+                ag[1, q] += dx_rz[n, q]
+            # group n (its output gradient is r * dn)
+            rs = stat_s[n, 1]
+            s3 = zero
+            s4 = zero
+            for j in range(H):
+                dgt = dyn[j] * g1[2 * H + j]
+                s3 += dgt
+                s4 += dgt * ghat_s[n, 2 * H + j]
+            s3 = s3 * inv_h
+            s4 = s4 * inv_h
+            for j in range(H):
+                dgh[d, 2 * H + j] = rs * (dyn[j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
+                ag[0, 2 * H + j] += dyn[j] * ghat_s[n, 2 * H + j]
+                ag[1, 2 * H + j] += dyn[j]
+                ag[2, j] += dx_n[n, j]
+        for q in range(G):
+            acc[ch, 0, q] += ag[0, q]
+            acc[ch, 1, q] += ag[1, q]
         for j in range(H):
-            r = act_s[n, j]
-            z = act_s[n, H + j]
-            nv = act_s[n, 2 * H + j]
-            hn = act_s[n, 3 * H + j]
-            dh = dout[n, j] + dhs[b, j]
-            dhs[b, j] = dh * z
-            dn = dh * (one - z) * (one - nv * nv)
-            dx_rz[n, j] = dn * hn * r * (one - r)
-            dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
-            dx_n[n, j] = dn
-            dyn_s[n - doff, j] = dn * r
-        # LN backward, group r, z (its output gradient is dx_rz's)
-        rs = stat_s[n, 0]
-        s3 = zero
-        s4 = zero
-        for q in range(2 * H):
-            dgt = dx_rz[n, q] * g1[q]
-            s3 += dgt
-            s4 += dgt * ghat_s[n, q]
-        s3 = s3 * inv_2h
-        s4 = s4 * inv_2h
-        for q in range(2 * H):
-            dgh[n - doff, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
-        # group n (its output gradient is r * dn)
-        rs = stat_s[n, 1]
-        s3 = zero
-        s4 = zero
-        for j in range(H):
-            dgt = dyn_s[n - doff, j] * g1[2 * H + j]
-            s3 += dgt
-            s4 += dgt * ghat_s[n, 2 * H + j]
-        s3 = s3 * inv_h
-        s4 = s4 * inv_h
-        for j in range(H):
-            dgh[n - doff, 2 * H + j] = rs * (dyn_s[n - doff, j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
-
-
-# --------------------------------------------------------------------------------- reductions
-
-
-@njit(**_OPTS)
-def colsum_prod(a, b, out):  # pragma: no cover
-    # out[k] = sum_n a[n, k] * b[n, k]: parallel over column blocks (no write races), each block
-    # accumulated in a local vector so the inner loop vectorizes
-    N, K = a.shape
-    blk = 256
-    nblk = (K + blk - 1) // blk
-    for q in prange(nblk):
-        lo = q * blk
-        w = min(blk, K - lo)
-        acc = np.zeros(blk, dtype=out.dtype)
-        for r in range(N):
-            for kk in range(w):
-                acc[kk] += a[r, lo + kk] * b[r, lo + kk]
-        for kk in range(w):
-            out[lo + kk] = acc[kk]
+            acc[ch, 2, j] += ag[2, j]
 
 
 # ------------------------------------------------------------------------------------- builds
 # Each kernel also in a serial build (prange is a plain range), for a process forked after its
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
-_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step, colsum_prod)
+_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

@@ -235,8 +235,8 @@ def run_rows(width: int, itemsize: int) -> int:
 
 def run_width(cell: str, hidden: int) -> int:
     """The row width a backward's runs are sized by (``run_rows``): the LSTM's 4H (each of its two
-    run buffers, dpx and dgh, is 4H wide); the GRU's 8H, so half the LSTM's rows (its dgh and dyn
-    are 4H wide together, and half the length measured best, see ``_GRURecurrence.backward``)."""
+    run buffers, dpx and dgh, is 4H wide); the GRU's 8H, so half the LSTM's rows (its one buffer,
+    dgh, is 3H wide, and half the length measured best, see ``_GRURecurrence.backward``)."""
     return (4 if cell == "lstm" else 8) * hidden
 
 
@@ -380,8 +380,8 @@ class _GRURecurrence(torch.autograd.Function):
         dout, dhs = _output_grads(dout, dhn, N, B, H, dt)
         dx_rz = torch.empty(N, 2 * H, dtype=dt)
         dx_n = torch.empty(N, H, dtype=dt)
-        # dgh and dyn a run of steps at a time (as the LSTM's backward): each run is folded into
-        # dW_hh and the n group's LN sums while it is in cache. Half the LSTM's run length for the
+        # dgh a run of steps at a time (as the LSTM's backward): each run is folded into dW_hh
+        # while it is in cache. Half the LSTM's run length for the
         # same width: 512 rows at H = 512 on the Zen 5, where a training step of
         # LayerNormGRU(128, 512) on (100, 32, 128) took 83.6 / 71.2 ms with runs of 512 rows, 84.0 /
         # 78.2 with 1024, 85.3 / 70.4 with 256 and 92.7 / 82.3 with all rows in one run, the
@@ -389,36 +389,28 @@ class _GRURecurrence(torch.autograd.Function):
         runs = sched.chunks(run_rows(run_width("gru", H), ghat.element_size()))
         buf_rows = max(hi - lo for lo, hi, _ in runs)
         dgh = torch.empty(buf_rows, G, dtype=dt)
-        dyn = torch.empty(buf_rows, H, dtype=dt)
         need_w_hh = ctx.needs_input_grad[3]
         dw = WeightGrad(G, H, buf_rows, dt) if need_w_hh else None
         gemm = StepGemm(w_hh.detach().t(), B, accumulate=True)  # dgh -> dgh W_hh
         dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
-        dxrz_n, dxn_n, dgh_n, dyn_n = _np(dx_rz), _np(dx_n), _np(dgh), _np(dyn)
+        dxrz_n, dxn_n, dgh_n = _np(dx_rz), _np(dx_n), _np(dgh)
         k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
-        kernels = K.builds()
-        dg1_n = torch.zeros(H, dtype=torch.float64)  # the n group's LN weight and bias gradients,
-        db1_n = torch.zeros(H, dtype=torch.float64)  # summed over runs
-        part = torch.empty(H, dtype=dt)
+        step = K.builds().gru_bwd_step
+        chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
+        acc = torch.zeros(chunks, 3, G, dtype=torch.float64)
+        acc_n = _np(acc)
         h0d = h0.detach()
         for lo, hi, steps in runs:
             for off, bs in steps:
-                kernels.gru_bwd_step(off, lo, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
-                                     g1_n, k, dxrz_n, dxn_n, dgh_n, dyn_n)
+                step(off, lo, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n, g1_n, k,
+                     dxrz_n, dxn_n, dgh_n, acc_n)
                 gemm.into(dgh[off - lo : off - lo + bs], dhs[:bs], accumulate=True)  # dhs: z dh + dgh W_hh
-            m = hi - lo
             if need_w_hh:
-                sched.add_weight_grad(dw, dgh[:m], h0d, out, lo, hi)
-            kernels.colsum_prod(dyn_n[:m], ghat_n[lo:hi, 2 * H :], _np(part))
-            dg1_n += part
-            db1_n += dyn[:m].sum(0)
+                sched.add_weight_grad(dw, dgh[: hi - lo], h0d, out, lo, hi)
         dw = dw.result() if need_w_hh else None
-        dg1 = torch.empty(G, dtype=dt)
-        kernels.colsum_prod(dxrz_n, ghat_n[:, : 2 * H], _np(dg1)[: 2 * H])
-        dg1[2 * H :] = dg1_n
-        db1 = torch.cat([dx_rz.sum(0), db1_n.to(dt)])
-        return (dx_rz, dx_n, dhs, dw, dg1, db1, dx_n.sum(0), None, None)
+        acc = acc.sum(0).to(dt)
+        return (dx_rz, dx_n, dhs, dw, acc[0], acc[1], acc[2, :H], None, None)
 
 
 def gru_recurrence(gx, h0, p, eps, batch_sizes, reverse):
