@@ -48,7 +48,8 @@ def test_the_x86_linux_wheel_has_every_implementation():
 @pytest.mark.parametrize("impl", F32_IMPLS)
 def test_each_implementation_equals_a_float64_product(impl, layout):
     # h @ w.T from either layout of w, for the packed row count and fewer rows (a packed
-    # sequence's later steps), written, accumulated into a slice, and returned
+    # sequence's later steps), written, accumulated into a slice, and returned (alone and added
+    # to a buffer: the backward's next h gradient)
     from lnorm.ops.step_gemm import StepGemm
 
     _skip_unless(impl)
@@ -64,6 +65,10 @@ def test_each_implementation_equals_a_float64_product(impl, layout):
         exact = (h.double() @ w.double().t()).float()
         assert_close(gemm(h), exact, name=f"{impl}, {rows} rows", **tol)
         assert_close(gemm.prod(h, torch.empty(rows, 40)), exact, name=f"{impl}, {rows} rows, prod", **tol)
+        buf = torch.randn(rows, 40, generator=g)
+        before = buf.clone()
+        assert_close(gemm.prod(h, buf, accumulate=True), before + exact, name=f"{impl}, {rows} rows, prod added",
+                     **tol)
         out = torch.randn(rows + 2, 40, generator=g)
         expected = out.clone()
         expected[1 : rows + 1] += exact

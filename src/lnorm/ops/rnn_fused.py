@@ -248,6 +248,19 @@ def backward_run_rows(batch: int, cell: str, hidden: int, itemsize: int = 4) -> 
     return max(batch, rows // batch * batch)
 
 
+def _next_dh(gemm: StepGemm, dgh: Tensor, dh: Tensor, full: bool, accumulate: bool) -> Tensor:
+    """The previous step's h gradient in a backward time loop: ``dgh @ W_hh`` (plus what the step
+    kernel left in ``dh`` when ``accumulate``, the GRU's ``z dh``) for the step's ``bs`` rows.
+    With full batches every step has all B rows, so it may be oneDNN's fresh output (no copy back
+    into ``dh``, 100 copies per layer saved); otherwise into ``dh[:bs]``, whose later rows hold the
+    gradients of sequences that end at earlier steps, read when the loop reaches them."""
+    bs = dgh.shape[0]
+    if full:
+        return gemm.prod(dgh, dh, accumulate)
+    gemm.into(dgh, dh[:bs], accumulate)
+    return dh
+
+
 def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor]:
     """The incoming gradients of the output (N, H) and of the final h (B, H), zeros where absent;
     the latter a fresh buffer, since backward through time accumulates into it."""
@@ -289,17 +302,18 @@ class _LSTMRecurrence(torch.autograd.Function):
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
         gemm = StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
-        dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dhs, dcs, ghat, c_all, stat))
+        dout_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, c_all, stat))
         c0_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, b1, g3, b3))
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
         k = _consts(dout_n.dtype, 1.0, G, H)
         h0d = h0.detach()
         step = K.builds().lstm_bwd_step
+        dh = dhs  # the gradient w.r.t. the step's h from later steps (see _next_dh)
         for lo, hi, steps in runs:
             for off, bs in steps:
-                step(off, lo, bs, dout_n, dhs_n, dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
-                                px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
-                gemm.into(dgh[off - lo : off - lo + bs], dhs[:bs])  # the previous h's gradient
+                step(off, lo, bs, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
+                     px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
+                dh = _next_dh(gemm, dgh[off - lo : off - lo + bs], dh, sched.full, False)
             m = hi - lo
             if need_w_hh:
                 sched.add_weight_grad(dw_hh, dgh[:m], h0d, out, lo, hi)
@@ -310,7 +324,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         acc_g, acc_c = acc_g.sum(0).to(dt), acc_c.sum(0).to(dt)
         dw_ih = dw_ih.result() if need_w_ih else None
         dw_hh = dw_hh.result() if need_w_hh else None
-        return (dx, dw_ih, dhs, dcs, dw_hh, acc_g[2], acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
+        return (dx, dw_ih, dh, dcs, dw_hh, acc_g[2], acc_g[0], acc_g[1], acc_c[0], acc_c[1], None, None)
 
 
 def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
@@ -392,7 +406,7 @@ class _GRURecurrence(torch.autograd.Function):
         need_w_hh = ctx.needs_input_grad[3]
         dw = WeightGrad(G, H, buf_rows, dt) if need_w_hh else None
         gemm = StepGemm(w_hh.detach().t(), B, accumulate=True)  # dgh -> dgh W_hh
-        dout_n, dhs_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, dhs, ghat, act, stat, out))
+        dout_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dxrz_n, dxn_n, dgh_n = _np(dx_rz), _np(dx_n), _np(dgh)
         k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
@@ -401,16 +415,18 @@ class _GRURecurrence(torch.autograd.Function):
         acc = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_n = _np(acc)
         h0d = h0.detach()
+        dh = dhs  # the gradient w.r.t. the step's h from later steps (see _next_dh)
         for lo, hi, steps in runs:
             for off, bs in steps:
-                step(off, lo, bs, dout_n, dhs_n, ghat_n, act_n, stat_n, sched.prev, out_n, h0_n, g1_n, k,
+                # the kernel leaves z dh in dh, the product adds dgh W_hh
+                step(off, lo, bs, dout_n, _np(dh), ghat_n, act_n, stat_n, sched.prev, out_n, h0_n, g1_n, k,
                      dxrz_n, dxn_n, dgh_n, acc_n)
-                gemm.into(dgh[off - lo : off - lo + bs], dhs[:bs], accumulate=True)  # dhs: z dh + dgh W_hh
+                dh = _next_dh(gemm, dgh[off - lo : off - lo + bs], dh, sched.full, True)
             if need_w_hh:
                 sched.add_weight_grad(dw, dgh[: hi - lo], h0d, out, lo, hi)
         dw = dw.result() if need_w_hh else None
         acc = acc.sum(0).to(dt)
-        return (dx_rz, dx_n, dhs, dw, acc[0], acc[1], acc[2, :H], None, None)
+        return (dx_rz, dx_n, dh, dw, acc[0], acc[1], acc[2, :H], None, None)
 
 
 def gru_recurrence(gx, h0, p, eps, batch_sizes, reverse):

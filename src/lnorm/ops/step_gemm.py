@@ -175,12 +175,15 @@ class StepGemm:
             return out.copy_(ops._linear_pointwise.binary(h, out, self.packed, None, "add"))
         return out.copy_(self.op(h, self.packed, None, "none", [], ""))
 
-    def prod(self, h: Tensor, buf: Tensor) -> Tensor:
-        """``h @ w.T``, in ``buf`` (h's rows, n) or in a fresh tensor (oneDNN's own output, which
-        saves a copy); either way a tensor with contiguous rows."""
+    def prod(self, h: Tensor, buf: Tensor, accumulate: bool = False) -> Tensor:
+        """``h @ w.T`` (``buf + h @ w.T`` when ``accumulate``), in ``buf`` (h's rows, n) or in a
+        fresh tensor (oneDNN's own output, which saves a copy); either way a tensor with
+        contiguous rows."""
         if self.impl == "onednn" and h.shape[0] == self.batch:
+            if accumulate:
+                return torch.ops.mkldnn._linear_pointwise.binary(h, buf, self.packed, None, "add")
             return self.op(h, self.packed, None, "none", [], "")
-        return self.into(h, buf)
+        return self.into(h, buf, accumulate)
 
     def __call__(self, h: Tensor) -> Tensor:
         return self.prod(h, torch.empty(h.shape[0], self.n, dtype=h.dtype))
