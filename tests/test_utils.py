@@ -81,3 +81,22 @@ def test_preserved_rng_restores_the_global_generator():
     with preserved_rng(model, torch.zeros(2)):
         torch.rand(100)
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_instruction_sets_name_the_widest_extension_and_the_limits_set(tmp_path):
+    # lnorm bench rnn prints these, so a table timed with AVX2 forced on an AVX-512 CPU says so
+    from lnorm.utils import instruction_sets
+
+    block = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma{}\n\nprocessor\t: 1\n" \
+            "flags\t\t: fpu sse2 avx avx2 avx512f\n"
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    wide.write_text(block.format(" avx512f avx512bw"))
+    narrow.write_text(block.format(""))  # only the first processor's block is read
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "haswell", "MKL_ENABLE_INSTRUCTIONS": "", "PATH": "/bin"}
+    got = instruction_sets(str(wide), env)
+    assert got["cpu"] == "AVX-512" and got["numba"] == "haswell"
+    assert got["limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "haswell"}  # set and non-empty only
+    assert got["torch"] == torch.backends.cpu.get_cpu_capability()
+    assert instruction_sets(str(narrow), {})["cpu"] == "AVX2"
+    none = instruction_sets(str(tmp_path / "absent"), {})
+    assert none["cpu"] is None and none["limits"] == {} and none["numba"] != "haswell"

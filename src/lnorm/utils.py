@@ -3,7 +3,8 @@
 What a model is made of (:func:`is_norm_layer`, :func:`is_recurrent_layer`), how to run it without
 leaving a trace (:class:`ModelState`, :func:`set_mode`, :func:`preserved_rng`, :func:`first_tensor`),
 how to write its numbers as strict JSON (:func:`json_safe`) and which CPU measured them
-(:func:`cpu_model`, for ``lnorm bench`` and the lab's ``env.json``).
+(:func:`cpu_model`, for ``lnorm bench`` and the lab's ``env.json``; :func:`instruction_sets`, the
+vector instructions the libraries used, for ``lnorm bench rnn``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lnorm.nn.rnn import (
     LayerNormRNNCell,
 )
 
-__all__ = ["ModelState", "cpu_model", "first_tensor", "is_norm_layer", "is_recurrent_layer", "json_safe",
+__all__ = ["ISA_LIMITS", "ModelState", "cpu_model", "first_tensor", "instruction_sets", "is_norm_layer", "is_recurrent_layer", "json_safe",
            "preserved_rng", "set_mode", "stochastic_off"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
@@ -195,3 +196,40 @@ def cpu_model(path: str = "/proc/cpuinfo") -> dict:
         if key.strip() in keys:
             info[keys[key.strip()]] = value.strip()
     return info
+
+
+# The environment variables that make torch's own kernels, oneDNN, MKL and Numba use fewer vector
+# instructions than the CPU has: how an AVX2 CPU is timed on an AVX-512 one (the README's speed
+# section). oneDNN and MKL read theirs when they load, so they must be set before the process starts.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+              "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
+
+
+def instruction_sets(path: str = "/proc/cpuinfo", environ: dict | None = None) -> dict:
+    """The vector instructions a timing ran with: ``cpu``, the widest x86 extension the first
+    processor reports ("AVX-512", "AVX2", "AVX", or None where /proc/cpuinfo lists no flags);
+    ``torch``, what torch's own kernels dispatch to (``torch.backends.cpu.get_cpu_capability()``);
+    ``numba``, the CPU Numba compiles for (``NUMBA_CPU_NAME``, else the host's, None without
+    Numba); ``limits``, the :data:`ISA_LIMITS` set in ``environ`` (default ``os.environ``), by name."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    flags: set[str] = set()
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    cpu = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
+               None)
+    try:
+        numba_cpu = environ.get("NUMBA_CPU_NAME") or __import__("llvmlite.binding").binding.get_host_cpu_name()
+    except ImportError:
+        numba_cpu = None
+    return {"cpu": cpu, "torch": torch.backends.cpu.get_cpu_capability(), "numba": numba_cpu,
+            "limits": {name: environ[name] for name in ISA_LIMITS if environ.get(name)}}

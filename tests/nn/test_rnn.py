@@ -802,6 +802,8 @@ def test_bench_rnn_cli_quick(tmp_path):
     # the header and the JSON name the CPU and the per-step GEMM each product chose
     settings = json.loads(out.read_text())["settings"]
     assert settings["cpu"]["model_name"] and f"CPU: {settings['cpu']['model_name']}" in proc.stdout
+    isa = settings["isa"]  # and the instruction sets the libraries used
+    assert f"Instruction sets: CPU {isa['cpu'] or 'unknown'}, torch's kernels {isa['torch']}" in proc.stdout
     if numba_available():
         chosen = settings["step_gemm"]
         assert chosen and all(c["impl"] in ("mkl", "onednn", "mm") and c["threads"] >= 1 for c in chosen)

@@ -20,6 +20,9 @@ float32's worst-case rounding over T steps of a float64 run of the same layer. M
 counts the bytes of the unique storages autograd keeps for backward (saved-tensor hooks).
 Cases: the main one (``--batch --seq-len --input-size --hidden-size``, 1 layer), 2 layers
 bidirectional, and a packed batch of mixed lengths (uniform between T/4 and T).
+The header names the CPU, the vector instructions in use (``lnorm.utils.instruction_sets``: a run
+with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+NUMBA_CPU_NAME=haswell`` times an AVX2 CPU on an AVX-512 one, and says so), and each GEMM choice.
 ``--device cuda`` runs every candidate on the GPU (``torch`` is then cuDNN; timing synchronizes
 before every clock read; the matmul floor uses plain ``torch.mm``); lnorm's recurrent layers take
 their fused Triton path there where triton imports, else their pure-torch path.
@@ -42,7 +45,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import lnorm
 from lnorm.bench.timing import interleaved, unwritable
 from lnorm.nn.rnn import LayerNormGRU, LayerNormLSTM
-from lnorm.utils import cpu_model  # shared with the lab's env.json
+from lnorm.utils import cpu_model, instruction_sets  # cpu_model: shared with the lab's env.json
 
 # Targets from issue 15 (main case, float32, on Intel and AMD x86 CPUs): lnorm/torch time and
 # saved-memory ratios, and the speedup over the naive implementation.
@@ -325,6 +328,14 @@ def _cpu_line(cpu: dict) -> str:
     return f"CPU: {cpu['model_name']}{fam}"
 
 
+def _isa_line(isa: dict) -> str:
+    line = (f"Instruction sets: CPU {isa['cpu'] or 'unknown'}, torch's kernels {isa['torch']}, "
+            f"Numba {isa['numba'] or 'absent'}")
+    if isa["limits"]:
+        line += "; limited by " + ", ".join(f"{k}={v}" for k, v in isa["limits"].items())
+    return line
+
+
 def gemm_lines(choices: list[dict]) -> list[str]:
     out = []
     for c in choices:
@@ -484,10 +495,11 @@ def _run(args: argparse.Namespace) -> int:
                     backend=lnorm.get_backend(args.device), threads=torch.get_num_threads(), torch=torch.__version__,
                     device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                     machine=platform.machine(), processor=platform.processor(), cpu=cpu_model(),
-                    numba_threads=_numba_threads(), command=" ".join(sys.argv))
+                    isa=instruction_sets(), numba_threads=_numba_threads(), command=" ".join(sys.argv))
     print(f"lnorm bench rnn: B={B} T={T} I={I} H={H}, float32 on {settings['gpu'] or 'cpu'}, backend {settings['backend']}, "
           f"{settings['threads']} threads (Numba {settings['numba_threads']}), median of {repeats}")
     print(_cpu_line(settings["cpu"]))
+    print(_isa_line(settings["isa"]))
     rows: list[Row] = []
     for cell in cells:
         for case in cases:
