@@ -95,6 +95,54 @@ def test_opcheck_recurrence(kind, case):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+def _backward_args(kind, batch_sizes, reverse):
+    # the backward op's arguments: output gradients, then what the forward op saved, as the op's
+    # registered autograd passes them
+    ops = _ops()
+    args = (_lstm_args if kind == "lstm" else _gru_args)(batch_sizes, reverse)
+    n = 10 if kind == "lstm" else 7
+    tensors = [t.detach() for t in args[:n]]
+    res = (ops.lstm_recurrence if kind == "lstm" else ops.gru_recurrence)(*tensors, *args[n:])
+    grads = [torch.randn_like(t) for t in res[: 3 if kind == "lstm" else 2]]
+    if kind == "lstm":
+        x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3 = tensors
+        out, _, _, px, ghat, c_all, stat = res
+        saved = (x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
+        return ops.lstm_recurrence_backward, (*grads, *saved, batch_sizes, reverse, True, True, True)
+    _, _, h0, w_hh, g1, _, _ = tensors
+    out, _, ghat, act, stat = res
+    return ops.gru_recurrence_backward, (*grads, h0, w_hh, g1, out, ghat, act, stat, batch_sizes, reverse, True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_opcheck_recurrence_backward(kind, case):
+    # regression: the backward ops returned views of one buffer of LN-parameter sums; a clone keyed
+    # on ``_base`` missed them under a dispatch mode (opcheck's schema test, FlopCounterMode)
+    op, args = _backward_args(kind, *CASES[case])
+    result = torch.library.opcheck(op.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compiled_backward_runs_under_a_dispatch_mode(kind):
+    # the same regression as a user meets it: counting the flops of a compiled layer's backward
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    m = _make(kind, 3, 4)
+    x = torch.randn(5, 2, 3, dtype=D64, requires_grad=True)
+    y = _loss(torch.compile(m, backend="aot_eager")(x))
+    with FlopCounterMode(display=False):
+        y.backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    _loss(m(x)).backward()  # eager
+    for got, want in zip(grads, [x.grad] + [p.grad for p in m.parameters()], strict=True):
+        assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_gradcheck_recurrence_op(kind):
     # the op's registered autograd (its backward op) against finite differences

@@ -483,9 +483,25 @@ class _OpContext:
         self.saved_tensors, self.needs_input_grad, self.sched = saved_tensors, needs_input_grad, sched
 
 
-def _fresh(t: Tensor) -> Tensor:
-    # a custom op's outputs may not alias each other (the backward returns views of one buffer)
-    return t.clone() if t._base is not None else t
+def _unaliased(grads, inputs, empty: Tensor) -> list[Tensor]:
+    """A custom op's outputs may alias neither each other nor its inputs, and must look like its
+    fake implementation's (fresh, contiguous, at storage offset 0), where the backwards return
+    views of one buffer of LN-parameter sums: each gradient that is not alone in a storage of its
+    own size, or whose storage an input or an earlier output holds, is cloned; ``empty`` (a fresh
+    empty tensor each) stands for one not computed. Storages are compared as torch's own check
+    compares them, not by ``_base``: a view made under a TorchDispatchMode (FlopCounterMode, the
+    compiler's tracing) has no ``_base``."""
+    held = {t.untyped_storage()._cdata for t in inputs if isinstance(t, Tensor)}
+    out = []
+    for g in grads:
+        g = empty.new_empty(0) if g is None else g
+        own = (g.storage_offset() == 0 and g.is_contiguous()
+               and g.untyped_storage().nbytes() == g.numel() * g.element_size())
+        if not own or g.untyped_storage()._cdata in held:
+            g = g.clone(memory_format=torch.contiguous_format)
+        held.add(g.untyped_storage()._cdata)
+        out.append(g)
+    return out
 
 
 @torch.library.custom_op("lnorm::lstm_recurrence", mutates_args=())
@@ -519,8 +535,9 @@ def lstm_recurrence_backward_op(
     saved = (x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
     needs = (need_x, need_w_ih, False, False, need_w_hh)
     ctx = _OpContext(saved, needs, _Schedule(batch_sizes, reverse))
-    grads = _LSTMRecurrence.backward(ctx, dout, dhn, dcn)[:10]
-    return [_fresh(g) if g is not None else x.new_empty(0) for g in grads]
+    with torch.no_grad():  # plain gradients: first_order_only's error node is for the Function's route
+        grads = _LSTMRecurrence.backward(ctx, dout, dhn, dcn)[:10]
+    return _unaliased(grads, (dout, dhn, dcn, *saved), x)
 
 
 @lstm_recurrence_backward_op.register_fake
@@ -577,8 +594,9 @@ def gru_recurrence_backward_op(
     """The gradients of ``gx_rz, gx_n, h0, w_hh, g1, b1, b_in``; ``w_hh``'s empty if not needed."""
     saved = (h0, w_hh, g1, out, ghat, act, stat)
     ctx = _OpContext(saved, (False, False, False, need_w_hh), _Schedule(batch_sizes, reverse))
-    grads = _GRURecurrence.backward(ctx, dout, dhn)[:7]
-    return [_fresh(g) if g is not None else h0.new_empty(0) for g in grads]
+    with torch.no_grad():
+        grads = _GRURecurrence.backward(ctx, dout, dhn)[:7]
+    return _unaliased(grads, (dout, dhn, *saved), h0)
 
 
 @gru_recurrence_backward_op.register_fake
