@@ -100,3 +100,23 @@ def test_instruction_sets_name_the_widest_extension_and_the_limits_set(tmp_path)
     assert instruction_sets(str(narrow), {})["cpu"] == "AVX2"
     none = instruction_sets(str(tmp_path / "absent"), {})
     assert none["cpu"] is None and none["limits"] == {} and none["numba"] != "haswell"
+
+
+def test_instruction_sets_without_numba_say_so(monkeypatch):
+    # regression: the header named the host CPU as Numba's target when Numba itself would not
+    # import (llvmlite alone did), and a broken llvmlite raised OSError out of the bench's header
+    import sys
+
+    from lnorm.ops import backend
+    from lnorm.utils import instruction_sets
+
+    monkeypatch.setattr(backend, "_numba_ok", False)
+    assert instruction_sets(environ={"NUMBA_CPU_NAME": "haswell"})["numba"] is None
+    monkeypatch.setattr(backend, "_numba_ok", True)
+
+    class Broken:
+        def __getattr__(self, name):
+            raise OSError("Could not find/load shared object file")
+
+    monkeypatch.setitem(sys.modules, "llvmlite.binding", Broken())
+    assert instruction_sets(environ={})["numba"] is None

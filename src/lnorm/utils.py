@@ -227,9 +227,15 @@ def instruction_sets(path: str = "/proc/cpuinfo", environ: dict | None = None) -
         pass
     cpu = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
                None)
-    try:
-        numba_cpu = environ.get("NUMBA_CPU_NAME") or __import__("llvmlite.binding").binding.get_host_cpu_name()
-    except ImportError:
-        numba_cpu = None
+    from lnorm.ops.backend import numba_available
+
+    numba_cpu = None
+    if numba_available():  # else no kernel of lnorm's is compiled here, whatever llvmlite says
+        try:
+            import importlib
+
+            numba_cpu = environ.get("NUMBA_CPU_NAME") or importlib.import_module("llvmlite.binding").get_host_cpu_name()
+        except Exception:  # ImportError, or a broken llvmlite (OSError loading its library)
+            numba_cpu = None
     return {"cpu": cpu, "torch": torch.backends.cpu.get_cpu_capability(), "numba": numba_cpu,
             "limits": {name: environ[name] for name in ISA_LIMITS if environ.get(name)}}
