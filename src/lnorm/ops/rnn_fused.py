@@ -93,7 +93,9 @@ class _Schedule:
         ``rows`` (the outputs) or of ``init``. ``lo`` and ``hi`` fall on step boundaries.
 
         With full batches the previous states are ``rows`` shifted by one step, plus ``init`` for
-        the step that starts from it, so matmuls on views replace a gather copy."""
+        the step that starts from it: a view of ``rows``, or for the one run that holds that step
+        ``init`` and the run's other rows copied together (one product: a second one, of B rows,
+        would read and write the whole (4H, H) sum again for a sliver of work)."""
         B, N = self.B, self.N
         if not self.full:
             idx = self.prev_t[lo:hi]
@@ -102,18 +104,10 @@ class _Schedule:
             dw.add(dgh, torch.where((idx >= 0)[:, None], from_rows, from_init))
             return dw
         if not self.reverse:  # row n's previous state is row n - B; the first step's is init
-            if lo < B:
-                dw.add(dgh[:B], init)
-                dgh, lo = dgh[B:], B
-            if lo < hi:
-                dw.add(dgh, rows[lo - B : hi - B])
-            return dw
-        # reverse: row n's previous state is row n + B; the last step's (rows N - B ..) is init
-        if hi > N - B:
-            dw.add(dgh[N - B - lo :], init)
-            dgh, hi = dgh[: N - B - lo], N - B
-        if lo < hi:
-            dw.add(dgh, rows[lo + B : hi + B])
+            prev = torch.cat([init, rows[: hi - B]]) if lo < B else rows[lo - B : hi - B]
+        else:  # row n's previous state is row n + B; the last step's (rows N - B ..) is init
+            prev = torch.cat([rows[lo + B :], init]) if hi > N - B else rows[lo + B : hi + B]
+        dw.add(dgh, prev)
         return dw
 
 
