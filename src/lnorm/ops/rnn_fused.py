@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lnorm.ops import _rnn_kernels as K
+from lnorm.ops import saved_buffers
 from lnorm.ops._numba_kernels import num_threads
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
@@ -125,6 +126,10 @@ def _step_product(gemm: StepGemm, hs: Tensor, gh: Tensor, bs: int):
     return gemm.prod(hs[:bs], gh[:bs]).numpy()
 
 
+def _torch_empty(shape: tuple[int, ...], dt) -> Tensor:
+    return torch.empty(*shape, dtype=dt)
+
+
 def _consts(dtype, eps: float, g: int, h: int):
     # scalars in the data's dtype, so the kernels' float32 loops stay float32
     return np.array([eps, 1.0, 1.0 / g, 1.0 / h], dtype=dtype)
@@ -140,9 +145,11 @@ def _consts(dtype, eps: float, g: int, h: int):
 _PX_BLOCK_BYTES = 2 << 20
 
 
-def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool):
+def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, eps: float, save: bool,
+                  pooled: bool = False):
     """The time loop: ``(out, h_n, c_n, px, (ghat, c_all, stat))``, ``px = x W_ih^T`` for all rows
-    when ``save`` (backward reads it with the rest), else an empty (0, 4H) tensor."""
+    when ``save`` (backward reads it with the rest), else an empty (0, 4H) tensor. ``pooled``: the
+    saved buffers come from ``saved_buffers`` (the autograd Function's route)."""
     N, G = x.shape[0], w_ih.shape[0]
     H = G // 4
     B = h0.shape[0]
@@ -152,9 +159,10 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else 0  # what backward reads; nothing without gradients to come
-    ghat = torch.empty(rows, G, dtype=dt)
-    c_all = torch.empty(rows, H, dtype=dt)
-    stat = torch.empty(rows, 5, dtype=dt)
+    new = saved_buffers.empty if pooled else _torch_empty
+    ghat = new((rows, G), dt)
+    c_all = new((rows, H), dt)
+    stat = new((rows, 5), dt)
     g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (g0, g1, b1, g3, b3))
     hs_n, cs_n, out_n = _np(hs), _np(cs), _np(out)
     ghat_n, c_n, stat_n = _np(ghat), _np(c_all), _np(stat)
@@ -276,7 +284,8 @@ def _output_grads(dout, dhn, N: int, B: int, H: int, dt) -> tuple[Tensor, Tensor
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps):
-        out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True)
+        out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, True,
+                                               pooled=True)
         w_keep = w_ih if ctx.needs_input_grad[0] else None  # W_ih is needed only for dx
         ctx.save_for_backward(x, w_keep, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, *saved)
         ctx.sched = sched
@@ -354,7 +363,8 @@ def lstm_recurrence(x, h0, c0, p, eps, batch_sizes, reverse):
 # ----------------------------------------------------------------------------------------- GRU
 
 
-def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: float, save: bool):
+def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: float, save: bool,
+                 pooled: bool = False):
     N = gx_rz.shape[0]
     H = gx_n.shape[1]
     G = 3 * H
@@ -364,9 +374,10 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
-    ghat = torch.empty(rows, G, dtype=dt)
-    act = torch.empty(rows, 4 * H, dtype=dt)
-    stat = torch.empty(rows, 2, dtype=dt)
+    new = saved_buffers.empty if pooled and save else _torch_empty  # (without save: one step's scratch)
+    ghat = new((rows, G), dt)
+    act = new((rows, 4 * H), dt)
+    stat = new((rows, 2), dt)
     xrz_n, xn_n, g1_n, b1_n, bin_n = (_np(t.contiguous()) for t in (gx_rz, gx_n, g1, b1, b_in))
     hs_n, out_n = _np(hs), _np(out)
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
@@ -383,7 +394,7 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
 class _GRURecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps):
-        out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, True)
+        out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, True, pooled=True)
         ctx.save_for_backward(h0, w_hh, g1, out, *saved)
         ctx.sched = sched
         return out, hn
