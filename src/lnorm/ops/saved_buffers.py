@@ -28,6 +28,7 @@ allocate as before.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import weakref
@@ -57,9 +58,9 @@ def max_free_bytes() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"{ENV} must be a number of megabytes >= 0, got {raw!r}") from None
-    if not mb >= 0:  # NaN too
-        raise ValueError(f"{ENV} must be a number of megabytes >= 0, got {raw!r}")
+        raise ValueError(f"{ENV} must be a finite number of megabytes >= 0, got {raw!r}") from None
+    if not (mb >= 0 and math.isfinite(mb)):  # NaN, inf
+        raise ValueError(f"{ENV} must be a finite number of megabytes >= 0, got {raw!r}")
     return int(mb * (1 << 20))
 
 
@@ -78,13 +79,33 @@ def _drain(cap: int) -> None:
 
 
 def _take(key: tuple[int, type], block: np.ndarray) -> None:
-    # under _lock: block leaves the free lists
+    # under _lock: block leaves the free lists and the age order (tolerating either having lost it
+    # to an interrupt between two of these statements: no StopIteration or KeyError from here)
     global _free_bytes
-    blocks = _free[key]
-    blocks.pop(next(i for i, b in enumerate(blocks) if b is block))
+    _order.pop(id(block), None)
+    blocks = _free.get(key, [])
+    for i, b in enumerate(blocks):
+        if b is block:
+            del blocks[i]
+            _free_bytes -= block.nbytes
+            break
     if not blocks:
-        del _free[key]
-    _free_bytes -= block.nbytes
+        _free.pop(key, None)
+
+
+def _returned_by_finalizer(item: tuple[tuple[int, type], np.ndarray]) -> None:
+    # a handed-out view's finalizer: the block's last holder is gone. Queued without a lock (the
+    # garbage collector may run this inside the pool's own locked code), then moved into the free
+    # lists and trimmed to the cap at once when the lock is free, so what a step saved does not
+    # wait, uncapped, for the next request
+    _returned.append(item)
+    if _lock.acquire(blocking=False):
+        try:
+            _drain(max_free_bytes())
+        except ValueError:  # a bad LNORM_SAVED_BUFFER_CACHE_MB: reported by the next request
+            pass
+        finally:
+            _lock.release()
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -108,12 +129,11 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         block = blocks[-1] if blocks else None  # the most recently returned
         if block is not None:
             _take(key, block)
-            del _order[id(block)]
     if block is None:
         block = np.empty(n, dtype=npdt)
     view = block.view()  # a new array object over the block, the one torch keeps alive
     view.shape = shape
-    weakref.finalize(view, _returned.append, (key, block)).atexit = False
+    weakref.finalize(view, _returned_by_finalizer, (key, block)).atexit = False
     return torch.from_numpy(view)
 
 
