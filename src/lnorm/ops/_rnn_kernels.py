@@ -386,6 +386,33 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
 
 
 @njit(**_OPTS)
+def gru_fwd_infer_step(off, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out):  # pragma: no cover
+    # gru_fwd_step without gradients to come: nothing saved, and one parallel loop instead of
+    # two. The gates of a row go through a row-local buffer (r, z in a[:2H]), which Numba
+    # vectorizes as it does lstm_fwd_infer_step's (a buffer of the caller's, a row of a 2-D
+    # scratch array, compiled into code several times slower: its aliasing with the other arrays
+    # is unknown). The same arithmetic as gru_fwd_step; the two builds may contract different
+    # multiply-adds, so the results agree to float32 rounding.
+    bs, G = gh.shape
+    H = G // 3
+    eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
+    for b in prange(bs):
+        n = off + b
+        a = np.empty(2 * H, dtype=gh.dtype)
+        mu1, r1 = _mean_rstd(gh, b, 0, 2 * H, inv_2h, eps, one)
+        mu2, r2 = _mean_rstd(gh, b, 2 * H, 3 * H, inv_h, eps, one)
+        for q in range(2 * H):
+            a[q] = fsig(g1[q] * ((gh[b, q] - mu1) * r1) + b1[q] + gx_rz[n, q])
+        for j in range(H):
+            hn = g1[2 * H + j] * ((gh[b, 2 * H + j] - mu2) * r2) + b1[2 * H + j]
+            nv = ftanh(gx_n[n, j] + b_in[j] + a[j] * hn)
+            z = a[H + j]
+            hv = (one - z) * nv + z * hs[b, j]
+            out[n, j] = hv
+            hs[b, j] = hv
+
+
+@njit(**_OPTS)
 def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k,
                  dx_rz, dx_n, dgh, acc):  # pragma: no cover
     # dhs: (B, H) in: the gradient w.r.t. this step's h from later steps; out: its z * dh part of
@@ -465,7 +492,7 @@ def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out
 # Each kernel also in a serial build (prange is a plain range), for a process forked after its
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
-_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_bwd_step)
+_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_fwd_infer_step, gru_bwd_step)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

@@ -373,8 +373,8 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
-    rows = N if save else B
-    new = saved_buffers.empty if pooled and save else _torch_empty  # (without save: one step's scratch)
+    rows = N if save else 0  # what backward reads; nothing without gradients to come
+    new = saved_buffers.empty if pooled else _torch_empty
     ghat = new((rows, G), dt)
     act = new((rows, 4 * H), dt)
     stat = new((rows, 2), dt)
@@ -383,11 +383,18 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
-    step = K.builds().gru_fwd_step
+    kernels = K.builds()
+    if save:
+        step = kernels.gru_fwd_step
+        for off, bs in sched.steps:
+            gh_n = _step_product(gemm, hs, gh, bs)
+            step(off, off, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n, act_n, stat_n)
+        return out, hs, (ghat, act, stat)
+    # no gradients to come: the kernel that saves nothing (ghat, act, stat stay empty)
+    step = kernels.gru_fwd_infer_step
     for off, bs in sched.steps:
         gh_n = _step_product(gemm, hs, gh, bs)
-        step(off, off if save else 0, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n,
-             act_n, stat_n)
+        step(off, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n)
     return out, hs, (ghat, act, stat)
 
 
@@ -586,7 +593,7 @@ def gru_recurrence_op(
 @gru_recurrence_op.register_fake
 def _(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, batch_sizes, reverse, eps, save):
     N, H, B = gx_n.shape[0], gx_n.shape[1], h0.shape[0]
-    rows = N if save else B
+    rows = N if save else 0
     e = gx_n.new_empty
     return e(N, H), e(B, H), e(rows, 3 * H), e(rows, 4 * H), e(rows, 2)
 
