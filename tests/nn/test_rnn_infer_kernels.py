@@ -27,21 +27,41 @@ def _builds():
     return {"threaded": K.builds(), "serial": K._SERIAL}
 
 
+def _layer_norm_groups(px, g0, eps, H):
+    """LN of each row of px in the GRU's two groups [r, z | n], weight g0, no bias (float64)."""
+    px = px.astype(np.float64)
+    out = np.empty_like(px)
+    for lo, hi in ((0, 2 * H), (2 * H, 3 * H)):
+        part = px[:, lo:hi]
+        mu, var = part.mean(1, keepdims=True), part.var(1, keepdims=True)
+        out[:, lo:hi] = (part - mu) / np.sqrt(var + eps) * g0[lo:hi]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("build", ["threaded", "serial"])
 def test_gru_infer_step_matches_training_step(build, dtype):
+    # the infer kernel normalizes W_ih x itself (the training route gets LN(W_ih x) from the
+    # caller) and takes the input LN's bias folded into b1 (r, z) and b_in (n)
     kern = _builds()[build]
     rng = np.random.default_rng(0)
-    G, N = 3 * H, OFF + 2 * B
-    gx_rz, gx_n, g1, b1, b_in, h0 = _arrays(rng, dtype, (N, 2 * H), (N, H), G, G, H, (B, H))
-    k = np.array([1e-5, 1.0, 1.0 / (2 * H), 1.0 / H], dtype=dtype)
+    G, N, eps = 3 * H, OFF + 2 * B, 1e-5
+    px, g0, ln_b, g1, b1, b_in, h0 = _arrays(rng, dtype, (N, G), G, G, G, G, H, (B, H))
+    px = px * 4 + 2  # a mean and a scale for the layer norm to remove
+    gx = _layer_norm_groups(px, g0, eps, H).astype(dtype)
+    gx_rz, gx_n = np.ascontiguousarray(gx[:, : 2 * H]), np.ascontiguousarray(gx[:, 2 * H :])
+    b1_t, b_in_t = b1.copy(), b_in.copy()
+    b1_t[: 2 * H] += ln_b[: 2 * H]
+    b_in_t += ln_b[2 * H :]
+    k = np.array([eps, 1.0, 1.0 / (2 * H), 1.0 / H], dtype=dtype)
     hs_t, hs_i = h0.copy(), h0.copy()
     out_t, out_i = np.full((N, H), 9.0, dtype), np.full((N, H), 9.0, dtype)
     ghat, act, stat = np.empty((N, G), dtype), np.empty((N, 4 * H), dtype), np.empty((N, 2), dtype)
+    lo = OFF - 2  # the infer kernel reads px from a block of rows that starts at lo
     for off in (OFF, OFF + BS):  # the second step reads the h the first one wrote
         gh = rng.standard_normal((BS, G)).astype(dtype) * 3 + 1
-        kern.gru_fwd_step(off, off, gh, gx_rz, gx_n, g1, b1, b_in, k, hs_t, out_t, ghat, act, stat)
-        kern.gru_fwd_infer_step(off, gh, gx_rz, gx_n, g1, b1, b_in, k, hs_i, out_i)
+        kern.gru_fwd_step(off, off, gh, gx_rz, gx_n, g1, b1_t, b_in_t, k, hs_t, out_t, ghat, act, stat)
+        kern.gru_fwd_infer_step(off, off - lo, gh, px[lo:], g0, g1, b1_t, b_in_t, k, hs_i, out_i)
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(out_i, out_t, **tol)
     np.testing.assert_allclose(hs_i, hs_t, **tol)

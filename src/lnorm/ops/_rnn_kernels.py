@@ -8,8 +8,10 @@ walk the same step in reverse. ``lnorm.ops.rnn_fused`` launches them from its ti
 Notation: row ``b`` of the step is row ``n = off + b`` of the packed (N, ...) sequence buffers;
 ``H`` hidden size; LSTM gates (i, f, g, o) and GRU gates (r, z, n) in torch's order. ``gx`` is the
 hoisted input part of the gates (LN(W_ih x) + biases) for all rows. Saved tensors are indexed by
-``n``; in inference the GRU's "saved" buffers are per-step scratch indexed by ``b``
-(``soff = 0``), and the LSTM runs ``lstm_fwd_infer_step``, which saves nothing.
+``n``. Without gradients to come the layers run ``lstm_fwd_infer_step`` and
+``gru_fwd_infer_step``, which save nothing and normalize a block of W_ih x themselves (compiled
+with ``torch.compile``, the GRU's op runs ``gru_fwd_step`` with per-step scratch indexed by ``b``,
+``soff = 0``, as its "saved" buffers).
 Accumulators take the array's dtype: they start from ``zero = one * np.float32(0)`` (``one`` comes
 in the data's dtype), never from ``x * 0``, which Numba types float64 for float32 ``x``.
 """
@@ -386,26 +388,33 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
 
 
 @njit(**_OPTS)
-def gru_fwd_infer_step(off, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out):  # pragma: no cover
-    # gru_fwd_step without gradients to come: nothing saved, and one parallel loop instead of
-    # two. The gates of a row go through a row-local buffer (r, z in a[:2H]), which Numba
-    # vectorizes as it does lstm_fwd_infer_step's (a buffer of the caller's, a row of a 2-D
-    # scratch array, compiled into code several times slower: its aliasing with the other arrays
-    # is unknown). The same arithmetic as gru_fwd_step; the two builds may contract different
-    # multiply-adds, so the results agree to float32 rounding.
+def gru_fwd_infer_step(off, poff, gh, px, g0, g1, b1, b_in, k, hs, out):  # pragma: no cover
+    # gru_fwd_step without gradients to come, and with the input's layer norm inside, as
+    # lstm_fwd_infer_step: px holds W_ih x for a block of steps (row b's at px[poff + b], the
+    # caller projects the input a block at a time), normalized here in its two groups [r, z | n]
+    # with weight g0 (3H; the LN's bias is folded into b1's r, z part and into b_in) while the row
+    # is in cache. Nothing is saved, and there is one parallel loop instead of two. The gates of a
+    # row go through a row-local buffer (r, z in a[:2H]): Numba vectorizes that as it does
+    # lstm_fwd_infer_step's (a row of a scratch array of the caller's compiled into code several
+    # times slower: its aliasing with the other arrays is unknown). The same arithmetic as the
+    # training route (the input LN, then gru_fwd_step), to float32 rounding.
     bs, G = gh.shape
     H = G // 3
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
     for b in prange(bs):
         n = off + b
+        p = poff + b
         a = np.empty(2 * H, dtype=gh.dtype)
         mu1, r1 = _mean_rstd(gh, b, 0, 2 * H, inv_2h, eps, one)
         mu2, r2 = _mean_rstd(gh, b, 2 * H, 3 * H, inv_h, eps, one)
+        mx1, rx1 = _mean_rstd(px, p, 0, 2 * H, inv_2h, eps, one)
+        mx2, rx2 = _mean_rstd(px, p, 2 * H, 3 * H, inv_h, eps, one)
         for q in range(2 * H):
-            a[q] = fsig(g1[q] * ((gh[b, q] - mu1) * r1) + b1[q] + gx_rz[n, q])
+            a[q] = fsig(g1[q] * ((gh[b, q] - mu1) * r1) + b1[q] + g0[q] * ((px[p, q] - mx1) * rx1))
         for j in range(H):
             hn = g1[2 * H + j] * ((gh[b, 2 * H + j] - mu2) * r2) + b1[2 * H + j]
-            nv = ftanh(gx_n[n, j] + b_in[j] + a[j] * hn)
+            xn = g0[2 * H + j] * ((px[p, 2 * H + j] - mx2) * rx2)
+            nv = ftanh(xn + b_in[j] + a[j] * hn)
             z = a[H + j]
             hv = (one - z) * nv + z * hs[b, j]
             out[n, j] = hv

@@ -3,12 +3,14 @@
 What runs where (chosen by measurement, see ``lnorm bench rnn``):
 
 * The input part of the gates does not depend on h: W_ih x for all time steps at once (one
-  matmul). The LSTM's step kernels layer-normalize each row of it in cache (and backpropagate
-  through that LN); the GRU's input LN (two groups) runs before the loop, in the caller.
+  matmul), or without gradients to come a block of steps at a time. The LSTM's step kernels
+  layer-normalize each row of it in cache (and backpropagate through that LN); so do the GRU's
+  without gradients to come, while in training its input LN (two groups) runs before the loop,
+  in the caller, under autograd.
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
-  LSTM's backward recomputes them; without gradients to come, the LSTM's kernel saves nothing).
+  LSTM's backward recomputes them; without gradients to come, eager, the kernels save nothing).
   The per-step matmuls go through ``StepGemm`` (the weight packed once per call for the batch
   size, as oneDNN's own LSTM does, by MKL or oneDNN, whichever this process measured faster for
   the shape; see ``lnorm.ops.step_gemm``).
@@ -158,8 +160,8 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
-    rows = N if save else 0  # what backward reads; nothing without gradients to come
-    new = saved_buffers.empty if pooled else _torch_empty
+    rows = N if save else B
+    new = saved_buffers.empty if pooled and save else _torch_empty  # (without save: one step's scratch)
     ghat = new((rows, G), dt)
     c_all = new((rows, H), dt)
     stat = new((rows, 5), dt)
@@ -373,8 +375,8 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
-    rows = N if save else 0  # what backward reads; nothing without gradients to come
-    new = saved_buffers.empty if pooled else _torch_empty
+    rows = N if save else B
+    new = saved_buffers.empty if pooled and save else _torch_empty  # (without save: one step's scratch)
     ghat = new((rows, G), dt)
     act = new((rows, 4 * H), dt)
     stat = new((rows, 2), dt)
@@ -383,19 +385,42 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
-    kernels = K.builds()
-    if save:
-        step = kernels.gru_fwd_step
-        for off, bs in sched.steps:
-            gh_n = _step_product(gemm, hs, gh, bs)
-            step(off, off, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n, act_n, stat_n)
-        return out, hs, (ghat, act, stat)
-    # no gradients to come: the kernel that saves nothing (ghat, act, stat stay empty)
-    step = kernels.gru_fwd_infer_step
+    step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
         gh_n = _step_product(gemm, hs, gh, bs)
-        step(off, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n)
+        step(off, off if save else 0, gh_n, xrz_n, xn_n, g1_n, b1_n, bin_n, k, hs_n, out_n, ghat_n,
+             act_n, stat_n)
     return out, hs, (ghat, act, stat)
+
+
+def _gru_infer(x: Tensor, h0: Tensor, p: RecurrentWeights, sched: _Schedule) -> tuple[Tensor, Tensor]:
+    """The GRU's time loop without gradients to come, outside the compiler: as the LSTM's
+    inference, W_ih x a block of steps at a time (``_PX_BLOCK_BYTES``) and its layer norm (two
+    groups) in the step kernel while the block is in cache, instead of the input LN over all rows
+    before the loop (``_gru_input_groups``, which writes the (N, 3H) normalized input and reads it
+    back). ``(out, h_n)``."""
+    N, H, B, dt = x.shape[0], h0.shape[1], h0.shape[0], x.dtype
+    G = 3 * H
+    b1, b_in = _gru_biases(p, H, dt)
+    # the input LN's bias joins the others: r, z's in b1, n's in b_in (outside the reset gate)
+    b1 = b1 + torch.cat([p.ln_ih_b[: 2 * H], torch.zeros(H, dtype=dt)])
+    b_in = b_in + p.ln_ih_b[2 * H :]
+    gemm = StepGemm(p.w_hh, B)  # h -> h W_hh^T
+    hs = h0.detach().clone().contiguous()
+    out = torch.empty(N, H, dtype=dt)
+    g0_n, g1_n, b1_n, bin_n = (_np(t.contiguous()) for t in (p.ln_ih_w, p.ln_hh_w, b1, b_in))
+    hs_n, out_n = _np(hs), _np(out)
+    k = _consts(out_n.dtype, p.eps, 2 * H, H)
+    gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
+    block = max(1, _PX_BLOCK_BYTES // max(1, G * x.element_size()))
+    proj = InputProjection(p.w_ih, min(block, N), dt)
+    step = K.builds().gru_fwd_infer_step
+    for lo, hi, steps in sched.chunks(block, backward=False):
+        px_n = _np(proj(x[lo:hi]))
+        for off, bs in steps:
+            gh_n = _step_product(gemm, hs, gh, bs)
+            step(off, off - lo, gh_n, px_n, g0_n, g1_n, b1_n, bin_n, k, hs_n, out_n)
+    return out, hs
 
 
 class _GRURecurrence(torch.autograd.Function):
@@ -451,6 +476,14 @@ class _GRURecurrence(torch.autograd.Function):
         return (dx_rz, dx_n, dh, dw, acc[0], acc[1], acc[2, :H], None, None)
 
 
+def _gru_biases(p: RecurrentWeights, H: int, dt) -> tuple[Tensor, Tensor]:
+    """The GRU kernels' two bias vectors (see ``gru_recurrence``): ``b1`` (3H) and ``b_in`` (H)."""
+    b1 = p.ln_hh_b
+    if p.b_ih is None:
+        return b1, torch.zeros(H, dtype=dt)
+    return b1 + torch.cat([p.b_ih[: 2 * H] + p.b_hh[: 2 * H], p.b_hh[2 * H :]]), p.b_ih[2 * H :]
+
+
 def gru_recurrence(gx, h0, p, eps, batch_sizes, reverse):
     """``gx`` is ``(LN(W_ih x)_{r,z}, LN(W_ih x)_n)`` without biases (see ``_gru_input_groups``).
 
@@ -458,13 +491,7 @@ def gru_recurrence(gx, h0, p, eps, batch_sizes, reverse):
     its LN bias + b_ih + b_hh; n: its LN bias + b_hn, inside the reset gate's product) and
     ``b_in`` (H) = the n part of b_ih, outside it."""
     gx_rz, gx_n = gx
-    H = h0.shape[1]
-    b1 = p.ln_hh_b
-    if p.b_ih is not None:
-        b1 = b1 + torch.cat([p.b_ih[: 2 * H] + p.b_hh[: 2 * H], p.b_hh[2 * H :]])
-        b_in = p.b_ih[2 * H :]
-    else:
-        b_in = torch.zeros(H, dtype=gx_rz.dtype)
+    b1, b_in = _gru_biases(p, h0.shape[1], gx_rz.dtype)
     tensors = (gx_rz, gx_n, h0, p.w_hh, p.ln_hh_w, b1, b_in)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
@@ -593,7 +620,7 @@ def gru_recurrence_op(
 @gru_recurrence_op.register_fake
 def _(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, batch_sizes, reverse, eps, save):
     N, H, B = gx_n.shape[0], gx_n.shape[1], h0.shape[0]
-    rows = N if save else 0
+    rows = N if save else B
     e = gx_n.new_empty
     return e(N, H), e(B, H), e(rows, 3 * H), e(rows, 4 * H), e(rows, 2)
 
@@ -701,5 +728,11 @@ def recurrence(x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor | None,
         num_threads()  # the step kernels' threads follow torch.set_num_threads
     if w.mode == "LSTM":  # its W_ih x and LN run inside the loop's chunks, see lstm_recurrence
         return lstm_recurrence(x, h0, c0, w, w.eps, batch_sizes, reverse)
+    tensors = (x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.ln_ih_w, w.ln_ih_b, w.ln_hh_w, w.ln_hh_b)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad and not torch.compiler.is_compiling():  # see _gru_infer
+        with torch.no_grad():
+            out, hn = _gru_infer(x.contiguous(), h0, w, _Schedule(batch_sizes, reverse))
+        return out, hn, None
     out, hn = gru_recurrence(_gru_input_groups(x, w), h0, w, w.eps, batch_sizes, reverse)
     return out, hn, None
