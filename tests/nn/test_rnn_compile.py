@@ -86,13 +86,61 @@ def _gru_args(batch_sizes, reverse, save=True, H=2):
 CASES = {"full": ([2, 2, 2], False), "packed-reverse": ([3, 2, 1], True)}
 
 
+@pytest.mark.parametrize("save", [True, False], ids=["save", "no-save"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_opcheck_recurrence(kind, case):
+def test_opcheck_recurrence(kind, case, save):
+    # save=False (inference, inputs without gradients) too: its extra outputs are scratch whose
+    # shapes the fake must give (regression: the LSTM's real op returned B-row buffers where its
+    # fake said 0 rows)
     op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
-    args = (_lstm_args if kind == "lstm" else _gru_args)(*CASES[case])
+    args = (_lstm_args if kind == "lstm" else _gru_args)(*CASES[case], save=save)
+    if not save:
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     result = torch.library.opcheck(op.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_of_an_unsaved_forward_is_a_clear_error(kind):
+    # regression: backward through the op run with save=False read its B-row (GRU) or 0-row (LSTM)
+    # scratch as the N rows of saved state: a segfault or garbage gradients
+    op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
+    args = (_lstm_args if kind == "lstm" else _gru_args)([3, 2, 1], False, save=False)
+    out = op(*args)[0]
+    with pytest.raises(RuntimeError, match="save=False"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_op_checks_the_shapes_it_trusts(kind):
+    # the backward ops called directly with what an unsaved forward returned (too few rows of
+    # saved state): a ValueError naming the tensor, before any kernel reads past its end
+    op, args = _backward_args(kind, [3, 2, 1], False)
+    args = list(args)
+    i = 3 + 12 if kind == "lstm" else 2 + 4  # ghat, after the output gradients and 12 (4) saved tensors
+    args[i] = args[i][:1]
+    with pytest.raises(ValueError, match="ghat must have shape"):
+        op(*args)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("bad", ["batch_sizes", "h0", "w_hh"])
+def test_ops_check_their_inputs(kind, bad):
+    # the layers check their inputs before the ops; a direct call of an op gets the same
+    # treatment instead of kernels reading past the end of a tensor
+    make = _lstm_args if kind == "lstm" else _gru_args
+    args = list(make([3, 2, 1], False, save=False))
+    n = 10 if kind == "lstm" else 7
+    if bad == "batch_sizes":
+        args[n] = [1, 2, 3]  # increasing: not a packed sequence
+    elif bad == "h0":
+        args[2] = args[2][:, :1]
+    else:
+        args[3 if kind == "gru" else 4] = args[3 if kind == "gru" else 4][1:]
+    op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
+    with pytest.raises(ValueError, match=bad):
+        op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _backward_args(kind, batch_sizes, reverse):

@@ -118,6 +118,18 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
+def _check_shapes(what: str, shapes: dict) -> None:
+    """The kernels index these tensors by raw row and column numbers: ``shapes`` maps a name to
+    ``(tensor or None, the shape it must have)``, checked before any kernel runs. Reached with a
+    wrong shape only by a direct call of the ``lnorm::`` ops or their backward (the layers check
+    their inputs first), for example backward of a forward run with ``save=False``."""
+    for name, (t, shape) in shapes.items():
+        if t is not None and tuple(t.shape) != tuple(shape):
+            hint = (" (a forward run with save=False keeps nothing for backward)"
+                    if name in ("ghat", "px", "act", "c_all", "stat") else "")
+            raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}{hint}")
+
+
 def _step_product(gemm: StepGemm, hs: Tensor, gh: Tensor, bs: int):
     """The forward step's ``hs[:bs] @ W_hh^T`` for the kernel: oneDNN's fresh output (or ``gh``) as
     a NumPy array. Rows are sliced only for a partial batch: a view costs about 1 us, and this runs
@@ -160,8 +172,8 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
-    rows = N if save else B
-    new = saved_buffers.empty if pooled and save else _torch_empty  # (without save: one step's scratch)
+    rows = N if save else 0  # what backward reads; nothing without gradients to come
+    new = saved_buffers.empty if pooled else _torch_empty
     ghat = new((rows, G), dt)
     c_all = new((rows, H), dt)
     stat = new((rows, 5), dt)
@@ -299,15 +311,20 @@ class _LSTMRecurrence(torch.autograd.Function):
         x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat = ctx.saved_tensors
         need_x, need_w_ih, need_w_hh = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         sched = ctx.sched
-        N, G = ghat.shape
-        H, dt, B = G // 4, ghat.dtype, h0.shape[0]
+        N, B, H = sched.N, sched.B, w_hh.shape[1]
+        G, I, dt = 4 * H, x.shape[1], ghat.dtype
+        _check_shapes("LSTM recurrence backward", {
+            "x": (x, (N, I)), "w_ih": (w_ih, (G, I)), "px": (px, (N, G)), "h0": (h0, (B, H)),
+            "c0": (c0, (B, H)), "w_hh": (w_hh, (G, H)), "g0": (g0, (G,)), "g1": (g1, (G,)), "b1": (b1, (G,)),
+            "g3": (g3, (H,)), "b3": (b3, (H,)), "out": (out, (N, H)), "ghat": (ghat, (N, G)),
+            "c_all": (c_all, (N, H)), "stat": (stat, (N, 5)), "dout": (dout, (N, H)), "dhn": (dhn, (B, H)),
+            "dcn": (dcn, (B, H))})
         dout, dhs = _output_grads(dout, dhn, N, B, H, dt)
         dcs = dcn.clone().contiguous() if dcn is not None else torch.zeros(B, H, dtype=dt)
         runs = sched.chunks(run_rows(run_width("lstm", H), ghat.element_size()))
         buf_rows = max(hi - lo for lo, hi, _ in runs)
         dpx = torch.empty(buf_rows, G, dtype=dt)
         dgh = torch.empty(buf_rows, G, dtype=dt)
-        I = x.shape[1]
         dx = torch.empty(N, I, dtype=dt) if need_x else None
         # the products over each run of rows, by the library measured fastest for them here
         dw_ih = WeightGrad(G, I, buf_rows, dt) if need_w_ih else None
@@ -436,8 +453,12 @@ class _GRURecurrence(torch.autograd.Function):
     def backward(ctx, dout, dhn):
         h0, w_hh, g1, out, ghat, act, stat = ctx.saved_tensors
         sched = ctx.sched
-        N, G = ghat.shape
-        H, dt, B = G // 3, ghat.dtype, h0.shape[0]
+        N, B, H = sched.N, sched.B, w_hh.shape[1]
+        G, dt = 3 * H, ghat.dtype
+        _check_shapes("GRU recurrence backward", {
+            "h0": (h0, (B, H)), "w_hh": (w_hh, (G, H)), "g1": (g1, (G,)), "out": (out, (N, H)),
+            "ghat": (ghat, (N, G)), "act": (act, (N, 4 * H)), "stat": (stat, (N, 2)), "dout": (dout, (N, H)),
+            "dhn": (dhn, (B, H))})
         dout, dhs = _output_grads(dout, dhn, N, B, H, dt)
         dx_rz = torch.empty(N, 2 * H, dtype=dt)
         dx_n = torch.empty(N, H, dtype=dt)
@@ -543,13 +564,26 @@ def _unaliased(grads, inputs, empty: Tensor) -> list[Tensor]:
     return out
 
 
+def _op_schedule(what: str, batch_sizes: list[int], reverse: bool) -> _Schedule:
+    """The ops' schedule, after the check the layers make of packed batch sizes (positive, never
+    increasing), which the kernels' row numbers rely on."""
+    if any(b <= 0 for b in batch_sizes) or any(a < b for a, b in zip(batch_sizes[:-1], batch_sizes[1:], strict=True)):
+        raise ValueError(f"{what}: batch_sizes must be positive and never increase, got {list(batch_sizes)}")
+    return _Schedule(batch_sizes, reverse)
+
+
 @torch.library.custom_op("lnorm::lstm_recurrence", mutates_args=())
 def lstm_recurrence_op(
     x: Tensor, w_ih: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g0: Tensor, g1: Tensor,
     b1: Tensor, g3: Tensor, b3: Tensor, batch_sizes: list[int], reverse: bool, eps: float, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, h_n, c_n, px, ghat, c_all, stat)``: the outputs, then what backward reads."""
-    sched = _Schedule(batch_sizes, reverse)
+    sched = _op_schedule("lnorm::lstm_recurrence", batch_sizes, reverse)
+    N, B, H, I = sched.N, sched.B, w_hh.shape[-1], x.shape[-1]
+    G = 4 * H
+    _check_shapes("lnorm::lstm_recurrence", {
+        "w_hh": (w_hh, (G, H)), "x": (x, (N, I)), "w_ih": (w_ih, (G, I)), "h0": (h0, (B, H)), "c0": (c0, (B, H)),
+        "g0": (g0, (G,)), "g1": (g1, (G,)), "b1": (b1, (G,)), "g3": (g3, (H,)), "b3": (b3, (H,))})
     out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
     return out, hn, cn, px, *saved
 
@@ -592,10 +626,15 @@ def _lstm_op_setup_context(ctx, inputs, output):
     x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, batch_sizes, reverse, _, _ = inputs
     out, _, _, px, ghat, c_all, stat = output
     ctx.save_for_backward(x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
-    ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+    ctx.batch_sizes, ctx.reverse, ctx.saved_all = batch_sizes, reverse, inputs[-1]
+
+
+_NOT_SAVED = "{}: the forward ran with save=False and kept nothing for backward; call it with save=True to differentiate it"
 
 
 def _lstm_op_backward(ctx, dout, dhn, dcn, *_):
+    if not ctx.saved_all:
+        raise RuntimeError(_NOT_SAVED.format("lnorm::lstm_recurrence"))
     need = ctx.needs_input_grad
     grads = lstm_recurrence_backward_op(dout, dhn, dcn, *ctx.saved_tensors, ctx.batch_sizes,
                                         ctx.reverse, need[0], need[1], need[4])
@@ -612,7 +651,12 @@ def gru_recurrence_op(
     batch_sizes: list[int], reverse: bool, eps: float, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, h_n, ghat, act, stat)``: the outputs, then what backward reads."""
-    sched = _Schedule(batch_sizes, reverse)
+    sched = _op_schedule("lnorm::gru_recurrence", batch_sizes, reverse)
+    N, B, H = sched.N, sched.B, w_hh.shape[-1]
+    G = 3 * H
+    _check_shapes("lnorm::gru_recurrence", {
+        "w_hh": (w_hh, (G, H)), "gx_rz": (gx_rz, (N, 2 * H)), "gx_n": (gx_n, (N, H)), "h0": (h0, (B, H)),
+        "g1": (g1, (G,)), "b1": (b1, (G,)), "b_in": (b_in, (H,))})
     out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, save)
     return out, hn, *saved
 
@@ -647,13 +691,15 @@ def _(dout, dhn, h0, w_hh, g1, out, ghat, act, stat, batch_sizes, reverse, need_
 
 
 def _gru_op_setup_context(ctx, inputs, output):
-    _, _, h0, w_hh, g1, _, _, batch_sizes, reverse, _, _ = inputs
+    _, _, h0, w_hh, g1, _, _, batch_sizes, reverse, _, save = inputs
     out, _, ghat, act, stat = output
     ctx.save_for_backward(h0, w_hh, g1, out, ghat, act, stat)
-    ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+    ctx.batch_sizes, ctx.reverse, ctx.saved_all = batch_sizes, reverse, save
 
 
 def _gru_op_backward(ctx, dout, dhn, *_):
+    if not ctx.saved_all:
+        raise RuntimeError(_NOT_SAVED.format("lnorm::gru_recurrence"))
     need = ctx.needs_input_grad
     grads = gru_recurrence_backward_op(dout, dhn, *ctx.saved_tensors, ctx.batch_sizes, ctx.reverse,
                                        need[3])
