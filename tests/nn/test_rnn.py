@@ -561,11 +561,12 @@ def test_backward_in_runs_of_steps_equals_torch_path(monkeypatch, kind, chunk_ro
 @pytest.mark.parametrize("block_rows", [1, 5, 10**6], ids=["one-step-blocks", "mixed-blocks", "one-block"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, "f32-onednn", D64], ids=["f32", "f32-onednn", "f64"])
-def test_lstm_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, block_rows, packed, dtype):
-    # without gradients the LSTM projects its input a block of steps at a time (the step kernel
-    # reads px of the block at row off - lo); the other tests' sizes fit one block, so force
-    # several: each step alone, blocks that split a packed batch unevenly, and all in one, in both
-    # directions and both layers, against a float64 run of the torch path
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, kind, block_rows, packed, dtype):
+    # without gradients both layers project their input a block of steps at a time (the step
+    # kernel reads px of the block at row off - lo and normalizes it); the other tests' sizes fit
+    # one block, so force several: each step alone, blocks that split a packed batch unevenly, and
+    # all in one, in both directions and both layers, against a float64 run of the torch path
     # at these sizes the projection measures torch.mm faster; "f32-onednn" forces oneDNN's
     from lnorm.ops import rnn_fused, step_gemm
 
@@ -574,10 +575,10 @@ def test_lstm_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, block_
         if "onednn" not in step_gemm.available(torch.float32):
             pytest.skip("torch without oneDNN")
         forced, dtype = "onednn", torch.float32
-    m = make("lstm", 5, 6, num_layers=2, bidirectional=True, dtype=dtype)
-    monkeypatch.setattr(rnn_fused, "_PX_BLOCK_BYTES", block_rows * 4 * 6 * m.weight_ih_l0.element_size())
+    m = make(kind, 5, 6, num_layers=2, bidirectional=True, dtype=dtype)
+    monkeypatch.setattr(rnn_fused, "_PX_BLOCK_BYTES", block_rows * m.weight_ih_l0.shape[0] * m.weight_ih_l0.element_size())
     x = torch.randn(7, 4, 5, dtype=dtype)
-    hx = hx_for("lstm", 4, 4, 6, dtype=dtype)
+    hx = hx_for(kind, 4, 4, 6, dtype=dtype)
     m64 = copy.deepcopy(m).double()
 
     def run(model, inp, h, backend):
@@ -585,12 +586,12 @@ def test_lstm_inference_in_blocks_of_steps_equals_torch_path(monkeypatch, block_
             inp = pack_padded_sequence(inp, torch.tensor([7, 3, 5, 1]), enforce_sorted=False)
         with torch.no_grad(), lnorm.use_backend(backend), step_gemm.use_step_gemm(forced):
             res = model(inp, h)
-        return [data(res[0])] + states("lstm", res)
+        return [data(res[0])] + states(kind, res)
 
     got = run(m, x, hx, "numba")
-    ref = run(m64, x.double(), tuple(h.double() for h in hx), "torch")
+    ref = run(m64, x.double(), tuple(h.double() for h in hx) if kind == "lstm" else hx.double(), "torch")
     tol = {} if dtype == D64 else {"atol": 2e-6, "rtol": 1e-5}
-    for a, r, n in zip(got, ref, ["output", "h_n", "c_n"], strict=True):
+    for a, r, n in zip(got, ref, ["output", "h_n", "c_n"][: len(got)], strict=True):
         assert_close(a.double(), r, name=n, **tol)
 
 
