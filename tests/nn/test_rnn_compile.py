@@ -112,15 +112,22 @@ def test_backward_of_an_unsaved_forward_is_a_clear_error(kind):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("bad", ["ghat", "batch_sizes"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_backward_op_checks_the_shapes_it_trusts(kind):
+def test_backward_op_checks_the_shapes_it_trusts(kind, bad):
     # the backward ops called directly with what an unsaved forward returned (too few rows of
-    # saved state): a ValueError naming the tensor, before any kernel reads past its end
+    # saved state), or with batch sizes that increase (rows the initial state does not have): a
+    # ValueError naming it, before any kernel reads past the end of a tensor
     op, args = _backward_args(kind, [3, 2, 1], False)
     args = list(args)
-    i = 3 + 12 if kind == "lstm" else 2 + 4  # ghat, after the output gradients and 12 (4) saved tensors
-    args[i] = args[i][:1]
-    with pytest.raises(ValueError, match="ghat must have shape"):
+    if bad == "ghat":
+        i = 3 + 12 if kind == "lstm" else 2 + 4  # after the output gradients and 12 (4) saved tensors
+        args[i] = args[i][:1]
+    else:
+        i = 3 + 15 if kind == "lstm" else 2 + 7
+        assert args[i] == [3, 2, 1]
+        args[i] = [1, 2, 3]
+    with pytest.raises(ValueError, match=f"{bad} must"):
         op(*args)
 
 

@@ -607,7 +607,7 @@ def lstm_recurrence_backward_op(
     """The gradients of ``x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3``; empty where not needed."""
     saved = (x, w_ih, px, h0, c0, w_hh, g0, g1, b1, g3, b3, out, ghat, c_all, stat)
     needs = (need_x, need_w_ih, False, False, need_w_hh)
-    ctx = _OpContext(saved, needs, _Schedule(batch_sizes, reverse))
+    ctx = _OpContext(saved, needs, _op_schedule("lnorm::lstm_recurrence_backward", batch_sizes, reverse))
     with torch.no_grad():  # plain gradients: first_order_only's error node is for the Function's route
         grads = _LSTMRecurrence.backward(ctx, dout, dhn, dcn)[:10]
     return _unaliased(grads, (dout, dhn, dcn, *saved), x)
@@ -676,7 +676,8 @@ def gru_recurrence_backward_op(
 ) -> list[Tensor]:
     """The gradients of ``gx_rz, gx_n, h0, w_hh, g1, b1, b_in``; ``w_hh``'s empty if not needed."""
     saved = (h0, w_hh, g1, out, ghat, act, stat)
-    ctx = _OpContext(saved, (False, False, False, need_w_hh), _Schedule(batch_sizes, reverse))
+    ctx = _OpContext(saved, (False, False, False, need_w_hh),
+                     _op_schedule("lnorm::gru_recurrence_backward", batch_sizes, reverse))
     with torch.no_grad():
         grads = _GRURecurrence.backward(ctx, dout, dhn)[:7]
     return _unaliased(grads, (dout, dhn, *saved), h0)
