@@ -815,6 +815,40 @@ def test_bench_rnn_cli_quick(tmp_path):
         assert {"step", "weight grad"} <= {c["kind"] for c in chosen}  # train mode ran backward
 
 
+def test_bench_rnn_runs_summarizes_every_run(tmp_path, capsys):
+    # --runs 3: three whole measurements; the summary's ranges and counts come from the three
+    # runs' rows, which the JSON keeps
+    from lnorm.cli import main
+
+    out = tmp_path / "rnn.json"
+    assert main(["bench", "rnn", "--quick", "--runs", "3", "--cells", "lstm", "--cases", "main,packed",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    assert len(runs) == 3 and data["settings"]["runs"] == 3 and data["rows"] == runs[-1]
+    assert "run 1 of 3:" in text and "run 3 of 3:" in text and "over the 3 runs, range (median):" in text
+    for i, key in enumerate([("lstm", "main", "train"), ("lstm", "main", "infer"),
+                             ("lstm", "packed", "train"), ("lstm", "packed", "infer")]):
+        rows = [rs[i] for rs in runs]
+        assert all((r["cell"], r["case"], r["mode"]) == key for r in rows)
+        vt = sorted(r["vs_torch"] for r in rows)
+        line = next(ln for ln in text.splitlines() if ln.startswith(" ".join(key) + ": lnorm/torch "))
+        assert f"lnorm/torch {vt[0]:.2f}x-{vt[2]:.2f}x ({vt[1]:.2f}x)" in line
+        if key[1] == "main":
+            bound = 1.0 if key[2] == "train" else 1.25
+            assert f"met (<= {bound}) in {sum(v <= bound for v in vt)} of 3 runs" in line
+            vn = sorted(r["vs_naive"] for r in rows)
+            assert f"naive/lnorm {vn[0]:.2f}x-{vn[2]:.2f}x ({vn[1]:.2f}x), met (>= 2.0) in {sum(v >= 2 for v in vn)} of 3" in line
+
+
+def test_bench_rnn_runs_must_be_positive(capsys):
+    from lnorm.cli import main
+
+    assert main(["bench", "rnn", "--quick", "--runs", "0"]) == 2
+    assert "--runs must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("layer", ["lnorm", "torch"])
 def test_gate_preactivations_are_the_gates_the_layer_computes(layer):
     # one LSTM step from h0 = c0 = 0, rebuilt from the pre-activations: c1 = sig(i) tanh(g),

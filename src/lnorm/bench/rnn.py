@@ -18,6 +18,9 @@ Correctness first: ``naive`` gets ``lnorm``'s weights, and lnorm's output must b
 float32's worst-case rounding over T steps of a float64 run of the same layer. Modes: ``train``
 (forward + backward of ``output.sum()``) and ``infer`` (forward under ``no_grad``). ``saved MB``
 counts the bytes of the unique storages autograd keeps for backward (saved-tensor hooks).
+``--runs N`` repeats the whole measurement N times in the process (a shared machine moves the
+ratios between runs more than the repeats within one show) and ends with each ratio's range and
+median over the runs, and in how many runs each target held.
 Cases: the main one (``--batch --seq-len --input-size --hidden-size``, 1 layer), 2 layers
 bidirectional, and a packed batch of mixed lengths (uniform between T/4 and T).
 The header names the CPU, the vector instructions in use (``lnorm.utils.instruction_sets``: a run
@@ -384,6 +387,30 @@ def _targets(rows: list[Row]) -> list[str]:
     return out
 
 
+def _summary(all_rows: list[list[Row]]) -> list[str]:
+    """Per (cell, case, mode): the ratios' range and median over the runs; in the main case, in
+    how many runs each target held (the targets' rule of ``_targets``)."""
+    import statistics
+
+    def span(vals: list[float], fmt: str = ".2f") -> str:
+        return f"{min(vals):{fmt}}x-{max(vals):{fmt}}x ({statistics.median(vals):{fmt}}x)"
+
+    out = []
+    n = len(all_rows)
+    for i, r in enumerate(all_rows[0]):
+        same = [rs[i] for rs in all_rows]
+        vt = [x.vs_torch for x in same]
+        line = f"{r.cell} {r.case} {r.mode}: lnorm/torch {span(vt)}"
+        if r.case == "main":
+            vn = [x.vs_naive for x in same]
+            met_t = sum(v <= TARGETS[r.mode] for v in vt)
+            met_n = sum(v >= TARGETS["naive_speedup"] for v in vn)
+            line += (f", met (<= {TARGETS[r.mode]}) in {met_t} of {n} runs; naive/lnorm {span(vn)}, "
+                     f"met (>= {TARGETS['naive_speedup']}) in {met_n} of {n}")
+        out.append(line)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 
@@ -402,6 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"hidden features H (default {d['hidden_size']})")
     parser.add_argument("--repeats", type=int, default=d["repeats"],
                         help="timed repeats per candidate; the median is reported")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="whole measurements in turn; more than one adds each ratio's range and median over "
+                             "the runs and how many runs met each target (default 1)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for torch and the Numba kernels (default: their own choice)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -479,6 +509,9 @@ def _run(args: argparse.Namespace) -> int:
         raise _Usage(f"lnorm bench rnn: --json: {why}")
     if min(B, T, I, H, repeats) < 1:
         raise _Usage("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
+    runs = getattr(args, "runs", 1)
+    if runs < 1:
+        raise _Usage(f"lnorm bench rnn: --runs must be >= 1, got {runs}")
     if args.threads < 0:
         raise _Usage(f"lnorm bench rnn: --threads must be >= 1 (0: the libraries' own choice), got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -500,10 +533,19 @@ def _run(args: argparse.Namespace) -> int:
           f"{settings['threads']} threads (Numba {settings['numba_threads']}), median of {repeats}")
     print(_cpu_line(settings["cpu"]))
     print(_isa_line(settings["isa"]))
-    rows: list[Row] = []
-    for cell in cells:
-        for case in cases:
-            rows += _case(cell, case, B, T, I, H, repeats, modes, args.device)
+    settings["runs"] = runs
+    all_rows: list[list[Row]] = []
+    for run_i in range(runs):
+        rows: list[Row] = []
+        for cell in cells:
+            for case in cases:
+                rows += _case(cell, case, B, T, I, H, repeats, modes, args.device)
+        all_rows.append(rows)
+        if runs > 1 and run_i < runs - 1:
+            print(f"run {run_i + 1} of {runs}:")
+            print(_table(rows))
+    if runs > 1:
+        print(f"run {runs} of {runs}:")
     settings["step_gemm"] = _step_gemm_choices(args.device)
     for line in gemm_lines(settings["step_gemm"]):
         print(line)
@@ -516,7 +558,14 @@ def _run(args: argparse.Namespace) -> int:
     print(_table(rows))
     for line in _targets(rows):
         print(line)
+    if runs > 1:
+        print(f"over the {runs} runs, range (median):")
+        for line in _summary(all_rows):
+            print(line)
     if args.json:
+        out = {"settings": settings, "targets": TARGETS, "rows": [asdict(r) for r in rows]}
+        if runs > 1:
+            out["runs"] = [[asdict(r) for r in rs] for rs in all_rows]
         with open(args.json, "w") as fh:
-            json.dump({"settings": settings, "targets": TARGETS, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+            json.dump(out, fh, indent=1)
     return 0
