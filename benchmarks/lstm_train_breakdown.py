@@ -14,9 +14,15 @@
    product (what a call costs besides its arithmetic), 100 calls of the inference step kernel reading
    W_ih x from memory (as the layer does) and from cache (the same 32 rows each step), and the
    whole time loop (``_lstm_forward``: its products, kernels and the input projection, a block of
-   steps at a time).
+   steps at a time);
+5. a design lead, not the layer's path: the inference time loop split by batch rows across the
+   threads, each thread running its rows' whole loop (a one-thread oneDNN product of B/threads
+   rows, then the serial step kernel) with no hand-off between oneDNN's and Numba's thread pools
+   at each step, against the layer (interleaved, 21 rounds, after checking that both give the
+   same output). Needs torch's bundled GNU OpenMP (the threads' OpenMP thread count is set
+   through it); skipped elsewhere.
 
-    PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3 4]
+    PYTHONPATH=src python benchmarks/lstm_train_breakdown.py [--part 1 2 3 4 5]
 
 Run it on a quiet machine; the CPU is printed first.
 """
@@ -169,15 +175,97 @@ def inference_parts() -> None:
     }, rounds=15))
 
 
+def batch_split() -> None:
+    import ctypes
+    import os
+    import threading
+
+    from lnorm.ops import _rnn_kernels as K
+    from lnorm.ops import rnn_fused as RF
+    from lnorm.ops.step_gemm import InputProjection, StepGemm, available
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(path) or "onednn" not in available(torch.float32):
+        print("part 5 skipped: needs torch's bundled libgomp and oneDNN")
+        return
+    gomp = ctypes.CDLL(path)
+    m, ref, _, infer = _layers()
+    T, B, I, H = 100, 32, 128, 512
+    G, parts = 4 * H, torch.get_num_threads()
+    if B % parts:
+        print(f"part 5 skipped: {B} rows do not split over {parts} threads")
+        return
+    hb = B // parts
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(0))
+    p = {k: v.detach() for k, v in m.named_parameters()}
+    w_ih, w_hh = p["weight_ih_l0"], p["weight_hh_l0"]
+    b1 = p["ln_hh_bias_l0"] + p["ln_ih_bias_l0"] + p["bias_ih_l0"] + p["bias_hh_l0"]
+    params = [t.contiguous().numpy() for t in (p["ln_ih_weight_l0"], p["ln_hh_weight_l0"], b1,
+                                               p["ln_cell_weight_l0"], p["ln_cell_bias_l0"])]
+    k = RF._consts(np.float32, m.eps, G, H)
+    gemm = StepGemm(w_hh, hb, impl="onednn")  # packed once for hb rows, shared by the threads
+    step, block = K._SERIAL.lstm_fwd_infer_step, 8  # steps per block of the input projection
+
+    def split_forward():
+        out, hs, cs = torch.empty(T * B, H), torch.zeros(B, H), torch.zeros(B, H)
+        errors = []
+
+        def rows(j):
+            try:
+                # torch sets a new thread's OpenMP thread count at its first query (to
+                # torch.set_num_threads's); query first, then lower it for this thread only
+                old = torch.get_num_threads()
+                gomp.omp_set_num_threads(1)  # this thread's OpenMP regions: one thread
+                try:
+                    lo = j * hb
+                    hv, cv = hs[lo:lo + hb], cs[lo:lo + hb]
+                    hn, cn, on = hv.numpy(), cv.numpy(), out.numpy()
+                    proj = InputProjection(w_ih, block * hb, torch.float32)
+                    for t0 in range(0, T, block):
+                        px = proj(x[t0:t0 + block, lo:lo + hb].reshape(-1, I)).numpy()
+                        for t in range(t0, min(T, t0 + block)):
+                            gh = gemm.prod(hv, None).numpy()
+                            step(t * B + lo, (t - t0) * hb, gh, px, *params, k, hn, cn, on)
+                finally:
+                    gomp.omp_set_num_threads(old)
+            except BaseException as e:  # noqa: BLE001 - reported by the caller
+                errors.append(e)
+
+        threads = [threading.Thread(target=rows, args=(j,)) for j in range(1, parts)]
+        for th in threads:
+            th.start()
+        rows(0)
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+        return out.view(T, B, H)
+
+    with torch.no_grad():
+        diff = (split_forward() - m(x)[0]).abs().max().item()
+    print(f"split by rows over {parts} threads: max |difference| from the layer's output {diff:.3g}")
+
+    def layer():
+        with torch.no_grad():
+            m(x)
+
+    def split():
+        with torch.no_grad():
+            split_forward()
+
+    print("median ms:", _median_ms({"lnorm layer": layer, f"split over {parts} threads": split,
+                                    "nn.LSTM layer": infer(ref)}, rounds=21))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--part", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("CPU:", cpu_model(), f"threads {args.threads}, torch {torch.__version__}")
     for p in args.part:
-        (profile, page_faults, products, inference_parts)[p - 1]()
+        (profile, page_faults, products, inference_parts, batch_split)[p - 1]()
 
 
 if __name__ == "__main__":
