@@ -132,7 +132,7 @@ def test_backward_op_checks_the_shapes_it_trusts(kind, bad):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("bad", ["batch_sizes", "h0", "w_hh"])
+@pytest.mark.parametrize("bad", ["batch_sizes", "h0", "w_hh", "dtype"])
 def test_ops_check_their_inputs(kind, bad):
     # the layers check their inputs before the ops; a direct call of an op gets the same
     # treatment instead of kernels reading past the end of a tensor
@@ -143,10 +143,12 @@ def test_ops_check_their_inputs(kind, bad):
         args[n] = [1, 2, 3]  # increasing: not a packed sequence
     elif bad == "h0":
         args[2] = args[2][:, :1]
+    elif bad == "dtype":  # a float32 parameter beside float64 data: one dtype for all
+        args[5] = args[5].float()
     else:
         args[3 if kind == "gru" else 4] = args[3 if kind == "gru" else 4][1:]
     op = _ops().lstm_recurrence if kind == "lstm" else _ops().gru_recurrence
-    with pytest.raises(ValueError, match=bad):
+    with pytest.raises(ValueError, match="one dtype" if bad == "dtype" else bad):
         op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
 
 

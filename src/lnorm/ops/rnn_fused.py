@@ -120,14 +120,21 @@ def _np(t: Tensor):
 
 def _check_shapes(what: str, shapes: dict) -> None:
     """The kernels index these tensors by raw row and column numbers: ``shapes`` maps a name to
-    ``(tensor or None, the shape it must have)``, checked before any kernel runs. Reached with a
+    ``(tensor or None, the shape it must have)``, checked before any kernel runs, with one dtype
+    and the CPU for all of them. Reached with a
     wrong shape only by a direct call of the ``lnorm::`` ops or their backward (the layers check
     their inputs first), for example backward of a forward run with ``save=False``."""
+    first = next(t for t, _ in shapes.values() if t is not None)
     for name, (t, shape) in shapes.items():
-        if t is not None and tuple(t.shape) != tuple(shape):
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(shape):
             hint = (" (a forward run with save=False keeps nothing for backward)"
                     if name in ("ghat", "px", "act", "c_all", "stat") else "")
             raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}{hint}")
+        if t.dtype != first.dtype or t.device.type != "cpu":
+            raise ValueError(f"{what}: every tensor must be a CPU tensor of one dtype; {name} is {t.dtype} on "
+                             f"{t.device}, the first is {first.dtype}")
 
 
 def _step_product(gemm: StepGemm, hs: Tensor, gh: Tensor, bs: int):
