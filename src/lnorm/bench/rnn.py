@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -390,8 +391,6 @@ def _targets(rows: list[Row]) -> list[str]:
 def _summary(all_rows: list[list[Row]]) -> list[str]:
     """Per (cell, case, mode): the ratios' range and median over the runs; in the main case, in
     how many runs each target held (the targets' rule of ``_targets``)."""
-    import statistics
-
     def span(vals: list[float], fmt: str = ".2f") -> str:
         return f"{min(vals):{fmt}}x-{max(vals):{fmt}}x ({statistics.median(vals):{fmt}}x)"
 
@@ -509,7 +508,7 @@ def _run(args: argparse.Namespace) -> int:
         raise _Usage(f"lnorm bench rnn: --json: {why}")
     if min(B, T, I, H, repeats) < 1:
         raise _Usage("lnorm bench rnn: --batch, --seq-len, --input-size, --hidden-size, --repeats must be >= 1")
-    runs = getattr(args, "runs", 1)
+    runs = args.runs
     if runs < 1:
         raise _Usage(f"lnorm bench rnn: --runs must be >= 1, got {runs}")
     if args.threads < 0:

@@ -118,7 +118,7 @@ def _np(t: Tensor):
     return t.detach().numpy()
 
 
-def _check_shapes(what: str, shapes: dict) -> None:
+def _check_tensors(what: str, shapes: dict) -> None:
     """The kernels index these tensors by raw row and column numbers: ``shapes`` maps a name to
     ``(tensor or None, the shape it must have)``, checked before any kernel runs, with one dtype
     and the CPU for all of them. Reached with a
@@ -198,17 +198,24 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
             gh_n = _step_product(gemm, hs, gh, bs)
             step(off, off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
         return out, hs, cs, px, (ghat, c_all, stat)
-    # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten), W_ih x
-    # a block of steps at a time
+    # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten)
+    _infer_loop(x, w_ih, gemm, hs, gh, sched, kernels.lstm_fwd_infer_step,
+                (g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n))
+    return out, hs, cs, x.new_empty(0, G), (ghat, c_all, stat)
+
+
+def _infer_loop(x: Tensor, w_ih: Tensor, gemm: StepGemm, hs: Tensor, gh: Tensor, sched: _Schedule, step,
+                rest: tuple) -> None:
+    """The time loop without gradients to come (LSTM and GRU): W_ih x a block of steps at a time
+    (``_PX_BLOCK_BYTES``), which the step kernel reads and layer-normalizes while it is in cache,
+    ``step(off, off - lo, gh, px_block, *rest)`` at each step."""
+    N, G = x.shape[0], w_ih.shape[0]
     block = max(1, _PX_BLOCK_BYTES // max(1, G * x.element_size()))
-    proj = InputProjection(w_ih, min(block, N), dt)
-    step = kernels.lstm_fwd_infer_step
+    proj = InputProjection(w_ih, min(block, N), x.dtype)
     for lo, hi, steps in sched.chunks(block, backward=False):
         px_n = _np(proj(x[lo:hi]))
         for off, bs in steps:
-            gh_n = _step_product(gemm, hs, gh, bs)
-            step(off, off - lo, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n)
-    return out, hs, cs, x.new_empty(0, G), (ghat, c_all, stat)
+            step(off, off - lo, _step_product(gemm, hs, gh, bs), px_n, *rest)
 
 
 # Backward produces the gradients of px and gh a run of steps at a time into two buffers (dpx, dgh)
@@ -320,7 +327,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         sched = ctx.sched
         N, B, H = sched.N, sched.B, w_hh.shape[1]
         G, I, dt = 4 * H, x.shape[1], ghat.dtype
-        _check_shapes("LSTM recurrence backward", {
+        _check_tensors("LSTM recurrence backward", {
             "x": (x, (N, I)), "w_ih": (w_ih, (G, I)), "px": (px, (N, G)), "h0": (h0, (B, H)),
             "c0": (c0, (B, H)), "w_hh": (w_hh, (G, H)), "g0": (g0, (G,)), "g1": (g1, (G,)), "b1": (b1, (G,)),
             "g3": (g3, (H,)), "b3": (b3, (H,)), "out": (out, (N, H)), "ghat": (ghat, (N, G)),
@@ -436,14 +443,8 @@ def _gru_infer(x: Tensor, h0: Tensor, p: RecurrentWeights, sched: _Schedule) -> 
     hs_n, out_n = _np(hs), _np(out)
     k = _consts(out_n.dtype, p.eps, 2 * H, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
-    block = max(1, _PX_BLOCK_BYTES // max(1, G * x.element_size()))
-    proj = InputProjection(p.w_ih, min(block, N), dt)
-    step = K.builds().gru_fwd_infer_step
-    for lo, hi, steps in sched.chunks(block, backward=False):
-        px_n = _np(proj(x[lo:hi]))
-        for off, bs in steps:
-            gh_n = _step_product(gemm, hs, gh, bs)
-            step(off, off - lo, gh_n, px_n, g0_n, g1_n, b1_n, bin_n, k, hs_n, out_n)
+    _infer_loop(x, p.w_ih, gemm, hs, gh, sched, K.builds().gru_fwd_infer_step,
+                (g0_n, g1_n, b1_n, bin_n, k, hs_n, out_n))
     return out, hs
 
 
@@ -462,7 +463,7 @@ class _GRURecurrence(torch.autograd.Function):
         sched = ctx.sched
         N, B, H = sched.N, sched.B, w_hh.shape[1]
         G, dt = 3 * H, ghat.dtype
-        _check_shapes("GRU recurrence backward", {
+        _check_tensors("GRU recurrence backward", {
             "h0": (h0, (B, H)), "w_hh": (w_hh, (G, H)), "g1": (g1, (G,)), "out": (out, (N, H)),
             "ghat": (ghat, (N, G)), "act": (act, (N, 4 * H)), "stat": (stat, (N, 2)), "dout": (dout, (N, H)),
             "dhn": (dhn, (B, H))})
@@ -588,7 +589,7 @@ def lstm_recurrence_op(
     sched = _op_schedule("lnorm::lstm_recurrence", batch_sizes, reverse)
     N, B, H, I = sched.N, sched.B, w_hh.shape[-1], x.shape[-1]
     G = 4 * H
-    _check_shapes("lnorm::lstm_recurrence", {
+    _check_tensors("lnorm::lstm_recurrence", {
         "w_hh": (w_hh, (G, H)), "x": (x, (N, I)), "w_ih": (w_ih, (G, I)), "h0": (h0, (B, H)), "c0": (c0, (B, H)),
         "g0": (g0, (G,)), "g1": (g1, (G,)), "b1": (b1, (G,)), "g3": (g3, (H,)), "b3": (b3, (H,))})
     out, hn, cn, px, saved = _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched, eps, save)
@@ -661,7 +662,7 @@ def gru_recurrence_op(
     sched = _op_schedule("lnorm::gru_recurrence", batch_sizes, reverse)
     N, B, H = sched.N, sched.B, w_hh.shape[-1]
     G = 3 * H
-    _check_shapes("lnorm::gru_recurrence", {
+    _check_tensors("lnorm::gru_recurrence", {
         "w_hh": (w_hh, (G, H)), "gx_rz": (gx_rz, (N, 2 * H)), "gx_n": (gx_n, (N, H)), "h0": (h0, (B, H)),
         "g1": (g1, (G,)), "b1": (b1, (G,)), "b_in": (b_in, (H,))})
     out, hn, saved = _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched, eps, save)
