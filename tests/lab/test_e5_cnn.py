@@ -154,7 +154,7 @@ def _analyze(layer_lr=1e-3, layer_gain=0.0):
 def test_e5_analyze_tests_each_norm_at_its_best_lr():
     verdicts, claims = _analyze()
     assert verdicts == {"C7-bn-vs-ln": "supported", "C7-ln-vs-none": "supported", "C7-ln-slower-than-bn": "supported"}
-    assert claims["C7-bn-vs-ln"]["role"] == "primary" and claims["C7-ln-vs-none"]["role"] == "secondary"
+    assert claims["C7-bn-vs-ln"]["role"] == "primary" and claims["C7-ln-vs-none"]["role"] == "component"
     # five seeds: the lr is selected on seeds 0-1 and the claims tested on seeds 2-4
     assert claims["C7-bn-vs-ln"]["effect"]["estimate"] == pytest.approx(sum(BN[2:]) / 3 - sum(LN[2:]) / 3)
     assert claims["C7-bn-vs-ln"]["effect"]["n"] == 3

@@ -37,10 +37,11 @@ def scored(recs: list[dict], key: str, fail_score: float | None, **match) -> S.S
 
     A diverged or cannot-train run gets ``fail_score`` (None when it is None, which ``compare``
     reports as undecidable) and is listed in ``.failed``, so the comparison can say how many it
-    scored; a NaN/inf value is left for ``compare`` to score. Runs that crashed (``error``) or have
-    not run (``missing``) say nothing about the method and are left out.
+    scored, and at what (``.fail_score``); a NaN/inf value is left for ``compare`` to score. Runs
+    that crashed (``error``) or have not run (``missing``) say nothing about the method and are
+    left out.
     """
-    out = S.Scored()
+    out = S.Scored(fail_score=fail_score)
     for r in recs:
         if not all(r["params"].get(k) == v for k, v in match.items()):
             continue
@@ -82,22 +83,61 @@ def paired(recs, key, a: dict, b: dict) -> tuple[list[float], list[float]]:
     return [va[s] for s in seeds], [vb[s] for s in seeds]
 
 
+def failed_counts(recs, **match) -> dict[str, int]:
+    """``{status: count}`` of the runs of the config ``match`` that failed (:data:`FAILED`:
+    diverged, cannot train), in that order; empty when none did."""
+    st = statuses(recs, **match)
+    return {s: st.count(s) for s in FAILED if st.count(s)}
+
+
+def failed_text(counts: dict[str, int]) -> str:
+    """``+1 diverged, +2 cannot train`` for :func:`failed_counts` ("" for none)."""
+    return ", ".join(f"+{k} {s.replace('_', ' ')}" for s, k in counts.items())
+
+
+def failed_note(recs, **match) -> str:
+    """`` (+1 diverged)``: what a cell appends for the failed runs of its config, which the mean
+    leaves out (a diverged run has no value to average) while the verdicts score them. Marked as
+    :func:`lnorm.lab.stats.fmt_ci` marks non-finite values, so a table never averages the finished
+    runs silently; "" when no run failed. Crashed (``error``) and ``missing`` runs say nothing about
+    the method and are left to the section's run counts."""
+    text = failed_text(failed_counts(recs, **match))
+    return f" ({text})" if text else ""
+
+
 def cell(recs, key, digits=3, *, cap: float | None = None, resolution: float | None = None, **match) -> str:
-    """A table cell: mean ± CI of ``key``, or the non-ok status when no run finished. With ``cap``,
-    a value at or above it (or infinite: never reached) is censored and shown as such."""
+    """A table cell: mean ± CI of ``key`` over the finished runs, and how many runs of the config
+    diverged or could not train (``0.81 ± 0.13 (+1 diverged)``: they are not in the mean, but the
+    verdicts score them), or the non-ok status when no run finished. With ``cap``, a value at or
+    above it (or infinite: never reached) is censored and shown as such."""
     v = values(recs, key, **match)
     if v and cap is not None:
         v = [x if x is not None and math.isfinite(float(x)) and x < cap else cap for x in v]
     if v:
-        return S.fmt_values(v, digits, resolution=resolution, cap=cap)
+        return S.fmt_values(v, digits, resolution=resolution, cap=cap) + failed_note(recs, **match)
     st = sorted(set(statuses(recs, **match)))
     return "/".join(s.replace("_", " ") for s in st) or "-"
 
 
+def _labelled(series: dict, failed: dict) -> dict:
+    """``series`` with the failed runs its means leave out: counted under ``failed`` and named in
+    the label (the legend), as :func:`cell` names them in a table."""
+    notes = [f"{failed_text(c)}{f' at {where}' if where else ''}" for where, c in failed.items() if c]
+    if notes:
+        series["label"] = f"{series['label']} ({'; '.join(notes)})"
+    series["failed"] = {where or "all": c for where, c in failed.items() if c}
+    return series
+
+
 def series(recs, key, label, xs, xparam, **match) -> dict:
-    """A figure series of mean and 95% CI of ``key`` against the param ``xparam``."""
+    """A figure series of mean and 95% CI of ``key`` over the finished runs against the param
+    ``xparam``; runs that diverged or could not train are not in the means, so the label says how
+    many there were at which x (``batch (+1 diverged at batch_size=4)``) and ``failed`` counts
+    them per x (a point whose runs all failed is not drawn, but still counted)."""
     X, Y, LO, HI = [], [], [], []
+    failed = {}
     for x in xs:
+        failed[f"{xparam}={x}"] = failed_counts(recs, **{xparam: x}, **match)
         v = values(recs, key, **{xparam: x}, **match)
         if not v:
             continue
@@ -106,15 +146,17 @@ def series(recs, key, label, xs, xparam, **match) -> dict:
         Y.append(m)
         LO.append(lo if lo == lo else m)
         HI.append(hi if hi == hi else m)
-    return {"label": label, "x": X, "y": Y, "lo": LO, "hi": HI}
+    return _labelled({"label": label, "x": X, "y": Y, "lo": LO, "hi": HI}, failed)
 
 
 def curve_series(recs, key, label, step_key="step", **match) -> dict:
-    """Mean curve of a logged list ``result[key]`` (one value per ``result[step_key]`` entry)."""
+    """Mean curve of a logged list ``result[key]`` (one value per ``result[step_key]`` entry) over
+    the finished runs; the label and ``failed`` say how many runs diverged or could not train."""
+    failed = {"": failed_counts(recs, **match)}
     runs = [r["result"] for r in recs if r["status"] == "ok" and key in r["result"]
             and all(r["params"].get(k) == v for k, v in match.items())]
     if not runs:
-        return {"label": label, "x": [], "y": []}
+        return _labelled({"label": label, "x": [], "y": []}, failed)
     n = min(len(r[key]) for r in runs)
     X = runs[0][step_key][:n]
     Y, LO, HI = [], [], []
@@ -123,4 +165,4 @@ def curve_series(recs, key, label, step_key="step", **match) -> dict:
         Y.append(m)
         LO.append(lo if lo == lo else m)
         HI.append(hi if hi == hi else m)
-    return {"label": label, "x": X, "y": Y, "lo": LO, "hi": HI}
+    return _labelled({"label": label, "x": X, "y": Y, "lo": LO, "hi": HI}, failed)

@@ -5,7 +5,8 @@ A pure function of the files on disk (``lnorm lab report RUN_DIR`` rebuilds it).
 
 * table: ``{"title", "columns": [str], "rows": [[cell]]}``
 * figure: ``{"name", "title", "xlabel", "ylabel", "logx"?, "logy"?,
-  "series": [{"label", "x": [...], "y": [...], "lo"?: [...], "hi"?: [...]}]}``
+  "series": [{"label", "x": [...], "y": [...], "lo"?: [...], "hi"?: [...], "failed"?: {where: {status: n}}}]}``
+  (``failed``: the diverged / cannot-train runs the means leave out, also named in the label)
 * claim: ``{"claim": "C3", "verdict", "criterion", "evidence"}``, and on the decision rules
   (``lnorm.lab.analysis.claim_row``) also ``"key", "role", "effect", "caveats"``
 * notes: ``[str]`` (published references, caveats)
@@ -130,8 +131,11 @@ def _summary_effect(s: dict) -> str:
 
 
 def row_verdict(c: dict) -> str:
-    """A claim row's verdict as shown: secondary rows say they were Holm-corrected."""
+    """A claim row's verdict as shown: secondary rows say they were Holm-corrected, component rows
+    (a part of the primary test) that they were not, being the verdict the primary used."""
     mark = VERDICT_MARK[c["verdict"]]
+    if c.get("role") == "component":
+        return mark + " (part of the primary; not Holm-corrected)"
     if "holm" not in c:
         return mark
     was = c["verdict_unadjusted"]
@@ -203,8 +207,10 @@ FOREST_LIMIT = 10.0  # effects beyond this many minimum effects are drawn at the
 SUMMARY_NOTE = ("One pre-registered primary test per claim (lnorm.lab.claims.PRIMARY); the claim's verdict is that "
                 "test's. Effect oriented so the claim predicts a positive value, with its 95% interval. Supported: "
                 "the interval excludes 0 and the effect is at least the minimum effect; not supported: the interval "
-                "rules out an effect as large as the margin; otherwise inconclusive. Other rows are secondary "
-                "(Holm-corrected per claim) and never change the claim's verdict.")
+                "rules out an effect as large as the margin; otherwise inconclusive. A 'component' row is one part of "
+                "a primary test made of several (supported only if every part is: an intersection-union test, so "
+                "not Holm-corrected); the primary's verdict includes it, and its caveats say when it decided. "
+                "Other rows are secondary (Holm-corrected per claim) and never change the claim's verdict.")
 
 
 def _forest_point(s: dict) -> tuple[float, float, float] | None:

@@ -43,11 +43,21 @@ def _clean(xs: Sequence[float]) -> list[float]:
 
 class Scored(dict):
     """``{seed: value}`` whose ``failed`` seeds (diverged, cannot train) were already given a
-    fail score (:func:`lnorm.lab.analysis.scored`); :func:`compare` counts them as failed runs."""
+    fail score (:func:`lnorm.lab.analysis.scored`); :func:`compare` counts them as failed runs.
 
-    def __init__(self, *args, failed: Iterable = (), **kwargs):
+    ``fail_score`` is the score a failed run was given, and ``fail_note`` (optional) what it
+    stands for (``"chance"``). They are kept apart from the values because a value may be derived
+    from the score (an accuracy drop: the score at one batch size minus a finished run's accuracy
+    at another), and the note on a comparison must name the score the failed run got, not the
+    derived value it was compared with. Without ``fail_score`` the failed seed's value is taken
+    to be its score (true of a :class:`Scored` that holds the scores themselves)."""
+
+    def __init__(self, *args, failed: Iterable = (), fail_score: float | None = None, fail_note: str = "",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.failed: set = set(failed)
+        self.fail_score = fail_score
+        self.fail_note = fail_note
 
 
 @dataclass(frozen=True)
@@ -141,13 +151,22 @@ def _sides(a, b, paired: bool | None) -> tuple[list, list, bool, str]:
     return [a[s] for s in seeds], [b[s] for s in seeds], True, note
 
 
-def _prescored(a, b, paired: bool) -> tuple[int, float | None]:
+def _prescored(a, b, paired: bool) -> tuple[int, str]:
     """How many failed runs a :class:`Scored` side already gave a (non-None) fail score, on the
-    seeds compared, and that score."""
+    seeds compared, and that score in words: the side's ``fail_score`` (with its ``fail_note``),
+    which is what the failed run was given, not the value compared when that value was derived
+    from it (an accuracy drop); several scores are each named with their count."""
     used = set(a) & set(b) if paired else None
-    hits = [side[s] for side in (a, b) for s in getattr(side, "failed", ())
-            if (used is None or s in used) and side[s] is not None]
-    return len(hits), (hits[0] if hits else None)
+    hits = []
+    for side in (a, b):
+        for s in sorted(getattr(side, "failed", ()), key=str):
+            if (used is None or s in used) and side[s] is not None:
+                score, note = getattr(side, "fail_score", None), getattr(side, "fail_note", "")
+                hits.append(f"{side[s] if score is None else score:g}" + (f" ({note})" if note else ""))
+    kinds = list(dict.fromkeys(hits))  # distinct, in order
+    if len(kinds) <= 1:
+        return len(hits), (kinds[0] if kinds else "")
+    return len(hits), ", ".join(f"{k} for {hits.count(k)}" for k in kinds)
 
 
 def _interval(va: list[float], vb: list[float], paired: bool, resolution: float | None):
@@ -221,7 +240,7 @@ def compare(a, b, *, min_effect: float, margin: float | None = None, paired: boo
     n = len(va) if paired else len(va) + len(vb)
     notes = [note] if note else []
     if pre:
-        notes.append(f"{pre} failed run(s) scored {pre_score:g}")
+        notes.append(f"{pre} failed run(s) scored {pre_score}")
     if fa + fb:
         notes.append(f"{fa + fb} failed run(s) (None/NaN/inf) scored {fail_score:g}" if fail_score is not None
                      else f"{fa + fb} failed run(s) and no fail_score to score them")
@@ -388,15 +407,57 @@ def fmt_ci(xs: Sequence[float], digits: int = 3) -> str:
 # ------------------------------------------------------------------- criteria shared by experiments
 
 
+def not_finite(xs: Sequence[float]) -> int:
+    """How many values of ``xs`` are NaN or infinite (a measurement that failed). A None is no
+    measurement at all but a damaged record, and raises TypeError as ``max`` did (the report turns
+    that into an error naming the runs, :class:`lnorm.lab.runner.DamagedRunError`)."""
+    return sum(1 for x in xs if not math.isfinite(float(x)))
+
+
+def fmt_extreme(xs: Sequence, largest: bool = True, digits: int = 2) -> str:
+    """The largest (or smallest) finite value of ``xs`` for evidence text, marked as :func:`fmt_ci`
+    marks non-finite values: ``3e-07 (+1 non-finite)``, ``non-finite (all 2)``; ``-`` for none.
+    Python's ``max``/``min`` would skip a NaN or return it depending on where it sits."""
+    v, bad = _clean(xs), not_finite(xs)
+    if not v:
+        return f"non-finite (all {bad})" if bad else "-"
+    return f"{(max if largest else min)(v):.{digits}g}" + (f" (+{bad} non-finite)" if bad else "")
+
+
 def exact_vs_batch_norm(ln: Sequence[float], bn: Sequence[float], tol: float) -> str:
     """The claims that layer norm is exact where batch norm is not (C1, C2): supported when every
     layer-norm value is below ``tol`` and every batch-norm value above ``100 * tol``; not supported
-    when a layer-norm value reaches ``tol``; inconclusive without layer-norm values, or when batch
-    norm's do not clear ``100 * tol`` (the probe could not have seen a difference)."""
+    when a (finite) layer-norm value reaches ``tol``; inconclusive without layer-norm values, when
+    batch norm's do not clear ``100 * tol`` (the probe could not have seen a difference), or when
+    any value is not finite (NaN/inf).
+
+    A non-finite value is a failed measurement, not a small one: ``nan >= tol`` is False and
+    ``max``/``min`` skip a NaN, so unchecked it read as "supported". A non-finite layer-norm value
+    means what was measured (an output, a gradient) was not finite, so exactness cannot be claimed;
+    it cannot refute it either (the probe, not layer norm, may have failed), so inconclusive, as
+    :func:`compare` decides a failed run it has no score for. A non-finite batch-norm value leaves
+    unknown whether the probe sees batch norm. :func:`exact_nonfinite_note` says so in the
+    evidence. A None (a damaged record) raises TypeError (:func:`not_finite`)."""
     if not ln:
         return INCONCLUSIVE
-    if max(ln) >= tol:
+    bad_ln, bad_bn = not_finite(ln), not_finite(bn)
+    if any(x >= tol for x in _clean(ln)):  # a finite failure refutes whatever the others are
         return NOT_SUPPORTED
-    if not bn or min(bn) <= 100 * tol:
+    if bad_ln or not bn or bad_bn:
+        return INCONCLUSIVE
+    if min(bn) <= 100 * tol:
         return INCONCLUSIVE
     return SUPPORTED
+
+
+def exact_nonfinite_note(ln: Sequence[float], bn: Sequence[float]) -> str:
+    """What made :func:`exact_vs_batch_norm` unable to read a value, for the evidence ("" when every
+    value is finite): how many layer-norm and batch-norm values were not finite, and what that means."""
+    parts = []
+    if not_finite(ln):
+        parts.append(f"{not_finite(ln)} of {len(ln)} LN values not finite (NaN/inf): a failed "
+                     "measurement, so exactness cannot be claimed")
+    if not_finite(bn):
+        parts.append(f"{not_finite(bn)} of {len(bn)} BN values not finite (NaN/inf): whether the probe sees "
+                     "BN is unknown")
+    return "; ".join(parts)

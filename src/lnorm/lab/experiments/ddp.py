@@ -225,10 +225,11 @@ def row_c1(ln_gaps: list[float], bn_gaps: list[float], tol: float, nproc: int) -
     if not ln_gaps:
         ev = "no layer-norm DDP runs"
     else:
-        ev = f"LN relative gradient gap {nproc}-proc vs 1-proc up to {max(ln_gaps):.2g} over {len(ln_gaps)} runs"
-        ev += {S.NOT_SUPPORTED: f" (tolerance {tol:g})",
-               S.INCONCLUSIVE: "; the check did not see BN's per-process statistics, so it may be blind"}.get(
-                   v, f"; BN (per-process stats): {min(bn_gaps):.2g} or more")
+        ev = f"LN relative gradient gap {nproc}-proc vs 1-proc up to {S.fmt_extreme(ln_gaps)} over {len(ln_gaps)} runs"
+        bad = S.exact_nonfinite_note(ln_gaps, bn_gaps)  # a non-finite gap is a failed measurement: say so
+        ev += {S.NOT_SUPPORTED: f" (tolerance {tol:g})" + (f"; {bad}" if bad else ""),
+               S.INCONCLUSIVE: "; " + (bad or "the check did not see BN's per-process statistics, so it may be blind")}.get(
+                   v, f"; BN (per-process stats): {S.fmt_extreme(bn_gaps, False)} or more")
     return A.claim_row("ddp", "C1", "C1-ddp-gradient", None,
                        f"with {nproc} processes on slices of the batch, every LN model's first DDP gradient equals the "
                        f"single-process gradient of the whole batch (relative gap < {tol:g}) and the check detects "

@@ -110,13 +110,14 @@ def verdict_c1(ln_dependence: list[float], bn_dependence: list[float], tol: floa
     v = S.exact_vs_batch_norm(ln_dependence, bn_dependence, tol)
     if not ln_dependence:
         return v, "no layer-norm runs"
-    ln_max = max(ln_dependence)
+    # the extremes of the finite values, and how many were not (a NaN is a failed measurement)
+    ln_max, bad = S.fmt_extreme(ln_dependence), S.exact_nonfinite_note(ln_dependence, bn_dependence)
     if v == S.NOT_SUPPORTED:
-        return v, f"LN outputs change with the batch by up to {ln_max:.2g} (tolerance {tol:g})"
-    ev = f"LN max |Δoutput| one batch vs pairs = {ln_max:.2g} over {len(ln_dependence)} models"
+        return v, f"LN outputs change with the batch by up to {ln_max} (tolerance {tol:g})" + (f"; {bad}" if bad else "")
+    ev = f"LN max |Δoutput| one batch vs pairs = {ln_max} over {len(ln_dependence)} models"
     if v == S.INCONCLUSIVE:
-        return v, ev + "; the check did not detect BN's dependence, so it may be blind"
-    return v, ev + f"; BN: {min(bn_dependence):.2g} or more"
+        return v, ev + "; " + (bad or "the check did not detect BN's dependence, so it may be blind")
+    return v, ev + f"; BN: {S.fmt_extreme(bn_dependence, largest=False)} or more"
 
 
 def verdict_c3(bn_b1_status: list[str], ln_b1: dict[int, float], none_b1: dict[int, float],
@@ -185,8 +186,11 @@ def _c3_row(cfg: Config, recs: list[dict], bss: list[int]) -> dict:
         at_big = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=big)
         at_small = A.scored(recs, "test_acc", CHANCE, norm=n, batch_size=bn_small)
         both = sorted(set(at_big) & set(at_small))
-        drops[n] = S.Scored({s: at_big[s] - at_small[s] for s in both},  # failed runs: counted by compare
-                            failed=(at_big.failed | at_small.failed) & set(both))
+        # failed runs: counted by compare, which names the accuracy they were scored (chance), not
+        # the drop computed from it
+        drops[n] = S.Scored({s: at_big[s] - at_small[s] for s in both},
+                            failed=(at_big.failed | at_small.failed) & set(both), fail_score=CHANCE,
+                            fail_note="chance")
     v, ev, eff = verdict_c3(A.statuses(recs, norm="batch", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="layer", batch_size=1),
                             A.scored(recs, "test_acc", CHANCE, norm="none", batch_size=1),
@@ -219,12 +223,11 @@ def _c6_row(cfg: Config, recs: list[dict], big: int) -> dict:
 def analyze(cfg: Config, results: dict) -> dict:
     recs = results["e1"]
 
-    def sel(norm, bs, key="test_acc"):
-        return A.values(recs, key, norm=norm, batch_size=bs)
-
     bss = sorted(cfg.batch_sizes)
-    rows = [[n, b, steps_for(cfg, b), A.cell(recs, "test_acc", norm=n, batch_size=b), S.fmt_ci(sel(n, b, "final_loss")),
-             S.fmt_ci(sel(n, b, "ms_per_step"))] for n in cfg.norms for b in bss]
+    # A.cell, not fmt_ci of the finished runs: a cell says how many runs diverged or could not train
+    rows = [[n, b, steps_for(cfg, b), *(A.cell(recs, k, norm=n, batch_size=b) for k in ("test_acc", "final_loss",
+                                                                                          "ms_per_step"))]
+            for n in cfg.norms for b in bss]
     series = [A.series(recs, "test_acc", n, bss, "batch_size", norm=n) for n in cfg.norms]
     claims = []
     if "layer" in cfg.norms:
@@ -240,7 +243,8 @@ def analyze(cfg: Config, results: dict) -> dict:
     return {
         "figures": [{"name": "e1_accuracy_vs_batch", "title": f"E1: MNIST test accuracy vs batch size ({budget_label(cfg)})",
                      "xlabel": "batch size", "ylabel": "test accuracy", "logx": True, "series": series}],
-        "tables": [{"title": "Test accuracy, final training loss and time per step (mean ± 95% CI half-width)",
+        "tables": [{"title": "Test accuracy, final training loss and time per step (mean ± 95% CI half-width over the "
+                             "finished runs; '+k diverged': runs not in the mean, which the verdicts score)",
                     "columns": ["norm", "batch", "steps", "test acc", "final loss", "ms/step"], "rows": rows}],
         "claims": claims,
         "notes": ["Paper (Ba et al. 2016, fig. 3): 784-1000-1000-10 MLP; LN is robust to batch size while BN "

@@ -88,12 +88,16 @@ def row_c2_ln_exact(ln_gap: list[float], bn_gap: list[float]) -> dict:
     modes): every LN seed's relative train/eval gap is below ``TOL``; the check is blind, and so
     inconclusive, unless BN's gap clears ``100 * TOL`` in every seed."""
     v = S.exact_vs_batch_norm(ln_gap, bn_gap, TOL) if ln_gap and bn_gap else S.INCONCLUSIVE
-    ev = (f"relative train/eval output gap: LN max {max(ln_gap):.2g}, BN min {min(bn_gap):.2g}" if ln_gap and bn_gap
-          else "missing LN or BN runs")
+    bad = S.exact_nonfinite_note(ln_gap, bn_gap)  # a non-finite gap is a failed measurement: say so
+    ev = (f"relative train/eval output gap: LN max {S.fmt_extreme(ln_gap)}, BN min {S.fmt_extreme(bn_gap, False)}"
+          if ln_gap and bn_gap else "missing LN or BN runs")
+    if ln_gap and bn_gap and bad:
+        ev += f" ({bad})"
+    elif v == S.INCONCLUSIVE and ln_gap and bn_gap:
+        ev += " (BN shows no gap either: the probe may be blind)"
     return A.claim_row("e2", "C2", "C2-ln-train-eval-exact", None, f"LN's relative train/eval output gap < {TOL:g} "
                        f"in every seed, with BN's > {100 * TOL:g} (the probe can see a gap).", role="by construction",
-                       verdict=v, evidence=ev + (" (BN shows no gap either: the probe may be blind)"
-                                                 if v == S.INCONCLUSIVE and ln_gap and bn_gap else ""))
+                       verdict=v, evidence=ev)
 
 
 def row_c2_bn_gap(ln_gap: dict, bn_gap: dict, ln_exact: str) -> dict:
@@ -115,8 +119,10 @@ def row_c1(ln_change: list[float], bn_change: list[float]) -> dict:
         v, ev = S.INCONCLUSIVE, "missing LN or BN runs"
     else:
         v = S.exact_vs_batch_norm(ln_change, bn_change, TOL)
-        ev = (f"max relative change of a sample's output when its batch changes: LN {max(ln_change):.2g}, "
-              f"BN {min(bn_change):.2g}" + (" (the probe did not detect BN)" if v == S.INCONCLUSIVE else ""))
+        bad = S.exact_nonfinite_note(ln_change, bn_change)  # a non-finite change is a failed measurement
+        ev = (f"max relative change of a sample's output when its batch changes: LN {S.fmt_extreme(ln_change)}, "
+              f"BN {S.fmt_extreme(bn_change, False)}"
+              + (f" ({bad})" if bad else " (the probe did not detect BN)" if v == S.INCONCLUSIVE else ""))
     return A.claim_row("e2", "C1", "C1-batch-independence", None,
                        f"in training mode, rolling/splitting/replacing the batch changes LN outputs by < {TOL:g} "
                        f"(relative) and BN's by more than {100 * TOL:g}.", role="by construction", verdict=v,

@@ -184,7 +184,8 @@ def _split(cfg: Config, recs: list[dict]) -> tuple[list[int], list[int], list[st
 
 
 def _only(sc: S.Scored, seeds: list[int]) -> S.Scored:
-    return S.Scored({k: v for k, v in sc.items() if k in seeds}, failed=sc.failed & set(seeds))
+    return S.Scored({k: v for k, v in sc.items() if k in seeds}, failed=sc.failed & set(seeds),
+                    fail_score=sc.fail_score, fail_note=sc.fail_note)
 
 
 def _chosen(cfg: Config, recs: list[dict]) -> dict[str, dict]:
@@ -224,8 +225,10 @@ def _claims(recs: list[dict], chosen: dict[str, dict]) -> list[dict]:
 
     rows, verdicts = [], {}
     # the second part of the claim (LN still beats no normalization) is decided first: the primary
-    # row's verdict needs both parts (supported only if both are, not supported if either is not)
-    for key, win, lose, role in (("C7-ln-vs-none", "layer", "none", "secondary"),
+    # row's verdict needs both parts (supported only if both are, not supported if either is not).
+    # It is a "component" row, not a secondary one: an intersection-union test needs no Holm
+    # correction, and the report must show the verdict the primary used (claims.ROLES)
+    for key, win, lose, role in (("C7-ln-vs-none", "layer", "none", "component"),
                                  ("C7-bn-vs-ln", "batch", "layer", "primary")):
         if win in chosen and lose in chosen:
             cav_w, cav_l = (chosen[n]["edge"] + chosen[n]["improving"] for n in (win, lose))

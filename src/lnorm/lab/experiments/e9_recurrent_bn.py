@@ -267,12 +267,14 @@ def near_chance(floor: float, **means: float) -> str | None:
 def _change(train: dict, full: dict, seeds: list) -> S.Scored:
     """Per seed, accuracy at the full length minus at the training length; a run that failed
     (None, non-finite, or listed in ``failed``) scores chance at both, a change of 0, and is
-    listed in ``failed`` so the comparison says how many it scored."""
+    listed in ``failed`` so the comparison says how many it scored, and at what: chance, not the
+    change of 0 compared."""
     def failed(d: dict, s) -> bool:
         return d[s] is None or not math.isfinite(d[s]) or s in getattr(d, "failed", ())
 
     return S.Scored({s: _scored(full[s]) - _scored(train[s]) for s in seeds},
-                    failed={s for s in seeds if failed(full, s) or failed(train, s)})
+                    failed={s for s in seeds if failed(full, s) or failed(train, s)}, fail_score=CHANCE,
+                    fail_note="chance")
 
 
 def row_c14_extrapolation(ln_train: dict, ln_full: dict, bn_train: dict, bn_full: dict, floor: float,
@@ -424,9 +426,10 @@ def _extrapolation(cfg: Config, recs: list[dict], order: str) -> tuple[dict, dic
     rows = []
     for m in cfg.models:
         runs = [r["result"]["acc_by_length"] for r in recs if r["status"] == "ok" and r["params"] == {**match, "model": m}]
-        rows.append([m] + [S.fmt_ci([a[i] for a in runs]) if runs else "/".join(A.statuses(recs, **match, model=m))
+        failed = A.failed_note(recs, **match, model=m)  # not in the means: say how many
+        rows.append([m] + [S.fmt_ci([a[i] for a in runs]) + failed if runs else "/".join(A.statuses(recs, **match, model=m))
                            for i in range(len(lens))]
-                    + [S.fmt_ci([a[-1] - a[0] for a in runs]) if runs else "-"])
+                    + [S.fmt_ci([a[-1] - a[0] for a in runs]) + failed if runs else "-"])
     table = {"title": f"(b) {order} order: trained on the first {L} of {T} pixels at random lengths in [{L // 2}, "
                       f"{L}], tested at longer lengths (BN past {L}: step {L}'s statistics)",
              "columns": ["model"] + [f"acc at {n}" for n in lens] + [f"change {L} -> {T}"], "rows": rows}

@@ -180,7 +180,7 @@ def _reach_cell(recs: list[dict], key: str, model: str) -> str:
     if not hit:
         return f"not reached (0/{len(v)})"
     shown = f"{hit[0]:.3g}" if len(hit) == 1 else S.fmt_ci(hit)
-    return f"{shown} ({len(hit)}/{len(v)} reached)"
+    return f"{shown} ({len(hit)}/{len(v)} reached)" + A.failed_note(recs, model=model)
 
 
 def _data_facts() -> str:
