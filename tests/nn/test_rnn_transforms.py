@@ -211,3 +211,24 @@ def test_first_call_under_autocast_leaves_the_fast_path_on():
 
     assert fused_after_first_call(False) == "True"
     assert fused_after_first_call(True) == "True"
+
+
+@pytest.mark.skipif(not numba_available(), reason="the fused path needs numba")
+@pytest.mark.parametrize("kind", FUSED)
+@pytest.mark.parametrize("how", ["allow_unused", "materialize_grads", "plain"])
+def test_fused_second_derivative_by_autograd_grad_raises(kind, how):
+    # Regression: torch.autograd.grad(penalty, [x, weights]) never reached the error node (its
+    # inputs were fresh leaves, off every path to x and the weights), so it returned None for
+    # every input with allow_unused=True and zeros with materialize_grads=True: a gradient
+    # penalty silently dropped (the torch backend gives norms of 24 and 64 here); without either
+    # flag, torch's misleading "appears to not have been used in the graph"
+    torch.manual_seed(0)
+    m = FUSED[kind](5, 7)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with lnorm.use_backend("numba"):
+        (g,) = torch.autograd.grad(_out(m(x)).pow(2).sum(), x, create_graph=True)
+    penalty = g.pow(2).sum()
+    flags = {"allow_unused": dict(allow_unused=True), "materialize_grads": dict(materialize_grads=True),
+             "plain": {}}[how]
+    with pytest.raises(RuntimeError, match=r'lnorm\.use_backend\("torch"\)'):
+        torch.autograd.grad(penalty, [x, m.weight_hh_l0], **flags)

@@ -85,13 +85,19 @@ SECOND_ORDER_MESSAGE = (
 
 
 class _SecondDerivativeError(torch.autograd.Function):
-    """Identity on the gradients a first-order backward returned; its own backward raises, so a
-    second derivative that reaches them fails loudly instead of treating them as constants."""
+    """Identity on the gradients a first-order backward returned (the first ``count`` tensors);
+    its own backward raises, so a second derivative that reaches them fails loudly instead of
+    treating them as constants. The tensors after them (``links``: what the gradients depend on,
+    the forward's saved inputs and the incoming gradients) are inputs of the node but not of the
+    identity: they put the node on every path from the gradients back to the model's inputs and
+    weights, so ``torch.autograd.grad(penalty, inputs)`` runs it too (with the gradients' inputs
+    as fresh leaves alone, it found no path, pruned the node and reported the inputs unused:
+    None, or zeros with ``materialize_grads=True``, a silently dropped second derivative)."""
 
     @staticmethod
-    def forward(ctx, message, *grads):
+    def forward(ctx, message, count, *grads_and_links):
         ctx.message = message
-        return tuple(g.view_as(g) if g is not None else None for g in grads)
+        return tuple(g.view_as(g) if g is not None else None for g in grads_and_links[:count])
 
     @staticmethod
     def backward(ctx, *_):
@@ -135,6 +141,11 @@ def first_order_only(backward):
         if not torch.is_grad_enabled():
             return grads
         attached = [g.detach().requires_grad_() if isinstance(g, torch.Tensor) else None for g in grads]
-        return _SecondDerivativeError.apply(SECOND_ORDER_MESSAGE, *attached)
+        try:
+            saved = tuple(ctx.saved_tensors)
+        except (AttributeError, RuntimeError):
+            saved = ()
+        links = [t for t in (*saved, *grad_outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        return _SecondDerivativeError.apply(SECOND_ORDER_MESSAGE, len(attached), *attached, *links)
 
     return wrapper
