@@ -8,6 +8,7 @@ import pytest
 import torch
 from norm_cases import OPS, make_inputs, run
 
+import lnorm
 import lnorm.functional as LF
 from lnorm.ops.backend import numba_available
 from tolerances import assert_close
@@ -249,3 +250,27 @@ def test_a_row_holding_inf_is_nan_where_torch_is(backend, own_layer_norm, op, ro
     ref = F.layer_norm(x, (H,)) if op in ("layer", "add_layer") else F.rms_norm(x, (H,))
     assert torch.equal(torch.isnan(y[1]), torch.isnan(ref[1])), (y[1], ref[1])
     assert torch.isfinite(y[[0, 2]]).all()
+
+
+def test_extreme_eps_behaves_as_torch():
+    # Regressions (found by review): an eps that rounds to 0 in float32 raised ZeroDivisionError
+    # from the serial Numba build on a constant row (the threaded build gave NaN, as torch does),
+    # and an eps above float32's range raised "value cannot be converted to type float without
+    # overflow" from the row rescue, where torch returns the bias
+    import torch.nn.functional as F
+
+    from lnorm import functional as LF
+
+    z = torch.zeros(2, 8)
+    torch.testing.assert_close(LF.rms_norm(z, (8,), eps=1e-46), F.rms_norm(z, (8,), eps=1e-46), equal_nan=True)
+    ones = torch.ones(2, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(LF.layer_norm(ones, (8,), eps=1e-46), F.layer_norm(ones, (8,), eps=1e-46),
+                               equal_nan=True)
+    x = torch.randn(2, 64)
+    w, b = torch.randn(64), torch.randn(64)
+    for backend in ("numba", "torch") if numba_available() else ("torch",):
+        with lnorm.use_backend(backend):
+            for eps in (3.5e38, 1e40):
+                torch.testing.assert_close(LF.layer_norm(x, (64,), w, b, eps=eps),
+                                           F.layer_norm(x, (64,), w, b, eps=eps))
+                torch.testing.assert_close(LF.rms_norm(x, (64,), w, eps=eps), F.rms_norm(x, (64,), w, eps=eps))

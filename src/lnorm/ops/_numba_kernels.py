@@ -234,7 +234,9 @@ def _norm_bwd(dy, src, w, mean, rstd, inv_h, center, dres, dx, dw_part, db_part)
 # (prange is a plain range). Waking a thread pool costs more than a small problem's whole
 # work, so launchers pick the serial build below PARALLEL_MIN_ELEMENTS.
 PARALLEL_MIN_ELEMENTS = 1 << 16
-_JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True}
+# error_model="numpy": a division by zero gives inf/NaN as torch does (an eps that rounds to 0 in
+# float32 on a constant row); Numba's default raised ZeroDivisionError in the serial build only
+_JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True, "error_model": "numpy"}
 norm_fwd = njit(parallel=True, **_JIT)(_norm_fwd)
 norm_bwd = njit(parallel=True, **_JIT)(_norm_bwd)
 

@@ -297,7 +297,9 @@ def _scaled_row_stats(s: Tensor, center: bool, eps: float):
     var = d.square().mean(-1, keepdim=True)
     r = torch.rsqrt(var + eps * scale * scale)
     const = var == 0
-    rstd = torch.where(const, torch.full_like(r, eps).rsqrt(), r * scale)
+    # 1/sqrt(eps) taken in float64: eps itself may not fit r's dtype (eps = 1e40 in float32
+    # overflowed to a RuntimeError where torch returns the bias)
+    rstd = torch.where(const, torch.full_like(r, eps, dtype=torch.float64).rsqrt().to(r.dtype), r * scale)
     return mu, d, r, mu / scale, rstd, const
 
 
