@@ -9,8 +9,11 @@
 3. the backward's big products alone: dW_hh summed over 13 runs of 256 rows by ``WeightGrad``
    with each library forced (the fused path takes the one it measured faster), one ``torch.mm``,
    oneDNN (with transposed copies); the input gradient by ``torch.mm`` and oneDNN;
-4. an inference's parts, each alone, beside the whole layers (interleaved, 15 rounds): the input
-   projection of all rows, 100 per-step products, 100 calls of the same oneDNN op on a 1 x 16
+4. an inference's parts, each alone, beside the whole layers (interleaved, 15 rounds): ``nn.LSTM``
+   with a 1-wide input (the whole layer minus this is what the input part costs inside oneDNN's
+   fused RNN), the layer with its time loop run from Python and in native code (by column tile,
+   see ``rnn_fused._NATIVE_TILE``), the input projection of all rows, packing W_hh for the step
+   products (done once per call), 100 per-step products, 100 calls of the same oneDNN op on a 1 x 16
    product (what a call costs besides its arithmetic), 100 calls of the inference step kernel reading
    W_ih x from memory (as the layer does) and from cache (the same 32 rows each step), and the
    whole time loop (``_lstm_forward``: its products, kernels and the input projection, a block of
@@ -124,7 +127,10 @@ def products() -> None:
 
 
 def inference_parts() -> None:
+    import os
+
     from lnorm.ops import _rnn_kernels as K
+    from lnorm.ops import brgemm
     from lnorm.ops import rnn_fused as RF
     from lnorm.ops.step_gemm import StepGemm, input_product
 
@@ -163,14 +169,47 @@ def inference_parts() -> None:
         for _ in range(T):
             torch.ops.mkldnn._linear_pointwise(tiny_h, tiny_w, None, "none", [], "")
 
+    # nn.LSTM with a 1-wide input: oneDNN's RNN with its input part almost free, so the whole
+    # layer's time minus this one is what the input part (W_ih x, K = 128) costs inside oneDNN's
+    # fused loop, to compare with the input projection as a separate product
+    torch.manual_seed(0)
+    ref1 = torch.nn.LSTM(1, H)
+    x1 = torch.randn(T, B, 1, generator=g)
+
+    def ref1_infer():
+        with torch.no_grad():
+            ref1(x1)
+
+    # the layer with its time loop in native code (lnorm.ops.brgemm) by column tile, and run from
+    # Python (LNORM_NATIVE_LOOP=0)
+    def layer_with(tile=None):
+        def f():
+            saved, env = RF._NATIVE_TILE, os.environ.get("LNORM_NATIVE_LOOP")
+            RF._NATIVE_TILE = tile or saved
+            os.environ["LNORM_NATIVE_LOOP"] = "1" if tile else "0"
+            try:
+                with torch.no_grad():
+                    m(xb)
+            finally:
+                RF._NATIVE_TILE = saved
+                os.environ.pop("LNORM_NATIVE_LOOP") if env is None else os.environ.update(LNORM_NATIVE_LOOP=env)
+        return f
+
+    xb = x.view(T, B, I)
+    native_tiles = {"lnorm layer, time loop from Python": layer_with()}
+    if brgemm.available():
+        native_tiles.update({f"lnorm layer, native loop, tiles of {t}": layer_with(t) for t in (32, 64, 128, 256)})
+
     print("median ms:", _median_ms({
-        "lnorm layer": infer(m), "nn.LSTM layer": infer(ref),
+        "lnorm layer": infer(m), "nn.LSTM layer": infer(ref), "nn.LSTM layer, 1-wide input": ref1_infer,
         "input projection (all rows)": lambda: input_product(x, w_ih),
+        "packing W_hh for the step products (once per call)": lambda: StepGemm(w_hh, B),
         f"{T} per-step products": products,
         f"{T} oneDNN calls on 1 x 16 @ 16 x 16 (the cost of a call)": tiny_calls,
         f"{T} step kernels, W_ih x from memory": steps(False),
         f"{T} step kernels, W_ih x from cache": steps(True),
-        "time loop (_lstm_forward, input projection by blocks)": lambda: RF._lstm_forward(
+        **native_tiles,
+        "time loop (_lstm_forward, the route the layer takes)": lambda: RF._lstm_forward(
             x, w_ih, hs, cs, w_hh, ones, ones, zeros, ones[:H], zeros[:H], sched, 1e-5, False),
     }, rounds=15))
 

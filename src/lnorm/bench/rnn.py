@@ -471,6 +471,16 @@ def _step_gemm_choices(device: str) -> list[dict]:
     return step_gemm_choices()
 
 
+def _native_loop_status(device: str) -> str | None:
+    """Whether the LSTM's time loops ran natively here (``lnorm.ops.brgemm``), in words; None off
+    the fused CPU path."""
+    if device != "cpu" or not lnorm.numba_available():
+        return None
+    from lnorm.ops import brgemm
+
+    return brgemm.status()
+
+
 def _backward_runs(device: str, B: int, T: int, H: int) -> dict | None:
     """The LSTM backward's run length here for the main case (whole steps of B rows, at most the
     B * T rows there are; see ``rnn_fused.run_rows``) and the cache it follows; None off the fused
@@ -548,6 +558,9 @@ def _run(args: argparse.Namespace) -> int:
     settings["step_gemm"] = _step_gemm_choices(args.device)
     for line in gemm_lines(settings["step_gemm"]):
         print(line)
+    settings["native_loop"] = _native_loop_status(args.device)
+    if settings["native_loop"]:
+        print(f"LSTM time loops in native code (oneDNN brgemm inside the Numba kernel): {settings['native_loop']}")
     settings["lstm_backward_runs"] = _backward_runs(args.device, B, T, H)
     if settings["lstm_backward_runs"]:
         r = settings["lstm_backward_runs"]

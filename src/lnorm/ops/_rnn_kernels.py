@@ -26,6 +26,7 @@ from numba.extending import overload
 
 from lnorm.ops._numba_kernels import twin
 from lnorm.ops._numba_threads import guard, threads_allowed
+from lnorm.ops.brgemm import brgemm
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 # error_model="numpy": no ZeroDivisionError branch, so the divisions in the loops vectorize
@@ -161,46 +162,121 @@ def lstm_fwd_step(off, soff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out,
     # wrote ghat, out and c at once (a dozen arrays) compiled into code several times slower
     # (likely left scalar: LLVM's vectorizer drops a loop whose runtime alias checks between
     # that many arrays pass its limit).
-    bs, G = gh.shape
-    H = G // 4
+    bs = gh.shape[0]
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    zero = one * np.float32(0)
     for b in prange(bs):
-        n = off + b
-        s = soff + b
-        a = np.empty(G, dtype=gh.dtype)  # the row's gate pre-activations, then o in a[3H:]
-        muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
-        stat_s[s, 0] = rh
-        mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
-        stat_s[s, 3] = mux
-        stat_s[s, 4] = rx
-        for q in range(G):
-            gq = (gh[b, q] - muh) * rh
-            ghat_s[s, q] = gq
-            a[q] = g1[q] * gq + g0[q] * ((px[n, q] - mux) * rx) + b1[q]
-        muc = zero
-        for j in range(H):
-            i = fsig(a[j])
-            f = fsig(a[H + j])
-            g = ftanh(a[2 * H + j])
-            a[3 * H + j] = fsig(a[3 * H + j])
-            cn = f * cs[b, j] + i * g
-            c_s[s, j] = cn
-            muc += cn
-        muc = muc * inv_h
-        stat_s[s, 1] = muc
-        varc = zero
-        for j in range(H):
-            d = c_s[s, j] - muc
-            varc += d * d
-        rc = one / np.sqrt(varc * inv_h + eps)
-        stat_s[s, 2] = rc
-        for j in range(H):
-            cn = c_s[s, j]
-            hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
-            out[n, j] = hv
-            hs[b, j] = hv
-            cs[b, j] = cn
+        _lstm_train_row(b, off + b, soff + b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out,
+                        ghat_s, c_s, stat_s)
+
+
+@njit(inline="always")
+def _lstm_train_row(b, n, s, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out, ghat_s, c_s,
+                    stat_s):  # pragma: no cover
+    # one row of lstm_fwd_step: gh row b, px and output row n, saved row s, state row b
+    G = gh.shape[1]
+    H = G // 4
+    zero = one * np.float32(0)
+    a = np.empty(G, dtype=gh.dtype)  # the row's gate pre-activations, then o in a[3H:]
+    muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
+    stat_s[s, 0] = rh
+    mux, rx = _mean_rstd(px, n, 0, G, inv_g, eps, one)
+    stat_s[s, 3] = mux
+    stat_s[s, 4] = rx
+    for q in range(G):
+        gq = (gh[b, q] - muh) * rh
+        ghat_s[s, q] = gq
+        a[q] = g1[q] * gq + g0[q] * ((px[n, q] - mux) * rx) + b1[q]
+    muc = zero
+    for j in range(H):
+        i = fsig(a[j])
+        f = fsig(a[H + j])
+        g = ftanh(a[2 * H + j])
+        a[3 * H + j] = fsig(a[3 * H + j])
+        cn = f * cs[b, j] + i * g
+        c_s[s, j] = cn
+        muc += cn
+    muc = muc * inv_h
+    stat_s[s, 1] = muc
+    varc = zero
+    for j in range(H):
+        d = c_s[s, j] - muc
+        varc += d * d
+    rc = one / np.sqrt(varc * inv_h + eps)
+    stat_s[s, 2] = rc
+    for j in range(H):
+        cn = c_s[s, j]
+        hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
+        out[n, j] = hv
+        hs[b, j] = hv
+        cs[b, j] = cn
+
+
+@njit(**_OPTS)
+def lstm_train_loop(offs, sizes, px, whh_t, g0, g1, b1, g3, b3, k, hs, cs, out, ghat_s, c_s, stat_s, gh,
+                    tile):  # pragma: no cover
+    # The time loop of lstm_fwd_step (gradients to come) in one call, as lstm_infer_loop: per step
+    # the threads multiply their column tiles of gh = h W_hh^T with oneDNN's brgemm, then the
+    # rows' elementwise work, saving for backward at the rows' packed numbers (px: (N, 4H), all
+    # rows, computed before the loop since backward reads it). Sizes checked first.
+    H, G = whh_t.shape
+    N = px.shape[0]
+    B = hs.shape[0]
+    if (gh.itemsize != 4 or G != 4 * H or px.shape[1] != G or hs.shape[1] != H or cs.shape[0] != B
+            or cs.shape[1] != H or out.shape[0] != N or out.shape[1] != H or gh.shape[0] != B or gh.shape[1] != G
+            or ghat_s.shape[0] != N or ghat_s.shape[1] != G or c_s.shape[0] != N or c_s.shape[1] != H
+            or stat_s.shape[0] != N or stat_s.shape[1] != 5 or g0.shape[0] != G or g1.shape[0] != G
+            or b1.shape[0] != G or g3.shape[0] != H or b3.shape[0] != H or sizes.shape[0] != offs.shape[0]
+            or tile <= 0 or H <= 0):
+        raise ValueError("lstm_train_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
+            raise ValueError("lstm_train_loop: a step's rows lie outside the buffers")
+    eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
+    ntile = (G + tile - 1) // tile
+    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_t.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        for j in prange(ntile):
+            c0 = j * tile
+            brgemm(bs, min(tile, G - c0), H, H, G, G, False, hp, wh + 4 * c0, ghp + 4 * c0)
+        for b in prange(bs):
+            _lstm_train_row(b, off + b, off + b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out,
+                            ghat_s, c_s, stat_s)
+
+
+@njit(inline="always")
+def _lstm_infer_row(b, n, p, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out):  # pragma: no cover
+    # one row of lstm_fwd_infer_step: gh row b, px row p, state row b, output row n
+    G = gh.shape[1]
+    H = G // 4
+    zero = one * np.float32(0)
+    a = np.empty(G, dtype=gh.dtype)  # the gate pre-activations; then c in a[:H], o in a[3H:]
+    muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
+    mux, rx = _mean_rstd(px, p, 0, G, inv_g, eps, one)
+    for q in range(G):
+        a[q] = g1[q] * ((gh[b, q] - muh) * rh) + g0[q] * ((px[p, q] - mux) * rx) + b1[q]
+    muc = zero
+    for j in range(H):
+        i = fsig(a[j])
+        f = fsig(a[H + j])
+        g = ftanh(a[2 * H + j])
+        a[3 * H + j] = fsig(a[3 * H + j])
+        cn = f * cs[b, j] + i * g
+        a[j] = cn
+        muc += cn
+    muc = muc * inv_h
+    varc = zero
+    for j in range(H):
+        d = a[j] - muc
+        varc += d * d
+    rc = one / np.sqrt(varc * inv_h + eps)
+    for j in range(H):
+        cn = a[j]
+        hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
+        out[n, j] = hv
+        hs[b, j] = hv
+        cs[b, j] = cn
 
 
 @njit(**_OPTS)
@@ -210,39 +286,49 @@ def lstm_fwd_infer_step(off, poff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out): 
     # The same arithmetic; the results agree to float32 rounding (the two builds may contract
     # different multiply-adds). The new cell goes into a[:H] once i is read. px holds a block of
     # steps (the caller projects the input a block at a time): row b's is px[poff + b].
-    bs, G = gh.shape
-    H = G // 4
+    bs = gh.shape[0]
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    zero = one * np.float32(0)
     for b in prange(bs):
-        n = off + b
-        p = poff + b
-        a = np.empty(G, dtype=gh.dtype)  # the gate pre-activations; then c in a[:H], o in a[3H:]
-        muh, rh = _mean_rstd(gh, b, 0, G, inv_g, eps, one)
-        mux, rx = _mean_rstd(px, p, 0, G, inv_g, eps, one)
-        for q in range(G):
-            a[q] = g1[q] * ((gh[b, q] - muh) * rh) + g0[q] * ((px[p, q] - mux) * rx) + b1[q]
-        muc = zero
-        for j in range(H):
-            i = fsig(a[j])
-            f = fsig(a[H + j])
-            g = ftanh(a[2 * H + j])
-            a[3 * H + j] = fsig(a[3 * H + j])
-            cn = f * cs[b, j] + i * g
-            a[j] = cn
-            muc += cn
-        muc = muc * inv_h
-        varc = zero
-        for j in range(H):
-            d = a[j] - muc
-            varc += d * d
-        rc = one / np.sqrt(varc * inv_h + eps)
-        for j in range(H):
-            cn = a[j]
-            hv = a[3 * H + j] * ftanh(g3[j] * ((cn - muc) * rc) + b3[j])
-            out[n, j] = hv
-            hs[b, j] = hv
-            cs[b, j] = cn
+        _lstm_infer_row(b, off + b, poff + b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out)
+
+
+@njit(**_OPTS)
+def lstm_infer_loop(offs, sizes, x, wih_t, whh_t, g0, g1, b1, g3, b3, k, hs, cs, out, gh, px,
+                    tile):  # pragma: no cover
+    # The whole time loop of lstm_fwd_infer_step in one call (float32 only; see lnorm.ops.brgemm):
+    # at step s (rows offs[s] .. offs[s] + sizes[s] of the packed x and out), the threads split
+    # the 4H columns into tiles of ``tile`` and each multiplies its tiles, gh = h W_hh^T and
+    # px = x W_ih^T, with oneDNN's brgemm microkernel (wih_t: (I, 4H) = W_ih^T, whh_t: (H, 4H) =
+    # W_hh^T, both row-major); then the rows' elementwise work, as lstm_fwd_infer_step's. gh and
+    # px are (B, 4H) scratch. brgemm reads and writes through raw addresses: the sizes are checked
+    # here first (the caller checks dtypes and contiguity, which Numba's types already pin to
+    # C-contiguous float32 arrays in the typed signature it compiles for).
+    H, G = whh_t.shape
+    N, I = x.shape
+    B = hs.shape[0]
+    if (gh.itemsize != 4 or G != 4 * H or wih_t.shape[0] != I or wih_t.shape[1] != G or hs.shape[1] != H
+            or cs.shape[0] != B or cs.shape[1] != H or out.shape[0] != N or out.shape[1] != H
+            or gh.shape[0] != B or gh.shape[1] != G or px.shape[0] != B or px.shape[1] != G
+            or g0.shape[0] != G or g1.shape[0] != G or b1.shape[0] != G or g3.shape[0] != H
+            or b3.shape[0] != H or sizes.shape[0] != offs.shape[0] or tile <= 0 or H <= 0 or I <= 0):
+        raise ValueError("lstm_infer_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
+            raise ValueError("lstm_infer_loop: a step's rows lie outside the buffers")
+    eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
+    ntile = (G + tile - 1) // tile
+    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_t.ctypes.data, wih_t.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        xp = x.ctypes.data + 4 * off * I
+        for j in prange(ntile):
+            c0 = j * tile
+            w = min(tile, G - c0)
+            brgemm(bs, w, H, H, G, G, False, hp, wh + 4 * c0, ghp + 4 * c0)
+            brgemm(bs, w, I, I, G, G, False, xp, wi + 4 * c0, pxp + 4 * c0)
+        for b in prange(bs):
+            _lstm_infer_row(b, off + b, b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out)
 
 
 @njit(**_OPTS)
@@ -259,93 +345,147 @@ def lstm_bwd_step(off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx,
     # over the rows.
     # cprev_idx[n]: row of c_s holding the previous c, or -1 - b for c0[b]. The gate activations
     # are recomputed from the saved ghat, px and statistics with the forward's expressions.
-    G = ghat_s.shape[1]
-    H = G // 4
     one, inv_g, inv_h = k[1], k[2], k[3]
-    zero = one * np.float32(0)
     chunks = acc_g.shape[0]
     per = (bs + chunks - 1) // chunks
     for ch in prange(chunks):
-        # this step's sums over the chunk's rows, in the data's dtype (vectorizes), then into the
-        # float64 running sums once per step
-        ag = np.zeros((3, G), dtype=dpx.dtype)
-        ac = np.zeros((2, H), dtype=dpx.dtype)
-        dcn = np.empty(H, dtype=dpx.dtype)  # the row's gradient of the normalized cell
-        chat = np.empty(H, dtype=dpx.dtype)  # and the cell's xhat
-        dg = np.empty(G, dtype=dpx.dtype)  # the row's gradient of the gate pre-activations
-        for b in range(ch * per, min(bs, (ch + 1) * per)):
-            n = off + b
-            muc = stat_s[n, 1]
-            rc = stat_s[n, 2]
-            rh = stat_s[n, 0]
-            mux = stat_s[n, 3]
-            rx = stat_s[n, 4]
-            s1 = zero
-            s2 = zero
-            for j in range(H):
-                xh = (c_s[n, j] - muc) * rc
-                tc = ftanh(g3[j] * xh + b3[j])
-                o = fsig(g1[3 * H + j] * ghat_s[n, 3 * H + j] + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx)
-                         + b1[3 * H + j])
-                dh = dout[n, j] + dhs[b, j]
-                dg[3 * H + j] = dh * tc * o * (one - o)
-                d = dh * o * (one - tc * tc)
-                dcn[j] = d
-                chat[j] = xh
-                dchat = d * g3[j]
-                s1 += dchat
-                s2 += dchat * xh
-            s1 = s1 * inv_h
-            s2 = s2 * inv_h
-            for j in range(H):
-                ac[0, j] += dcn[j] * chat[j]
-                ac[1, j] += dcn[j]
-            p = cprev_idx[n]
-            cprev = c_s if p >= 0 else c0
-            pr = p if p >= 0 else -1 - p
-            for j in range(H):
-                dc = rc * (dcn[j] * g3[j] - s1 - chat[j] * s2) + dcs[b, j]
-                i = fsig(g1[j] * ghat_s[n, j] + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
-                f = fsig(g1[H + j] * ghat_s[n, H + j] + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
-                g = ftanh(g1[2 * H + j] * ghat_s[n, 2 * H + j] + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx)
-                          + b1[2 * H + j])
-                dg[j] = dc * g * i * (one - i)
-                dg[H + j] = dc * cprev[pr, j] * f * (one - f)
-                dg[2 * H + j] = dc * i * (one - g * g)
-                dcs[b, j] = dc * f
-            # the recurrent part's LN backward -> dgh
-            s3 = zero
-            s4 = zero
-            for q in range(G):
-                dgt = dg[q] * g1[q]
-                s3 += dgt
-                s4 += dgt * ghat_s[n, q]
-            s3 = s3 * inv_g
-            s4 = s4 * inv_g
-            for q in range(G):
-                dgh[n - doff, q] = rh * (dg[q] * g1[q] - s3 - ghat_s[n, q] * s4)
-            # the input part's LN backward -> dpx
-            s5 = zero
-            s6 = zero
-            for q in range(G):
-                dgt = dg[q] * g0[q]
-                s5 += dgt
-                s6 += dgt * ((px[n, q] - mux) * rx)
-            s5 = s5 * inv_g
-            s6 = s6 * inv_g
-            for q in range(G):
-                xh = (px[n, q] - mux) * rx
-                dpx[n - doff, q] = rx * (dg[q] * g0[q] - s5 - xh * s6)
-                ag[0, q] += dg[q] * ghat_s[n, q]
-                ag[1, q] += dg[q]
-                ag[2, q] += dg[q] * xh
-        for q in range(G):
-            acc_g[ch, 0, q] += ag[0, q]
-            acc_g[ch, 1, q] += ag[1, q]
-            acc_g[ch, 2, q] += ag[2, q]
+        _lstm_bwd_chunk(ch, per, off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1,
+                        b1, g3, b3, one, inv_g, inv_h, dpx, dgh, acc_g, acc_c)
+
+
+@njit(inline="always")
+def _lstm_bwd_chunk(ch, per, off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, b1,
+                    g3, b3, one, inv_g, inv_h, dpx, dgh, acc_g, acc_c):  # pragma: no cover
+    # the rows ch * per .. of lstm_bwd_step, and their share (slice ch) of the LN-gradient sums
+    G = ghat_s.shape[1]
+    H = G // 4
+    zero = one * np.float32(0)
+    # this step's sums over the chunk's rows, in the data's dtype (vectorizes), then into the
+    # float64 running sums once per step
+    ag = np.zeros((3, G), dtype=dpx.dtype)
+    ac = np.zeros((2, H), dtype=dpx.dtype)
+    dcn = np.empty(H, dtype=dpx.dtype)  # the row's gradient of the normalized cell
+    chat = np.empty(H, dtype=dpx.dtype)  # and the cell's xhat
+    dg = np.empty(G, dtype=dpx.dtype)  # the row's gradient of the gate pre-activations
+    for b in range(ch * per, min(bs, (ch + 1) * per)):
+        n = off + b
+        muc = stat_s[n, 1]
+        rc = stat_s[n, 2]
+        rh = stat_s[n, 0]
+        mux = stat_s[n, 3]
+        rx = stat_s[n, 4]
+        s1 = zero
+        s2 = zero
         for j in range(H):
-            acc_c[ch, 0, j] += ac[0, j]
-            acc_c[ch, 1, j] += ac[1, j]
+            xh = (c_s[n, j] - muc) * rc
+            tc = ftanh(g3[j] * xh + b3[j])
+            o = fsig(g1[3 * H + j] * ghat_s[n, 3 * H + j] + g0[3 * H + j] * ((px[n, 3 * H + j] - mux) * rx)
+                     + b1[3 * H + j])
+            dh = dout[n, j] + dhs[b, j]
+            dg[3 * H + j] = dh * tc * o * (one - o)
+            d = dh * o * (one - tc * tc)
+            dcn[j] = d
+            chat[j] = xh
+            dchat = d * g3[j]
+            s1 += dchat
+            s2 += dchat * xh
+        s1 = s1 * inv_h
+        s2 = s2 * inv_h
+        for j in range(H):
+            ac[0, j] += dcn[j] * chat[j]
+            ac[1, j] += dcn[j]
+        p = cprev_idx[n]
+        cprev = c_s if p >= 0 else c0
+        pr = p if p >= 0 else -1 - p
+        for j in range(H):
+            dc = rc * (dcn[j] * g3[j] - s1 - chat[j] * s2) + dcs[b, j]
+            i = fsig(g1[j] * ghat_s[n, j] + g0[j] * ((px[n, j] - mux) * rx) + b1[j])
+            f = fsig(g1[H + j] * ghat_s[n, H + j] + g0[H + j] * ((px[n, H + j] - mux) * rx) + b1[H + j])
+            g = ftanh(g1[2 * H + j] * ghat_s[n, 2 * H + j] + g0[2 * H + j] * ((px[n, 2 * H + j] - mux) * rx)
+                      + b1[2 * H + j])
+            dg[j] = dc * g * i * (one - i)
+            dg[H + j] = dc * cprev[pr, j] * f * (one - f)
+            dg[2 * H + j] = dc * i * (one - g * g)
+            dcs[b, j] = dc * f
+        # the recurrent part's LN backward -> dgh
+        s3 = zero
+        s4 = zero
+        for q in range(G):
+            dgt = dg[q] * g1[q]
+            s3 += dgt
+            s4 += dgt * ghat_s[n, q]
+        s3 = s3 * inv_g
+        s4 = s4 * inv_g
+        for q in range(G):
+            dgh[n - doff, q] = rh * (dg[q] * g1[q] - s3 - ghat_s[n, q] * s4)
+        # the input part's LN backward -> dpx
+        s5 = zero
+        s6 = zero
+        for q in range(G):
+            dgt = dg[q] * g0[q]
+            s5 += dgt
+            s6 += dgt * ((px[n, q] - mux) * rx)
+        s5 = s5 * inv_g
+        s6 = s6 * inv_g
+        for q in range(G):
+            xh = (px[n, q] - mux) * rx
+            dpx[n - doff, q] = rx * (dg[q] * g0[q] - s5 - xh * s6)
+            ag[0, q] += dg[q] * ghat_s[n, q]
+            ag[1, q] += dg[q]
+            ag[2, q] += dg[q] * xh
+    for q in range(G):
+        acc_g[ch, 0, q] += ag[0, q]
+        acc_g[ch, 1, q] += ag[1, q]
+        acc_g[ch, 2, q] += ag[2, q]
+    for j in range(H):
+        acc_c[ch, 0, j] += ac[0, j]
+        acc_c[ch, 1, j] += ac[1, j]
+
+
+@njit(**_OPTS)
+def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, b1, g3, b3, k,
+                  dpx, dgh, acc_g, acc_c, w_hh, tile):  # pragma: no cover
+    # A run of lstm_bwd_step's steps (in backward order) in one call, as lstm_infer_loop: per step
+    # the rows' elementwise backward (into dgh and dpx at row n - doff, and the LN sums), then the
+    # threads multiply their column tiles of the previous h's gradient, dhs[:bs] = dgh W_hh, with
+    # oneDNN's brgemm (w_hh: (4H, H) row-major, the microkernel's B as it is). dhs rows past bs
+    # keep the gradients of sequences that end at earlier steps. Sizes checked first.
+    G, H = w_hh.shape
+    N = ghat_s.shape[0]
+    B = dhs.shape[0]
+    R = dgh.shape[0]
+    if (dgh.itemsize != 4 or G != 4 * H or ghat_s.shape[1] != G or dgh.shape[1] != G or dpx.shape[0] != R
+            or dpx.shape[1] != G or dhs.shape[1] != H or dcs.shape[0] != B or dcs.shape[1] != H
+            or dout.shape[0] != N or dout.shape[1] != H or c_s.shape[0] != N or c_s.shape[1] != H
+            or stat_s.shape[0] != N or stat_s.shape[1] != 5 or px.shape[0] != N or px.shape[1] != G
+            or cprev_idx.shape[0] != N or c0.shape[0] != B or c0.shape[1] != H or g0.shape[0] != G
+            or g1.shape[0] != G or b1.shape[0] != G or g3.shape[0] != H or b3.shape[0] != H
+            or acc_g.shape[1] != 3 or acc_g.shape[2] != G or acc_c.shape[0] != acc_g.shape[0]
+            or acc_c.shape[1] != 2 or acc_c.shape[2] != H or sizes.shape[0] != offs.shape[0] or tile <= 0
+            or H <= 0):
+        raise ValueError("lstm_bwd_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
+                or offs[s] - doff + sizes[s] > R):
+            raise ValueError("lstm_bwd_loop: a step's rows lie outside the buffers")
+    for n in range(N):  # the rows the kernel reads a previous cell from
+        if cprev_idx[n] >= N or -1 - cprev_idx[n] >= B:
+            raise ValueError("lstm_bwd_loop: cprev_idx points outside the buffers")
+    one, inv_g, inv_h = k[1], k[2], k[3]
+    chunks = acc_g.shape[0]
+    ntile = (H + tile - 1) // tile
+    dhp, wh = dhs.ctypes.data, w_hh.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        per = (bs + chunks - 1) // chunks
+        for ch in prange(chunks):
+            _lstm_bwd_chunk(ch, per, off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1,
+                            b1, g3, b3, one, inv_g, inv_h, dpx, dgh, acc_g, acc_c)
+        dgp = dgh.ctypes.data + 4 * (off - doff) * G
+        for j in prange(ntile):
+            c0j = j * tile
+            brgemm(bs, min(tile, H - c0j), G, G, H, H, False, dgp, wh + 4 * c0j, dhp + 4 * c0j)
 
 
 # ------------------------------------------------------------------------------------- GRU
@@ -501,7 +641,8 @@ def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out
 # Each kernel also in a serial build (prange is a plain range), for a process forked after its
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
-_KERNELS = (lstm_fwd_step, lstm_fwd_infer_step, lstm_bwd_step, gru_fwd_step, gru_fwd_infer_step, gru_bwd_step)
+_KERNELS = (lstm_fwd_step, lstm_train_loop, lstm_fwd_infer_step, lstm_infer_loop, lstm_bwd_step, lstm_bwd_loop,
+            gru_fwd_step, gru_fwd_infer_step, gru_bwd_step)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

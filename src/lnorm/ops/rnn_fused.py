@@ -7,6 +7,10 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
   layer-normalize each row of it in cache (and backpropagate through that LN); so do the GRU's
   without gradients to come, while in training its input LN (two groups) runs before the loop,
   in the caller, under autograd.
+* The time loop runs in one Numba call where it can (float32, torch's oneDNN brgemm microkernel
+  found and checked, see ``lnorm.ops.brgemm``): each step's products by column tiles on Numba's
+  threads, the elementwise kernel's rows after them (``lstm_infer_loop``, ``lstm_train_loop``,
+  ``lstm_bwd_loop``: the LSTM; the GRU keeps the Python loop). Otherwise, from Python:
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
@@ -41,10 +45,11 @@ from torch import Tensor
 from lnorm.ops import _rnn_kernels as K
 from lnorm.ops import saved_buffers
 from lnorm.ops._numba_kernels import num_threads
+from lnorm.ops.brgemm import available as brgemm_available
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
-from lnorm.ops.step_gemm import InputProjection, StepGemm, WeightGrad, input_product
+from lnorm.ops.step_gemm import InputProjection, StepGemm, WeightGrad, _forced_impl, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -175,7 +180,6 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
     H = G // 4
     B = h0.shape[0]
     dt = x.dtype
-    gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     cs = c0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
@@ -193,15 +197,77 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
     if save:
         px = input_product(x, w_ih)  # W_ih x for all rows: one matmul
         px_n = _np(px)
+        if _native_loop(x, w_hh):
+            steps = _steps_array(sched)
+            kernels.lstm_train_loop(steps[0], steps[1], px_n, _np(w_hh.detach().t().contiguous()), g0_n, g1_n, b1_n,
+                                    g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n, _np(gh), _native_tile(G))
+            return out, hs, cs, px, (ghat, c_all, stat)
+        gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
         step = kernels.lstm_fwd_step
         for off, bs in sched.steps:
             gh_n = _step_product(gemm, hs, gh, bs)
             step(off, off, gh_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n)
         return out, hs, cs, px, (ghat, c_all, stat)
     # no gradients to come: the kernel that saves nothing (ghat, c_all, stat stay unwritten)
-    _infer_loop(x, w_ih, gemm, hs, gh, sched, kernels.lstm_fwd_infer_step,
-                (g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n))
+    if _native_loop(x, w_hh):
+        _lstm_native_infer(x, w_ih, w_hh, sched, kernels.lstm_infer_loop,
+                           (g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n))
+    else:
+        gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
+        _infer_loop(x, w_ih, gemm, hs, gh, sched, kernels.lstm_fwd_infer_step,
+                    (g0_n, g1_n, b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n))
     return out, hs, cs, x.new_empty(0, G), (ghat, c_all, stat)
+
+
+# The native loops' column tiles: each thread multiplies tiles of up to this many columns of the
+# step's product (4H for gh, H for backward's previous-h gradient), at least two tiles per thread
+# so that both halves of an uneven split stay busy. Tiles of 128 measured best on an AMD EPYC
+# (Zen 4, 2 threads): LayerNormLSTM(128, 512) on (100, 32, 128) without gradients, 48.3 ms against
+# 49.4 (64), 50.1 (32), 51.9 (256), nn.LSTM 42-44 (one-off interleaved medians of 15;
+# ``benchmarks/lstm_train_breakdown.py --part 4`` times the same tiles).
+_NATIVE_TILE = 128
+_NATIVE_TILE_MIN = 32
+
+
+def _native_tile(width: int) -> int:
+    """The column tile for products ``width`` columns wide: ``_NATIVE_TILE`` halved (down to
+    ``_NATIVE_TILE_MIN``) until every thread gets at least two tiles."""
+    tile, threads = _NATIVE_TILE, max(1, num_threads())
+    while tile > _NATIVE_TILE_MIN and -(-width // tile) < 2 * threads:
+        tile //= 2
+    return tile
+
+
+def _native_loop(x: Tensor, w_hh: Tensor) -> bool:
+    """Whether a time loop without gradients to come runs natively (``lnorm.ops.brgemm``): float32,
+    non-empty sizes, no per-step product forced (``use_step_gemm`` / ``LNORM_STEP_GEMM``: tests and
+    benchmarks that force one get the Python loop they ask for) and the microkernel available."""
+    if x.dtype != torch.float32 or min(x.shape[1], w_hh.shape[1], x.shape[0]) == 0:
+        return False
+    return _forced_impl() is None and brgemm_available()
+
+
+def _lstm_native_infer(x: Tensor, w_ih: Tensor, w_hh: Tensor, sched: _Schedule, loop, rest: tuple) -> None:
+    """The LSTM's time loop without gradients to come in one native call (``lstm_infer_loop``):
+    the weights transposed once (the microkernel reads B row-major), the steps in processing
+    order as (first row, rows) arrays."""
+    G, H = w_hh.shape
+    B = rest[6].shape[0]
+    offs, sizes = _steps_array(sched)
+    wih_t = w_ih.detach().t().contiguous()
+    whh_t = w_hh.detach().t().contiguous()
+    gh, px = np.empty((B, G), np.float32), np.empty((B, G), np.float32)
+    loop(offs, sizes, _np(x.contiguous()), _np(wih_t), _np(whh_t), *rest, gh, px, _native_tile(G))
+
+
+def _steps_array(sched: _Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """The schedule's steps in processing order for a native loop: (first rows, row counts)."""
+    return _steps_array_of(sched.steps)
+
+
+def _steps_array_of(steps: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.asarray(steps, dtype=np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
 
 
 def _infer_loop(x: Tensor, w_ih: Tensor, gemm: StepGemm, hs: Tensor, gh: Tensor, sched: _Schedule, step,
@@ -347,18 +413,24 @@ class _LSTMRecurrence(torch.autograd.Function):
         chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
         acc_g = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_c = torch.zeros(chunks, 2, H, dtype=torch.float64)
-        gemm = StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
+        native = _native_loop(x, w_hh)  # each run's time loop in one call (lstm_bwd_loop)
+        gemm = None if native else StepGemm(w_hh.detach().t(), B)  # dgh -> dgh W_hh
         dout_n, dcs_n, ghat_n, c_n, stat_n = (_np(t) for t in (dout, dcs, ghat, c_all, stat))
         c0_n, px_n, g0_n, g1_n, b1_n, g3_n, b3_n = (_np(t.contiguous()) for t in (c0, px, g0, g1, b1, g3, b3))
         scratch = [_np(t) for t in (dpx, dgh, acc_g, acc_c)]
         k = _consts(dout_n.dtype, 1.0, G, H)
         h0d = h0.detach()
-        step = K.builds().lstm_bwd_step
+        kernels = K.builds()
+        whh_n = _np(w_hh.detach().contiguous()) if native else None
         dh = dhs  # the gradient w.r.t. the step's h from later steps (see _next_dh)
         for lo, hi, steps in runs:
-            for off, bs in steps:
-                step(off, lo, bs, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
-                     px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
+            if native:  # dh stays dhs, overwritten a step's rows at a time
+                offs, sizes = _steps_array_of(steps)
+                kernels.lstm_bwd_loop(offs, sizes, lo, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
+                                      px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch, whh_n, _native_tile(H))
+            for off, bs in steps if not native else ():
+                kernels.lstm_bwd_step(off, lo, bs, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
+                                      px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
                 dh = _next_dh(gemm, dgh[off - lo : off - lo + bs], dh, sched.full, False)
             m = hi - lo
             if need_w_hh:
