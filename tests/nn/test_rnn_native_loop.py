@@ -65,8 +65,8 @@ def test_native_loop_matches_python_loop(build, tile, reverse):
     steps = np.asarray(sched.steps, dtype=np.int64)
     hs, cs, out = h0.copy(), c0.copy(), np.full((N, H), 7.0, f)
     gh, px = np.empty((B, G), f), np.empty((B, G), f)
-    kern.lstm_infer_loop(steps[:, 0].copy(), steps[:, 1].copy(), x, np.ascontiguousarray(w_ih.T),
-                         np.ascontiguousarray(w_hh.T), *params, k, hs, cs, out, gh, px, tile)
+    panels = [RF._panels_of_rows(torch.from_numpy(w), tile) for w in (w_ih, w_hh)]
+    kern.lstm_infer_loop(steps[:, 0].copy(), steps[:, 1].copy(), x, *panels, *params, k, hs, cs, out, gh, px)
     for got, exp in zip((out, hs, cs), want, strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5)
     assert not np.allclose(out, 7.0)
@@ -84,10 +84,10 @@ def test_native_loop_checks_the_sizes_it_trusts(build):
     z = lambda *s: np.zeros(s, f)  # noqa: E731
     k = RF._consts(np.float32, 1e-5, G, H)
 
-    def call(offs, sizes, hs=None, x=None, whh_t=None):
+    def call(offs, sizes, hs=None, x=None, whh_p=None):
         kern.lstm_infer_loop(np.array(offs, np.int64), np.array(sizes, np.int64), z(N, I) if x is None else x,
-                             z(I, G), z(H, G) if whh_t is None else whh_t, z(G), z(G), z(G), z(H), z(H), k,
-                             z(B, H) if hs is None else hs, z(B, H), z(N, H), z(B, G), z(B, G), 64)
+                             z(1, I, 64), z(1, H, 64) if whh_p is None else whh_p, z(G), z(G), z(G), z(H), z(H), k,
+                             z(B, H) if hs is None else hs, z(B, H), z(N, H), z(B, G), z(B, G))
 
     call([0, 2, 4], [2, 2, 2])  # consistent: runs
     with pytest.raises(ValueError, match="outside the buffers"):
@@ -95,7 +95,11 @@ def test_native_loop_checks_the_sizes_it_trusts(build):
     with pytest.raises(ValueError, match="outside the buffers"):
         call([0], [3])  # more rows than the batch
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        call([0], [2], whh_t=z(H + 1, G))
+        call([0], [2], whh_p=z(1, H + 1, 64))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        call([0], [2], whh_p=z(1, H, 8))  # panels too narrow for 4H = 16 columns
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        call([0], [2], whh_p=z(3, H, 8))  # a panel past the last column
     with pytest.raises(ValueError, match="inconsistent shapes"):
         call([0], [2], x=z(N, I + 1))
 
@@ -218,24 +222,28 @@ def test_training_native_loops_check_the_sizes_they_trust(build):
     k = RF._consts(np.float32, 1e-5, G, H)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
-    def fwd(offs, sizes, px_rows=N):
-        kern.lstm_train_loop(i64(*offs), i64(*sizes), z(px_rows, G), z(H, G), z(G), z(G), z(G), z(H), z(H), k,
-                             z(B, H), z(B, H), z(N, H), z(N, G), z(N, H), z(N, 5), z(B, G), 64)
+    def fwd(offs, sizes, px_rows=N, panels=(1, H, 64)):
+        kern.lstm_train_loop(i64(*offs), i64(*sizes), z(px_rows, G), z(*panels), z(G), z(G), z(G), z(H), z(H), k,
+                             z(B, H), z(B, H), z(N, H), z(N, G), z(N, H), z(N, 5), z(B, G))
 
     fwd([0, 2, 4], [2, 2, 2])
     with pytest.raises(ValueError, match="outside the buffers"):
         fwd([0, 2, 5], [2, 2, 2])
     with pytest.raises(ValueError, match="inconsistent shapes"):
         fwd([0], [2], px_rows=N + 1)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        fwd([0], [2], panels=(1, H, 8))
 
-    def bwd(offs, sizes, doff=0, run_rows=N, prev=None):
+    def bwd(offs, sizes, doff=0, run_rows=N, prev=None, panels=(1, G, 64)):
         kern.lstm_bwd_loop(i64(*offs), i64(*sizes), doff, z(N, H), z(B, H), z(B, H), z(N, G), z(N, H), z(N, 5),
                            i64(-1, -2, 0, 1, 2, 3) if prev is None else prev, z(B, H), z(N, G), z(G), z(G), z(G),
                            z(H), z(H), k, z(run_rows, G), z(run_rows, G), np.zeros((2, 3, G)), np.zeros((2, 2, H)),
-                           z(G, H), 64)
+                           z(*panels))
 
     bwd([4, 2, 0], [2, 2, 2])
     with pytest.raises(ValueError, match="outside the buffers"):
         bwd([4, 2], [2, 2], doff=2, run_rows=2)  # row 2 - 2 + 2 fits, row 4 - 2 + 2 does not
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        bwd([0], [2], panels=(1, G + 1, 64))
     with pytest.raises(ValueError, match="cprev_idx"):
         bwd([0], [2], prev=i64(-1, -3, 0, 1, 2, 3))  # -1 - (-3) = 2: no initial state row 2

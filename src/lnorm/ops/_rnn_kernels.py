@@ -211,14 +211,22 @@ def _lstm_train_row(b, n, s, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h,
         cs[b, j] = cn
 
 
+@njit(inline="always")
+def _panels_cover(ntile, tile, width):  # pragma: no cover
+    # column panels of ``tile`` columns, ``ntile`` of them, cover ``width`` columns, the last partly
+    return tile > 0 and ntile > 0 and (ntile - 1) * tile < width <= ntile * tile
+
+
 @njit(**_OPTS)
-def lstm_train_loop(offs, sizes, px, whh_t, g0, g1, b1, g3, b3, k, hs, cs, out, ghat_s, c_s, stat_s, gh,
-                    tile):  # pragma: no cover
+def lstm_train_loop(offs, sizes, px, whh_p, g0, g1, b1, g3, b3, k, hs, cs, out, ghat_s, c_s, stat_s,
+                    gh):  # pragma: no cover
     # The time loop of lstm_fwd_step (gradients to come) in one call, as lstm_infer_loop: per step
     # the threads multiply their column tiles of gh = h W_hh^T with oneDNN's brgemm, then the
     # rows' elementwise work, saving for backward at the rows' packed numbers (px: (N, 4H), all
-    # rows, computed before the loop since backward reads it). Sizes checked first.
-    H, G = whh_t.shape
+    # rows, computed before the loop since backward reads it). whh_p: W_hh^T in column panels, as
+    # lstm_infer_loop's. Sizes checked first.
+    ntile, H, tile = whh_p.shape
+    G = gh.shape[1]
     N = px.shape[0]
     B = hs.shape[0]
     if (gh.itemsize != 4 or G != 4 * H or px.shape[1] != G or hs.shape[1] != H or cs.shape[0] != B
@@ -226,20 +234,19 @@ def lstm_train_loop(offs, sizes, px, whh_t, g0, g1, b1, g3, b3, k, hs, cs, out, 
             or ghat_s.shape[0] != N or ghat_s.shape[1] != G or c_s.shape[0] != N or c_s.shape[1] != H
             or stat_s.shape[0] != N or stat_s.shape[1] != 5 or g0.shape[0] != G or g1.shape[0] != G
             or b1.shape[0] != G or g3.shape[0] != H or b3.shape[0] != H or sizes.shape[0] != offs.shape[0]
-            or tile <= 0 or H <= 0):
+            or H <= 0 or not _panels_cover(ntile, tile, G)):
         raise ValueError("lstm_train_loop: inconsistent shapes")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("lstm_train_loop: a step's rows lie outside the buffers")
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    ntile = (G + tile - 1) // tile
-    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_t.ctypes.data
+    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_p.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
         for j in prange(ntile):
             c0 = j * tile
-            brgemm(bs, min(tile, G - c0), H, H, G, G, False, hp, wh + 4 * c0, ghp + 4 * c0)
+            brgemm(bs, min(tile, G - c0), H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
         for b in prange(bs):
             _lstm_train_row(b, off + b, off + b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out,
                             ghat_s, c_s, stat_s)
@@ -293,31 +300,33 @@ def lstm_fwd_infer_step(off, poff, gh, px, g0, g1, b1, g3, b3, k, hs, cs, out): 
 
 
 @njit(**_OPTS)
-def lstm_infer_loop(offs, sizes, x, wih_t, whh_t, g0, g1, b1, g3, b3, k, hs, cs, out, gh, px,
-                    tile):  # pragma: no cover
+def lstm_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, g3, b3, k, hs, cs, out, gh,
+                    px):  # pragma: no cover
     # The whole time loop of lstm_fwd_infer_step in one call (float32 only; see lnorm.ops.brgemm):
     # at step s (rows offs[s] .. offs[s] + sizes[s] of the packed x and out), the threads split
-    # the 4H columns into tiles of ``tile`` and each multiplies its tiles, gh = h W_hh^T and
-    # px = x W_ih^T, with oneDNN's brgemm microkernel (wih_t: (I, 4H) = W_ih^T, whh_t: (H, 4H) =
-    # W_hh^T, both row-major); then the rows' elementwise work, as lstm_fwd_infer_step's. gh and
-    # px are (B, 4H) scratch. brgemm reads and writes through raw addresses: the sizes are checked
-    # here first (the caller checks dtypes and contiguity, which Numba's types already pin to
-    # C-contiguous float32 arrays in the typed signature it compiles for).
-    H, G = whh_t.shape
+    # the 4H columns into tiles and each multiplies its tiles, gh = h W_hh^T and px = x W_ih^T,
+    # with oneDNN's brgemm microkernel; then the rows' elementwise work, as lstm_fwd_infer_step's.
+    # The weights come as column panels (whh_p: (tiles, H, tile), panel j = W_hh^T[:, j*tile ..],
+    # zero-padded past 4H; wih_p the same of W_ih^T), so each tile reads one contiguous block
+    # (a tile of W^T in place spans the whole matrix, a row of 4H floats apart per k). gh and
+    # px are (B, 4H) scratch. brgemm reads and writes through raw addresses: the sizes are
+    # checked here first (Numba's typed signature pins C-contiguous arrays; float32 checked here).
+    ntile, H, tile = whh_p.shape
+    G = gh.shape[1]
     N, I = x.shape
     B = hs.shape[0]
-    if (gh.itemsize != 4 or G != 4 * H or wih_t.shape[0] != I or wih_t.shape[1] != G or hs.shape[1] != H
+    if (gh.itemsize != 4 or G != 4 * H or wih_p.shape[0] != ntile or wih_p.shape[1] != I or wih_p.shape[2] != tile
+            or not _panels_cover(ntile, tile, G) or hs.shape[1] != H
             or cs.shape[0] != B or cs.shape[1] != H or out.shape[0] != N or out.shape[1] != H
             or gh.shape[0] != B or gh.shape[1] != G or px.shape[0] != B or px.shape[1] != G
             or g0.shape[0] != G or g1.shape[0] != G or b1.shape[0] != G or g3.shape[0] != H
-            or b3.shape[0] != H or sizes.shape[0] != offs.shape[0] or tile <= 0 or H <= 0 or I <= 0):
+            or b3.shape[0] != H or sizes.shape[0] != offs.shape[0] or H <= 0 or I <= 0):
         raise ValueError("lstm_infer_loop: inconsistent shapes")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("lstm_infer_loop: a step's rows lie outside the buffers")
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    ntile = (G + tile - 1) // tile
-    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_t.ctypes.data, wih_t.ctypes.data
+    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_p.ctypes.data, wih_p.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
@@ -325,8 +334,8 @@ def lstm_infer_loop(offs, sizes, x, wih_t, whh_t, g0, g1, b1, g3, b3, k, hs, cs,
         for j in prange(ntile):
             c0 = j * tile
             w = min(tile, G - c0)
-            brgemm(bs, w, H, H, G, G, False, hp, wh + 4 * c0, ghp + 4 * c0)
-            brgemm(bs, w, I, I, G, G, False, xp, wi + 4 * c0, pxp + 4 * c0)
+            brgemm(bs, w, H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
+            brgemm(bs, w, I, I, tile, G, False, xp, wi + 4 * j * I * tile, pxp + 4 * c0)
         for b in prange(bs):
             _lstm_infer_row(b, off + b, b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out)
 
@@ -444,13 +453,15 @@ def _lstm_bwd_chunk(ch, per, off, doff, bs, dout, dhs, dcs, ghat_s, c_s, stat_s,
 
 @njit(**_OPTS)
 def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_idx, c0, px, g0, g1, b1, g3, b3, k,
-                  dpx, dgh, acc_g, acc_c, w_hh, tile):  # pragma: no cover
+                  dpx, dgh, acc_g, acc_c, whh_p):  # pragma: no cover
     # A run of lstm_bwd_step's steps (in backward order) in one call, as lstm_infer_loop: per step
     # the rows' elementwise backward (into dgh and dpx at row n - doff, and the LN sums), then the
     # threads multiply their column tiles of the previous h's gradient, dhs[:bs] = dgh W_hh, with
-    # oneDNN's brgemm (w_hh: (4H, H) row-major, the microkernel's B as it is). dhs rows past bs
-    # keep the gradients of sequences that end at earlier steps. Sizes checked first.
-    G, H = w_hh.shape
+    # oneDNN's brgemm (whh_p: W_hh in column panels, (tiles, 4H, tile), as lstm_infer_loop's).
+    # dhs rows past bs keep the gradients of sequences that end at earlier steps. Sizes checked
+    # first.
+    ntile, G, tile = whh_p.shape
+    H = dhs.shape[1]
     N = ghat_s.shape[0]
     B = dhs.shape[0]
     R = dgh.shape[0]
@@ -461,8 +472,8 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
             or cprev_idx.shape[0] != N or c0.shape[0] != B or c0.shape[1] != H or g0.shape[0] != G
             or g1.shape[0] != G or b1.shape[0] != G or g3.shape[0] != H or b3.shape[0] != H
             or acc_g.shape[1] != 3 or acc_g.shape[2] != G or acc_c.shape[0] != acc_g.shape[0]
-            or acc_c.shape[1] != 2 or acc_c.shape[2] != H or sizes.shape[0] != offs.shape[0] or tile <= 0
-            or H <= 0):
+            or acc_c.shape[1] != 2 or acc_c.shape[2] != H or sizes.shape[0] != offs.shape[0] or H <= 0
+            or not _panels_cover(ntile, tile, H)):
         raise ValueError("lstm_bwd_loop: inconsistent shapes")
     for s in range(offs.shape[0]):
         if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
@@ -473,8 +484,7 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
             raise ValueError("lstm_bwd_loop: cprev_idx points outside the buffers")
     one, inv_g, inv_h = k[1], k[2], k[3]
     chunks = acc_g.shape[0]
-    ntile = (H + tile - 1) // tile
-    dhp, wh = dhs.ctypes.data, w_hh.ctypes.data
+    dhp, wh = dhs.ctypes.data, whh_p.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
@@ -485,7 +495,7 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
         dgp = dgh.ctypes.data + 4 * (off - doff) * G
         for j in prange(ntile):
             c0j = j * tile
-            brgemm(bs, min(tile, H - c0j), G, G, H, H, False, dgp, wh + 4 * c0j, dhp + 4 * c0j)
+            brgemm(bs, min(tile, H - c0j), G, G, tile, H, False, dgp, wh + 4 * j * G * tile, dhp + 4 * c0j)
 
 
 # ------------------------------------------------------------------------------------- GRU

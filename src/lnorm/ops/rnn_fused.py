@@ -199,8 +199,8 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
         px_n = _np(px)
         if _native_loop(x, w_hh):
             steps = _steps_array(sched)
-            kernels.lstm_train_loop(steps[0], steps[1], px_n, _np(w_hh.detach().t().contiguous()), g0_n, g1_n, b1_n,
-                                    g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n, _np(gh), _native_tile(G))
+            kernels.lstm_train_loop(steps[0], steps[1], px_n, _panels_of_rows(w_hh, _native_tile(G)), g0_n, g1_n,
+                                    b1_n, g3_n, b3_n, k, hs_n, cs_n, out_n, ghat_n, c_n, stat_n, _np(gh))
             return out, hs, cs, px, (ghat, c_all, stat)
         gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
         step = kernels.lstm_fwd_step
@@ -221,10 +221,11 @@ def _lstm_forward(x, w_ih, h0, c0, w_hh, g0, g1, b1, g3, b3, sched: _Schedule, e
 
 # The native loops' column tiles: each thread multiplies tiles of up to this many columns of the
 # step's product (4H for gh, H for backward's previous-h gradient), at least two tiles per thread
-# so that both halves of an uneven split stay busy. Tiles of 128 measured best on an AMD EPYC
-# (Zen 4, 2 threads): LayerNormLSTM(128, 512) on (100, 32, 128) without gradients, 48.3 ms against
-# 49.4 (64), 50.1 (32), 51.9 (256), nn.LSTM 42-44 (one-off interleaved medians of 15;
-# ``benchmarks/lstm_train_breakdown.py --part 4`` times the same tiles).
+# so that both halves of an uneven split stay busy. On an AMD EPYC (Zen 4, 2 threads),
+# LayerNormLSTM(128, 512) on (100, 32, 128) without gradients, with the weights in panels: 45.8 ms
+# with tiles of 64, 45.1 with 128, 45.3 with 256, nn.LSTM 41.3-42.9 (one-off interleaved medians of
+# 15; ``benchmarks/lstm_train_breakdown.py --part 4`` times the same tiles). Reading the tiles of
+# W^T in place, a row of 4H floats apart, took 48-52 ms (tiles of 64-512).
 _NATIVE_TILE = 128
 _NATIVE_TILE_MIN = 32
 
@@ -254,10 +255,30 @@ def _lstm_native_infer(x: Tensor, w_ih: Tensor, w_hh: Tensor, sched: _Schedule, 
     G, H = w_hh.shape
     B = rest[6].shape[0]
     offs, sizes = _steps_array(sched)
-    wih_t = w_ih.detach().t().contiguous()
-    whh_t = w_hh.detach().t().contiguous()
+    tile = _native_tile(G)
     gh, px = np.empty((B, G), np.float32), np.empty((B, G), np.float32)
-    loop(offs, sizes, _np(x.contiguous()), _np(wih_t), _np(whh_t), *rest, gh, px, _native_tile(G))
+    loop(offs, sizes, _np(x.contiguous()), _panels_of_rows(w_ih, tile), _panels_of_rows(w_hh, tile), *rest, gh, px)
+
+
+def _panels_of_rows(w: Tensor, tile: int) -> np.ndarray:
+    """``w.T`` ((k, n) for an (n, k) ``w``) as the native loops read it: column panels, (tiles, k,
+    tile), panel j holding columns j*tile .. of ``w.T`` contiguously, zero-padded past n."""
+    n, k = w.shape
+    tiles = -(-n // tile)
+    w = w.detach()
+    if tiles * tile != n:
+        w = torch.cat([w, w.new_zeros(tiles * tile - n, k)])
+    return _np(w.reshape(tiles, tile, k).transpose(1, 2).contiguous())
+
+
+def _panels_of_cols(w: Tensor, tile: int) -> np.ndarray:
+    """``w`` itself ((k, n)) in the same column panels: (tiles, k, tile), zero-padded past n."""
+    k, n = w.shape
+    tiles = -(-n // tile)
+    w = w.detach()
+    if tiles * tile != n:
+        w = torch.cat([w, w.new_zeros(k, tiles * tile - n)], dim=1)
+    return _np(w.reshape(k, tiles, tile).transpose(0, 1).contiguous())
 
 
 def _steps_array(sched: _Schedule) -> tuple[np.ndarray, np.ndarray]:
@@ -421,13 +442,13 @@ class _LSTMRecurrence(torch.autograd.Function):
         k = _consts(dout_n.dtype, 1.0, G, H)
         h0d = h0.detach()
         kernels = K.builds()
-        whh_n = _np(w_hh.detach().contiguous()) if native else None
+        whh_n = _panels_of_cols(w_hh, _native_tile(H)) if native else None
         dh = dhs  # the gradient w.r.t. the step's h from later steps (see _next_dh)
         for lo, hi, steps in runs:
             if native:  # dh stays dhs, overwritten a step's rows at a time
                 offs, sizes = _steps_array_of(steps)
                 kernels.lstm_bwd_loop(offs, sizes, lo, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
-                                      px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch, whh_n, _native_tile(H))
+                                      px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch, whh_n)
             for off, bs in steps if not native else ():
                 kernels.lstm_bwd_step(off, lo, bs, dout_n, _np(dh), dcs_n, ghat_n, c_n, stat_n, sched.prev, c0_n,
                                       px_n, g0_n, g1_n, b1_n, g3_n, b3_n, k, *scratch)
