@@ -247,3 +247,14 @@ def test_training_native_loops_check_the_sizes_they_trust(build):
         bwd([0], [2], panels=(1, G + 1, 64))
     with pytest.raises(ValueError, match="cprev_idx"):
         bwd([0], [2], prev=i64(-1, -3, 0, 1, 2, 3))  # -1 - (-3) = 2: no initial state row 2
+
+
+def test_native_loop_status_says_why(monkeypatch):
+    from lnorm.ops import brgemm
+
+    monkeypatch.setenv("LNORM_NATIVE_LOOP", "0")
+    assert not brgemm.available() and brgemm.status() == "off (LNORM_NATIVE_LOOP=0)"
+    monkeypatch.delenv("LNORM_NATIVE_LOOP")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not brgemm.available() and "mkldnn" in brgemm.status()
+    assert brgemm.status().startswith("on: " if brgemm.available() else "off: ")

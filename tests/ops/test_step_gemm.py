@@ -353,10 +353,10 @@ def test_mkl_refuses_what_its_raw_pointers_cannot_take():
 def test_use_step_gemm_none_means_the_measured_choice(fresh_choices, monkeypatch):
     sg = fresh_choices
     monkeypatch.setenv(sg.ENV, "mm")
-    assert sg._forced_impl() == "mm"
+    assert sg.forced_impl() == "mm"
     with sg.use_step_gemm(None):
-        assert sg._forced_impl() is None
-    assert sg._forced_impl() == "mm"
+        assert sg.forced_impl() is None
+    assert sg.forced_impl() == "mm"
 
 
 def test_use_step_gemm_forces_this_thread_only(fresh_choices):
@@ -367,7 +367,7 @@ def test_use_step_gemm_forces_this_thread_only(fresh_choices):
 
     def other():
         inside.wait()
-        seen.append(sg._forced_impl())
+        seen.append(sg.forced_impl())
         release.set()
 
     t = threading.Thread(target=other)
@@ -375,9 +375,9 @@ def test_use_step_gemm_forces_this_thread_only(fresh_choices):
     with sg.use_step_gemm("mm"):
         inside.set()
         release.wait(30)
-        assert sg._forced_impl() == "mm"
+        assert sg.forced_impl() == "mm"
     t.join()
-    assert seen == [None] and sg._forced_impl() is None
+    assert seen == [None] and sg.forced_impl() is None
 
 
 # ----------------------------------------------------------------- the weight gradients

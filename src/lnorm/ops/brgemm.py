@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import sys
 
 import numpy as np
 import torch
@@ -53,8 +55,8 @@ def _library() -> str | None:
 
 def _load() -> tuple[bool, str]:
     """Resolve the symbol for Numba's linker (llvmlite) and check what it computes through ctypes."""
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return False, f"not an x86-64 CPU ({os.uname().machine})"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"not x86-64 Linux ({sys.platform}, {platform.machine()})"
     if not torch.backends.mkldnn.is_available():
         return False, "torch was built without oneDNN"
     path = _library()

@@ -49,7 +49,7 @@ from lnorm.ops.brgemm import available as brgemm_available
 from lnorm.ops.guards import first_order_only
 from lnorm.ops.norm import delegates_to_torch, fused_norm, torch_layer_norm
 from lnorm.ops.rnn_weights import RecurrentWeights, check_shapes
-from lnorm.ops.step_gemm import InputProjection, StepGemm, WeightGrad, _forced_impl, input_product
+from lnorm.ops.step_gemm import InputProjection, StepGemm, WeightGrad, forced_impl, input_product
 
 # ----------------------------------------------------------------------------------- schedule
 
@@ -245,7 +245,7 @@ def _native_loop(x: Tensor, w_hh: Tensor) -> bool:
     benchmarks that force one get the Python loop they ask for) and the microkernel available."""
     if x.dtype != torch.float32 or min(x.shape[1], w_hh.shape[1], x.shape[0]) == 0:
         return False
-    return _forced_impl() is None and brgemm_available()
+    return forced_impl() is None and brgemm_available()
 
 
 def _lstm_native_infer(x: Tensor, w_ih: Tensor, w_hh: Tensor, sched: _Schedule, loop, rest: tuple) -> None:

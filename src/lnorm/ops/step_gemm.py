@@ -197,7 +197,9 @@ _chosen: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
 
 
-def _forced_impl() -> str | None:
+def forced_impl() -> str | None:
+    """The implementation forced now (:func:`use_step_gemm` in this thread, else ``LNORM_STEP_GEMM``),
+    or None for the measured choice."""
     forced = _forced.get()
     name = forced if forced is not None else os.environ.get(ENV, "auto").strip().lower()
     if name in ("", "auto"):
@@ -225,7 +227,7 @@ def choose(batch: int, n: int, k: int, dtype: torch.dtype, accumulate: bool = Fa
     """The implementation for products of ``batch`` rows by a (k x n) weight: the forced one if
     it can run them, else the fastest measured here (timed at the first product of this class)."""
     names = available(dtype)
-    forced = _forced_impl()
+    forced = forced_impl()
     if forced in names:
         return forced
     if len(names) == 1:
@@ -304,7 +306,7 @@ def _input_impl(w: Tensor, dtype: torch.dtype) -> str:
     n, k = w.shape
     if dtype != torch.float32 or not _ONEDNN or min(n, k) == 0:
         return "mm"
-    forced = _forced_impl()
+    forced = forced_impl()
     if forced is not None:
         return "onednn" if forced == "onednn" else "mm"
     key = ("all", n, k, dtype, torch.get_num_threads(), False)
@@ -421,7 +423,7 @@ def choose_weight_grad(rows: int, n: int, k: int, dtype: torch.dtype) -> str:
     ``onednn`` if forced, ``mm`` for ``mkl`` or ``mm``), measured once per class."""
     if dtype != torch.float32 or not _ONEDNN:
         return "mm"
-    forced = _forced_impl()
+    forced = forced_impl()
     if forced is not None:
         return "onednn" if forced == "onednn" else "mm"
     rows = min(1 << max(rows - 1, 0).bit_length(), _GRAD_ROWS_MAX)  # a class per power of two, capped
