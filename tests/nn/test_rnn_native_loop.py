@@ -258,3 +258,55 @@ def test_native_loop_status_says_why(monkeypatch):
     with torch.backends.mkldnn.flags(enabled=False):
         assert not brgemm.available() and "mkldnn" in brgemm.status()
     assert brgemm.status().startswith("on: " if brgemm.available() else "off: ")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gru_native_inference_loop_on_and_off_agree(packed, monkeypatch):
+    # gru_infer_loop against the Python loop (gru_fwd_infer_step): 3H = 72 columns, tiles of 32
+    # with a tail of 8, packed and bidirectional, two layers
+    _native()
+    from lnorm.nn import LayerNormGRU
+    from lnorm.ops import _rnn_kernels as K
+
+    calls = []
+    real = K.builds
+
+    def counted():
+        ns = real()
+        fn = ns.gru_infer_loop
+        ns.gru_infer_loop = lambda *a: calls.append(1) or fn(*a)
+        return ns
+
+    monkeypatch.setattr(K, "builds", counted)
+    torch.manual_seed(0)
+    m = LayerNormGRU(11, 24, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(7, 5, 11) * 2
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [7, 6, 6, 3, 1], enforce_sorted=False)
+    on = _layer_outputs(m, x, True)
+    assert len(calls) == 4
+    off = _layer_outputs(m, x, False)
+    assert len(calls) == 4
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gru_native_loop_checks_the_sizes_it_trusts():
+    _native()
+    from lnorm.ops import rnn_fused as RF
+
+    kern = _builds()["threaded"]
+    B, H, I, N = 2, 4, 3, 6
+    G = 3 * H
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    k = RF._consts(np.float32, 1e-5, 2 * H, H)
+
+    def call(offs, sizes, panels=(1, H, 16)):
+        kern.gru_infer_loop(np.array(offs, np.int64), np.array(sizes, np.int64), z(N, I), z(panels[0], I, panels[2]),
+                            z(*panels), z(G), z(G), z(G), z(H), k, z(B, H), z(N, H), z(B, G), z(B, G))
+
+    call([0, 2, 4], [2, 2, 2])
+    with pytest.raises(ValueError, match="outside the buffers"):
+        call([0, 2, 5], [2, 2, 2])
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        call([0], [2], panels=(1, H, 8))  # 8 columns of 12

@@ -548,27 +548,63 @@ def gru_fwd_infer_step(off, poff, gh, px, g0, g1, b1, b_in, k, hs, out):  # prag
     # lstm_fwd_infer_step's (a row of a scratch array of the caller's compiled into code several
     # times slower: its aliasing with the other arrays is unknown). The same arithmetic as the
     # training route (the input LN, then gru_fwd_step), to float32 rounding.
-    bs, G = gh.shape
-    H = G // 3
+    bs = gh.shape[0]
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
     for b in prange(bs):
-        n = off + b
-        p = poff + b
-        a = np.empty(2 * H, dtype=gh.dtype)
-        mu1, r1 = _mean_rstd(gh, b, 0, 2 * H, inv_2h, eps, one)
-        mu2, r2 = _mean_rstd(gh, b, 2 * H, 3 * H, inv_h, eps, one)
-        mx1, rx1 = _mean_rstd(px, p, 0, 2 * H, inv_2h, eps, one)
-        mx2, rx2 = _mean_rstd(px, p, 2 * H, 3 * H, inv_h, eps, one)
-        for q in range(2 * H):
-            a[q] = fsig(g1[q] * ((gh[b, q] - mu1) * r1) + b1[q] + g0[q] * ((px[p, q] - mx1) * rx1))
-        for j in range(H):
-            hn = g1[2 * H + j] * ((gh[b, 2 * H + j] - mu2) * r2) + b1[2 * H + j]
-            xn = g0[2 * H + j] * ((px[p, 2 * H + j] - mx2) * rx2)
-            nv = ftanh(xn + b_in[j] + a[j] * hn)
-            z = a[H + j]
-            hv = (one - z) * nv + z * hs[b, j]
-            out[n, j] = hv
-            hs[b, j] = hv
+        _gru_infer_row(b, off + b, poff + b, gh, px, g0, g1, b1, b_in, eps, one, inv_2h, inv_h, hs, out)
+
+
+@njit(inline="always")
+def _gru_infer_row(b, n, p, gh, px, g0, g1, b1, b_in, eps, one, inv_2h, inv_h, hs, out):  # pragma: no cover
+    # one row of gru_fwd_infer_step: gh row b, px row p, state row b, output row n
+    H = gh.shape[1] // 3
+    a = np.empty(2 * H, dtype=gh.dtype)
+    mu1, r1 = _mean_rstd(gh, b, 0, 2 * H, inv_2h, eps, one)
+    mu2, r2 = _mean_rstd(gh, b, 2 * H, 3 * H, inv_h, eps, one)
+    mx1, rx1 = _mean_rstd(px, p, 0, 2 * H, inv_2h, eps, one)
+    mx2, rx2 = _mean_rstd(px, p, 2 * H, 3 * H, inv_h, eps, one)
+    for q in range(2 * H):
+        a[q] = fsig(g1[q] * ((gh[b, q] - mu1) * r1) + b1[q] + g0[q] * ((px[p, q] - mx1) * rx1))
+    for j in range(H):
+        hn = g1[2 * H + j] * ((gh[b, 2 * H + j] - mu2) * r2) + b1[2 * H + j]
+        xn = g0[2 * H + j] * ((px[p, 2 * H + j] - mx2) * rx2)
+        nv = ftanh(xn + b_in[j] + a[j] * hn)
+        z = a[H + j]
+        hv = (one - z) * nv + z * hs[b, j]
+        out[n, j] = hv
+        hs[b, j] = hv
+
+
+@njit(**_OPTS)
+def gru_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, b_in, k, hs, out, gh, px):  # pragma: no cover
+    # The GRU's time loop of gru_fwd_infer_step in one call, as lstm_infer_loop: per step the
+    # threads multiply their column panels of gh = h W_hh^T and px = x W_ih^T (3H columns) with
+    # oneDNN's brgemm, then the rows' elementwise work. Sizes checked first.
+    ntile, H, tile = whh_p.shape
+    G = gh.shape[1]
+    N, I = x.shape
+    B = hs.shape[0]
+    if (gh.itemsize != 4 or G != 3 * H or wih_p.shape[0] != ntile or wih_p.shape[1] != I or wih_p.shape[2] != tile
+            or not _panels_cover(ntile, tile, G) or hs.shape[1] != H or out.shape[0] != N or out.shape[1] != H
+            or gh.shape[0] != B or px.shape[0] != B or px.shape[1] != G or g0.shape[0] != G or g1.shape[0] != G
+            or b1.shape[0] != G or b_in.shape[0] != H or sizes.shape[0] != offs.shape[0] or H <= 0 or I <= 0):
+        raise ValueError("gru_infer_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
+            raise ValueError("gru_infer_loop: a step's rows lie outside the buffers")
+    eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
+    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_p.ctypes.data, wih_p.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        xp = x.ctypes.data + 4 * off * I
+        for j in prange(ntile):
+            c0 = j * tile
+            w = min(tile, G - c0)
+            brgemm(bs, w, H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
+            brgemm(bs, w, I, I, tile, G, False, xp, wi + 4 * j * I * tile, pxp + 4 * c0)
+        for b in prange(bs):
+            _gru_infer_row(b, off + b, b, gh, px, g0, g1, b1, b_in, eps, one, inv_2h, inv_h, hs, out)
 
 
 @njit(**_OPTS)
@@ -652,7 +688,7 @@ def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
 _KERNELS = (lstm_fwd_step, lstm_train_loop, lstm_fwd_infer_step, lstm_infer_loop, lstm_bwd_step, lstm_bwd_loop,
-            gru_fwd_step, gru_fwd_infer_step, gru_bwd_step)
+            gru_fwd_step, gru_fwd_infer_step, gru_infer_loop, gru_bwd_step)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

@@ -529,15 +529,22 @@ def _gru_infer(x: Tensor, h0: Tensor, p: RecurrentWeights, sched: _Schedule) -> 
     # the input LN's bias joins the others: r, z's in b1, n's in b_in (outside the reset gate)
     b1 = b1 + torch.cat([p.ln_ih_b[: 2 * H], torch.zeros(H, dtype=dt)])
     b_in = b_in + p.ln_ih_b[2 * H :]
-    gemm = StepGemm(p.w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     g0_n, g1_n, b1_n, bin_n = (_np(t.contiguous()) for t in (p.ln_ih_w, p.ln_hh_w, b1, b_in))
     hs_n, out_n = _np(hs), _np(out)
     k = _consts(out_n.dtype, p.eps, 2 * H, H)
+    rest = (g0_n, g1_n, b1_n, bin_n, k, hs_n, out_n)
+    if _native_loop(x, p.w_hh):  # the whole loop in one call (gru_infer_loop, as the LSTM's)
+        offs, sizes = _steps_array(sched)
+        tile = _native_tile(G)
+        scratch = np.empty((B, G), np.float32), np.empty((B, G), np.float32)
+        K.builds().gru_infer_loop(offs, sizes, _np(x), _panels_of_rows(p.w_ih, tile), _panels_of_rows(p.w_hh, tile),
+                                  *rest, *scratch)
+        return out, hs
+    gemm = StepGemm(p.w_hh, B)  # h -> h W_hh^T
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
-    _infer_loop(x, p.w_ih, gemm, hs, gh, sched, K.builds().gru_fwd_infer_step,
-                (g0_n, g1_n, b1_n, bin_n, k, hs_n, out_n))
+    _infer_loop(x, p.w_ih, gemm, hs, gh, sched, K.builds().gru_fwd_infer_step, rest)
     return out, hs
 
 
