@@ -310,3 +310,84 @@ def test_gru_native_loop_checks_the_sizes_it_trusts():
         call([0, 2, 5], [2, 2, 2])
     with pytest.raises(ValueError, match="inconsistent shapes"):
         call([0], [2], panels=(1, H, 8))  # 8 columns of 12
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gru_training_native_loops_on_and_off_agree(packed, monkeypatch):
+    # gru_train_loop and gru_bwd_loop (brgemm accumulating dgh W_hh onto the kernel's z dh; runs of
+    # 12 rows: several steps per run) against the Python loops, outputs and every gradient
+    _native()
+    from lnorm.nn import LayerNormGRU
+    from lnorm.ops import _rnn_kernels as K
+    from lnorm.ops import rnn_fused as RF
+
+    monkeypatch.setattr(RF, "_CHUNK_ROWS", 12)
+    calls = []
+    real = K.builds
+
+    def counted():
+        ns = real()
+        for name in ("gru_train_loop", "gru_bwd_loop"):
+            fn = getattr(ns, name)
+            setattr(ns, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        return ns
+
+    monkeypatch.setattr(K, "builds", counted)
+    torch.manual_seed(0)
+    m = LayerNormGRU(11, 24, num_layers=2, bidirectional=True)
+    x0 = torch.randn(7, 5, 11) * 2
+    h0 = torch.randn(4, 5, 24)
+
+    def run(native):
+        monkeypatch.setenv("LNORM_NATIVE_LOOP", "1" if native else "0")
+        m.zero_grad()
+        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, [7, 6, 6, 3, 1]) if packed else x
+        out, hn = m(inp, h)
+        if packed:
+            out = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+        (out.square().sum() + hn.sum()).backward()
+        return [out, hn, x.grad, h.grad] + [p.grad.clone() for p in m.parameters()]
+
+    on = run(True)
+    assert calls.count("gru_train_loop") == 4 and calls.count("gru_bwd_loop") >= 8
+    n = len(calls)
+    off = run(False)
+    assert len(calls) == n
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gru_training_native_loops_check_the_sizes_they_trust():
+    _native()
+    from lnorm.ops import rnn_fused as RF
+
+    kern = _builds()["threaded"]
+    B, H, N = 2, 4, 6
+    G = 3 * H
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    k = RF._consts(np.float32, 1e-5, 2 * H, H)
+
+    def fwd(offs, sizes, panels=(1, H, 16)):
+        kern.gru_train_loop(i64(*offs), i64(*sizes), z(N, 2 * H), z(N, H), z(*panels), z(G), z(G), z(H), k,
+                            z(B, H), z(N, H), z(N, G), z(N, 4 * H), z(N, 2), z(B, G))
+
+    fwd([0, 2, 4], [2, 2, 2])
+    with pytest.raises(ValueError, match="outside the buffers"):
+        fwd([0, 2, 5], [2, 2, 2])
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        fwd([0], [2], panels=(1, H, 8))
+
+    def bwd(offs, sizes, doff=0, run_rows=N, prev=None, panels=(1, G, 16)):
+        kern.gru_bwd_loop(i64(*offs), i64(*sizes), doff, z(N, H), z(B, H), z(N, G), z(N, 4 * H), z(N, 2),
+                          i64(-1, -2, 0, 1, 2, 3) if prev is None else prev, z(N, H), z(B, H), z(G), k,
+                          z(N, 2 * H), z(N, H), z(run_rows, G), np.zeros((2, 3, G)), z(*panels))
+
+    bwd([4, 2, 0], [2, 2, 2])
+    with pytest.raises(ValueError, match="outside the buffers"):
+        bwd([4, 2], [2, 2], doff=2, run_rows=2)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        bwd([0], [2], panels=(1, G + 1, 16))
+    with pytest.raises(ValueError, match="hprev_idx"):
+        bwd([0], [2], prev=i64(-1, -3, 0, 1, 2, 3))

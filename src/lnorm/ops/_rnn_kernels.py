@@ -510,31 +510,74 @@ def gru_fwd_step(off, soff, gh, gx_rz, gx_n, g1, b1, b_in, k, hs, out, ghat_s, a
     # bias + b_ih + b_hh; n: LN bias + b_hn); b_in (H): b_ih of n. saved: ghat_s (*, 3H);
     # act_s (*, 4H) = (r, z, n, LN(W_hh h)_n + b_hn); stat_s (*, 2) = the rstd of the two
     # groups of gh.
-    bs, G = gh.shape
-    H = G // 3
+    bs = gh.shape[0]
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
     for b in prange(bs):
-        n = off + b
-        s = soff + b
-        _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
-        _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
+        _gru_ln_row(b, soff + b, gh, eps, one, inv_2h, inv_h, ghat_s, stat_s)
     # A second parallel loop for the gates: Numba compiles the layer norms and the gates in one
     # loop body into much slower code than the two loops (``lnorm bench rnn`` shows it).
     for b in prange(bs):
-        n = off + b
-        s = soff + b
-        for j in range(H):
-            r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx_rz[n, j])
-            z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx_rz[n, H + j])
-            hn = g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j]
-            nv = ftanh(gx_n[n, j] + b_in[j] + r * hn)
-            act_s[s, j] = r
-            act_s[s, H + j] = z
-            act_s[s, 2 * H + j] = nv
-            act_s[s, 3 * H + j] = hn
-            hv = (one - z) * nv + z * hs[b, j]
-            out[n, j] = hv
-            hs[b, j] = hv
+        _gru_gate_row(b, off + b, soff + b, gx_rz, gx_n, g1, b1, b_in, one, hs, out, ghat_s, act_s)
+
+
+@njit(inline="always")
+def _gru_ln_row(b, s, gh, eps, one, inv_2h, inv_h, ghat_s, stat_s):  # pragma: no cover
+    # gru_fwd_step's first loop for row b: the two groups of gh normalized into saved row s
+    H = gh.shape[1] // 3
+    _ln_rows(gh, b, 0, 2 * H, inv_2h, eps, one, ghat_s, s, stat_s, 0)
+    _ln_rows(gh, b, 2 * H, 3 * H, inv_h, eps, one, ghat_s, s, stat_s, 1)
+
+
+@njit(inline="always")
+def _gru_gate_row(b, n, s, gx_rz, gx_n, g1, b1, b_in, one, hs, out, ghat_s, act_s):  # pragma: no cover
+    # gru_fwd_step's second loop for row b: gates and state from saved row s, output row n
+    H = gx_n.shape[1]
+    for j in range(H):
+        r = fsig(g1[j] * ghat_s[s, j] + b1[j] + gx_rz[n, j])
+        z = fsig(g1[H + j] * ghat_s[s, H + j] + b1[H + j] + gx_rz[n, H + j])
+        hn = g1[2 * H + j] * ghat_s[s, 2 * H + j] + b1[2 * H + j]
+        nv = ftanh(gx_n[n, j] + b_in[j] + r * hn)
+        act_s[s, j] = r
+        act_s[s, H + j] = z
+        act_s[s, 2 * H + j] = nv
+        act_s[s, 3 * H + j] = hn
+        hv = (one - z) * nv + z * hs[b, j]
+        out[n, j] = hv
+        hs[b, j] = hv
+
+
+@njit(**_OPTS)
+def gru_train_loop(offs, sizes, gx_rz, gx_n, whh_p, g1, b1, b_in, k, hs, out, ghat_s, act_s, stat_s,
+                   gh):  # pragma: no cover
+    # The time loop of gru_fwd_step (gradients to come) in one call, as lstm_train_loop: per step
+    # the threads multiply their column panels of gh = h W_hh^T (3H columns) with oneDNN's brgemm,
+    # then the rows' layer norms and gates, saving at the rows' packed numbers. Sizes checked first.
+    ntile, H, tile = whh_p.shape
+    G = gh.shape[1]
+    N = gx_rz.shape[0]
+    B = hs.shape[0]
+    if (gh.itemsize != 4 or G != 3 * H or not _panels_cover(ntile, tile, G) or gx_rz.shape[1] != 2 * H
+            or gx_n.shape[0] != N or gx_n.shape[1] != H or hs.shape[1] != H or out.shape[0] != N
+            or out.shape[1] != H or gh.shape[0] != B or ghat_s.shape[0] != N or ghat_s.shape[1] != G
+            or act_s.shape[0] != N or act_s.shape[1] != 4 * H or stat_s.shape[0] != N or stat_s.shape[1] != 2
+            or g1.shape[0] != G or b1.shape[0] != G or b_in.shape[0] != H or sizes.shape[0] != offs.shape[0]
+            or H <= 0):
+        raise ValueError("gru_train_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
+            raise ValueError("gru_train_loop: a step's rows lie outside the buffers")
+    eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
+    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_p.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        for j in prange(ntile):
+            c0 = j * tile
+            brgemm(bs, min(tile, G - c0), H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
+        for b in prange(bs):
+            _gru_ln_row(b, off + b, gh, eps, one, inv_2h, inv_h, ghat_s, stat_s)
+        for b in prange(bs):
+            _gru_gate_row(b, off + b, off + b, gx_rz, gx_n, g1, b1, b_in, one, hs, out, ghat_s, act_s)
 
 
 @njit(**_OPTS)
@@ -619,68 +662,118 @@ def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out
     # LN's weight (acc[:, 0]) and of the bias b1 (acc[:, 1]), and of b_in (acc[:, 2, :H]), one slice
     # per chunk of rows (the caller sums the slices), each row added while it is in cache, as in
     # lstm_bwd_step (a second pass over dx_rz and ghat read 26 MB back from memory).
-    G = ghat_s.shape[1]
-    H = G // 3
     one, inv_2h, inv_h = k[1], k[2], k[3]
-    zero = one * np.float32(0)
     chunks = acc.shape[0]
     per = (bs + chunks - 1) // chunks
     for ch in prange(chunks):
-        # this step's sums over the chunk's rows in the data's dtype, then into the float64 sums
-        ag = np.zeros((3, G), dtype=dgh.dtype)
-        dyn = np.empty(H, dtype=dgh.dtype)  # the row's gradient of LN(W_hh h)_n + b_hn
-        for b in range(ch * per, min(bs, (ch + 1) * per)):
-            n = off + b
-            d = n - doff
-            p = hprev_idx[n]
-            hprev = out if p >= 0 else h0
-            pr = p if p >= 0 else -1 - p
-            for j in range(H):
-                r = act_s[n, j]
-                z = act_s[n, H + j]
-                nv = act_s[n, 2 * H + j]
-                hn = act_s[n, 3 * H + j]
-                dh = dout[n, j] + dhs[b, j]
-                dhs[b, j] = dh * z
-                dn = dh * (one - z) * (one - nv * nv)
-                dx_rz[n, j] = dn * hn * r * (one - r)
-                dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
-                dx_n[n, j] = dn
-                dyn[j] = dn * r
-            # LN backward, group r, z (its output gradient is dx_rz's)
-            rs = stat_s[n, 0]
-            s3 = zero
-            s4 = zero
-            for q in range(2 * H):
-                dgt = dx_rz[n, q] * g1[q]
-                s3 += dgt
-                s4 += dgt * ghat_s[n, q]
-            s3 = s3 * inv_2h
-            s4 = s4 * inv_2h
-            for q in range(2 * H):
-                dgh[d, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
-                ag[0, q] += dx_rz[n, q] * ghat_s[n, q]
-                ag[1, q] += dx_rz[n, q]
-            # group n (its output gradient is r * dn)
-            rs = stat_s[n, 1]
-            s3 = zero
-            s4 = zero
-            for j in range(H):
-                dgt = dyn[j] * g1[2 * H + j]
-                s3 += dgt
-                s4 += dgt * ghat_s[n, 2 * H + j]
-            s3 = s3 * inv_h
-            s4 = s4 * inv_h
-            for j in range(H):
-                dgh[d, 2 * H + j] = rs * (dyn[j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
-                ag[0, 2 * H + j] += dyn[j] * ghat_s[n, 2 * H + j]
-                ag[1, 2 * H + j] += dyn[j]
-                ag[2, j] += dx_n[n, j]
-        for q in range(G):
-            acc[ch, 0, q] += ag[0, q]
-            acc[ch, 1, q] += ag[1, q]
+        _gru_bwd_chunk(ch, per, off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, one, inv_2h,
+                       inv_h, dx_rz, dx_n, dgh, acc)
+
+
+@njit(inline="always")
+def _gru_bwd_chunk(ch, per, off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, one, inv_2h,
+                   inv_h, dx_rz, dx_n, dgh, acc):  # pragma: no cover
+    # the rows ch * per .. of gru_bwd_step, and their share (slice ch) of the LN-gradient sums
+    G = ghat_s.shape[1]
+    H = G // 3
+    zero = one * np.float32(0)
+    # this step's sums over the chunk's rows in the data's dtype, then into the float64 sums
+    ag = np.zeros((3, G), dtype=dgh.dtype)
+    dyn = np.empty(H, dtype=dgh.dtype)  # the row's gradient of LN(W_hh h)_n + b_hn
+    for b in range(ch * per, min(bs, (ch + 1) * per)):
+        n = off + b
+        d = n - doff
+        p = hprev_idx[n]
+        hprev = out if p >= 0 else h0
+        pr = p if p >= 0 else -1 - p
         for j in range(H):
-            acc[ch, 2, j] += ag[2, j]
+            r = act_s[n, j]
+            z = act_s[n, H + j]
+            nv = act_s[n, 2 * H + j]
+            hn = act_s[n, 3 * H + j]
+            dh = dout[n, j] + dhs[b, j]
+            dhs[b, j] = dh * z
+            dn = dh * (one - z) * (one - nv * nv)
+            dx_rz[n, j] = dn * hn * r * (one - r)
+            dx_rz[n, H + j] = dh * (hprev[pr, j] - nv) * z * (one - z)
+            dx_n[n, j] = dn
+            dyn[j] = dn * r
+        # LN backward, group r, z (its output gradient is dx_rz's)
+        rs = stat_s[n, 0]
+        s3 = zero
+        s4 = zero
+        for q in range(2 * H):
+            dgt = dx_rz[n, q] * g1[q]
+            s3 += dgt
+            s4 += dgt * ghat_s[n, q]
+        s3 = s3 * inv_2h
+        s4 = s4 * inv_2h
+        for q in range(2 * H):
+            dgh[d, q] = rs * (dx_rz[n, q] * g1[q] - s3 - ghat_s[n, q] * s4)
+            ag[0, q] += dx_rz[n, q] * ghat_s[n, q]
+            ag[1, q] += dx_rz[n, q]
+        # group n (its output gradient is r * dn)
+        rs = stat_s[n, 1]
+        s3 = zero
+        s4 = zero
+        for j in range(H):
+            dgt = dyn[j] * g1[2 * H + j]
+            s3 += dgt
+            s4 += dgt * ghat_s[n, 2 * H + j]
+        s3 = s3 * inv_h
+        s4 = s4 * inv_h
+        for j in range(H):
+            dgh[d, 2 * H + j] = rs * (dyn[j] * g1[2 * H + j] - s3 - ghat_s[n, 2 * H + j] * s4)
+            ag[0, 2 * H + j] += dyn[j] * ghat_s[n, 2 * H + j]
+            ag[1, 2 * H + j] += dyn[j]
+            ag[2, j] += dx_n[n, j]
+    for q in range(G):
+        acc[ch, 0, q] += ag[0, q]
+        acc[ch, 1, q] += ag[1, q]
+    for j in range(H):
+        acc[ch, 2, j] += ag[2, j]
+
+
+@njit(**_OPTS)
+def gru_bwd_loop(offs, sizes, doff, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, k, dx_rz, dx_n, dgh,
+                 acc, whh_p):  # pragma: no cover
+    # A run of gru_bwd_step's steps (in backward order) in one call, as lstm_bwd_loop: per step the
+    # rows' elementwise backward (which leaves z dh in dhs), then the threads add their column
+    # panels of dgh W_hh to dhs[:bs] with oneDNN's brgemm (add_C; whh_p: W_hh in column panels,
+    # (tiles, 3H, tile)). Sizes checked first.
+    ntile, G, tile = whh_p.shape
+    H = dhs.shape[1]
+    N = ghat_s.shape[0]
+    B = dhs.shape[0]
+    R = dgh.shape[0]
+    if (dgh.itemsize != 4 or G != 3 * H or not _panels_cover(ntile, tile, H) or ghat_s.shape[1] != G
+            or dgh.shape[1] != G or dout.shape[0] != N or dout.shape[1] != H or act_s.shape[0] != N
+            or act_s.shape[1] != 4 * H or stat_s.shape[0] != N or stat_s.shape[1] != 2 or hprev_idx.shape[0] != N
+            or out.shape[0] != N or out.shape[1] != H or h0.shape[0] != B or h0.shape[1] != H or g1.shape[0] != G
+            or dx_rz.shape[0] != N or dx_rz.shape[1] != 2 * H or dx_n.shape[0] != N or dx_n.shape[1] != H
+            or acc.shape[1] != 3 or acc.shape[2] != G or sizes.shape[0] != offs.shape[0] or H <= 0):
+        raise ValueError("gru_bwd_loop: inconsistent shapes")
+    for s in range(offs.shape[0]):
+        if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
+                or offs[s] - doff + sizes[s] > R):
+            raise ValueError("gru_bwd_loop: a step's rows lie outside the buffers")
+    for n in range(N):  # the rows the kernel reads a previous h from
+        if hprev_idx[n] >= N or -1 - hprev_idx[n] >= B:
+            raise ValueError("gru_bwd_loop: hprev_idx points outside the buffers")
+    one, inv_2h, inv_h = k[1], k[2], k[3]
+    chunks = acc.shape[0]
+    dhp, wh = dhs.ctypes.data, whh_p.ctypes.data
+    for s in range(offs.shape[0]):
+        off = offs[s]
+        bs = sizes[s]
+        per = (bs + chunks - 1) // chunks
+        for ch in prange(chunks):
+            _gru_bwd_chunk(ch, per, off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out, h0, g1, one,
+                           inv_2h, inv_h, dx_rz, dx_n, dgh, acc)
+        dgp = dgh.ctypes.data + 4 * (off - doff) * G
+        for j in prange(ntile):
+            c0 = j * tile
+            brgemm(bs, min(tile, H - c0), G, G, tile, H, True, dgp, wh + 4 * j * G * tile, dhp + 4 * c0)
 
 
 # ------------------------------------------------------------------------------------- builds
@@ -688,7 +781,7 @@ def gru_bwd_step(off, doff, bs, dout, dhs, ghat_s, act_s, stat_s, hprev_idx, out
 # parent started Numba's thread pool (see ``lnorm.ops._numba_threads``); compiled on first use.
 
 _KERNELS = (lstm_fwd_step, lstm_train_loop, lstm_fwd_infer_step, lstm_infer_loop, lstm_bwd_step, lstm_bwd_loop,
-            gru_fwd_step, gru_fwd_infer_step, gru_infer_loop, gru_bwd_step)
+            gru_fwd_step, gru_train_loop, gru_fwd_infer_step, gru_infer_loop, gru_bwd_step, gru_bwd_loop)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
 _SERIAL = SimpleNamespace(**{
     k.__name__: njit(**_SERIAL_OPTS)(twin(k.py_func, k.__name__ + "_serial")) for k in _KERNELS

@@ -10,7 +10,8 @@ What runs where (chosen by measurement, see ``lnorm bench rnn``):
 * The time loop runs in one Numba call where it can (float32, torch's oneDNN brgemm microkernel
   found and checked, see ``lnorm.ops.brgemm``): each step's products by column tiles on Numba's
   threads, the elementwise kernel's rows after them (``lstm_infer_loop``, ``lstm_train_loop``,
-  ``lstm_bwd_loop``: the LSTM; the GRU keeps the Python loop). Otherwise, from Python:
+  ``lstm_bwd_loop`` and the GRU's ``gru_infer_loop``, ``gru_train_loop``, ``gru_bwd_loop``).
+  Otherwise (float64, no brgemm, ``LNORM_NATIVE_LOOP=0``, a forced step product), from Python:
 * Per time step: one matmul ``h W_hh^T``, then ONE Numba kernel for all the elementwise work
   (LN of the recurrent part, gates, state update, LN of the cell), which saves the normalized
   recurrent part and per-row statistics for backward (the GRU also its gate activations; the
@@ -496,7 +497,6 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     G = 3 * H
     B = h0.shape[0]
     dt = gx_rz.dtype
-    gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     hs = h0.detach().clone().contiguous()
     out = torch.empty(N, H, dtype=dt)
     rows = N if save else B
@@ -509,6 +509,12 @@ def _gru_forward(gx_rz, gx_n, h0, w_hh, g1, b1, b_in, sched: _Schedule, eps: flo
     ghat_n, act_n, stat_n = _np(ghat), _np(act), _np(stat)
     k = _consts(xrz_n.dtype, eps, 2 * H, H)
     gh = torch.empty(B, G, dtype=dt)  # h W_hh^T of the step, unless the GEMM returns its own
+    if save and _native_loop(gx_rz, w_hh):  # the whole loop in one call (gru_train_loop)
+        offs, sizes = _steps_array(sched)
+        K.builds().gru_train_loop(offs, sizes, xrz_n, xn_n, _panels_of_rows(w_hh, _native_tile(G)), g1_n, b1_n, bin_n,
+                                  k, hs_n, out_n, ghat_n, act_n, stat_n, _np(gh))
+        return out, hs, (ghat, act, stat)
+    gemm = StepGemm(w_hh, B)  # h -> h W_hh^T
     step = K.builds().gru_fwd_step
     for off, bs in sched.steps:
         gh_n = _step_product(gemm, hs, gh, bs)
@@ -581,22 +587,28 @@ class _GRURecurrence(torch.autograd.Function):
         dgh = torch.empty(buf_rows, G, dtype=dt)
         need_w_hh = ctx.needs_input_grad[3]
         dw = WeightGrad(G, H, buf_rows, dt) if need_w_hh else None
-        gemm = StepGemm(w_hh.detach().t(), B, accumulate=True)  # dgh -> dgh W_hh
+        native = _native_loop(dout, w_hh)  # each run's time loop in one call (gru_bwd_loop)
+        gemm = None if native else StepGemm(w_hh.detach().t(), B, accumulate=True)  # dgh -> dgh W_hh
+        whh_p = _panels_of_cols(w_hh, _native_tile(H)) if native else None
         dout_n, ghat_n, act_n, stat_n, out_n = (_np(t) for t in (dout, ghat, act, stat, out))
         h0_n, g1_n = _np(h0.contiguous()), _np(g1.contiguous())
         dxrz_n, dxn_n, dgh_n = _np(dx_rz), _np(dx_n), _np(dgh)
         k = _consts(dgh_n.dtype, 1.0, 2 * H, H)
-        step = K.builds().gru_bwd_step
+        kernels = K.builds()
         chunks = max(1, min(B, num_threads()))  # one slice of the LN-gradient sums per thread
         acc = torch.zeros(chunks, 3, G, dtype=torch.float64)
         acc_n = _np(acc)
         h0d = h0.detach()
         dh = dhs  # the gradient w.r.t. the step's h from later steps (see _next_dh)
         for lo, hi, steps in runs:
-            for off, bs in steps:
+            if native:  # dh stays dhs: the kernel leaves z dh in its rows, brgemm adds dgh W_hh
+                offs, sizes = _steps_array_of(steps)
+                kernels.gru_bwd_loop(offs, sizes, lo, dout_n, _np(dh), ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
+                                     g1_n, k, dxrz_n, dxn_n, dgh_n, acc_n, whh_p)
+            for off, bs in steps if not native else ():
                 # the kernel leaves z dh in dh, the product adds dgh W_hh
-                step(off, lo, bs, dout_n, _np(dh), ghat_n, act_n, stat_n, sched.prev, out_n, h0_n, g1_n, k,
-                     dxrz_n, dxn_n, dgh_n, acc_n)
+                kernels.gru_bwd_step(off, lo, bs, dout_n, _np(dh), ghat_n, act_n, stat_n, sched.prev, out_n, h0_n,
+                                     g1_n, k, dxrz_n, dxn_n, dgh_n, acc_n)
                 dh = _next_dh(gemm, dgh[off - lo : off - lo + bs], dh, sched.full, True)
             if need_w_hh:
                 sched.add_weight_grad(dw, dgh[: hi - lo], h0d, out, lo, hi)
