@@ -472,7 +472,7 @@ def _step_gemm_choices(device: str) -> list[dict]:
 
 
 def _native_loop_status(device: str) -> str | None:
-    """Whether the LSTM's time loops ran natively here (``lnorm.ops.brgemm``), in words; None off
+    """Whether the LSTM and GRU time loops ran natively here (``lnorm.ops.brgemm``), in words; None off
     the fused CPU path."""
     if device != "cpu" or not lnorm.numba_available():
         return None
@@ -560,7 +560,7 @@ def _run(args: argparse.Namespace) -> int:
         print(line)
     settings["native_loop"] = _native_loop_status(args.device)
     if settings["native_loop"]:
-        print(f"LSTM time loops in native code (oneDNN brgemm inside the Numba kernel): {settings['native_loop']}")
+        print(f"LSTM and GRU time loops in native code (oneDNN brgemm inside the Numba kernels): {settings['native_loop']}")
     settings["lstm_backward_runs"] = _backward_runs(args.device, B, T, H)
     if settings["lstm_backward_runs"]:
         r = settings["lstm_backward_runs"]
