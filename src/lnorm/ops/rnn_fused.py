@@ -241,9 +241,10 @@ def _native_tile(width: int) -> int:
 
 
 def _native_loop(x: Tensor, w_hh: Tensor) -> bool:
-    """Whether a time loop without gradients to come runs natively (``lnorm.ops.brgemm``): float32,
-    non-empty sizes, no per-step product forced (``use_step_gemm`` / ``LNORM_STEP_GEMM``: tests and
-    benchmarks that force one get the Python loop they ask for) and the microkernel available."""
+    """Whether a time loop (forward, inference or backward) runs natively (``lnorm.ops.brgemm``):
+    float32, non-empty sizes, no per-step product forced (``use_step_gemm`` / ``LNORM_STEP_GEMM``:
+    tests and benchmarks that force one get the Python loop they ask for) and the microkernel
+    available."""
     if x.dtype != torch.float32 or min(x.shape[1], w_hh.shape[1], x.shape[0]) == 0:
         return False
     return forced_impl() is None and brgemm_available()
@@ -251,7 +252,7 @@ def _native_loop(x: Tensor, w_hh: Tensor) -> bool:
 
 def _lstm_native_infer(x: Tensor, w_ih: Tensor, w_hh: Tensor, sched: _Schedule, loop, rest: tuple) -> None:
     """The LSTM's time loop without gradients to come in one native call (``lstm_infer_loop``):
-    the weights transposed once (the microkernel reads B row-major), the steps in processing
+    both weights packed once into column panels (``_panels_of_rows``), the steps in processing
     order as (first row, rows) arrays."""
     G, H = w_hh.shape
     B = rest[6].shape[0]
