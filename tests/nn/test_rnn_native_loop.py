@@ -391,3 +391,21 @@ def test_gru_training_native_loops_check_the_sizes_they_trust():
         bwd([0], [2], panels=(1, G + 1, 16))
     with pytest.raises(ValueError, match="hprev_idx"):
         bwd([0], [2], prev=i64(-1, -3, 0, 1, 2, 3))
+
+
+def test_native_loops_refuse_strided_arrays():
+    # brgemm reads through raw addresses with the leading dimensions the shapes imply: a strided
+    # view of the right shape would be read wrongly, so the kernels check C order (found by review)
+    _native()
+    from lnorm.ops import rnn_fused as RF
+
+    kern = _builds()["threaded"]
+    B, H, I, N = 2, 4, 3, 6
+    G = 4 * H
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    k = RF._consts(np.float32, 1e-5, G, H)
+    strided_x = np.zeros((N, 2 * I), np.float32)[:, ::2]
+    assert strided_x.shape == (N, I) and not strided_x.flags.c_contiguous
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kern.lstm_infer_loop(np.array([0], np.int64), np.array([2], np.int64), strided_x, z(1, I, 64), z(1, H, 64),
+                             z(G), z(G), z(G), z(H), z(H), k, z(B, H), z(B, H), z(N, H), z(B, G), z(B, G))

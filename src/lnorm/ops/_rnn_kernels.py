@@ -212,6 +212,13 @@ def _lstm_train_row(b, n, s, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h,
 
 
 @njit(inline="always")
+def _c_order(a, b, c, d):  # pragma: no cover
+    # the arrays brgemm reads or writes through raw addresses are C-contiguous (a strided view
+    # would be read with the wrong leading dimension: the kernels are compiled for any layout)
+    return a.flags.c_contiguous and b.flags.c_contiguous and c.flags.c_contiguous and d.flags.c_contiguous
+
+
+@njit(inline="always")
 def _panels_cover(ntile, tile, width):  # pragma: no cover
     # column panels of ``tile`` columns, ``ntile`` of them, cover ``width`` columns, the last partly
     return tile > 0 and ntile > 0 and (ntile - 1) * tile < width <= ntile * tile
@@ -236,6 +243,8 @@ def lstm_train_loop(offs, sizes, px, whh_p, g0, g1, b1, g3, b3, k, hs, cs, out, 
             or b1.shape[0] != G or g3.shape[0] != H or b3.shape[0] != H or sizes.shape[0] != offs.shape[0]
             or H <= 0 or not _panels_cover(ntile, tile, G)):
         raise ValueError("lstm_train_loop: inconsistent shapes")
+    if not _c_order(hs, gh, whh_p, px):
+        raise ValueError("lstm_train_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("lstm_train_loop: a step's rows lie outside the buffers")
@@ -309,8 +318,8 @@ def lstm_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, g3, b3, k, hs, cs,
     # The weights come as column panels (whh_p: (tiles, H, tile), panel j = W_hh^T[:, j*tile ..],
     # zero-padded past 4H; wih_p the same of W_ih^T), so each tile reads one contiguous block
     # (a tile of W^T in place spans the whole matrix, a row of 4H floats apart per k). gh and
-    # px are (B, 4H) scratch. brgemm reads and writes through raw addresses: the sizes are
-    # checked here first (Numba's typed signature pins C-contiguous arrays; float32 checked here).
+    # px are (B, 4H) scratch. brgemm reads and writes through raw addresses: the sizes, float32
+    # and C order are checked here first.
     ntile, H, tile = whh_p.shape
     G = gh.shape[1]
     N, I = x.shape
@@ -322,6 +331,8 @@ def lstm_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, g3, b3, k, hs, cs,
             or g0.shape[0] != G or g1.shape[0] != G or b1.shape[0] != G or g3.shape[0] != H
             or b3.shape[0] != H or sizes.shape[0] != offs.shape[0] or H <= 0 or I <= 0):
         raise ValueError("lstm_infer_loop: inconsistent shapes")
+    if not _c_order(hs, gh, px, x) or not _c_order(wih_p, whh_p, wih_p, whh_p):
+        raise ValueError("lstm_infer_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("lstm_infer_loop: a step's rows lie outside the buffers")
@@ -475,6 +486,8 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
             or acc_c.shape[1] != 2 or acc_c.shape[2] != H or sizes.shape[0] != offs.shape[0] or H <= 0
             or not _panels_cover(ntile, tile, H)):
         raise ValueError("lstm_bwd_loop: inconsistent shapes")
+    if not _c_order(dhs, dgh, whh_p, dpx):
+        raise ValueError("lstm_bwd_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
                 or offs[s] - doff + sizes[s] > R):
@@ -563,6 +576,8 @@ def gru_train_loop(offs, sizes, gx_rz, gx_n, whh_p, g1, b1, b_in, k, hs, out, gh
             or g1.shape[0] != G or b1.shape[0] != G or b_in.shape[0] != H or sizes.shape[0] != offs.shape[0]
             or H <= 0):
         raise ValueError("gru_train_loop: inconsistent shapes")
+    if not _c_order(hs, gh, whh_p, gx_rz):
+        raise ValueError("gru_train_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("gru_train_loop: a step's rows lie outside the buffers")
@@ -632,6 +647,8 @@ def gru_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, b_in, k, hs, out, g
             or gh.shape[0] != B or px.shape[0] != B or px.shape[1] != G or g0.shape[0] != G or g1.shape[0] != G
             or b1.shape[0] != G or b_in.shape[0] != H or sizes.shape[0] != offs.shape[0] or H <= 0 or I <= 0):
         raise ValueError("gru_infer_loop: inconsistent shapes")
+    if not _c_order(hs, gh, px, x) or not _c_order(wih_p, whh_p, wih_p, whh_p):
+        raise ValueError("gru_infer_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
             raise ValueError("gru_infer_loop: a step's rows lie outside the buffers")
@@ -753,6 +770,8 @@ def gru_bwd_loop(offs, sizes, doff, dout, dhs, ghat_s, act_s, stat_s, hprev_idx,
             or dx_rz.shape[0] != N or dx_rz.shape[1] != 2 * H or dx_n.shape[0] != N or dx_n.shape[1] != H
             or acc.shape[1] != 3 or acc.shape[2] != G or sizes.shape[0] != offs.shape[0] or H <= 0):
         raise ValueError("gru_bwd_loop: inconsistent shapes")
+    if not _c_order(dhs, dgh, whh_p, dout):
+        raise ValueError("gru_bwd_loop: the arrays must be C-contiguous")
     for s in range(offs.shape[0]):
         if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
                 or offs[s] - doff + sizes[s] > R):
