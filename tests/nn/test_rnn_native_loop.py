@@ -28,6 +28,24 @@ def _builds():
     return {"threaded": K.builds(), "serial": K._SERIAL}
 
 
+def _count_calls(monkeypatch, *names):
+    """A list that records each call of the kernels ``names`` that ``_rnn_kernels.builds()`` hands out."""
+    from lnorm.ops import _rnn_kernels as K
+
+    calls = []
+    real = K.builds
+
+    def counted():
+        ns = real()
+        for name in names:
+            fn = getattr(ns, name)
+            setattr(ns, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        return ns
+
+    monkeypatch.setattr(K, "builds", counted)
+    return calls
+
+
 def _python_loop(kern, steps, x, w_ih, w_hh, params, k, h0, c0, N):
     """The reference: per step gh = h W_hh^T and px = x W_ih^T in float64 (rounded to float32),
     then the Python route's step kernel."""
@@ -169,21 +187,10 @@ def test_training_native_loops_on_and_off_agree(packed, monkeypatch):
     # 12 rows force several runs) against the Python loops, outputs and every gradient
     _native()
     from lnorm.nn import LayerNormLSTM
-    from lnorm.ops import _rnn_kernels as K
     from lnorm.ops import rnn_fused as RF
 
     monkeypatch.setattr(RF, "_CHUNK_ROWS", 12)  # runs of two or three steps
-    calls = []
-    real = K.builds
-
-    def counted():
-        ns = real()
-        for name in ("lstm_train_loop", "lstm_bwd_loop"):
-            fn = getattr(ns, name)
-            setattr(ns, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-        return ns
-
-    monkeypatch.setattr(K, "builds", counted)
+    calls = _count_calls(monkeypatch, "lstm_train_loop", "lstm_bwd_loop")
     torch.manual_seed(0)
     m = LayerNormLSTM(11, 24, num_layers=2, bidirectional=True)
     x0 = torch.randn(7, 5, 11) * 2
@@ -266,18 +273,8 @@ def test_gru_native_inference_loop_on_and_off_agree(packed, monkeypatch):
     # with a tail of 8, packed and bidirectional, two layers
     _native()
     from lnorm.nn import LayerNormGRU
-    from lnorm.ops import _rnn_kernels as K
 
-    calls = []
-    real = K.builds
-
-    def counted():
-        ns = real()
-        fn = ns.gru_infer_loop
-        ns.gru_infer_loop = lambda *a: calls.append(1) or fn(*a)
-        return ns
-
-    monkeypatch.setattr(K, "builds", counted)
+    calls = _count_calls(monkeypatch, "gru_infer_loop")
     torch.manual_seed(0)
     m = LayerNormGRU(11, 24, num_layers=2, bidirectional=True).eval()
     x = torch.randn(7, 5, 11) * 2
@@ -318,21 +315,10 @@ def test_gru_training_native_loops_on_and_off_agree(packed, monkeypatch):
     # 12 rows: several steps per run) against the Python loops, outputs and every gradient
     _native()
     from lnorm.nn import LayerNormGRU
-    from lnorm.ops import _rnn_kernels as K
     from lnorm.ops import rnn_fused as RF
 
     monkeypatch.setattr(RF, "_CHUNK_ROWS", 12)
-    calls = []
-    real = K.builds
-
-    def counted():
-        ns = real()
-        for name in ("gru_train_loop", "gru_bwd_loop"):
-            fn = getattr(ns, name)
-            setattr(ns, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-        return ns
-
-    monkeypatch.setattr(K, "builds", counted)
+    calls = _count_calls(monkeypatch, "gru_train_loop", "gru_bwd_loop")
     torch.manual_seed(0)
     m = LayerNormGRU(11, 24, num_layers=2, bidirectional=True)
     x0 = torch.randn(7, 5, 11) * 2

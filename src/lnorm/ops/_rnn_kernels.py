@@ -212,6 +212,38 @@ def _lstm_train_row(b, n, s, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h,
 
 
 @njit(inline="always")
+def _steps_inside(offs, sizes, B, N, doff, R):  # pragma: no cover
+    # every step's rows (offs[s] .. + sizes[s]) lie in the (N, .) packed buffers and in the (B, .)
+    # state, and at row offs[s] - doff in a run buffer of R rows (forward: doff 0, R = N)
+    if sizes.shape[0] != offs.shape[0]:
+        return False
+    for s in range(offs.shape[0]):
+        if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
+                or offs[s] - doff + sizes[s] > R):
+            return False
+    return True
+
+
+@njit(inline="always")
+def _prev_inside(prev, N, B):  # pragma: no cover
+    # every row's previous state is a row of the N packed rows or (-1 - b) of the B initial ones
+    for n in range(prev.shape[0]):
+        if prev[n] >= N or -1 - prev[n] >= B:
+            return False
+    return prev.shape[0] == N
+
+
+@njit(inline="always")
+def _panel_product(j, rows, a, lda, panels, c, ldc, width, add):  # pragma: no cover
+    # columns j*tile .. of C (``width`` in all, ldc apart, at address c) (+)= A (rows x k at address
+    # a, lda apart) @ panel j of ``panels`` (tiles, k, tile): one brgemm call
+    k = panels.shape[1]
+    tile = panels.shape[2]
+    c0 = j * tile
+    brgemm(rows, min(tile, width - c0), k, lda, tile, ldc, add, a, panels.ctypes.data + 4 * c0 * k, c + 4 * c0)
+
+
+@njit(inline="always")
 def _c_order(a, b, c, d):  # pragma: no cover
     # the arrays brgemm reads or writes through raw addresses are C-contiguous (a strided view
     # would be read with the wrong leading dimension: the kernels are compiled for any layout)
@@ -245,17 +277,15 @@ def lstm_train_loop(offs, sizes, px, whh_p, g0, g1, b1, g3, b3, k, hs, cs, out, 
         raise ValueError("lstm_train_loop: inconsistent shapes")
     if not _c_order(hs, gh, whh_p, px):
         raise ValueError("lstm_train_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
-            raise ValueError("lstm_train_loop: a step's rows lie outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, 0, N):
+        raise ValueError("lstm_train_loop: a step's rows lie outside the buffers")
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_p.ctypes.data
+    hp, ghp = hs.ctypes.data, gh.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
         for j in prange(ntile):
-            c0 = j * tile
-            brgemm(bs, min(tile, G - c0), H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
+            _panel_product(j, bs, hp, H, whh_p, ghp, G, G, False)
         for b in prange(bs):
             _lstm_train_row(b, off + b, off + b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out,
                             ghat_s, c_s, stat_s)
@@ -333,20 +363,17 @@ def lstm_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, g3, b3, k, hs, cs,
         raise ValueError("lstm_infer_loop: inconsistent shapes")
     if not _c_order(hs, gh, px, x) or not _c_order(wih_p, whh_p, wih_p, whh_p):
         raise ValueError("lstm_infer_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
-            raise ValueError("lstm_infer_loop: a step's rows lie outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, 0, N):
+        raise ValueError("lstm_infer_loop: a step's rows lie outside the buffers")
     eps, one, inv_g, inv_h = k[0], k[1], k[2], k[3]
-    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_p.ctypes.data, wih_p.ctypes.data
+    hp, ghp, pxp = hs.ctypes.data, gh.ctypes.data, px.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
         xp = x.ctypes.data + 4 * off * I
         for j in prange(ntile):
-            c0 = j * tile
-            w = min(tile, G - c0)
-            brgemm(bs, w, H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
-            brgemm(bs, w, I, I, tile, G, False, xp, wi + 4 * j * I * tile, pxp + 4 * c0)
+            _panel_product(j, bs, hp, H, whh_p, ghp, G, G, False)
+            _panel_product(j, bs, xp, I, wih_p, pxp, G, G, False)
         for b in prange(bs):
             _lstm_infer_row(b, off + b, b, gh, px, g0, g1, b1, g3, b3, eps, one, inv_g, inv_h, hs, cs, out)
 
@@ -488,16 +515,13 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
         raise ValueError("lstm_bwd_loop: inconsistent shapes")
     if not _c_order(dhs, dgh, whh_p, dpx):
         raise ValueError("lstm_bwd_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
-                or offs[s] - doff + sizes[s] > R):
-            raise ValueError("lstm_bwd_loop: a step's rows lie outside the buffers")
-    for n in range(N):  # the rows the kernel reads a previous cell from
-        if cprev_idx[n] >= N or -1 - cprev_idx[n] >= B:
-            raise ValueError("lstm_bwd_loop: cprev_idx points outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, doff, R):
+        raise ValueError("lstm_bwd_loop: a step's rows lie outside the buffers")
+    if not _prev_inside(cprev_idx, N, B):  # the rows the kernel reads a previous cell from
+        raise ValueError("lstm_bwd_loop: cprev_idx points outside the buffers")
     one, inv_g, inv_h = k[1], k[2], k[3]
     chunks = acc_g.shape[0]
-    dhp, wh = dhs.ctypes.data, whh_p.ctypes.data
+    dhp = dhs.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
@@ -507,8 +531,7 @@ def lstm_bwd_loop(offs, sizes, doff, dout, dhs, dcs, ghat_s, c_s, stat_s, cprev_
                             b1, g3, b3, one, inv_g, inv_h, dpx, dgh, acc_g, acc_c)
         dgp = dgh.ctypes.data + 4 * (off - doff) * G
         for j in prange(ntile):
-            c0j = j * tile
-            brgemm(bs, min(tile, H - c0j), G, G, tile, H, False, dgp, wh + 4 * j * G * tile, dhp + 4 * c0j)
+            _panel_product(j, bs, dgp, G, whh_p, dhp, H, H, False)
 
 
 # ------------------------------------------------------------------------------------- GRU
@@ -578,17 +601,15 @@ def gru_train_loop(offs, sizes, gx_rz, gx_n, whh_p, g1, b1, b_in, k, hs, out, gh
         raise ValueError("gru_train_loop: inconsistent shapes")
     if not _c_order(hs, gh, whh_p, gx_rz):
         raise ValueError("gru_train_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
-            raise ValueError("gru_train_loop: a step's rows lie outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, 0, N):
+        raise ValueError("gru_train_loop: a step's rows lie outside the buffers")
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
-    hp, ghp, wh = hs.ctypes.data, gh.ctypes.data, whh_p.ctypes.data
+    hp, ghp = hs.ctypes.data, gh.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
         for j in prange(ntile):
-            c0 = j * tile
-            brgemm(bs, min(tile, G - c0), H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
+            _panel_product(j, bs, hp, H, whh_p, ghp, G, G, False)
         for b in prange(bs):
             _gru_ln_row(b, off + b, gh, eps, one, inv_2h, inv_h, ghat_s, stat_s)
         for b in prange(bs):
@@ -649,20 +670,17 @@ def gru_infer_loop(offs, sizes, x, wih_p, whh_p, g0, g1, b1, b_in, k, hs, out, g
         raise ValueError("gru_infer_loop: inconsistent shapes")
     if not _c_order(hs, gh, px, x) or not _c_order(wih_p, whh_p, wih_p, whh_p):
         raise ValueError("gru_infer_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N:
-            raise ValueError("gru_infer_loop: a step's rows lie outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, 0, N):
+        raise ValueError("gru_infer_loop: a step's rows lie outside the buffers")
     eps, one, inv_2h, inv_h = k[0], k[1], k[2], k[3]
-    hp, ghp, pxp, wh, wi = hs.ctypes.data, gh.ctypes.data, px.ctypes.data, whh_p.ctypes.data, wih_p.ctypes.data
+    hp, ghp, pxp = hs.ctypes.data, gh.ctypes.data, px.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
         xp = x.ctypes.data + 4 * off * I
         for j in prange(ntile):
-            c0 = j * tile
-            w = min(tile, G - c0)
-            brgemm(bs, w, H, H, tile, G, False, hp, wh + 4 * j * H * tile, ghp + 4 * c0)
-            brgemm(bs, w, I, I, tile, G, False, xp, wi + 4 * j * I * tile, pxp + 4 * c0)
+            _panel_product(j, bs, hp, H, whh_p, ghp, G, G, False)
+            _panel_product(j, bs, xp, I, wih_p, pxp, G, G, False)
         for b in prange(bs):
             _gru_infer_row(b, off + b, b, gh, px, g0, g1, b1, b_in, eps, one, inv_2h, inv_h, hs, out)
 
@@ -772,16 +790,13 @@ def gru_bwd_loop(offs, sizes, doff, dout, dhs, ghat_s, act_s, stat_s, hprev_idx,
         raise ValueError("gru_bwd_loop: inconsistent shapes")
     if not _c_order(dhs, dgh, whh_p, dout):
         raise ValueError("gru_bwd_loop: the arrays must be C-contiguous")
-    for s in range(offs.shape[0]):
-        if (sizes[s] <= 0 or sizes[s] > B or offs[s] < 0 or offs[s] + sizes[s] > N or offs[s] - doff < 0
-                or offs[s] - doff + sizes[s] > R):
-            raise ValueError("gru_bwd_loop: a step's rows lie outside the buffers")
-    for n in range(N):  # the rows the kernel reads a previous h from
-        if hprev_idx[n] >= N or -1 - hprev_idx[n] >= B:
-            raise ValueError("gru_bwd_loop: hprev_idx points outside the buffers")
+    if not _steps_inside(offs, sizes, B, N, doff, R):
+        raise ValueError("gru_bwd_loop: a step's rows lie outside the buffers")
+    if not _prev_inside(hprev_idx, N, B):  # the rows the kernel reads a previous h from
+        raise ValueError("gru_bwd_loop: hprev_idx points outside the buffers")
     one, inv_2h, inv_h = k[1], k[2], k[3]
     chunks = acc.shape[0]
-    dhp, wh = dhs.ctypes.data, whh_p.ctypes.data
+    dhp = dhs.ctypes.data
     for s in range(offs.shape[0]):
         off = offs[s]
         bs = sizes[s]
@@ -791,8 +806,7 @@ def gru_bwd_loop(offs, sizes, doff, dout, dhs, ghat_s, act_s, stat_s, hprev_idx,
                            inv_2h, inv_h, dx_rz, dx_n, dgh, acc)
         dgp = dgh.ctypes.data + 4 * (off - doff) * G
         for j in prange(ntile):
-            c0 = j * tile
-            brgemm(bs, min(tile, H - c0), G, G, tile, H, True, dgp, wh + 4 * j * G * tile, dhp + 4 * c0)
+            _panel_product(j, bs, dgp, G, whh_p, dhp, H, H, True)
 
 
 # ------------------------------------------------------------------------------------- builds
