@@ -395,3 +395,31 @@ def test_native_loops_refuse_strided_arrays():
     with pytest.raises(ValueError, match="C-contiguous"):
         kern.lstm_infer_loop(np.array([0], np.int64), np.array([2], np.int64), strided_x, z(1, I, 64), z(1, H, 64),
                              z(G), z(G), z(G), z(H), z(H), k, z(B, H), z(B, H), z(N, H), z(B, G), z(B, G))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("where", ["input", "weight_hh", "weight_ih"])
+def test_native_inference_propagates_nan_as_the_torch_path(cell, where, monkeypatch):
+    # the inference loops (no gradients) compute W_ih x inside the loop: a NaN in the input or in
+    # either weight reaches the same outputs as on lnorm's pure-torch path, never a finite number
+    _native()
+    import lnorm
+    from lnorm.nn import LayerNormGRU, LayerNormLSTM
+
+    calls = _count_calls(monkeypatch, f"{cell}_infer_loop")
+    torch.manual_seed(0)
+    m = (LayerNormLSTM if cell == "lstm" else LayerNormGRU)(6, 10)
+    x = torch.randn(5, 3, 6)
+    with torch.no_grad():
+        if where == "input":
+            x[2, 1, 0] = float("nan")
+        else:
+            getattr(m, f"{where}_l0")[3, 2] = float("nan")
+        with lnorm.use_backend("numba"):
+            native = m(x)[0]
+        with lnorm.use_backend("torch"):
+            ref = m(x)[0]
+    assert len(calls) == 1  # the native loop ran
+    assert torch.equal(torch.isfinite(native), torch.isfinite(ref)) and not torch.isfinite(ref).all()
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(native[fin], ref[fin], rtol=1e-4, atol=1e-5)
